@@ -1,0 +1,1 @@
+"""Flax modules: BERT text encoder, CLIP vision tower, PreFLMR assembly."""

@@ -1,0 +1,121 @@
+"""Building blocks shared by the BERT and CLIP encoders, annotated with logical axis names.
+
+Parameter axes: `embed` (model width), `heads` (the joined heads x head_dim width of q/k/v), `mlp`
+(feed-forward width), `vocab`, `position`, `norm` (LayerNorm vectors), `proj` (the 128-d output heads and
+the vision MLP's outputs). Activation axes carry an `act_` prefix so that the mesh rules can shard
+parameters and activations differently (sharding.py holds the rules).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# HF BERT and CLIP initialise linears with N(0, 0.02); only the shapes matter for converted checkpoints.
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form.
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, dtype: Dtype, param_dtype: Dtype,
+          use_bias: bool = True, name: str | None = None) -> nn.Dense:
+  """An `nn.Dense` whose kernel is annotated `axes` = (input axis, output axis)."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(default_kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+      name=name,
+  )
+
+
+def layer_norm(eps: float, *, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
+  # use_fast_variance=False: E[(x - mean)^2] like PyTorch, not E[x^2] - mean^2.
+  return nn.LayerNorm(
+      epsilon=eps,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+      name=name,
+  )
+
+
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with separate q/k/v/out linears (the HF BERT and CLIP layout).
+
+  `kv` defaults to `x` (self-attention); `mask` is [B, Lkv] with 1 = attend. Softmax runs in float32.
+  """
+
+  hidden_size: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, kv=None, mask=None, deterministic: bool = True):
+    kv = x if kv is None else kv
+    head_dim = self.hidden_size // self.num_heads
+    proj = functools.partial(dense, self.hidden_size, ("embed", "heads"), dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    split = lambda t: t.reshape(t.shape[:2] + (self.num_heads, head_dim))
+    q = split(proj(name="query")(x))
+    k = split(proj(name="key")(kv))
+    v = split(proj(name="value")(kv))
+    q = constrain(q, "act_batch", "act_length", "act_heads", None)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(head_dim))
+    if mask is not None:
+      big_neg = jnp.finfo(jnp.float32).min
+      logits = jnp.where(mask[:, None, None, :].astype(bool), logits, big_neg)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = out.reshape(out.shape[:2] + (self.hidden_size,))
+    return dense(self.hidden_size, ("heads", "embed"), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="out")(out)
+
+
+class Mlp(nn.Module):
+  """Transformer feed-forward block: Dense(intermediate) -> act -> Dense(hidden)."""
+
+  hidden_size: int
+  intermediate_size: int
+  activation: str
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = dense(self.intermediate_size, ("embed", "mlp"), dtype=self.dtype,
+              param_dtype=self.param_dtype, name="wi")(x)
+    h = constrain(ACTIVATIONS[self.activation](h), "act_batch", "act_length", "act_mlp")
+    return dense(self.hidden_size, ("mlp", "embed"), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="wo")(h)
+
+
+def maybe_remat(layer_cls, enabled: bool, policy: str, static_argnums: tuple[int, ...]):
+  """Wraps a layer class in `nn.remat` with a named `jax.checkpoint_policies` policy if enabled."""
+  if not enabled:
+    return layer_cls
+  return nn.remat(layer_cls, policy=getattr(jax.checkpoint_policies, policy),
+                  static_argnums=static_argnums)

