@@ -180,7 +180,7 @@ def tiny_tokenizer() -> "transformers.BertTokenizerFast":
 # ---------------------------------------------------------------------------
 
 
-def _first_token_id(tokenizer, text: str) -> int:
+def first_token_id(tokenizer, text: str) -> int:
   ids = tokenizer.encode(text, add_special_tokens=False)
   if not ids:
     raise ValueError(f"Tokenizer maps {text!r} to no token.")
@@ -193,8 +193,8 @@ def mask_token_ids(tokenizer) -> tuple[int, tuple[int, ...]]:
   As in the official FLMR model: each character's first token via
   `encode(c, add_special_tokens=False)[0]`.
   """
-  colon = _first_token_id(tokenizer, INSTRUCTION_END)
-  punct = tuple(sorted({_first_token_id(tokenizer, c) for c in string.punctuation}))
+  colon = first_token_id(tokenizer, INSTRUCTION_END)
+  punct = tuple(sorted({first_token_id(tokenizer, c) for c in string.punctuation}))
   return colon, punct
 
 
@@ -236,7 +236,7 @@ class QueryTokenizer:
     self.tokenizer = tokenizer
     self.max_length = max_length
     self.marker_id = _token_id(tokenizer, Q_MARKER_TOKEN)
-    self.instruction_token_id = _first_token_id(tokenizer, INSTRUCTION_END)
+    self.instruction_token_id = first_token_id(tokenizer, INSTRUCTION_END)
 
   def __call__(self, questions: Sequence[str],
                instructions: Optional[Sequence[Optional[str]]] = None) -> dict[str, np.ndarray]:

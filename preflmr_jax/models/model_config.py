@@ -11,14 +11,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-# Token ids of bert-base-uncased (the released checkpoints' vocab): ":" and every single
-# `string.punctuation` character. Checked against the vocab in tests/test_tokenization.py.
-BERT_UNCASED_COLON_ID = 1024
-BERT_UNCASED_PUNCTUATION_IDS = (
-    999, 1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
-    1024, 1025, 1026, 1027, 1028, 1029, 1030, 1031, 1032, 1033, 1034, 1035, 1036, 1063, 1064,
-    1065, 1066,
-)
+# The released checkpoints' vocab (bert-base-uncased): ":" and the single-punctuation token ids.
+from preflmr_jax.tokenization import BERT_UNCASED_COLON_ID, BERT_UNCASED_PUNCTUATION_IDS
 
 _ACTIVATIONS = ("gelu", "quick_gelu", "gelu_new", "relu")
 _REMAT_POLICIES = (
@@ -79,9 +73,15 @@ class PreFLMRConfig:
   mapping_prefix_length: int = 32
   # "full": [text; MLP; mapping] query tokens. "mapping_only": stage 1, [MLP; mapping] only.
   output: str = "full"
+  # The mapping network cross-attends to the first `mapping_cross_attention_length` query states.
+  mapping_cross_attention_length: int = 32
+  # Zero the query instruction up to its first ":" (id `instruction_token_id`) in the text tokens.
   mask_instruction_token: bool = True
-  mask_punctuation: bool = True
   instruction_token_id: int = BERT_UNCASED_COLON_ID
+  # Query token ids dropped from the text tokens and the cross-attention (published default: none).
+  query_skip_token_ids: tuple[int, ...] = ()
+  # Zero document tokens that are a single punctuation character (ids `skip_token_ids`).
+  mask_punctuation: bool = True
   skip_token_ids: tuple[int, ...] = BERT_UNCASED_PUNCTUATION_IDS
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -166,13 +166,13 @@ def _build(cls, d, where):
 # ----------------------------------------------------------------------------------------------
 
 TEXT_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=1024, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+    "tiny": dict(vocab_size=768, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                  max_position_embeddings=128),
     "minilm_l6": dict(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
     "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),  # 109.5M
     "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),  # 335.1M
-    # ~800M: BERT-large depth (24) at width 1600 (25 heads of 64, FFN 4x) -> 788.6M. Keeping depth and
-    # head size of BERT-large and scaling width is the smallest step from `large` that lands on 800M.
+    # ~800M: BERT-large depth (24) at width 1600 (25 heads of 64, FFN 4x) -> 790.0M with pooler.
+    # Keeping BERT-large's depth and head size and widening is the simplest step to 800M.
     "800m": dict(hidden_size=1600, num_layers=24, num_heads=25, intermediate_size=6400),
 }
 

@@ -71,27 +71,33 @@ class PreFLMR(nn.Module):
       raise ValueError(f"query input_ids have length {input_ids.shape[-1]}, expected "
                        f"config.model.query_maxlen={c.query_maxlen}")
     batch = input_ids.shape[0]
-    if c.mask_instruction_token:
-      text_mask = tokenization.query_token_mask(input_ids, c.instruction_token_id)
-    else:
-      text_mask = (input_ids != 0).astype(jnp.float32)
+    text_mask = tokenization.query_token_mask(
+        input_ids, c.instruction_token_id if c.mask_instruction_token else None)
+    kept = jnp.ones(input_ids.shape, jnp.float32)
+    if c.query_skip_token_ids:
+      kept = 1.0 - jnp.isin(input_ids, jnp.asarray(c.query_skip_token_ids)).astype(jnp.float32)
+    text_mask = text_mask * kept
     hidden, _ = self.query_text(input_ids, attention_mask, deterministic=deterministic)
 
     hidden_states, _ = self.vision(pixel_values, deterministic=deterministic)
     prefix = self.vision_projection(hidden_states[-1][:, 0])
     # Mapping network: penultimate-layer patch tokens (CLS dropped) cross-attend to the query
-    # encoder's raw hidden states; no masks on either side (as published).
+    # encoder's raw hidden states; no self-attention mask, and the cross-attention mask drops only
+    # `query_skip_token_ids` (all ones by default; [MASK] padding is attended, as published).
+    length = c.mapping_cross_attention_length
     m = self.mapping_input(hidden_states[-2][:, 1:])
     for layer in self.mapping:
-      m = layer(m, None, deterministic, hidden[:, :c.query_maxlen], None)
+      m = layer(m, None, deterministic, hidden[:, :length], kept[:, :length])
     mapped = self.mapping_output(m)
 
     vision_tokens = jnp.concatenate([prefix, mapped], axis=1).astype(jnp.float32)
     vision_mask = jnp.ones(vision_tokens.shape[:2], jnp.float32)
+    # Computed in stage 1 too, so that the head's parameters exist (they are in every checkpoint);
+    # jit drops the unused computation.
+    text = self.query_head(hidden).astype(jnp.float32) * text_mask[..., None]
     if c.output == "mapping_only":
       q, q_mask = vision_tokens, vision_mask
     else:
-      text = self.query_head(hidden).astype(jnp.float32) * text_mask[..., None]
       q = jnp.concatenate([text, vision_tokens], axis=1)
       q_mask = jnp.concatenate([text_mask, vision_mask], axis=1)
     q = layers.constrain(l2_normalize(q), "act_batch", "act_length", None)
@@ -129,10 +135,15 @@ def dummy_inputs(config: PreFLMRConfig, batch: int = 1, doc_length: int | None =
       doc_mask=jnp.ones((batch, doc_length), jnp.int32))
 
 
+def abstract_params(config: PreFLMRConfig):
+  """The params tree as `jax.ShapeDtypeStruct`s (no allocation)."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
 def init_params(config: PreFLMRConfig, rng: jax.Array):
   """Random parameters (boxed with logical axis metadata removed) for `config`."""
   variables = PreFLMR(config).init(rng, **dummy_inputs(config))
   return nn.meta.unbox(variables["params"])
 
 
-__all__ = ["PreFLMR", "VisionProjection", "dummy_inputs", "init_params", "l2_normalize"]
+__all__ = ["PreFLMR", "VisionProjection", "abstract_params", "dummy_inputs", "init_params", "l2_normalize"]

@@ -1,0 +1,18 @@
+"""Tiny PreFLMR for CPU smoke runs: random weights, a built-in tiny vocab, 32x32 images.
+
+  python -m preflmr_jax.main --config configs/tiny.py
+"""
+
+from preflmr_jax import config_defaults, tokenization
+
+
+def get_config(arg=None):
+  del arg
+  config = config_defaults.base_config()
+  colon_id, punctuation_ids = tokenization.mask_token_ids(tokenization.tiny_tokenizer())
+  config.model = config_defaults.model_dict(
+      text="tiny", vision="tiny", query_maxlen=16, doc_maxlen=64, mapping_prefix_length=4, dim=16,
+      mapping_cross_attention_length=16, instruction_token_id=colon_id,
+      skip_token_ids=punctuation_ids)
+  config.tokenizer = "tiny"
+  return config

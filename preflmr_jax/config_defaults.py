@@ -1,0 +1,53 @@
+"""Defaults shared by the experiment configs in `configs/` (which stay short: a few overrides each).
+
+Configs are `ml_collections.ConfigDict`s; every tool takes `--config path/to/config.py[:arg]` and
+`--config.key=value` overrides. `config.model` becomes a `PreFLMRConfig` (models/model_config.py).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from preflmr_jax.models import model_config as mc
+
+# Logical axis -> mesh axis. Parameters shard their model width over `fsdp` and their heads / FFN /
+# vocab over `tensor`; activations shard the batch over (`data`, `fsdp`) and heads / FFN over
+# `tensor`. Axes not named here (or mapped to None) are replicated.
+LOGICAL_AXIS_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("position", None),
+    ("norm", None),
+    ("proj", None),
+)
+
+
+def model_dict(*, text: str = "base", vision: str = "B/32", mapping_layers: int = 1,
+               **overrides) -> dict:
+  """`config.model` for named text / vision shapes; the mapping network copies the text width (its
+  cross-attention reads the query encoder's hidden states) with `mapping_layers` layers."""
+  d = dict(text=mc.text_shape(text), vision=mc.vision_shape(vision),
+           mapping=mc.text_shape(text, num_layers=mapping_layers), **overrides)
+  # Validate now, naming the key, rather than at first use; return every field explicitly.
+  return mc.PreFLMRConfig.from_dict(d).to_dict()
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = model_dict()
+  # Tokenizer vocab: a local folder with vocab.txt / tokenizer.json, or "tiny" for the built-in
+  # tiny vocab. load_pretrained uses a checkpoint's own tokenizer folders instead.
+  config.tokenizer = "tiny"
+  config.seed = 0
+  config.batch_size = 8  # global
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.logical_axis_rules = LOGICAL_AXIS_RULES
+  config.distributed = False  # call jax.distributed.initialize() (multi-host)
+  return config

@@ -1,0 +1,262 @@
+"""Published PreFLMR checkpoints (HF layout: `config.json` + `model.safetensors`) in and out.
+
+  model = preflmr_jax.load_pretrained("/path/to/PreFLMR_ViT-L")
+  Q, Q_mask = model.encode_queries(input_ids, attention_mask, pixel_values)   # NHWC pixels
+  D, D_mask = model.encode_documents(input_ids, attention_mask)
+  model.save_pretrained("/path/to/copy")                                      # same layout back
+
+Weights are read from safetensors only: unpickling a PyTorch `.bin` file can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+from preflmr_jax import conversion, tokenization
+from preflmr_jax.models import model_config as mc
+from preflmr_jax.models.preflmr import PreFLMR, abstract_params
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_DIRS = {"query": "query_tokenizer", "document": "context_tokenizer"}
+MAPPING_CONFIG_DIR = "transformer_mapping_config"
+_BERT_BASE_NAMES = ("bert-base-uncased", "google-bert/bert-base-uncased")
+
+# HF config.json field -> our field, for the BERT and CLIP sub-configs (HF defaults fill the rest).
+_BERT_FIELDS = dict(vocab_size="vocab_size", hidden_size="hidden_size",
+                    num_hidden_layers="num_layers", num_attention_heads="num_heads",
+                    intermediate_size="intermediate_size",
+                    max_position_embeddings="max_position_embeddings",
+                    type_vocab_size="type_vocab_size", layer_norm_eps="layer_norm_eps",
+                    hidden_act="hidden_act", hidden_dropout_prob="dropout_rate",
+                    attention_probs_dropout_prob="attention_dropout_rate")
+_CLIP_FIELDS = dict(hidden_size="hidden_size", num_hidden_layers="num_layers",
+                    num_attention_heads="num_heads", intermediate_size="intermediate_size",
+                    patch_size="patch_size", image_size="image_size", num_channels="num_channels",
+                    hidden_act="hidden_act", layer_norm_eps="layer_norm_eps",
+                    attention_dropout="attention_dropout_rate")
+_HF_BERT_DEFAULTS = mc.TextConfig()  # = bert-base-uncased, HF BertConfig's defaults
+_HF_CLIP_DEFAULTS = mc.VisionConfig(hidden_size=768, num_layers=12, num_heads=12,
+                                    intermediate_size=3072, patch_size=32)
+
+
+def _from_hf(d: Mapping[str, Any], fields: Mapping[str, str], defaults) -> dict[str, Any]:
+  out = dataclasses.asdict(defaults)
+  out.update({ours: d[theirs] for theirs, ours in fields.items() if theirs in d})
+  return out
+
+
+def _to_hf(c, fields: Mapping[str, str]) -> dict[str, Any]:
+  return {theirs: getattr(c, ours) for theirs, ours in fields.items()}
+
+
+def _fail(folder: str, key: str, msg: str):
+  raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: {key}: {msg}")
+
+
+def model_config_from_hf(hf: Mapping[str, Any], folder: str,
+                         query_tokenizer=None) -> mc.PreFLMRConfig:
+  """Our `PreFLMRConfig` from a published `config.json` dict."""
+  for key, want in (("use_vision_encoder", True), ("use_transformer_mapping_network", True),
+                    ("separate_query_and_context_text_encoder", True),
+                    ("separate_query_and_context_vision_encoder", False)):
+    if hf.get(key, want) != want:
+      _fail(folder, key, f"{hf[key]!r} is not supported (PreFLMR checkpoints have {want})")
+  text = _from_hf(hf.get("text_config", {}), _BERT_FIELDS, _HF_BERT_DEFAULTS)
+  vision = _from_hf(hf.get("vision_config", {}), _CLIP_FIELDS, _HF_CLIP_DEFAULTS)
+
+  base = hf.get("transformer_mapping_config_base", _BERT_BASE_NAMES[0])
+  if base in _BERT_BASE_NAMES:
+    mapping = dataclasses.asdict(_HF_BERT_DEFAULTS)
+  else:  # a local folder holding a BERT config.json (relative to the checkpoint folder)
+    path = base if os.path.isabs(base) else os.path.join(folder, base)
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+      _fail(folder, "transformer_mapping_config_base",
+            f"{base!r} is neither 'bert-base-uncased' nor a local folder with a BERT {CONFIG_FILE} "
+            "(models are never downloaded from a hub)")
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      mapping = _from_hf(json.load(f), _BERT_FIELDS, _HF_BERT_DEFAULTS)
+  mapping["num_layers"] = hf.get("transformer_mapping_num_hidden_layers", 1)
+
+  instruction = hf.get("mask_instruction_token", ":")
+  colon_id, punctuation_ids = (tokenization.mask_token_ids(query_tokenizer) if query_tokenizer
+                               else (tokenization.BERT_UNCASED_COLON_ID,
+                                     tokenization.BERT_UNCASED_PUNCTUATION_IDS))
+  # Written by `hf_config_from_model` (models trained here may use another vocab); else derived.
+  colon_id = hf.get("instruction_token_id", colon_id)
+  punctuation_ids = tuple(hf.get("punctuation_token_ids", punctuation_ids))
+  if instruction not in (None, ":") and "instruction_token_id" not in hf:
+    if query_tokenizer is None:
+      _fail(folder, "mask_instruction_token",
+            f"{instruction!r} needs the checkpoint's {TOKENIZER_DIRS['query']}/ folder")
+    colon_id = tokenization.first_token_id(query_tokenizer, instruction)
+  return mc.PreFLMRConfig.from_dict(dict(
+      text=text, vision=vision, mapping=mapping, dim=hf.get("dim", 128),
+      query_maxlen=hf.get("query_maxlen", 32),
+      doc_maxlen=hf.get("doc_maxlen", min(512, text["max_position_embeddings"])),
+      mapping_prefix_length=hf.get("mapping_network_prefix_length", 32),
+      mapping_cross_attention_length=hf.get("transformer_mapping_cross_attention_length", 32),
+      output="full" if hf.get("query_concat_output_from_text_encoder", True) else "mapping_only",
+      mask_instruction_token=instruction is not None, instruction_token_id=colon_id,
+      query_skip_token_ids=tuple(hf.get("query_mask_input_ids_skip_list", ())),
+      mask_punctuation=hf.get("mask_punctuation", True), skip_token_ids=punctuation_ids))
+
+
+def hf_config_from_model(c: mc.PreFLMRConfig) -> dict[str, Any]:
+  """A published-style `config.json` dict for our config (used when saving a model we trained)."""
+  return {
+      "architectures": ["FLMRModelForRetrieval"], "model_type": "flmr", "dim": c.dim,
+      "text_config": {"model_type": "flmr_text_model", **_to_hf(c.text, _BERT_FIELDS)},
+      "vision_config": {"model_type": "flmr_vision_model", **_to_hf(c.vision, _CLIP_FIELDS)},
+      "mapping_network_prefix_length": c.mapping_prefix_length,
+      "transformer_mapping_cross_attention_length": c.mapping_cross_attention_length,
+      "transformer_mapping_num_hidden_layers": c.mapping.num_layers,
+      "transformer_mapping_config_base": (
+          "bert-base-uncased" if dataclasses.replace(c.mapping, num_layers=12) == _HF_BERT_DEFAULTS
+          else MAPPING_CONFIG_DIR),
+      "mask_instruction_token": ":" if c.mask_instruction_token else None,
+      "mask_punctuation": c.mask_punctuation,
+      "query_mask_input_ids_skip_list": list(c.query_skip_token_ids),
+      "query_concat_output_from_text_encoder": c.output == "full",
+      "query_concat_output_from_vision_encoder": True,
+      "use_vision_encoder": True, "use_transformer_mapping_network": True,
+      "separate_query_and_context_text_encoder": True,
+      "separate_query_and_context_vision_encoder": False,
+      "query_maxlen": c.query_maxlen, "doc_maxlen": c.doc_maxlen,
+      "instruction_token_id": c.instruction_token_id,
+      "punctuation_token_ids": list(c.skip_token_ids),
+  }
+
+
+def read_safetensors(folder: str) -> dict[str, np.ndarray]:
+  """All tensors of `model.safetensors` (or its sharded form); refuses pickle-based weights."""
+  single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX_FILE)
+  if os.path.isfile(single):
+    return load_file(single)
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+      state.update(load_file(os.path.join(folder, shard)))
+    return state
+  pickled = [n for n in ("pytorch_model.bin", "model.bin") if os.path.isfile(os.path.join(folder, n))]
+  if pickled:
+    raise ValueError(
+        f"{os.path.join(folder, pickled[0])}: refusing to read pickle-based weights (unpickling runs "
+        "arbitrary code). Convert once in a trusted environment, e.g. `python -c \"import torch; "
+        "from safetensors.torch import save_file; save_file({k: v.contiguous() for k, v in "
+        f"torch.load('{pickled[0]}', weights_only=True).items()}}, '{WEIGHTS_FILE}')\"`.")
+  raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE})")
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {k: v.shape for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+@dataclasses.dataclass
+class PretrainedPreFLMR:
+  """A PreFLMR config with its parameters, ready to encode; `save_pretrained` writes the HF layout."""
+
+  config: mc.PreFLMRConfig
+  params: Any
+  hf_config: dict[str, Any] | None = None  # the loaded config.json, written back unchanged
+  query_tokenizer: Any = None  # transformers BertTokenizerFast, when the folder has one
+  document_tokenizer: Any = None
+
+  def __post_init__(self):
+    model = PreFLMR(self.config)
+
+    def queries(params, ids, mask, pixels):
+      return model.apply({"params": params}, ids, mask, pixels, method=PreFLMR.encode_queries)
+
+    def documents(params, ids, mask):
+      return model.apply({"params": params}, ids, mask, method=PreFLMR.encode_documents)
+
+    self._queries, self._documents = jax.jit(queries), jax.jit(documents)
+
+  def encode_queries(self, input_ids, attention_mask, pixel_values):
+    """(Q [B, Lq, dim], Q_mask [B, Lq]); `pixel_values` NHWC float32 after CLIP preprocessing."""
+    return self._queries(self.params, jnp.asarray(input_ids, jnp.int32),
+                         jnp.asarray(attention_mask, jnp.int32),
+                         jnp.asarray(pixel_values, jnp.float32))
+
+  def encode_documents(self, input_ids, attention_mask):
+    """(D [N, Ld, dim], D_mask [N, Ld])."""
+    return self._documents(self.params, jnp.asarray(input_ids, jnp.int32),
+                           jnp.asarray(attention_mask, jnp.int32))
+
+  def state_dict(self) -> dict[str, np.ndarray]:
+    """The parameters under their published PyTorch names."""
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), self.params)
+    return conversion.flax_to_torch(params, conversion.preflmr_rules(self.config))
+
+  def save_pretrained(self, path: str) -> None:
+    """Writes config.json, model.safetensors and tokenizer folders; the folder appears complete
+    or not at all (written to a temporary sibling, then renamed)."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    try:
+      hf = self.hf_config or hf_config_from_model(self.config)
+      with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+      base = hf.get("transformer_mapping_config_base", _BERT_BASE_NAMES[0])
+      if base not in _BERT_BASE_NAMES and not os.path.isabs(base):  # a folder beside config.json
+        os.makedirs(os.path.join(tmp, base))
+        with open(os.path.join(tmp, base, CONFIG_FILE), "w") as f:
+          json.dump({"model_type": "bert", **_to_hf(self.config.mapping, _BERT_FIELDS)}, f, indent=2)
+      save_file(self.state_dict(), os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+      for side, name in TOKENIZER_DIRS.items():
+        tok = getattr(self, f"{side}_tokenizer")
+        if tok is not None:
+          tok.save_pretrained(os.path.join(tmp, name))
+      if os.path.exists(path):
+        shutil.rmtree(path)
+      os.rename(tmp, path)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+
+
+def load_pretrained(path: str, dtype: str = "float32") -> PretrainedPreFLMR:
+  """Reads a PreFLMR folder (DESIGN.md section 3). `dtype` is the parameter and compute dtype.
+
+  A missing key, an unexpected key or a shape mismatch raises `conversion.ConversionError` naming
+  the key.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: not a folder (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{path}: no {CONFIG_FILE}")
+  with open(config_path) as f:
+    hf = json.load(f)
+  tokenizers = {}
+  for side, name in TOKENIZER_DIRS.items():
+    folder = os.path.join(path, name)
+    tokenizers[side] = tokenization.load_bert_tokenizer(folder) if os.path.isdir(folder) else None
+  config = model_config_from_hf(hf, path, tokenizers["query"])
+  config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+  expected = _flat_shapes(abstract_params(config))
+  params = conversion.torch_to_flax(read_safetensors(path), conversion.preflmr_rules(config),
+                                    expected)
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  return PretrainedPreFLMR(config, params, hf, tokenizers["query"], tokenizers["document"])
+
+
+__all__ = ["PretrainedPreFLMR", "hf_config_from_model", "load_pretrained", "model_config_from_hf",
+           "read_safetensors"]

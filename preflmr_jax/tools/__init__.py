@@ -1,0 +1,1 @@
+"""Command-line tools (`python -m preflmr_jax.tools.<name>`)."""

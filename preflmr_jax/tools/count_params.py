@@ -1,0 +1,56 @@
+"""Parameter counts of a config, computed with `jax.eval_shape` (nothing is allocated).
+
+  python -m preflmr_jax.tools.count_params --config configs/preflmr_vit_l.py
+
+Prints a table, then one JSON object as the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from preflmr_jax.models import model_config as mc
+from preflmr_jax.models import preflmr
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+
+# Component -> its top-level parameter groups ("x_" matches x_0, x_1, ...).
+COMPONENTS = {
+    "vision": ("vision",),
+    "query_text": ("query_text",),
+    "document_text": ("document_text",),
+    "mapping": ("vision_projection", "mapping_input", "mapping_output", "mapping_layer_"),
+    "heads": ("query_head", "document_head"),
+}
+
+
+def count_params(model_config: mc.PreFLMRConfig) -> dict[str, int]:
+  """{"total": n, <component>: n, ...} from abstract shapes."""
+  shapes = preflmr.abstract_params(model_config)
+  counts = dict.fromkeys(COMPONENTS, 0)
+  for name, subtree in shapes.items():
+    owner = [c for c, groups in COMPONENTS.items()
+             if any(name == g or (g.endswith("_") and name.startswith(g)) for g in groups)]
+    if len(owner) != 1:
+      raise AssertionError(f"parameter group {name!r} belongs to no component")
+    counts[owner[0]] += sum(math.prod(x.shape) for x in jax.tree.leaves(subtree))
+  return {"total": sum(counts.values()), **counts}
+
+
+def main(argv):
+  del argv
+  counts = count_params(mc.PreFLMRConfig.from_dict(_CONFIG.value.model))
+  for name, n in counts.items():
+    print(f"{name:>14s} {n:>15,d}  ({n / 1e6:9.2f}M)")
+  print(json.dumps(counts))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

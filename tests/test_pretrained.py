@@ -1,0 +1,305 @@
+"""End to end: a tiny checkpoint in the published layout, built from the PyTorch oracles, loaded with
+`load_pretrained`; embeddings, masks and scores against a reference computed here from the PyTorch
+modules following DESIGN.md section 2."""
+
+import json
+import os
+import string
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+from transformers.models.bert.modeling_bert import BertLayer as HFBertLayer
+
+import oracles
+import preflmr_jax
+from preflmr_jax import conversion, image_processing, tokenization
+from preflmr_jax.models.model_config import TextConfig, VisionConfig
+
+TEXT = TextConfig(vocab_size=tokenization.TINY_VOCAB_SIZE, hidden_size=32, num_layers=2, num_heads=4,
+                  intermediate_size=37, max_position_embeddings=64)
+MAPPING = TextConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=40)
+VISION = VisionConfig(hidden_size=24, num_layers=3, num_heads=4, intermediate_size=48, patch_size=8,
+                      image_size=32)
+DIM, PREFIX, QLEN, CROSS = 16, 4, 16, 12
+
+
+class Oracle(torch.nn.Module):
+  """The PyTorch modules of a PreFLMR checkpoint and the section-2 recipe over them."""
+
+  def __init__(self):
+    super().__init__()
+    self.qbert = transformers.BertModel(oracles.hf_bert_config(TEXT))
+    self.cbert = transformers.BertModel(oracles.hf_bert_config(TEXT))
+    self.qlin = torch.nn.Linear(TEXT.hidden_size, DIM, bias=False)
+    self.clin = torch.nn.Linear(TEXT.hidden_size, DIM, bias=False)
+    self.clip = transformers.CLIPVisionModel(oracles.hf_clip_config(VISION))
+    self.mlp = torch.nn.Sequential(torch.nn.Linear(VISION.hidden_size, DIM * PREFIX // 2),
+                                   torch.nn.Tanh(), torch.nn.Linear(DIM * PREFIX // 2, DIM * PREFIX))
+    self.map_in = torch.nn.Linear(VISION.hidden_size, MAPPING.hidden_size)
+    self.map_layer = HFBertLayer(
+        oracles.hf_bert_config(MAPPING, is_decoder=True, add_cross_attention=True), layer_idx=0)
+    self.map_out = torch.nn.Linear(MAPPING.hidden_size, DIM)
+    oracles.randomize_(self, std=0.2)
+
+  def published_state_dict(self):
+    sd = lambda m, prefix: {f"{prefix}.{k}": v for k, v in oracles.state_dict_numpy(m).items()}
+    state = {**sd(self.qbert, "query_text_encoder.bert_model"),
+             **sd(self.cbert, "context_text_encoder.bert_model"),
+             **sd(self.qlin, "query_text_encoder_linear"),
+             **sd(self.clin, "context_text_encoder_linear"),
+             **sd(self.mlp, "context_vision_projection.model"),
+             **sd(self.map_in, "transformer_mapping_input_linear"),
+             **sd(self.map_layer, "transformer_mapping_network.layer.0"),
+             **sd(self.map_out, "transformer_mapping_output_linear")}
+    for k, v in oracles.clip_state_dict_published(self.clip).items():
+      state[f"context_vision_encoder.vision_model.{k}"] = v
+    # A buffer that older checkpoints carry: ignored on load.
+    state["query_text_encoder.bert_model.embeddings.position_ids"] = np.arange(64)[None]
+    return state
+
+  @torch.no_grad()
+  def queries(self, ids, mask, pixels, colon_id, text=True):
+    ids_t = torch.from_numpy(ids).long()
+    hidden = self.qbert(input_ids=ids_t, attention_mask=torch.from_numpy(mask).long())[0]
+    keep = np.ones(ids.shape, np.float32)
+    for b, row in enumerate(ids):  # DESIGN section 2: zero 2..first ":" inclusive
+      colons = np.flatnonzero(row == colon_id)
+      if len(colons):
+        keep[b, 2:colons[0] + 1] = 0
+    text_tokens = self.qlin(hidden) * torch.from_numpy(keep)[..., None]
+    vis = self.clip(pixel_values=oracles.nchw(pixels), output_hidden_states=True)
+    prefix = self.mlp(vis.last_hidden_state[:, 0]).view(len(ids), PREFIX, DIM)
+    m = self.map_in(vis.hidden_states[-2][:, 1:])
+    m = self.map_layer(m, encoder_hidden_states=hidden[:, :CROSS])
+    m = self.map_out(m[0] if isinstance(m, tuple) else m)
+    parts = ([text_tokens] if text else []) + [prefix, m]
+    q = torch.nn.functional.normalize(torch.cat(parts, 1), p=2, dim=2)
+    q_mask = np.concatenate(([keep] if text else []) + [np.ones((len(ids), PREFIX + m.shape[1]))], 1)
+    return q.numpy(), q_mask
+
+  @torch.no_grad()
+  def documents(self, ids, mask, punctuation_ids):
+    hidden = self.cbert(input_ids=torch.from_numpy(ids).long(),
+                        attention_mask=torch.from_numpy(mask).long())[0]
+    keep = ((ids != 0) & ~np.isin(ids, punctuation_ids)).astype(np.float32)
+    d = self.clin(hidden) * torch.from_numpy(keep)[..., None]
+    return torch.nn.functional.normalize(d, p=2, dim=2).numpy(), keep
+
+
+def naive_maxsim(q, d, d_mask):
+  scores = np.zeros((len(q), len(d)))
+  for i in range(len(q)):
+    for j in range(len(d)):
+      sim = q[i].astype(np.float64) @ d[j].astype(np.float64).T  # [Lq, Ld]
+      sim[:, d_mask[j] == 0] = -np.inf
+      scores[i, j] = sim.max(axis=1).sum()
+  return scores
+
+
+def write_checkpoint(folder, oracle, text_output=True):
+  os.makedirs(folder)
+  mapping_dir = os.path.join(folder, "mapping_config")
+  os.makedirs(mapping_dir)
+  with open(os.path.join(mapping_dir, "config.json"), "w") as f:
+    json.dump(oracles.hf_bert_config(MAPPING).to_dict(), f)
+  hf = {
+      "architectures": ["FLMRModelForRetrieval"], "model_type": "flmr", "dim": DIM,
+      "text_config": oracles.hf_bert_config(TEXT).to_dict(),
+      "vision_config": oracles.hf_clip_config(VISION).to_dict(),
+      "mapping_network_prefix_length": PREFIX, "transformer_mapping_num_hidden_layers": 1,
+      "transformer_mapping_config_base": "mapping_config",
+      "transformer_mapping_cross_attention_length": CROSS, "query_maxlen": QLEN,
+      "mask_instruction_token": ":", "mask_punctuation": True,
+      "query_concat_output_from_text_encoder": text_output,
+      "query_concat_output_from_vision_encoder": True, "use_vision_encoder": True,
+      "use_transformer_mapping_network": True, "separate_query_and_context_text_encoder": True,
+      "separate_query_and_context_vision_encoder": False, "query_mask_input_ids_skip_list": [],
+  }
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(hf, f)
+  save_file(oracle.published_state_dict(), os.path.join(folder, "model.safetensors"))
+  tok = tokenization.tiny_tokenizer()
+  tok.save_pretrained(os.path.join(folder, "query_tokenizer"))
+  tok.save_pretrained(os.path.join(folder, "context_tokenizer"))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def oracle():
+  return Oracle().eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, oracle):
+  return write_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny_preflmr"), oracle)
+
+
+def _inputs():
+  tok = tokenization.tiny_tokenizer()
+  queries = tokenization.QueryTokenizer(tok, QLEN)(
+      ["what is the name of this building?", "who made it", "colour: of the car?"],
+      ["Using the image, answer:", "Retrieve a passage", None])
+  rng = np.random.default_rng(0)
+  images = [Image.fromarray(rng.integers(0, 255, (40 + 9 * i, 50, 3), np.uint8)) for i in range(3)]
+  pixels = image_processing.preprocess_images(images, VISION.image_size)
+  docs = tokenization.DocumentTokenizer(tok, 48)(
+      ["The tower, built in 1889, is 330 m tall!", "A red car; parked (outside).",
+       "short", "Paris is the capital of France. It has many museums and a river."],
+      padding="longest")
+  colon, punct = tokenization.mask_token_ids(tok)
+  return queries, pixels, docs, colon, punct
+
+
+def test_load_pretrained_matches_pytorch_reference(checkpoint, oracle):
+  model = preflmr_jax.load_pretrained(checkpoint)
+  queries, pixels, docs, colon, punct = _inputs()
+  assert model.config.instruction_token_id == colon and model.config.skip_token_ids == punct
+  q, q_mask = model.encode_queries(queries["input_ids"], queries["attention_mask"], pixels)
+  d, d_mask = model.encode_documents(docs["input_ids"], docs["attention_mask"])
+  q_ref, q_mask_ref = oracle.queries(queries["input_ids"], queries["attention_mask"], pixels, colon)
+  d_ref, d_mask_ref = oracle.documents(docs["input_ids"], docs["attention_mask"], punct)
+
+  assert q.shape == (3, QLEN + PREFIX + VISION.num_patches, DIM)
+  np.testing.assert_allclose(q, q_ref, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(q_mask, q_mask_ref)
+  np.testing.assert_allclose(d, d_ref, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(d_mask, d_mask_ref)
+  # The instruction is masked in the first two queries, and punctuation in the documents.
+  assert q_mask[0, 2] == 0 and q_mask[1, 2] == 0 and d_mask_ref[1].sum() < docs["attention_mask"][1].sum()
+  scores = preflmr_jax.maxsim(q, d, d_mask)
+  np.testing.assert_allclose(scores, naive_maxsim(q_ref, d_ref, d_mask_ref), atol=1e-4, rtol=0)
+
+
+def test_stage1_output_is_vision_tokens_only(tmp_path, oracle):
+  folder = write_checkpoint(str(tmp_path / "stage1"), oracle, text_output=False)
+  model = preflmr_jax.load_pretrained(folder)
+  assert model.config.output == "mapping_only"
+  queries, pixels, _, colon, _ = _inputs()
+  q, q_mask = model.encode_queries(queries["input_ids"], queries["attention_mask"], pixels)
+  q_ref, q_mask_ref = oracle.queries(queries["input_ids"], queries["attention_mask"], pixels, colon,
+                                     text=False)
+  assert q.shape[1] == PREFIX + VISION.num_patches
+  np.testing.assert_allclose(q, q_ref, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(q_mask, q_mask_ref)
+
+
+def test_save_load_round_trip_is_exact(tmp_path, checkpoint):
+  first = preflmr_jax.load_pretrained(checkpoint)
+  first.save_pretrained(str(tmp_path / "copy"))
+  second = preflmr_jax.load_pretrained(str(tmp_path / "copy"))
+  assert second.config == first.config
+  flat = lambda m: conversion.traverse_util.flatten_dict(m.params, sep="/")
+  a, b = flat(first), flat(second)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+  original = load_file(os.path.join(checkpoint, "model.safetensors"))
+  written = load_file(str(tmp_path / "copy" / "model.safetensors"))
+  assert set(written) == set(original) - {"query_text_encoder.bert_model.embeddings.position_ids"}
+  for k in written:
+    np.testing.assert_array_equal(written[k], original[k], err_msg=k)
+  with open(os.path.join(checkpoint, "config.json")) as f, open(tmp_path / "copy" / "config.json") as g:
+    assert json.load(f) == json.load(g)
+  assert second.query_tokenizer.get_vocab() == first.query_tokenizer.get_vocab()
+  assert second.document_tokenizer.get_vocab() == first.document_tokenizer.get_vocab()
+  # No temporary folder left behind.
+  assert sorted(os.listdir(tmp_path)) == ["copy"]
+
+
+def test_trained_model_saves_in_published_layout(tmp_path, checkpoint):
+  model = preflmr_jax.load_pretrained(checkpoint)
+  fresh = preflmr_jax.PretrainedPreFLMR(model.config, model.params)  # no hf_config: generated
+  fresh.save_pretrained(str(tmp_path / "out"))
+  again = preflmr_jax.load_pretrained(str(tmp_path / "out"))
+  assert again.config == model.config
+  assert os.path.isfile(tmp_path / "out" / "transformer_mapping_config" / "config.json")
+
+
+def _edit_checkpoint(src, dst, edit):
+  os.makedirs(dst)
+  for name in ("config.json", "mapping_config", "query_tokenizer", "context_tokenizer"):
+    os.symlink(os.path.join(src, name), os.path.join(dst, name))
+  state = load_file(os.path.join(src, "model.safetensors"))
+  edit(state)
+  save_file(state, os.path.join(dst, "model.safetensors"))
+  return dst
+
+
+def test_aliased_prefixes_are_accepted(tmp_path, checkpoint):
+  def rename(state):
+    for k in list(state):
+      for old, new in (("context_vision_encoder.", "query_vision_encoder."),
+                       ("context_vision_projection.", "query_vision_projection."),
+                       ("query_text_encoder.bert_model.", "query_text_encoder.text_model.")):
+        if k.startswith(old):
+          state[new + k[len(old):]] = state.pop(k)
+  model = preflmr_jax.load_pretrained(_edit_checkpoint(checkpoint, str(tmp_path / "a"), rename))
+  ref = preflmr_jax.load_pretrained(checkpoint)
+  np.testing.assert_array_equal(model.params["vision"]["pre_layrnorm"]["scale"],
+                                ref.params["vision"]["pre_layrnorm"]["scale"])
+
+
+def test_duplicated_copies_must_agree(tmp_path, checkpoint):
+  def duplicate(state):
+    key = "context_vision_projection.model.0.bias"
+    state["query_vision_projection.model.0.bias"] = state[key] + 1
+  with pytest.raises(conversion.ConversionError, match="model.0.bias"):
+    preflmr_jax.load_pretrained(_edit_checkpoint(checkpoint, str(tmp_path / "d"), duplicate))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.pop("transformer_mapping_output_linear.bias"),
+     "missing key 'transformer_mapping_output_linear.bias'"),
+    (lambda s: s.__setitem__("transformer_mapping_network.layer.1.output.dense.bias", np.zeros(3)),
+     "unexpected key.*transformer_mapping_network.layer.1.output.dense.bias"),
+    (lambda s: s.__setitem__("context_text_encoder_linear.weight", np.zeros((8, 32), np.float32)),
+     "shape mismatch for key 'context_text_encoder_linear.weight'"),
+])
+def test_bad_checkpoints_name_the_key(tmp_path, checkpoint, edit, message):
+  with pytest.raises(conversion.ConversionError, match=message):
+    preflmr_jax.load_pretrained(_edit_checkpoint(checkpoint, str(tmp_path / "bad"), edit))
+
+
+def test_config_of_another_size_fails_with_shape_error(tmp_path, checkpoint):
+  folder = tmp_path / "other"
+  os.makedirs(folder)
+  for name in ("model.safetensors", "mapping_config", "query_tokenizer", "context_tokenizer"):
+    os.symlink(os.path.join(checkpoint, name), folder / name)
+  with open(os.path.join(checkpoint, "config.json")) as f:
+    hf = json.load(f)
+  hf["dim"] = 8
+  with open(folder / "config.json", "w") as f:
+    json.dump(hf, f)
+  with pytest.raises(conversion.ConversionError, match="shape mismatch for key"):
+    preflmr_jax.load_pretrained(str(folder))
+
+
+def test_pickle_weights_are_refused(tmp_path, checkpoint):
+  folder = tmp_path / "pickled"
+  os.makedirs(folder)
+  for name in ("config.json", "mapping_config"):
+    os.symlink(os.path.join(checkpoint, name), folder / name)
+  (folder / "pytorch_model.bin").write_bytes(b"not opened")
+  with pytest.raises(ValueError, match="refusing to read pickle-based weights"):
+    preflmr_jax.load_pretrained(str(folder))
+
+
+def test_unknown_mapping_base_is_an_error(tmp_path, checkpoint):
+  folder = tmp_path / "hub"
+  os.makedirs(folder)
+  with open(os.path.join(checkpoint, "config.json")) as f:
+    hf = json.load(f)
+  hf["transformer_mapping_config_base"] = "some-org/some-hub-model"
+  with open(folder / "config.json", "w") as f:
+    json.dump(hf, f)
+  with pytest.raises(ValueError, match="transformer_mapping_config_base"):
+    preflmr_jax.load_pretrained(str(folder))
+
+
+def test_punctuation_ids_cover_string_punctuation():
+  _, punct = tokenization.mask_token_ids(tokenization.tiny_tokenizer())
+  assert len(punct) == len(string.punctuation)
