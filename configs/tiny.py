@@ -11,8 +11,8 @@ def get_config(arg=None):
   config = config_defaults.base_config()
   colon_id, punctuation_ids = tokenization.mask_token_ids(tokenization.tiny_tokenizer())
   config.model = config_defaults.model_dict(
-      text="tiny", vision="tiny", query_maxlen=16, doc_maxlen=64, mapping_prefix_length=4, dim=16,
-      mapping_cross_attention_length=16, instruction_token_id=colon_id,
+      text="tiny", vision="tiny", query_maxlen=32, doc_maxlen=64, mapping_prefix_length=4, dim=16,
+      mapping_cross_attention_length=32, instruction_token_id=colon_id,
       skip_token_ids=punctuation_ids)
   config.tokenizer = "tiny"
   return config

@@ -50,4 +50,5 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = LOGICAL_AXIS_RULES
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
+  config.init_from = ""  # a published PreFLMR folder (load_pretrained) to start from
   return config

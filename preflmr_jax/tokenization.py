@@ -342,3 +342,19 @@ def document_token_mask(input_ids, skip_token_ids: Sequence[int]) -> jnp.ndarray
   if skip:
     keep &= ~jnp.isin(ids, jnp.asarray(skip, dtype=ids.dtype))
   return keep.astype(jnp.float32)
+
+
+def tokenizer_from_config(name: str):
+  """`config.tokenizer`: "tiny" (the built-in tiny vocab) or a local folder with a BERT vocab."""
+  return tiny_tokenizer() if name == "tiny" else load_bert_tokenizer(name)
+
+
+def check_mask_ids(tokenizer, instruction_token_id: int, skip_token_ids: Sequence[int]) -> None:
+  """Fails early when `config.model`'s mask ids do not belong to `tokenizer`'s vocab."""
+  colon, punctuation = mask_token_ids(tokenizer)
+  if instruction_token_id != colon:
+    raise ValueError(f"config.model.instruction_token_id={instruction_token_id} but the tokenizer "
+                     f"maps {INSTRUCTION_END!r} to {colon}")
+  if tuple(sorted(skip_token_ids)) != punctuation:
+    raise ValueError(f"config.model.skip_token_ids do not match the tokenizer's punctuation ids "
+                     f"{punctuation}")

@@ -1,0 +1,47 @@
+"""The README's main command on the tiny config, end to end in a subprocess."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from preflmr_jax import demo
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _main(*args, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([sys.executable, "-m", "preflmr_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_main_tiny_prints_and_writes_scores(tmp_path):
+  run = _main("--config", "configs/tiny.py", "--workdir", str(tmp_path))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "MaxSim scores" in run.stdout
+  with open(tmp_path / "scores.json") as f:
+    out = json.load(f)
+  scores = np.array(out["scores"])
+  assert scores.shape == (len(demo.SAMPLE_QUERIES), len(demo.SAMPLE_PASSAGES))
+  assert np.isfinite(scores).all() and scores.std() > 0
+  # Each score is a sum of at most query_length cosine similarities.
+  assert (np.abs(scores) <= 32 + 4 + 16).all()
+
+
+def test_main_runs_on_a_mesh_with_overrides(tmp_path):
+  run = _main("--config", "configs/tiny.py", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+              "--config.model.text.num_layers=1", "--workdir", str(tmp_path), devices=8)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "'fsdp': 2" in run.stdout and "'tensor': 2" in run.stdout
+
+
+def test_main_bad_config_value_names_the_key():
+  run = _main("--config", "configs/tiny.py", "--config.model.vision.patch_size=7")
+  assert run.returncode != 0
+  assert "config.model.vision.image_size" in run.stderr
+  run = _main("--config", "configs/tiny.py", "--config.mesh.data=3", devices=8)
+  assert run.returncode != 0 and "config.mesh" in run.stderr
