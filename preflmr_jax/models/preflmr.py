@@ -142,8 +142,8 @@ def abstract_params(config: PreFLMRConfig):
 
 def init_params(config: PreFLMRConfig, rng: jax.Array):
   """Random parameters (boxed with logical axis metadata removed) for `config`."""
-  variables = PreFLMR(config).init(rng, **dummy_inputs(config))
-  return nn.meta.unbox(variables["params"])
+  init = lambda rng: PreFLMR(config).init(rng, **dummy_inputs(config))["params"]
+  return nn.meta.unbox(jax.jit(init)(rng))
 
 
 __all__ = ["PreFLMR", "VisionProjection", "abstract_params", "dummy_inputs", "init_params", "l2_normalize"]

@@ -1,0 +1,92 @@
+"""Properties of the PreFLMR assembly across compute settings (parity lives in test_pretrained.py)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from preflmr_jax import tokenization
+from preflmr_jax.models import model_config as mc
+from preflmr_jax.models import preflmr
+
+
+@pytest.fixture(scope="module")
+def setup():
+  t = mc.TextConfig(**mc.text_shape("tiny"))
+  colon, punct = tokenization.mask_token_ids(tokenization.tiny_tokenizer())
+  config = mc.PreFLMRConfig(text=t, vision=mc.VisionConfig(**mc.vision_shape("tiny")),
+                            mapping=dataclasses.replace(t, num_layers=2), query_maxlen=16,
+                            doc_maxlen=24, mapping_cross_attention_length=16,
+                            mapping_prefix_length=4, dim=16, instruction_token_id=colon,
+                            skip_token_ids=punct)
+  tok = tokenization.tiny_tokenizer()
+  q = tokenization.QueryTokenizer(tok, 16)(["what is this?", "where is it"], ["answer this:", None])
+  d = tokenization.DocumentTokenizer(tok, 24)(["A tower, in Paris.", "apples; pears!"])
+  pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  inputs = (q["input_ids"], q["attention_mask"], pixels, d["input_ids"], d["attention_mask"])
+  return config, preflmr.init_params(config, jax.random.key(0)), inputs
+
+
+def _apply(config, params, inputs, **kw):
+  return jax.jit(lambda p, x: preflmr.PreFLMR(config).apply({"params": p}, *x, **kw))(params, inputs)
+
+
+def test_embeddings_are_unit_or_zero_and_masks_apply(setup):
+  config, params, inputs = setup
+  (q, q_mask), (d, d_mask) = _apply(config, params, inputs)
+  assert q.shape == (2, config.query_length, config.dim) and q.dtype == jnp.float32
+  for e, m in ((q, q_mask), (d, d_mask)):
+    norms = np.linalg.norm(e, axis=-1)
+    np.testing.assert_allclose(norms[m == 1], 1.0, atol=1e-5)
+    assert (norms[m == 0] == 0).all()
+  assert q_mask[0, 2] == 0 and q_mask[1, 2] == 1  # instruction masked only where there is one
+  assert d_mask[0].sum() < inputs[4][0].sum()  # "," and "." are masked in the document
+
+
+def test_remat_changes_nothing(setup):
+  kw = dict(remat=True, remat_policy="dots_saveable")
+  config, params, inputs = setup
+  ref = _apply(config, params, inputs)
+  out = _apply(dataclasses.replace(config, **kw), params, inputs)
+  jax.tree.map(np.testing.assert_array_equal, out, ref)
+  loss = lambda c: lambda p: jnp.sum(_apply(c, p, inputs)[0][0] ** 3)
+  g_ref = jax.grad(loss(config))(params)
+  g = jax.grad(loss(dataclasses.replace(config, **kw)))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_ref)
+
+
+def test_bf16_compute_with_fp32_params(setup):
+  config, params, inputs = setup
+  ref = _apply(config, params, inputs)
+  out = _apply(dataclasses.replace(config, dtype="bfloat16"), params, inputs)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    assert a.dtype == jnp.float32  # embeddings are normalised in float32
+    np.testing.assert_allclose(a, b, atol=2e-2)
+  bf16 = preflmr.init_params(dataclasses.replace(config, param_dtype="bfloat16"), jax.random.key(0))
+  assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_dropout_is_active_only_when_not_deterministic(setup):
+  config, params, inputs = setup
+  a = _apply(config, params, inputs)
+  b = _apply(config, params, inputs, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  assert np.abs(np.asarray(a[0][0]) - np.asarray(b[0][0])).max() > 1e-3
+
+
+def test_query_skip_token_ids_drop_tokens_from_text_and_cross_attention(setup):
+  config, params, inputs = setup
+  skip = int(inputs[0][0, 3])
+  (q, q_mask), _ = _apply(dataclasses.replace(config, query_skip_token_ids=(skip,)), params, inputs)
+  (q_ref, _), _ = _apply(config, params, inputs)
+  assert q_mask[0, 3] == 0 and (q[0, 3] == 0).all()
+  # The mapping tokens change too: the skipped token is out of the cross-attention.
+  mapped = slice(config.query_maxlen + config.mapping_prefix_length, None)
+  assert np.abs(np.asarray(q[0, mapped]) - np.asarray(q_ref[0, mapped])).max() > 1e-6
+
+
+def test_wrong_query_length_is_a_clear_error(setup):
+  config, params, inputs = setup
+  with pytest.raises(ValueError, match="query_maxlen"):
+    _apply(config, params, (inputs[0][:, :8], inputs[1][:, :8]) + inputs[2:])
