@@ -42,9 +42,10 @@ def model_dict(*, text: str = "base", vision: str = "B/32", mapping_layers: int 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = model_dict()
-  # Tokenizer vocab: a local folder with vocab.txt / tokenizer.json, or "tiny" for the built-in
-  # tiny vocab. load_pretrained uses a checkpoint's own tokenizer folders instead.
-  config.tokenizer = "tiny"
+  # Tokenizer vocab: a local folder with the bert-base-uncased vocab.txt / tokenizer.json (e.g. a
+  # PreFLMR checkpoint's query_tokenizer/), or "tiny" for the built-in tiny vocab. Nothing is ever
+  # downloaded, so the release-shape configs leave it to be set on the command line.
+  config.tokenizer = ""
   config.seed = 0
   config.batch_size = 8  # global
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -37,7 +37,7 @@ class Rule:
 
 
 # Buffers that some published checkpoints carry and that hold no parameters.
-IGNORED_SUFFIXES = (".position_ids", ".token_type_ids")
+IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
 def _linear(flax: str, torch: str, bias: bool = True) -> list[tuple[str, str, Transform]]:
@@ -172,7 +172,9 @@ def torch_to_flax(state: Mapping[str, np.ndarray], rules: list[Rule],
                               f"{tuple(np.asarray(state[present[0]]).shape)}, the config expects "
                               f"{want} after conversion to parameter {rule.flax!r}")
     flat[rule.flax] = np.ascontiguousarray(value, dtype=dtype)
-  unexpected = sorted(k for k in state if k not in used and not k.endswith(IGNORED_SUFFIXES))
+  known_prefixes = {t.rsplit("embeddings.", 1)[0] for r in rules for t in r.torch if "embeddings." in t}
+  ignored = lambda k: k.endswith(IGNORED_SUFFIXES) and k.rsplit("embeddings.", 1)[0] in known_prefixes
+  unexpected = sorted(k for k in state if k not in used and not ignored(k))
   if unexpected:
     more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
     raise ConversionError(f"unexpected key(s) {unexpected[:5]}{more}: not part of this config's "

@@ -35,7 +35,7 @@ SAMPLE_PASSAGES = (
 )
 
 
-def _sample_images(size: int) -> list[Image.Image]:
+def _sample_images() -> list[Image.Image]:
   # A colour field with a diagonal gradient, so that patches differ.
   ramp = np.linspace(0.6, 1.0, 64)[:, None] * np.linspace(0.6, 1.0, 64)[None, :]
   return [Image.fromarray((ramp[..., None] * np.array(rgb)).astype(np.uint8))
@@ -57,21 +57,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> np.nda
   if init_from:
     loaded = pretrained.load_pretrained(init_from)
     model_config, params = loaded.config, loaded.params
-    tokenizer = loaded.query_tokenizer or tokenization.tokenizer_from_config(config.tokenizer)
+    query_tokenizer = loaded.query_tokenizer or tokenization.tokenizer_from_config(config.tokenizer)
+    doc_tokenizer = loaded.document_tokenizer or query_tokenizer
   else:
-    tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
-    tokenization.check_mask_ids(tokenizer, model_config.instruction_token_id,
+    query_tokenizer = doc_tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
+    tokenization.check_mask_ids(query_tokenizer, model_config.instruction_token_id,
                                 model_config.skip_token_ids)
     model = preflmr.PreFLMR(model_config)
     init = lambda rng: model.init(rng, **preflmr.dummy_inputs(model_config))["params"]
     params, _ = sharding.init_sharded(init, mesh, rules, jax.random.key(config.seed))
   logging.info("mesh %s, model %s", dict(mesh.shape), model_config)
 
-  queries = tokenization.QueryTokenizer(tokenizer, model_config.query_maxlen)(
+  queries = tokenization.QueryTokenizer(query_tokenizer, model_config.query_maxlen)(
       [q for _, q, _ in SAMPLE_QUERIES], [i for i, _, _ in SAMPLE_QUERIES])
-  pixels = image_processing.preprocess_images(_sample_images(model_config.vision.image_size),
+  pixels = image_processing.preprocess_images(_sample_images(),
                                               model_config.vision.image_size)
-  docs = tokenization.DocumentTokenizer(tokenizer, model_config.doc_maxlen)(
+  docs = tokenization.DocumentTokenizer(doc_tokenizer, model_config.doc_maxlen)(
       list(SAMPLE_PASSAGES), padding="longest")
 
   shards = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from preflmr_jax import conversion, tokenization
 from preflmr_jax.models import model_config as mc
@@ -47,9 +48,8 @@ _CLIP_FIELDS = dict(hidden_size="hidden_size", num_hidden_layers="num_layers",
                     patch_size="patch_size", image_size="image_size", num_channels="num_channels",
                     hidden_act="hidden_act", layer_norm_eps="layer_norm_eps",
                     attention_dropout="attention_dropout_rate")
-_HF_BERT_DEFAULTS = mc.TextConfig()  # = bert-base-uncased, HF BertConfig's defaults
-_HF_CLIP_DEFAULTS = mc.VisionConfig(hidden_size=768, num_layers=12, num_heads=12,
-                                    intermediate_size=3072, patch_size=32)
+# bert-base-uncased = HF BertConfig's defaults; VisionConfig() = CLIPVisionConfig's (ViT-B/32).
+_HF_BERT_DEFAULTS = mc.TextConfig()
 
 
 def _from_hf(d: Mapping[str, Any], fields: Mapping[str, str], defaults) -> dict[str, Any]:
@@ -66,21 +66,47 @@ def _fail(folder: str, key: str, msg: str):
   raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: {key}: {msg}")
 
 
-def model_config_from_hf(hf: Mapping[str, Any], folder: str,
-                         query_tokenizer=None) -> mc.PreFLMRConfig:
-  """Our `PreFLMRConfig` from a published `config.json` dict."""
-  for key, want in (("use_vision_encoder", True), ("use_transformer_mapping_network", True),
-                    ("separate_query_and_context_text_encoder", True),
-                    ("separate_query_and_context_vision_encoder", False)):
-    if hf.get(key, want) != want:
-      _fail(folder, key, f"{hf[key]!r} is not supported (PreFLMR checkpoints have {want})")
-  text = _from_hf(hf.get("text_config", {}), _BERT_FIELDS, _HF_BERT_DEFAULTS)
-  vision = _from_hf(hf.get("vision_config", {}), _CLIP_FIELDS, _HF_CLIP_DEFAULTS)
+# `FLMRConfig`'s defaults (what a key missing from config.json means to the official code).
+FLMR_DEFAULTS = dict(
+    dim=128, mapping_network_prefix_length=32, mask_punctuation=True, use_vision_encoder=True,
+    separate_query_and_context_text_encoder=False, separate_query_and_context_vision_encoder=False,
+    query_concat_output_from_vision_encoder=True, query_concat_output_from_text_encoder=True,
+    context_concat_output_from_vision_encoder=False, context_concat_output_from_text_encoder=True,
+    use_transformer_mapping_network=False, transformer_mapping_config_base=None,
+    transformer_mapping_num_hidden_layers=None, mask_instruction_token=None,
+    transformer_mapping_cross_attention_length=32, query_mask_input_ids_skip_list=[])
+# Settings this implementation reproduces (every released PreFLMR checkpoint has them).
+_REQUIRED = dict(use_vision_encoder=True, use_transformer_mapping_network=True,
+                 separate_query_and_context_text_encoder=True,
+                 separate_query_and_context_vision_encoder=False,
+                 query_concat_output_from_vision_encoder=True,
+                 context_concat_output_from_vision_encoder=False,
+                 context_concat_output_from_text_encoder=True)
 
-  base = hf.get("transformer_mapping_config_base", _BERT_BASE_NAMES[0])
+
+def _tokenizer_length(tokenizer, key: str, default: int) -> int:
+  """FLMR tokenizers keep their lengths (`query_maxlen`, `doc_maxlen`) in tokenizer_config.json."""
+  value = getattr(tokenizer, "init_kwargs", {}).get(key) if tokenizer is not None else None
+  return int(value) if value else default
+
+
+def model_config_from_hf(hf: Mapping[str, Any], folder: str, query_tokenizer=None,
+                         document_tokenizer=None) -> mc.PreFLMRConfig:
+  """Our `PreFLMRConfig` from a published `config.json` dict (missing keys mean FLMRConfig's defaults)."""
+  hf = {**FLMR_DEFAULTS, **hf}
+  for key, want in _REQUIRED.items():
+    if hf[key] != want:
+      _fail(folder, key, f"{hf[key]!r} is not supported (PreFLMR checkpoints have {want})")
+  text = _from_hf(hf.get("text_config") or {}, _BERT_FIELDS, _HF_BERT_DEFAULTS)
+  vision = _from_hf(hf.get("vision_config") or {}, _CLIP_FIELDS, mc.VisionConfig())
+
+  base = hf["transformer_mapping_config_base"]
+  if not isinstance(base, str):
+    _fail(folder, "transformer_mapping_config_base",
+          f"{base!r}: expected 'bert-base-uncased' or a local folder with a BERT {CONFIG_FILE}")
   if base in _BERT_BASE_NAMES:
     mapping = dataclasses.asdict(_HF_BERT_DEFAULTS)
-  else:  # a local folder holding a BERT config.json (relative to the checkpoint folder)
+  else:  # a local folder holding a BERT config.json; relative paths are taken from the checkpoint
     path = base if os.path.isabs(base) else os.path.join(folder, base)
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
       _fail(folder, "transformer_mapping_config_base",
@@ -88,30 +114,41 @@ def model_config_from_hf(hf: Mapping[str, Any], folder: str,
             "(models are never downloaded from a hub)")
     with open(os.path.join(path, CONFIG_FILE)) as f:
       mapping = _from_hf(json.load(f), _BERT_FIELDS, _HF_BERT_DEFAULTS)
-  mapping["num_layers"] = hf.get("transformer_mapping_num_hidden_layers", 1)
+  layers = hf["transformer_mapping_num_hidden_layers"]
+  if not isinstance(layers, int) or layers < 1:
+    _fail(folder, "transformer_mapping_num_hidden_layers", f"{layers!r}: expected an int >= 1")
+  mapping["num_layers"] = layers
 
-  instruction = hf.get("mask_instruction_token", ":")
-  colon_id, punctuation_ids = (tokenization.mask_token_ids(query_tokenizer) if query_tokenizer
-                               else (tokenization.BERT_UNCASED_COLON_ID,
-                                     tokenization.BERT_UNCASED_PUNCTUATION_IDS))
-  # Written by `hf_config_from_model` (models trained here may use another vocab); else derived.
+  # Token ids for the masks: written by `hf_config_from_model` for models trained here (possibly
+  # another vocab); else from the tokenizers, as the official model does; else bert-base-uncased's.
+  instruction = hf["mask_instruction_token"]
+  colon_id, punctuation_ids = tokenization.BERT_UNCASED_COLON_ID, tokenization.BERT_UNCASED_PUNCTUATION_IDS
+  if query_tokenizer is not None and instruction is not None:
+    colon_id = tokenization.first_token_id(query_tokenizer, instruction)
+  if document_tokenizer is not None:
+    punctuation_ids = tokenization.mask_token_ids(document_tokenizer)[1]
   colon_id = hf.get("instruction_token_id", colon_id)
   punctuation_ids = tuple(hf.get("punctuation_token_ids", punctuation_ids))
-  if instruction not in (None, ":") and "instruction_token_id" not in hf:
-    if query_tokenizer is None:
+  derived = query_tokenizer is not None and document_tokenizer is not None
+  if not derived and "instruction_token_id" not in hf:
+    if text["vocab_size"] != _HF_BERT_DEFAULTS.vocab_size:
+      _fail(folder, "text_config.vocab_size",
+            f"{text['vocab_size']} is not bert-base-uncased's; the mask token ids need the "
+            f"checkpoint's {TOKENIZER_DIRS['query']}/ and {TOKENIZER_DIRS['document']}/ folders")
+    if instruction not in (None, ":"):
       _fail(folder, "mask_instruction_token",
             f"{instruction!r} needs the checkpoint's {TOKENIZER_DIRS['query']}/ folder")
-    colon_id = tokenization.first_token_id(query_tokenizer, instruction)
   return mc.PreFLMRConfig.from_dict(dict(
-      text=text, vision=vision, mapping=mapping, dim=hf.get("dim", 128),
-      query_maxlen=hf.get("query_maxlen", 32),
-      doc_maxlen=hf.get("doc_maxlen", min(512, text["max_position_embeddings"])),
-      mapping_prefix_length=hf.get("mapping_network_prefix_length", 32),
-      mapping_cross_attention_length=hf.get("transformer_mapping_cross_attention_length", 32),
-      output="full" if hf.get("query_concat_output_from_text_encoder", True) else "mapping_only",
+      text=text, vision=vision, mapping=mapping, dim=hf["dim"],
+      query_maxlen=hf.get("query_maxlen", _tokenizer_length(query_tokenizer, "query_maxlen", 32)),
+      doc_maxlen=hf.get("doc_maxlen", _tokenizer_length(
+          document_tokenizer, "doc_maxlen", min(512, text["max_position_embeddings"]))),
+      mapping_prefix_length=hf["mapping_network_prefix_length"],
+      mapping_cross_attention_length=hf["transformer_mapping_cross_attention_length"],
+      output="full" if hf["query_concat_output_from_text_encoder"] else "mapping_only",
       mask_instruction_token=instruction is not None, instruction_token_id=colon_id,
-      query_skip_token_ids=tuple(hf.get("query_mask_input_ids_skip_list", ())),
-      mask_punctuation=hf.get("mask_punctuation", True), skip_token_ids=punctuation_ids))
+      query_skip_token_ids=tuple(hf["query_mask_input_ids_skip_list"] or ()),
+      mask_punctuation=hf["mask_punctuation"], skip_token_ids=punctuation_ids))
 
 
 def hf_config_from_model(c: mc.PreFLMRConfig) -> dict[str, Any]:
@@ -140,17 +177,29 @@ def hf_config_from_model(c: mc.PreFLMRConfig) -> dict[str, Any]:
   }
 
 
+def _load_file(path: str) -> dict[str, np.ndarray]:
+  """One safetensors file as NumPy arrays; bfloat16 tensors come back as ml_dtypes.bfloat16."""
+  out = {}
+  try:
+    with safe_open(path, framework="flax") as f:  # the numpy reader refuses bfloat16
+      for key in f.keys():
+        out[key] = np.asarray(f.get_tensor(key))
+  except Exception as e:  # a truncated or foreign file: name it
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+  return out
+
+
 def read_safetensors(folder: str) -> dict[str, np.ndarray]:
   """All tensors of `model.safetensors` (or its sharded form); refuses pickle-based weights."""
   single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX_FILE)
   if os.path.isfile(single):
-    return load_file(single)
+    return _load_file(single)
   if os.path.isfile(index):
     with open(index) as f:
       shards = sorted(set(json.load(f)["weight_map"].values()))
     state = {}
     for shard in shards:
-      state.update(load_file(os.path.join(folder, shard)))
+      state.update(_load_file(os.path.join(folder, shard)))
     return state
   pickled = [n for n in ("pytorch_model.bin", "model.bin") if os.path.isfile(os.path.join(folder, n))]
   if pickled:
@@ -187,14 +236,24 @@ class PretrainedPreFLMR:
 
     self._queries, self._documents = jax.jit(queries), jax.jit(documents)
 
+  def _check_ids(self, input_ids):
+    # Out-of-range ids would embed as NaN (jnp.take's fill), never as an error.
+    ids = np.asarray(input_ids)
+    vocab = self.config.text.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+      raise ValueError(f"token ids must be in [0, {vocab}) (text_config.vocab_size), got "
+                       f"[{ids.min()}, {ids.max()}]: tokenizer and checkpoint do not match")
+
   def encode_queries(self, input_ids, attention_mask, pixel_values):
     """(Q [B, Lq, dim], Q_mask [B, Lq]); `pixel_values` NHWC float32 after CLIP preprocessing."""
+    self._check_ids(input_ids)
     return self._queries(self.params, jnp.asarray(input_ids, jnp.int32),
                          jnp.asarray(attention_mask, jnp.int32),
                          jnp.asarray(pixel_values, jnp.float32))
 
   def encode_documents(self, input_ids, attention_mask):
     """(D [N, Ld, dim], D_mask [N, Ld])."""
+    self._check_ids(input_ids)
     return self._documents(self.params, jnp.asarray(input_ids, jnp.int32),
                            jnp.asarray(attention_mask, jnp.int32))
 
@@ -203,13 +262,22 @@ class PretrainedPreFLMR:
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), self.params)
     return conversion.flax_to_torch(params, conversion.preflmr_rules(self.config))
 
-  def save_pretrained(self, path: str) -> None:
+  def save_pretrained(self, path: str, overwrite: bool = False) -> None:
     """Writes config.json, model.safetensors and tokenizer folders; the folder appears complete
-    or not at all (written to a temporary sibling, then renamed)."""
+    or not at all (written to a temporary sibling, then renamed). An existing non-empty `path` is
+    replaced only with `overwrite=True` and only if it holds a checkpoint (a config.json)."""
     path = os.path.abspath(path)
+    if os.path.exists(path) and os.listdir(path):
+      if not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+      if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise FileExistsError(f"{path} does not hold a checkpoint ({CONFIG_FILE}); not replacing it")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
     try:
       hf = self.hf_config or hf_config_from_model(self.config)
       with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -249,7 +317,7 @@ def load_pretrained(path: str, dtype: str = "float32") -> PretrainedPreFLMR:
   for side, name in TOKENIZER_DIRS.items():
     folder = os.path.join(path, name)
     tokenizers[side] = tokenization.load_bert_tokenizer(folder) if os.path.isdir(folder) else None
-  config = model_config_from_hf(hf, path, tokenizers["query"])
+  config = model_config_from_hf(hf, path, tokenizers["query"], tokenizers["document"])
   config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
   expected = _flat_shapes(abstract_params(config))
   params = conversion.torch_to_flax(read_safetensors(path), conversion.preflmr_rules(config),

@@ -346,15 +346,21 @@ def document_token_mask(input_ids, skip_token_ids: Sequence[int]) -> jnp.ndarray
 
 def tokenizer_from_config(name: str):
   """`config.tokenizer`: "tiny" (the built-in tiny vocab) or a local folder with a BERT vocab."""
+  if not name:
+    raise ValueError("config.tokenizer is not set: pass --config.tokenizer=<local folder with the "
+                     "bert-base-uncased vocab.txt> (e.g. a PreFLMR checkpoint's query_tokenizer/), "
+                     "or 'tiny'")
   return tiny_tokenizer() if name == "tiny" else load_bert_tokenizer(name)
 
 
 def check_mask_ids(tokenizer, instruction_token_id: int, skip_token_ids: Sequence[int]) -> None:
   """Fails early when `config.model`'s mask ids do not belong to `tokenizer`'s vocab."""
   colon, punctuation = mask_token_ids(tokenizer)
+  hint = ("; set --config.tokenizer to the folder of the vocab the model was built for (configs "
+          "default to the bert-base-uncased ids; 'tiny' is the built-in tiny vocab)")
   if instruction_token_id != colon:
     raise ValueError(f"config.model.instruction_token_id={instruction_token_id} but the tokenizer "
-                     f"maps {INSTRUCTION_END!r} to {colon}")
+                     f"maps {INSTRUCTION_END!r} to {colon}{hint}")
   if tuple(sorted(skip_token_ids)) != punctuation:
     raise ValueError(f"config.model.skip_token_ids do not match the tokenizer's punctuation ids "
-                     f"{punctuation}")
+                     f"{punctuation}{hint}")

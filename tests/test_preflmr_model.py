@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from preflmr_jax import tokenization
+from preflmr_jax import late_interaction, tokenization
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -54,7 +54,27 @@ def test_remat_changes_nothing(setup):
   loss = lambda c: lambda p: jnp.sum(_apply(c, p, inputs)[0][0] ** 3)
   g_ref = jax.grad(loss(config))(params)
   g = jax.grad(loss(dataclasses.replace(config, **kw)))(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_ref)
+  for leaf in jax.tree.leaves(g_ref):
+    assert np.isfinite(leaf).all()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=False),
+               g, g_ref)
+
+
+def test_gradients_through_maxsim_are_finite_and_reach_every_trained_part(setup):
+  """Masked tokens are exact zeros: normalising them must not put NaN into the gradients."""
+  config, params, inputs = setup
+
+  def loss(p):
+    (q, _), (d, d_mask) = _apply(config, p, inputs)
+    scores = late_interaction.maxsim(q, d, d_mask)
+    return -jax.nn.log_softmax(scores, axis=1).trace()
+
+  grads = jax.grad(loss)(params)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.isfinite(leaf).all(), jax.tree_util.keystr(path)
+  for part in ("query_text", "document_text", "query_head", "document_head", "vision",
+               "vision_projection", "mapping_input", "mapping_layer_0", "mapping_output"):
+    assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(grads[part])), part
 
 
 def test_bf16_compute_with_fp32_params(setup):

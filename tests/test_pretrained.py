@@ -6,11 +6,14 @@ import json
 import os
 import string
 
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
 import transformers
 from PIL import Image
+from safetensors.flax import save_file as save_flax
 from safetensors.numpy import load_file, save_file
 from transformers.models.bert.modeling_bert import BertLayer as HFBertLayer
 
@@ -281,7 +284,7 @@ def test_config_of_another_size_fails_with_shape_error(tmp_path, checkpoint):
 def test_pickle_weights_are_refused(tmp_path, checkpoint):
   folder = tmp_path / "pickled"
   os.makedirs(folder)
-  for name in ("config.json", "mapping_config"):
+  for name in ("config.json", "mapping_config", "query_tokenizer", "context_tokenizer"):
     os.symlink(os.path.join(checkpoint, name), folder / name)
   (folder / "pytorch_model.bin").write_bytes(b"not opened")
   with pytest.raises(ValueError, match="refusing to read pickle-based weights"):
@@ -297,6 +300,66 @@ def test_unknown_mapping_base_is_an_error(tmp_path, checkpoint):
   with open(folder / "config.json", "w") as f:
     json.dump(hf, f)
   with pytest.raises(ValueError, match="transformer_mapping_config_base"):
+    preflmr_jax.load_pretrained(str(folder))
+
+
+def test_save_refuses_to_clobber_a_folder_that_is_not_a_checkpoint(tmp_path, checkpoint):
+  model = preflmr_jax.load_pretrained(checkpoint)
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "my_notes.txt").write_text("keep me")
+  with pytest.raises(FileExistsError, match="not empty"):
+    model.save_pretrained(str(tmp_path / "notes"))
+  with pytest.raises(FileExistsError, match="does not hold a checkpoint"):
+    model.save_pretrained(str(tmp_path / "notes"), overwrite=True)
+  assert (tmp_path / "notes" / "my_notes.txt").read_text() == "keep me"
+  model.save_pretrained(str(tmp_path / "ckpt"))
+  model.save_pretrained(str(tmp_path / "ckpt"), overwrite=True)  # a checkpoint may be replaced
+  assert oct(os.stat(tmp_path / "ckpt").st_mode & 0o777) != oct(0o700)
+
+
+def test_bfloat16_checkpoint_loads(tmp_path, checkpoint):
+  state = load_file(os.path.join(checkpoint, "model.safetensors"))
+  folder = tmp_path / "bf16"
+  os.makedirs(folder)
+  for name in ("config.json", "mapping_config", "query_tokenizer", "context_tokenizer"):
+    os.symlink(os.path.join(checkpoint, name), folder / name)
+  save_flax({k: jnp.asarray(v, jnp.bfloat16) for k, v in state.items()
+             if k != "query_text_encoder.bert_model.embeddings.position_ids"},
+            str(folder / "model.safetensors"))
+  model = preflmr_jax.load_pretrained(str(folder))
+  ref = preflmr_jax.load_pretrained(checkpoint)
+  got = np.asarray(model.params["query_head"]["kernel"])
+  want = np.asarray(ref.params["query_head"]["kernel"]).astype(ml_dtypes.bfloat16).astype(np.float32)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_out_of_vocab_ids_are_an_error_not_nan(checkpoint):
+  model = preflmr_jax.load_pretrained(checkpoint)
+  ids = np.full((1, 8), TEXT.vocab_size, np.int32)
+  with pytest.raises(ValueError, match="vocab_size"):
+    model.encode_documents(ids, np.ones_like(ids))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("use_transformer_mapping_network", None, "use_transformer_mapping_network"),  # FLMR, not PreFLMR
+    ("context_concat_output_from_vision_encoder", True, "context_concat_output_from_vision_encoder"),
+    ("transformer_mapping_num_hidden_layers", None, "transformer_mapping_num_hidden_layers"),
+    ("transformer_mapping_config_base", None, "transformer_mapping_config_base"),
+])
+def test_unsupported_or_missing_config_values_name_the_key(tmp_path, checkpoint, key, value, message):
+  folder = tmp_path / "cfg"
+  os.makedirs(folder)
+  for name in ("model.safetensors", "mapping_config", "query_tokenizer", "context_tokenizer"):
+    os.symlink(os.path.join(checkpoint, name), folder / name)
+  with open(os.path.join(checkpoint, "config.json")) as f:
+    hf = json.load(f)
+  if value is None:
+    hf.pop(key)  # a missing key means FLMRConfig's default
+  else:
+    hf[key] = value
+  with open(folder / "config.json", "w") as f:
+    json.dump(hf, f)
+  with pytest.raises(ValueError, match=message):
     preflmr_jax.load_pretrained(str(folder))
 
 

@@ -21,10 +21,13 @@ from preflmr_jax.models.model_config import PreFLMRConfig
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """torch.nn.functional.normalize semantics: x / max(||x||, eps), in float32."""
+  """torch.nn.functional.normalize semantics, x / max(||x||, eps), in float32.
+
+  Written with rsqrt(max(|x|^2, eps^2)) so that the gradient at the zeroed (masked) tokens is finite:
+  d sqrt(s)/ds is infinite at s = 0, and 0 * inf would put NaN into every gradient.
+  """
   x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class VisionProjection(nn.Module):
