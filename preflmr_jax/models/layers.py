@@ -77,19 +77,21 @@ class MultiHeadAttention(nn.Module):
     head_dim = self.hidden_size // self.num_heads
     proj = functools.partial(dense, self.hidden_size, ("embed", "heads"), dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    split = lambda t: t.reshape(t.shape[:2] + (self.num_heads, head_dim))
+    # [B, L, H*D] -> [B, H, L, D]: with heads leading, both attention matmuls are plain batched
+    # matmuls (the [B, L, H, D] einsums made XLA:CPU transpose outputs; ~18% of BERT-base time).
+    split = lambda t: t.reshape(t.shape[:2] + (self.num_heads, head_dim)).transpose(0, 2, 1, 3)
     q = split(proj(name="query")(x))
     k = split(proj(name="key")(kv))
     v = split(proj(name="value")(kv))
-    q = constrain(q, "act_batch", "act_length", "act_heads", None)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    q = constrain(q, "act_batch", "act_heads", "act_length", None)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
     if mask is not None:
       big_neg = jnp.finfo(jnp.float32).min
       logits = jnp.where(mask[:, None, None, :].astype(bool), logits, big_neg)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
     out = out.reshape(out.shape[:2] + (self.hidden_size,))
     return dense(self.hidden_size, ("heads", "embed"), dtype=self.dtype,
                  param_dtype=self.param_dtype, name="out")(out)
