@@ -1,0 +1,43 @@
+"""The PreFLMR training loss: in-batch contrastive cross-entropy over MaxSim scores (DESIGN.md section 2).
+
+Documents are ordered [pos_0, neg_0_1..neg_0_n, pos_1, ...]; every query is scored against all
+B(1+n) documents of the batch (with global, sharded arrays under jit that is the *global* batch: XLA
+gathers what each device needs), and the target of query i is document i(1+n). Temperature 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from preflmr_jax import late_interaction
+
+
+def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negatives: int,
+                     chunk_size: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Returns (mean cross-entropy, metrics). `chunk_size` > 0 scores documents chunk by chunk so that
+  at most that many documents' token scores are live at once (same numbers)."""
+  batch, docs = q.shape[0], d.shape[0]
+  group = 1 + num_negatives
+  if docs != batch * group:
+    raise ValueError(f"{docs} documents for {batch} queries; expected batch * (1 + num_negatives) = "
+                     f"{batch * group} (config.num_negatives={num_negatives})")
+  if chunk_size > 0:
+    scores = late_interaction.maxsim_chunked(q, d, d_mask, chunk_size)
+  else:
+    scores = late_interaction.maxsim(q, d, d_mask)
+  targets = jnp.arange(batch) * group
+  log_probs = jax.nn.log_softmax(scores, axis=-1)
+  loss = -jnp.mean(jnp.take_along_axis(log_probs, targets[:, None], axis=-1))
+
+  positive = jax.nn.one_hot(targets, docs, dtype=bool)
+  metrics = {
+      "loss": loss,
+      "accuracy": jnp.mean(jnp.argmax(scores, axis=-1) == targets),
+      "positive_score": jnp.sum(jnp.where(positive, scores, 0.0)) / batch,
+      "negative_score": jnp.sum(jnp.where(positive, 0.0, scores)) / max(batch * (docs - 1), 1),
+  }
+  return loss, metrics
+
+
+__all__ = ["contrastive_loss"]

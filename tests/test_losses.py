@@ -1,0 +1,69 @@
+"""The contrastive loss against its definition, chunked and sharded."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from preflmr_jax import losses, sharding
+
+
+def _data(batch=4, n=2, lq=5, ld=7, dim=8, seed=0):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(batch, lq, dim)).astype(np.float32)
+  d = rng.normal(size=(batch * (1 + n), ld, dim)).astype(np.float32)
+  mask = (rng.random((batch * (1 + n), ld)) > 0.3).astype(np.float32)
+  mask[:, 0] = 1
+  return q, d, mask
+
+
+def _reference(q, d, mask, n):
+  scores = np.einsum("bqk,nlk->bnql", q.astype(np.float64), d.astype(np.float64))
+  scores = np.where(mask[None, :, None, :] > 0, scores, -np.inf).max(-1).sum(-1)
+  targets = np.arange(len(q)) * (1 + n)
+  logz = np.log(np.exp(scores - scores.max(1, keepdims=True)).sum(1)) + scores.max(1)
+  loss = np.mean(logz - scores[np.arange(len(q)), targets])
+  return loss, scores, targets
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_loss_and_metrics_match_the_definition(n):
+  q, d, mask = _data(n=n)
+  loss, metrics = losses.contrastive_loss(q, d, mask, n)
+  ref, scores, targets = _reference(q, d, mask, n)
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  np.testing.assert_allclose(metrics["accuracy"], np.mean(scores.argmax(1) == targets))
+  pos = scores[np.arange(len(q)), targets]
+  neg = scores.sum() - pos.sum()
+  np.testing.assert_allclose(metrics["positive_score"], pos.mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["negative_score"], neg / (scores.size - len(q)), rtol=1e-5)
+
+
+def test_chunked_equals_unchunked_with_gradients():
+  q, d, mask = _data()
+  f = lambda q, d, c: losses.contrastive_loss(q, d, mask, 2, chunk_size=c)[0]
+  np.testing.assert_allclose(f(q, d, 5), f(q, d, 0), rtol=1e-6)
+  g0 = jax.grad(f, argnums=(0, 1))(q, d, 0)
+  g5 = jax.grad(f, argnums=(0, 1))(q, d, 5)
+  for a, b in zip(g0, g5):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_global_batch_sharded_equals_single_device():
+  """Sharded over the batch, each query still sees every document of the global batch."""
+  q, d, mask = _data(batch=8, n=1)
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  spec = lambda x: NamedSharding(mesh, P(("data", "fsdp"), *[None] * (x.ndim - 1)))
+  qs, ds, ms = (jax.device_put(x, spec(x)) for x in (q, d, mask))
+  fn = jax.jit(lambda q, d, m: losses.contrastive_loss(q, d, m, 1))
+  with jax.set_mesh(mesh):
+    loss, metrics = fn(qs, ds, ms)
+  ref, _, _ = _reference(q, d, mask, 1)
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  assert set(metrics) == {"loss", "accuracy", "positive_score", "negative_score"}
+
+
+def test_wrong_document_count_names_num_negatives():
+  q, d, mask = _data(n=2)
+  with pytest.raises(ValueError, match="num_negatives"):
+    losses.contrastive_loss(q, d, mask, 1)
