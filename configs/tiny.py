@@ -15,4 +15,13 @@ def get_config(arg=None):
       mapping_cross_attention_length=32, instruction_token_id=colon_id,
       skip_token_ids=punctuation_ids)
   config.tokenizer = "tiny"
+  # Trains from scratch on the synthetic task: in-batch recall@1 from chance (1/16) to > 0.9 in
+  # ~1500 steps (~1 min on 2 CPU cores).
+  config.num_train_steps = 1500
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 500
+  config.freeze = ()
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.mapping_learning_rate = 1e-3
+  config.optimizer.warmup_steps = 50
   return config

@@ -51,5 +51,30 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.logical_axis_rules = LOGICAL_AXIS_RULES
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+  # Training (preflmr_jax/train.py). batch_size is global: queries per step over all hosts.
+  config.num_train_steps = 1000
+  config.num_negatives = 1  # hard negatives per query; documents per step = batch_size * (1 + n)
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.nan_policy = "stop"  # "stop": fail on a non-finite loss/gradient; "skip": drop the update
+  config.score_chunk_size = 0  # >0: the loss scores documents in chunks of this size
+  config.init_params_from = ""  # another run's workdir (or checkpoint step folder) to start from
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-5,  # everything trainable but the mapping structures
+      mapping_learning_rate=1e-4,  # vision MLP, mapping network and their linears
+      schedule="linear",  # after warmup: "linear" or "cosine" decay to end_fraction, or "constant"
+      warmup_steps=0,
+      end_fraction=0.0,
+      b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0,  # AdamW; never applied to biases and LayerNorm
+      grad_clip_norm=1.0,  # global norm; 0 disables
+      grad_accum_steps=1,
+  ))
+  # Regexes over "/"-joined parameter paths (e.g. "vision/layer_3/mlp/wi/kernel"); matched
+  # parameters get no update and no optimiser state. Each pattern must match something.
+  config.freeze = ("vision",)
+  config.data = ml_collections.ConfigDict(dict(source="synthetic"))
   config.init_from = ""  # a published PreFLMR folder (load_pretrained) to start from
   return config

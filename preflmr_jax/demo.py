@@ -1,8 +1,10 @@
 """Encode a few sample image+question queries and passages and print their MaxSim scores.
 
-The default job of `preflmr_jax.main` until training lands: it exercises the whole forward path
-(tokenizers, image preprocessing, sharded parameter init on the mesh, both encoders, MaxSim) with the
-config's model, randomly initialised, or with published weights via `config.init_from`.
+  python -m preflmr_jax.demo --config configs/tiny.py [--workdir DIR] [--config.init_from=FOLDER]
+
+Exercises the whole forward path (tokenizers, image preprocessing, sharded parameter init on the
+mesh, both encoders, MaxSim) with the config's model, randomly initialised, or with published weights
+via `config.init_from`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import app, flags, logging
+from ml_collections import config_flags
 from PIL import Image
 
 from preflmr_jax import image_processing, late_interaction, pretrained, sharding, tokenization
@@ -108,4 +111,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> np.nda
   return scores
 
 
+def _main(argv):
+  del argv
+  run(_CONFIG.value, flags.FLAGS.workdir)
+
+
 __all__ = ["SAMPLE_PASSAGES", "SAMPLE_QUERIES", "run"]
+
+if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                            lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where to write scores.json (optional).")
+  flags.mark_flag_as_required("config")
+  app.run(_main)

@@ -1,20 +1,20 @@
-"""Entry point.
+"""Entry point: train (and, as later issues land, evaluate) a config in a workdir.
 
-  python -m preflmr_jax.main --config configs/tiny.py [--workdir DIR] [--config.key=value ...]
+  python -m preflmr_jax.main --config configs/tiny.py --workdir /tmp/preflmr_tiny [--config.key=value]
 
-For now it encodes sample queries and passages and prints their scores (preflmr_jax/demo.py);
-the trainer takes over this entry point when it lands.
+Running it again on the same workdir resumes from the last complete checkpoint (raise
+`--config.num_train_steps` to train further).
 """
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from preflmr_jax import demo
+from preflmr_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 
 
 def main(argv):
@@ -23,11 +23,11 @@ def main(argv):
   config = _CONFIG.value
   if config.get("distributed"):
     jax.distributed.initialize()
-  logging.info("JAX process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count())
-  demo.run(config, _WORKDIR.value)
+  logging.info("JAX process %d/%d, %d local devices, %d in all", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -71,3 +71,67 @@ def init_sharded(init_fn, mesh: Mesh, rules, *args):
   with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
     variables = jax.jit(init_fn, out_shardings=shardings)(*args)
   return nn.meta.unbox(variables), nn.meta.unbox(shardings)
+
+
+# Activation axes the model code constrains (models/layers.py, models/preflmr.py).
+ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_heads", "act_mlp")
+
+
+def check_rules(rules, param_axes: set[str]) -> None:
+  """Fails before compiling when `config.logical_axis_rules` has a typo, an axis the model does not
+  use, a mesh axis that does not exist, or misses an axis the model uses."""
+  known = set(param_axes) | set(ACTIVATION_AXES)
+  named = set()
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f"config.logical_axis_rules: {rule!r} is not a (logical, mesh) pair")
+    logical, mesh_axes = rule
+    if logical not in known:
+      raise ValueError(f"config.logical_axis_rules: unknown logical axis {logical!r}; the model uses "
+                       f"{sorted(known)}")
+    for axis in (mesh_axes,) if isinstance(mesh_axes, (str, type(None))) else mesh_axes:
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(f"config.logical_axis_rules: {logical!r} -> unknown mesh axis {axis!r}; "
+                         f"mesh axes are {MESH_AXES}")
+    named.add(logical)
+  missing = sorted(known - named)
+  if missing:
+    raise ValueError(f"config.logical_axis_rules: no rule for logical axis {missing} (map it to "
+                     "None to replicate)")
+
+
+def logical_axis_names(boxed_tree: Any) -> set[str]:
+  """Every logical axis name in a tree of `nn.Partitioned` boxes (e.g. abstract boxed params)."""
+  names = set()
+  for spec in jax.tree.leaves(nn.get_partition_spec(boxed_tree),
+                              is_leaf=lambda x: isinstance(x, PartitionSpec)):
+    names.update(a for a in spec if isinstance(a, str))
+  return names
+
+
+def state_shardings_like_params(abstract_tree: Any, abstract_params: Any, param_shardings: Any,
+                                mesh: Mesh) -> Any:
+  """Shardings for an optimiser state: a leaf whose key path ends with a parameter's path (Adam's mu
+  and nu mirror the params) and has its shape takes that parameter's sharding; anything else (step
+  counters, scalars) is replicated."""
+  by_path = {}
+  for (path, s), p in zip(jax.tree_util.tree_leaves_with_path(param_shardings),
+                          jax.tree.leaves(abstract_params)):
+    by_path[tuple(k.key for k in path)] = (s, p.shape)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def pick(path, leaf):
+    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    for start in range(len(keys)):
+      s, shape = by_path.get(keys[start:], (None, None))
+      if s is not None and shape == leaf.shape:
+        return s
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+
+
+def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This host's rows -> global arrays sharded over (`data`, `fsdp`) on the leading axis."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in local_batch.items()}

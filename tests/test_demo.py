@@ -1,4 +1,4 @@
-"""The README's main command on the tiny config, end to end in a subprocess."""
+"""The sample encode-and-score demo on the tiny config, end to end in a subprocess."""
 
 import json
 import os
@@ -13,14 +13,14 @@ from preflmr_jax import demo
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _main(*args, devices=1):
+def _demo(*args, devices=1):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.run([sys.executable, "-m", "preflmr_jax.main", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "preflmr_jax.demo", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
 
 
-def test_main_tiny_prints_and_writes_scores(tmp_path):
-  run = _main("--config", "configs/tiny.py", "--workdir", str(tmp_path))
+def test_demo_tiny_prints_and_writes_scores(tmp_path):
+  run = _demo("--config", "configs/tiny.py", "--workdir", str(tmp_path))
   assert run.returncode == 0, run.stderr[-3000:]
   assert "MaxSim scores" in run.stdout
   with open(tmp_path / "scores.json") as f:
@@ -32,18 +32,18 @@ def test_main_tiny_prints_and_writes_scores(tmp_path):
   assert (np.abs(scores) <= 32 + 4 + 16).all()
 
 
-def test_main_runs_on_a_mesh_with_overrides(tmp_path):
-  run = _main("--config", "configs/tiny.py", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+def test_demo_runs_on_a_mesh_with_overrides(tmp_path):
+  run = _demo("--config", "configs/tiny.py", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
               "--config.model.text.num_layers=1", "--workdir", str(tmp_path), devices=8)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "'fsdp': 2" in run.stdout and "'tensor': 2" in run.stdout
 
 
-def test_main_bad_config_value_names_the_key():
-  run = _main("--config", "configs/tiny.py", "--config.model.vision.patch_size=7")
+def test_demo_bad_config_value_names_the_key():
+  run = _demo("--config", "configs/tiny.py", "--config.model.vision.patch_size=7")
   assert run.returncode != 0
   assert "config.model.vision.image_size" in run.stderr
-  run = _main("--config", "configs/tiny.py", "--config.mesh.data=3", devices=8)
+  run = _demo("--config", "configs/tiny.py", "--config.mesh.data=3", devices=8)
   assert run.returncode != 0 and "config.mesh" in run.stderr
-  run = _main("--config", "configs/preflmr_vit_b.py")  # no vocab folder given, none downloaded
+  run = _demo("--config", "configs/preflmr_vit_b.py")  # no vocab folder given, none downloaded
   assert run.returncode != 0 and "config.tokenizer is not set" in run.stderr

@@ -1,0 +1,116 @@
+"""Training data: the batch interface every source implements, and the source chosen by config.
+
+Batch: a dict of NumPy arrays, this host's share of the global batch
+(`b = local_batch_size(config, process_count) = config.batch_size // process_count`,
+`n = config.num_negatives`):
+
+  query_input_ids       int32   [b, query_maxlen]          `tokenization.QueryTokenizer`
+  query_attention_mask  int32   [b, query_maxlen]
+  pixel_values          float32 [b, image_size, image_size, 3]
+                                NHWC, CLIP-normalised (`image_processing.preprocess_images`)
+  doc_input_ids         int32   [b * (1 + n), doc_maxlen]  `tokenization.DocumentTokenizer`,
+                                padding="max_length"
+  doc_attention_mask    int32   [b * (1 + n), doc_maxlen]
+
+Documents are ordered `[pos_0, neg_0_1 .. neg_0_n, pos_1, neg_1_1 .., ...]`: query i's positive is
+document `i * (1 + n)` (DESIGN.md section 2, "Loss"). A negative is never of its query's positive
+class/passage. Lengths and `image_size` come from the model config (`PreFLMRConfig`).
+
+Iterator protocol (as grain's `DatasetIterator`):
+
+  it = make_train_iterator(config, model_config, tokenizer,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+  batch = next(it)
+  state = it.get_state()  # small, JSON-serialisable dict: goes into the checkpoint
+  it.set_state(state)     # continues exactly there: the same batches as an uninterrupted run
+
+Streams are deterministic given `config.seed`, and processes get disjoint shares of each global
+batch. `make_eval_batches` gives a fixed held-out list of batches of the same layout.
+
+Sources (`config.data.source`): "synthetic" (`data/synthetic.py`, a learnable coloured-shapes task
+for smoke runs and tests). The M2KR TFDS + grain pipeline implements the same interface.
+"""
+
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+SOURCES = ("synthetic",)
+
+BATCH_KEYS = ("query_input_ids", "query_attention_mask", "pixel_values", "doc_input_ids",
+              "doc_attention_mask")
+
+
+def local_batch_size(config, process_count: int) -> int:
+  """`config.batch_size` (global queries per step) split over `process_count` hosts."""
+  if config.batch_size < 1:
+    raise ValueError(f"config.batch_size must be positive, got {config.batch_size}")
+  if config.batch_size % process_count:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  return config.batch_size // process_count
+
+
+def num_negatives(config) -> int:
+  n = config.num_negatives
+  if not isinstance(n, (int, np.integer)) or n < 0:
+    raise ValueError(f"config.num_negatives must be a non-negative int, got {n!r}")
+  return int(n)
+
+
+def batch_spec(config, model_config, num_queries: Optional[int] = None
+               ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a batch of `num_queries` queries (default: the global batch).
+
+  For shape-only lowering (the memory planner) and for checking what a source yields.
+  """
+  b = config.batch_size if num_queries is None else num_queries
+  d = b * (1 + num_negatives(config))
+  size = model_config.vision.image_size
+  lq, ld = model_config.query_maxlen, model_config.doc_maxlen
+  return {
+      "query_input_ids": jax.ShapeDtypeStruct((b, lq), np.int32),
+      "query_attention_mask": jax.ShapeDtypeStruct((b, lq), np.int32),
+      "pixel_values": jax.ShapeDtypeStruct((b, size, size, 3), np.float32),
+      "doc_input_ids": jax.ShapeDtypeStruct((d, ld), np.int32),
+      "doc_attention_mask": jax.ShapeDtypeStruct((d, ld), np.int32),
+  }
+
+
+def _check_source(config) -> None:
+  data = config.get("data")
+  source = data.get("source") if data is not None else None
+  if source not in SOURCES:
+    raise ValueError(f"config.data.source={source!r} is not a known data source; "
+                     f"expected one of {SOURCES}")
+
+
+def _processes(process_index, process_count) -> tuple[int, int]:
+  # Defaults are resolved here, not at import, so that jax.distributed can start first.
+  count = jax.process_count() if process_count is None else int(process_count)
+  index = jax.process_index() if process_index is None else int(process_index)
+  if not 0 <= index < count:
+    raise ValueError(f"process_index={index} is outside [0, process_count={count})")
+  return index, count
+
+
+def make_train_iterator(config, model_config, tokenizer, process_index: Optional[int] = None,
+                        process_count: Optional[int] = None) -> Any:
+  """This host's training batch iterator for `config.data.source` (see the module docstring)."""
+  index, count = _processes(process_index, process_count)
+  _check_source(config)  # Only "synthetic" so far; the M2KR pipeline adds its branch here.
+  from preflmr_jax.data import synthetic  # Sources import only when chosen.
+  return synthetic.SyntheticIterator(config, model_config, tokenizer,
+                                     process_index=index, process_count=count)
+
+
+def make_eval_batches(config, model_config, tokenizer, num_batches: int, *,
+                      process_index: Optional[int] = None,
+                      process_count: Optional[int] = None) -> list[dict[str, np.ndarray]]:
+  """A fixed held-out list of `num_batches` batches (this host's share), same layout as training."""
+  index, count = _processes(process_index, process_count)
+  _check_source(config)
+  from preflmr_jax.data import synthetic
+  return synthetic.eval_batches(config, model_config, tokenizer, num_batches,
+                                process_index=index, process_count=count)

@@ -1,0 +1,270 @@
+"""The PreFLMR trainer: one jitted, sharded train step and a linear loop (big_vision style).
+
+  python -m preflmr_jax.main --config configs/tiny.py --workdir /tmp/preflmr_tiny
+
+`train_and_evaluate(config, workdir)` resumes from `workdir/checkpoints` when it holds a checkpoint.
+Outputs: TensorBoard events and `metrics.jsonl` (one JSON object per logged step) in `workdir`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from preflmr_jax import checkpointing, data, losses, optimizer, pretrained, sharding, tokenization
+from preflmr_jax.models import model_config as mc
+from preflmr_jax.models import preflmr
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so that it checkpoints as a plain array
+  # Non-finite steps are never applied; the host stops (or logs) at the next log / checkpoint step.
+  nonfinite_steps: jax.Array
+  first_nonfinite_step: jax.Array
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Config checks that must fail before anything is compiled, naming the key."""
+  mesh_shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, jax.device_count())))
+  shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  if config.batch_size % shards:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel "
+                     f"size mesh.data * mesh.fsdp = {shards}")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  if config.num_negatives < 0:
+    raise ValueError(f"config.num_negatives={config.num_negatives} must be >= 0")
+  if config.nan_policy not in ("stop", "skip"):
+    raise ValueError(f"config.nan_policy={config.nan_policy!r} must be 'stop' or 'skip'")
+  for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps"):
+    if config[key] < 1:
+      raise ValueError(f"config.{key}={config[key]} must be >= 1")
+
+
+def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, labels,
+                    config: ml_collections.ConfigDict):
+  """(state, batch) -> (state, metrics). Pure; the caller jits it with shardings and donation.
+
+  `labels` (optimizer.param_labels) marks frozen parameters: no gradient flows into them, which
+  saves their backward pass and keeps them out of the logged gradient norm.
+  """
+
+  def loss_fn(params, batch, rng):
+    params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
+                          params, labels)
+    (q, _), (d, d_mask) = model.apply(
+        {"params": params}, batch["query_input_ids"], batch["query_attention_mask"],
+        batch["pixel_values"], batch["doc_input_ids"], batch["doc_attention_mask"],
+        deterministic=False, rngs={"dropout": rng})
+    return losses.contrastive_loss(q, d, d_mask, config.num_negatives, config.score_chunk_size)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient leaves params and optimiser state untouched.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+        first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                                       state.first_nonfinite_step))
+    return state, {**metrics, "grad_norm": grad_norm}
+
+  return train_step
+
+
+def _abstract_with(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+class MetricsLog:
+  """metrics.jsonl (one object per logged step) + clu writers (TensorBoard + logging) on process 0."""
+
+  def __init__(self, workdir: str):
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+    self._main = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self._main)
+    self._path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    self.writer.write_scalars(step, scalars)
+    if self._main:
+      with open(self._path, "a") as f:
+        f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics."""
+  # ---------------------------------------------------------------------------------- setup
+  validate(config)
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  model = preflmr.PreFLMR(model_config)
+  tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
+  tokenization.check_mask_ids(tokenizer, model_config.instruction_token_id,
+                              model_config.skip_token_ids)
+  os.makedirs(workdir, exist_ok=True)
+
+  # ------------------------------------------------------------- shapes and shardings
+  boxed = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), **preflmr.dummy_inputs(model_config))["params"])
+  sharding.check_rules(rules, sharding.logical_axis_names(boxed))
+  param_shardings = nn.meta.unbox(sharding.logical_to_shardings(boxed, mesh, rules))
+  abstract_params = nn.meta.unbox(boxed)
+  tx, labels = optimizer.make_optimizer(config, abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shardings = TrainState(
+      step=replicated, params=param_shardings,
+      opt_state=sharding.state_shardings_like_params(abstract_opt, abstract_params,
+                                                     param_shardings, mesh),
+      rng=replicated, nonfinite_steps=replicated, first_nonfinite_step=replicated)
+
+  def init_state(seed):
+    params_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+    params = model.init(params_rng, **preflmr.dummy_inputs(model_config))["params"]
+    params = nn.meta.unbox(params)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(dropout_rng), nonfinite_steps=jnp.int32(0),
+                      first_nonfinite_step=jnp.int32(-1))
+
+  # ---------------------------------------------------------------- data and checkpoints
+  train_iter = data.make_train_iterator(config, model_config, tokenizer,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.keep_checkpoints,
+                                    save_interval_steps=config.checkpoint_every_steps)
+  preemption = checkpointing.PreemptionWatcher()
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    start = ckpt.latest_step()
+    if start is None:  # created sharded: nothing is materialised on one host
+      state = jax.jit(init_state, static_argnums=0, out_shardings=state_shardings)(config.seed)
+      state = state.replace(params=_initial_params(config, state.params, param_shardings))
+      start = 0
+    else:
+      abstract = jax.eval_shape(functools.partial(init_state, config.seed))
+      params, opt_state, meta = ckpt.restore(
+          start, _abstract_with(abstract.params, state_shardings.params),
+          _abstract_with(abstract.opt_state, state_shardings.opt_state))
+      put = lambda x: jax.device_put(x, replicated)
+      state = TrainState(step=put(jnp.int32(start)), params=params, opt_state=opt_state,
+                         rng=put(np.asarray(meta["rng"], np.uint32)),
+                         nonfinite_steps=put(jnp.int32(0)), first_nonfinite_step=put(jnp.int32(-1)))
+      train_iter.set_state(meta["data"])
+      logging.info("resumed from %s at step %d", workdir, start)
+    counts = optimizer.count_trainable(state.params, labels)
+    logging.info("parameters: %s", counts)
+
+    train_step = jax.jit(make_train_step(model, tx, labels, config), donate_argnums=0,
+                         out_shardings=(state_shardings, replicated))
+    log = MetricsLog(workdir)
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+    report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                             writer=log.writer, every_steps=config.log_every_steps)
+
+    # ---------------------------------------------------------------------------- loop
+    try:
+      last = _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, log, report)
+    finally:  # also on errors: commit the saves in flight (all of them precede the error)
+      ckpt.wait()
+      ckpt.close()
+      preemption.close()
+      log.close()
+  return last
+
+
+def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, log, report):
+  """Steps start+1 .. num_train_steps; returns the last logged metrics."""
+  pending, last = [], {}
+  tick = time.perf_counter()
+  for step in range(start + 1, config.num_train_steps + 1):
+    batch = sharding.global_batch(mesh, next(train_iter))
+    state, metrics = train_step(state, batch)
+    pending.append(metrics)
+    report(step)
+    stop = preemption.should_stop(step)
+    is_last = step == config.num_train_steps
+    if step % config.log_every_steps == 0 or is_last or stop:
+      _check_finite(state, config)
+      host = jax.device_get(pending)
+      last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      elapsed = time.perf_counter() - tick
+      lrs = optimizer.learning_rates(config, step - 1)
+      last.update(learning_rate=float(lrs["rest"]), mapping_learning_rate=float(lrs["mapping"]),
+                  steps_per_sec=len(host) / elapsed,
+                  examples_per_sec=len(host) * config.batch_size / elapsed)
+      log.write(step, last)
+      pending, tick = [], time.perf_counter()
+    if step % config.checkpoint_every_steps == 0 or is_last or stop:
+      _check_finite(state, config)
+      ckpt.save(step, state.params, state.opt_state,
+                {"step": step, "rng": np.asarray(state.rng).tolist(),
+                 "data": train_iter.get_state()}, force=is_last or stop)
+    if stop:
+      logging.warning("preemption signal: saved step %d, stopping", step)
+      break
+  return last
+
+
+def _check_finite(state: TrainState, config) -> None:
+  bad = int(state.nonfinite_steps)
+  if bad and config.nan_policy == "stop":
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {int(state.first_nonfinite_step) + 1} (and "
+        f"{bad - 1} later steps); its update was not applied and no checkpoint was written after "
+        "it. Lower the learning rate, check the data, or set config.nan_policy='skip'.")
+  if bad:
+    logging.warning("%d non-finite steps skipped so far (first: step %d)", bad,
+                    int(state.first_nonfinite_step) + 1)
+
+
+def _initial_params(config, params, param_shardings):
+  """`config.init_from` (a published PreFLMR folder) or `config.init_params_from` (another run)."""
+  if config.init_from and config.init_params_from:
+    raise ValueError("set at most one of config.init_from and config.init_params_from")
+  if config.init_from:
+    loaded = pretrained.load_pretrained(config.init_from).params
+  elif config.init_params_from:
+    loaded = checkpointing.restore_params(config.init_params_from,
+                                          _abstract_with(params, param_shardings))
+  else:
+    return params
+  want = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+  got = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), loaded)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise ValueError(f"the parameters from {config.init_from or config.init_params_from} do not "
+                     "match config.model (different shapes or dtypes)")
+  return jax.tree.map(lambda x, s: jax.device_put(x, s), loaded, param_shardings)
+
+
+__all__ = ["TrainState", "make_train_step", "train_and_evaluate", "validate"]

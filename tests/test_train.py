@@ -1,0 +1,201 @@
+"""The trainer: sharded step equals single-device, resume is exact, freezing holds, the tiny config
+learns the synthetic task, bad configs fail before compiling, non-finite steps never reach a
+checkpoint."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from preflmr_jax import checkpointing, data, optimizer, sharding, tokenization, train
+from preflmr_jax.models import model_config as mc
+from preflmr_jax.models import preflmr
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(spec="configs/tiny.py", **overrides):
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("config_under_test", ROOT / path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(*([arg] if arg else []))
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def short_run(spec="configs/tiny.py", **overrides):
+  """A few-step run: no warmup (it would outlast the run) and a constant schedule."""
+  return load_config(spec, **{"optimizer.warmup_steps": 0, "optimizer.schedule": "constant",
+                              **overrides})
+
+
+def _step_on_mesh(config, mesh_config, steps=2):
+  """Runs `steps` train steps of the tiny model on `mesh_config`; returns (losses, params)."""
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  model = preflmr.PreFLMR(model_config)
+  rules = tuple(config.logical_axis_rules)
+  mesh = sharding.make_mesh(mesh_config, jax.devices()[:np.prod(list(mesh_config.values()))])
+  boxed = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), **preflmr.dummy_inputs(model_config))["params"])
+  param_shardings = nn.meta.unbox(sharding.logical_to_shardings(boxed, mesh, rules))
+  params = jax.device_put(preflmr.init_params(model_config, jax.random.key(0)), param_shardings)
+  tx, labels = optimizer.make_optimizer(config, params)
+  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                           rng=jax.random.key_data(jax.random.key(1)),
+                           nonfinite_steps=jnp.int32(0), first_nonfinite_step=jnp.int32(-1))
+  it = data.make_train_iterator(config, model_config, tokenization.tiny_tokenizer(), 0, 1)
+  step = jax.jit(train.make_train_step(model, tx, labels, config))
+  losses = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for _ in range(steps):
+      state, metrics = step(state, sharding.global_batch(mesh, next(it)))
+      losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state.params)
+
+
+def test_sharded_train_step_equals_single_device():
+  # Adam's first steps are ~lr * sign(g): rounding noise in a near-zero gradient would flip whole
+  # updates. A large eps makes the update ~linear in g, so the comparison is well conditioned.
+  config = load_config(**{"optimizer.learning_rate": 1e-2, "optimizer.mapping_learning_rate": 1e-2,
+                          "optimizer.eps": 1.0, "optimizer.warmup_steps": 0,
+                          "optimizer.schedule": "constant"})
+  ref_losses, ref_params = _step_on_mesh(config, {"data": 1, "fsdp": 1, "tensor": 1})
+  initial = preflmr.init_params(mc.PreFLMRConfig.from_dict(config.model), jax.random.key(0))
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(initial))]
+  assert max(moved) > 1e-3  # the comparison below is not between untouched parameters
+  for mesh_config in ({"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 4, "tensor": 1},
+                      {"data": 2, "fsdp": 2, "tensor": 2}):
+    losses, params = _step_on_mesh(config, mesh_config)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(mesh_config))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params,
+                 ref_params)
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _final_params(workdir, config, step=None):
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  abstract = preflmr.abstract_params(model_config)
+  return checkpointing.restore_params(str(workdir), abstract, step=step)
+
+
+def test_resume_is_exact(tmp_path):
+  # A constant schedule: a decaying one depends on num_train_steps, which the first leg changes.
+  base = {"num_train_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 3}
+  train.train_and_evaluate(short_run(**base), str(tmp_path / "straight"))
+  train.train_and_evaluate(short_run(**{**base, "num_train_steps": 4}), str(tmp_path / "resumed"))
+  train.train_and_evaluate(short_run(**base), str(tmp_path / "resumed"))
+  straight, resumed = (_final_params(tmp_path / w, load_config()) for w in ("straight", "resumed"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), resumed, straight)
+  a, b = _read_metrics(tmp_path / "straight"), _read_metrics(tmp_path / "resumed")
+  assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-5)
+
+
+def test_stage1_freezes_everything_but_the_mapping_structures(tmp_path):
+  config = short_run("configs/stage1.py", num_train_steps=3, log_every_steps=1,
+                     checkpoint_every_steps=1)
+  train.train_and_evaluate(config, str(tmp_path))
+  first, last = (_final_params(tmp_path, config, step) for step in (1, 3))
+  for group in first:
+    if group.startswith(("vision_projection", "mapping_")):
+      assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+                 for a, b in zip(jax.tree.leaves(first[group]), jax.tree.leaves(last[group]))), group
+    else:
+      jax.tree.map(np.testing.assert_array_equal, last[group], first[group])
+
+
+@pytest.mark.slow
+def test_tiny_config_learns_the_synthetic_task(tmp_path):
+  config = load_config()
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  metrics = _read_metrics(tmp_path)
+  chance = 1 / (1 + config.num_negatives) / config.batch_size
+  assert metrics[0]["accuracy"] < 0.5, metrics[0]
+  assert summary["accuracy"] >= 0.9, (chance, metrics[-3:])
+  assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"batch_size": 12}, "config.batch_size=12 is not divisible"),
+    ({"mesh.data": 16}, "config.mesh"),
+    ({"logical_axis_rules": (("embedd", "fsdp"),)}, "config.logical_axis_rules: unknown logical"),
+    ({"freeze": ("visoin",)}, "config.freeze"),
+    ({"nan_policy": "ignore"}, "config.nan_policy"),
+])
+def test_bad_configs_fail_before_compiling(tmp_path, overrides, message):
+  config = short_run(**overrides)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
+class _NaNAfter:
+  """Wraps a data iterator; from the given step on, images are NaN."""
+
+  def __init__(self, it, bad_step):
+    self.it, self.bad_step, self.count = it, bad_step, 0
+
+  def __next__(self):
+    batch = dict(next(self.it))
+    self.count += 1
+    if self.count >= self.bad_step:
+      batch["pixel_values"] = np.full_like(batch["pixel_values"], np.nan)
+    return batch
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_steps_never_reach_a_checkpoint(tmp_path, monkeypatch, policy):
+  make = data.make_train_iterator
+  monkeypatch.setattr(data, "make_train_iterator", lambda *a, **k: _NaNAfter(make(*a, **k), 3))
+  config = short_run(num_train_steps=4, log_every_steps=1, checkpoint_every_steps=2,
+                     nan_policy=policy)
+  if policy == "stop":
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 3"):
+      train.train_and_evaluate(config, str(tmp_path))
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.latest_step() == 2
+    ckpt.close()
+  else:
+    train.train_and_evaluate(config, str(tmp_path))
+  params = _final_params(tmp_path, config)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_main_trains_then_resumes_with_more_steps(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  cmd = [sys.executable, "-m", "preflmr_jax.main", "--config", "configs/tiny.py", "--workdir",
+         str(tmp_path), "--config.log_every_steps=2", "--config.checkpoint_every_steps=2",
+         "--config.optimizer.warmup_steps=0"]
+  first = subprocess.run(cmd + ["--config.num_train_steps=4"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = subprocess.run(cmd + ["--config.num_train_steps=6"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from" in second.stderr
+  assert [m["step"] for m in _read_metrics(tmp_path)] == [2, 4, 6]
+  assert os.path.isdir(tmp_path / "checkpoints" / "6")
