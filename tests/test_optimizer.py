@@ -52,6 +52,7 @@ def norm(tree) -> float:
 def tiny_config(**optimizer_overrides):
   config = load("configs/tiny.py")
   config.num_train_steps = 12
+  config.freeze = ("vision",)  # the library default (configs/tiny.py trains everything)
   config.optimizer.update(dict(schedule="constant", warmup_steps=0, grad_clip_norm=0.0))
   config.optimizer.update(optimizer_overrides)
   return config

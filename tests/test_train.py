@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import preflmr_jax
 from preflmr_jax import checkpointing, data, optimizer, sharding, tokenization, train
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
@@ -199,3 +200,21 @@ def test_main_trains_then_resumes_with_more_steps(tmp_path):
   assert "resumed from" in second.stderr
   assert [m["step"] for m in _read_metrics(tmp_path)] == [2, 4, 6]
   assert os.path.isdir(tmp_path / "checkpoints" / "6")
+
+
+def test_init_params_from_another_run_and_from_a_published_folder(tmp_path):
+  """With zero learning rates the final parameters are exactly the starting ones."""
+  frozen_lr = {"optimizer.learning_rate": 0.0, "optimizer.mapping_learning_rate": 0.0}
+  train.train_and_evaluate(short_run(num_train_steps=2), str(tmp_path / "a"))
+  source = _final_params(tmp_path / "a", load_config())
+  train.train_and_evaluate(short_run(num_train_steps=1, init_params_from=str(tmp_path / "a"),
+                                     **frozen_lr), str(tmp_path / "b"))
+  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "b", load_config()), source)
+
+  model_config = mc.PreFLMRConfig.from_dict(load_config().model)
+  published = preflmr.init_params(model_config, jax.random.key(7))
+  preflmr_jax.PretrainedPreFLMR(model_config, published).save_pretrained(str(tmp_path / "pub"))
+  train.train_and_evaluate(short_run(num_train_steps=1, init_from=str(tmp_path / "pub"), **frozen_lr),
+                           str(tmp_path / "c"))
+  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "c", load_config()),
+               jax.device_get(published))

@@ -1,0 +1,196 @@
+"""Compile-only memory plan: lowers and compiles the real train step from shapes alone.
+
+  python -m preflmr_jax.tools.plan --config configs/preflmr_vit_l.py --mesh data=1,fsdp=8,tensor=1 \
+      [--batch_size N] [--topology v5e:4x4]
+
+Without --topology it simulates the mesh's devices on the CPU; with it, it compiles for a real TPU
+topology (needs `pip install -r requirements-tpu-plan.txt`). Nothing is allocated: parameters,
+optimiser state and the batch are ShapeDtypeStructs. Prints a table, then one JSON object as the
+last line of stdout (memory is per device).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
+                                          lock_config=True)
+_MESH = flags.DEFINE_string("mesh", None, "Mesh shape, e.g. data=1,fsdp=8,tensor=1.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 (needs libtpu).")
+
+MESH_AXES = ("data", "fsdp", "tensor")  # = sharding.MESH_AXES (not imported: keeps jax unloaded)
+TPU_REQUIREMENTS = "pip install -r requirements-tpu-plan.txt"
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}; errors name --mesh."""
+  mesh = {}
+  for part in (text or "").split(","):
+    axis, eq, size = part.strip().partition("=")
+    if not eq or axis not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
+      raise ValueError(f"--mesh={text!r}: expected comma-separated AXIS=SIZE with AXIS in "
+                       f"{MESH_AXES} and SIZE >= 1, e.g. data=1,fsdp=8,tensor=1")
+    if axis in mesh:
+      raise ValueError(f"--mesh={text!r}: axis {axis!r} given twice")
+    mesh[axis] = int(size)
+  return mesh
+
+
+def topology_devices(name: str):
+  """The devices of a TPU topology such as 'v5e:4x4' (compile-only; nothing runs on them)."""
+  try:
+    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise RuntimeError(f"--topology={name} needs jax[tpu] (libtpu); {TPU_REQUIREMENTS}") from e
+  # Silence libtpu's warnings about the missing TPU (any value works for a compile-only run).
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+
+
+def _memory(compiled) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  fields = ("argument", "output", "temp", "generated_code", "alias")
+  out = {f"{k}_bytes": int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in fields}
+  # Donated (aliased) outputs reuse their argument buffers.
+  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                        + out["generated_code_bytes"] - out["alias_bytes"])
+  # XLA's own peak estimate: meaningful on TPU; on CPU it leaves out temporaries.
+  peak = getattr(m, "peak_memory_in_bytes", None)
+  if peak:
+    out["peak_bytes"] = int(peak)
+  return out
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None) -> dict:
+  """Compiles `config`'s train step for `mesh_config` on `devices` (default: all); returns the plan."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+  from preflmr_jax import data, optimizer, sharding, train  # pylint: disable=g-import-not-at-top
+  from preflmr_jax.models import model_config as mc  # pylint: disable=g-import-not-at-top
+  from preflmr_jax.models import preflmr  # pylint: disable=g-import-not-at-top
+
+  devices = list(jax.devices() if devices is None else devices)
+  size = math.prod(int(mesh_config.get(a, 1)) for a in MESH_AXES)
+  if size > len(devices):
+    raise ValueError(f"--mesh {dict(mesh_config)} needs {size} devices, {len(devices)} available")
+  devices = devices[:size]
+  mesh = sharding.make_mesh(mesh_config, devices)
+  shape = dict(zip(sharding.MESH_AXES, mesh.devices.shape))
+  shards = shape["data"] * shape["fsdp"]
+  if config.batch_size % shards:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel "
+                     f"size mesh.data * mesh.fsdp = {shards}")
+
+  # Same construction as train.train_and_evaluate (shapes and shardings), without the tokenizer.
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  model = preflmr.PreFLMR(model_config)
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  boxed = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), **preflmr.dummy_inputs(model_config))["params"])
+  sharding.check_rules(rules, sharding.logical_axis_names(boxed))
+  param_shardings = nn.meta.unbox(sharding.logical_to_shardings(boxed, mesh, rules))
+  abstract_params = nn.meta.unbox(boxed)
+  tx, labels = optimizer.make_optimizer(config, abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state_shardings = train.TrainState(
+      step=replicated, params=param_shardings,
+      opt_state=sharding.state_shardings_like_params(abstract_opt, abstract_params,
+                                                     param_shardings, mesh),
+      rng=replicated, nonfinite_steps=replicated, first_nonfinite_step=replicated)
+
+  key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  scalar = jax.ShapeDtypeStruct((), np.int32)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      train.TrainState(step=scalar, params=abstract_params, opt_state=abstract_opt, rng=key_data,
+                       nonfinite_steps=scalar, first_nonfinite_step=scalar),
+      state_shardings)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                            sharding=sharding.batch_sharding(mesh, v.ndim))
+                    for k, v in data.batch_spec(config, model_config).items()}
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jax.jit(train.make_train_step(model, tx, labels, config), donate_argnums=0,
+                   out_shardings=(state_shardings, replicated))
+    compiled = step.lower(abstract_state, abstract_batch).compile()
+
+  counts = optimizer.count_trainable(abstract_params, labels)
+  return {
+      "mesh": shape,
+      "devices": size,
+      "platform": devices[0].platform,
+      "device_kind": devices[0].device_kind,
+      "global_batch": int(config.batch_size),
+      "params_total": counts["total"],
+      "params_trainable": counts["trainable"],
+      "flops_per_step": _flops(compiled),
+      "memory_per_device": _memory(compiled),
+  }
+
+
+def _table(result: dict) -> str:
+  def size(n):
+    for unit, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+      if n >= 2**k:
+        return f"{n / 2**k:10.2f} {unit}"
+    return f"{n:10d} B"
+
+  rows = [("mesh", ",".join(f"{k}={v}" for k, v in result["mesh"].items())),
+          ("devices", f"{result['devices']} x {result['device_kind']}"),
+          ("global batch", result["global_batch"]),
+          ("params total", f"{result['params_total']:,}"),
+          ("params trainable", f"{result['params_trainable']:,}"),
+          ("flops / step", f"{result['flops_per_step']:.4g}")]
+  rows += [(f"{k[:-6]} / device", size(v)) for k, v in result["memory_per_device"].items()]
+  return "\n".join(f"{name:>22s}  {value}" for name, value in rows)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    mesh_config = parse_mesh(_MESH.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  size = math.prod(mesh_config.values())
+  import jax  # pylint: disable=g-import-not-at-top
+  if _TOPOLOGY.value:
+    devices = topology_devices(_TOPOLOGY.value)
+    if size != len(devices):
+      raise app.UsageError(f"--mesh {mesh_config} has {size} devices; --topology="
+                           f"{_TOPOLOGY.value} has {len(devices)}")
+  else:  # simulate the mesh's devices (must precede the first device query)
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", size)
+    devices = jax.devices()
+  config = _CONFIG.value
+  if _BATCH.value is not None:
+    config.batch_size = _BATCH.value
+  result = plan(config, mesh_config, devices)
+  print(_table(result))
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "mesh"])
+  app.run(main)
