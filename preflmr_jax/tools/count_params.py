@@ -17,8 +17,6 @@ from ml_collections import config_flags
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
 
 # Component -> its top-level parameter groups ("x_" matches x_0, x_1, ...).
 COMPONENTS = {
@@ -45,12 +43,13 @@ def count_params(model_config: mc.PreFLMRConfig) -> dict[str, int]:
 
 def main(argv):
   del argv
-  counts = count_params(mc.PreFLMRConfig.from_dict(_CONFIG.value.model))
+  counts = count_params(mc.PreFLMRConfig.from_dict(flags.FLAGS.config.model))
   for name, n in counts.items():
     print(f"{name:>14s} {n:>15,d}  ({n / 1e6:9.2f}M)")
   print(json.dumps(counts))
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.mark_flag_as_required("config")
   app.run(main)

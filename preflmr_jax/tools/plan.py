@@ -19,11 +19,13 @@ from typing import Mapping, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
-                                          lock_config=True)
-_MESH = flags.DEFINE_string("mesh", None, "Mesh shape, e.g. data=1,fsdp=8,tensor=1.")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 (needs libtpu).")
+def define_flags():
+  """Defined only when run as a program, so that importing the module defines no absl flags."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
+                                  lock_config=True)
+  flags.DEFINE_string("mesh", None, "Mesh shape, e.g. data=1,fsdp=8,tensor=1.")
+  flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
+  flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 (needs libtpu).")
 
 MESH_AXES = ("data", "fsdp", "tensor")  # = sharding.MESH_AXES (not imported: keeps jax unloaded)
 TPU_REQUIREMENTS = "pip install -r requirements-tpu-plan.txt"
@@ -169,28 +171,29 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    mesh_config = parse_mesh(_MESH.value)
+    mesh_config = parse_mesh(flags.FLAGS.mesh)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   size = math.prod(mesh_config.values())
   import jax  # pylint: disable=g-import-not-at-top
-  if _TOPOLOGY.value:
-    devices = topology_devices(_TOPOLOGY.value)
+  if flags.FLAGS.topology:
+    devices = topology_devices(flags.FLAGS.topology)
     if size != len(devices):
       raise app.UsageError(f"--mesh {mesh_config} has {size} devices; --topology="
-                           f"{_TOPOLOGY.value} has {len(devices)}")
+                           f"{flags.FLAGS.topology} has {len(devices)}")
   else:  # simulate the mesh's devices (must precede the first device query)
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", size)
     devices = jax.devices()
-  config = _CONFIG.value
-  if _BATCH.value is not None:
-    config.batch_size = _BATCH.value
+  config = flags.FLAGS.config
+  if flags.FLAGS.batch_size is not None:
+    config.batch_size = flags.FLAGS.batch_size
   result = plan(config, mesh_config, devices)
   print(_table(result))
   print(json.dumps(result))
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "mesh"])
   app.run(main)
