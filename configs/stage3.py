@@ -8,28 +8,14 @@ trains, with the full [text; MLP; mapping] query output. Start from a stage-2 ru
 `--config.init_params_from=STAGE2_DIR`. The training mixture is chosen by `config.data`.
 """
 
-import importlib.util
 import os
 
-SHAPES = {"tiny": "tiny.py", "vit_b": "preflmr_vit_b.py", "vit_l": "preflmr_vit_l.py",
-          "vit_g": "preflmr_vit_g.py"}
-
-
-def shape_config(arg):
-  """get_config() of the config file in this folder that holds the model shape `arg`."""
-  shape = arg or "tiny"
-  if shape not in SHAPES:
-    raise ValueError(f"{os.path.basename(__file__)}: unknown shape {shape!r}; "
-                     f"use one of {list(SHAPES)}")
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), SHAPES[shape])
-  spec = importlib.util.spec_from_file_location(f"preflmr_configs_{shape}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from preflmr_jax import config_files
 
 
 def get_config(arg=None):
-  config = shape_config(arg)
+  # The model shape by name: configs/shapes.py.
+  config = config_files.load_config(f"{os.path.dirname(__file__)}/shapes.py:{arg or 'tiny'}")
   config.model.output = "full"
   config.freeze = ("vision",)
   # Learning rates: DESIGN.md section 2 ("1e-5 typical" for the rest). The paper's per-stage values

@@ -8,11 +8,12 @@ Outputs: TensorBoard events and `metrics.jsonl` (one JSON object per logged step
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -73,7 +74,9 @@ def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, la
         {"params": params}, batch["query_input_ids"], batch["query_attention_mask"],
         batch["pixel_values"], batch["doc_input_ids"], batch["doc_attention_mask"],
         deterministic=False, rngs={"dropout": rng})
-    return losses.contrastive_loss(q, d, d_mask, config.num_negatives, config.score_chunk_size)
+    doc_labels = batch["doc_labels"] if config.mask_duplicate_positives else None
+    return losses.contrastive_loss(q, d, d_mask, config.num_negatives, config.score_chunk_size,
+                                   doc_labels=doc_labels)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -100,6 +103,60 @@ def _abstract_with(tree, shardings):
                       shardings)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+  """Everything the loop (and the compile-only planner) needs, built from shapes alone."""
+  model_config: mc.PreFLMRConfig
+  model: preflmr.PreFLMR
+  rules: tuple
+  tx: optax.GradientTransformation
+  labels: Any  # optimizer.param_labels
+  state_shardings: TrainState
+  abstract_state: TrainState  # ShapeDtypeStructs carrying `state_shardings`
+  init_state: Callable[[int], TrainState]  # seed -> state; jit it with `state_shardings`
+  train_step: Callable  # jitted, donated state; call under `jax.set_mesh` + the logical rules
+
+
+def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> StepSetup:
+  """Model, optimiser, state shardings and the jitted train step for `config` on `mesh`.
+
+  Nothing is allocated: parameters and optimiser state are described by `jax.eval_shape`, and their
+  shardings follow the config's logical-axis rules (optimiser state mirrors its parameter's).
+  """
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  model = preflmr.PreFLMR(model_config)
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  boxed = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), **preflmr.dummy_inputs(model_config))["params"])
+  sharding.check_rules(rules, sharding.logical_axis_names(boxed))
+  param_shardings = nn.meta.unbox(sharding.logical_to_shardings(boxed, mesh, rules))
+  abstract_params = nn.meta.unbox(boxed)
+  tx, labels = optimizer.make_optimizer(config, abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shardings = TrainState(
+      step=replicated, params=param_shardings,
+      opt_state=sharding.state_shardings_like_params(abstract_opt, abstract_params,
+                                                     param_shardings, mesh),
+      rng=replicated, nonfinite_steps=replicated, first_nonfinite_step=replicated)
+
+  def init_state(seed):
+    params_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+    params = model.init(params_rng, **preflmr.dummy_inputs(model_config))["params"]
+    params = nn.meta.unbox(params)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(dropout_rng), nonfinite_steps=jnp.int32(0),
+                      first_nonfinite_step=jnp.int32(-1))
+
+  abstract_state = _abstract_with(jax.eval_shape(functools.partial(init_state, 0)),
+                                  state_shardings)
+  train_step = jax.jit(make_train_step(model, tx, labels, config), donate_argnums=0,
+                       out_shardings=(state_shardings, replicated))
+  return StepSetup(model_config=model_config, model=model, rules=rules, tx=tx, labels=labels,
+                   state_shardings=state_shardings, abstract_state=abstract_state,
+                   init_state=init_state, train_step=train_step)
+
+
 class MetricsLog:
   """metrics.jsonl (one object per logged step) + clu writers (TensorBoard + logging) on process 0."""
 
@@ -124,37 +181,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics."""
   # ---------------------------------------------------------------------------------- setup
   validate(config)
-  model_config = mc.PreFLMRConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
-  rules = tuple(tuple(r) for r in config.logical_axis_rules)
-  model = preflmr.PreFLMR(model_config)
+  setup = setup_train_step(config, mesh)
+  model_config, state_shardings = setup.model_config, setup.state_shardings
+  replicated = state_shardings.step
   tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
   tokenization.check_mask_ids(tokenizer, model_config.instruction_token_id,
                               model_config.skip_token_ids)
   os.makedirs(workdir, exist_ok=True)
-
-  # ------------------------------------------------------------- shapes and shardings
-  boxed = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), **preflmr.dummy_inputs(model_config))["params"])
-  sharding.check_rules(rules, sharding.logical_axis_names(boxed))
-  param_shardings = nn.meta.unbox(sharding.logical_to_shardings(boxed, mesh, rules))
-  abstract_params = nn.meta.unbox(boxed)
-  tx, labels = optimizer.make_optimizer(config, abstract_params)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_shardings = TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=sharding.state_shardings_like_params(abstract_opt, abstract_params,
-                                                     param_shardings, mesh),
-      rng=replicated, nonfinite_steps=replicated, first_nonfinite_step=replicated)
-
-  def init_state(seed):
-    params_rng, dropout_rng = jax.random.split(jax.random.key(seed))
-    params = model.init(params_rng, **preflmr.dummy_inputs(model_config))["params"]
-    params = nn.meta.unbox(params)
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(dropout_rng), nonfinite_steps=jnp.int32(0),
-                      first_nonfinite_step=jnp.int32(-1))
 
   # ---------------------------------------------------------------- data and checkpoints
   train_iter = data.make_train_iterator(config, model_config, tokenizer,
@@ -165,28 +199,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     save_interval_steps=config.checkpoint_every_steps)
   preemption = checkpointing.PreemptionWatcher()
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     start = ckpt.latest_step()
     if start is None:  # created sharded: nothing is materialised on one host
-      state = jax.jit(init_state, static_argnums=0, out_shardings=state_shardings)(config.seed)
-      state = state.replace(params=_initial_params(config, state.params, param_shardings))
+      state = jax.jit(setup.init_state, static_argnums=0,
+                      out_shardings=state_shardings)(config.seed)
+      loaded = _initial_params(config, setup.abstract_state.params)
+      if loaded is not None:
+        state = state.replace(params=loaded)
       start = 0
     else:
-      abstract = jax.eval_shape(functools.partial(init_state, config.seed))
-      params, opt_state, meta = ckpt.restore(
-          start, _abstract_with(abstract.params, state_shardings.params),
-          _abstract_with(abstract.opt_state, state_shardings.opt_state))
+      params, opt_state, meta = ckpt.restore(start, setup.abstract_state.params,
+                                             setup.abstract_state.opt_state)
       put = lambda x: jax.device_put(x, replicated)
       state = TrainState(step=put(jnp.int32(start)), params=params, opt_state=opt_state,
                          rng=put(np.asarray(meta["rng"], np.uint32)),
                          nonfinite_steps=put(jnp.int32(0)), first_nonfinite_step=put(jnp.int32(-1)))
       train_iter.set_state(meta["data"])
       logging.info("resumed from %s at step %d", workdir, start)
-    counts = optimizer.count_trainable(state.params, labels)
-    logging.info("parameters: %s", counts)
-
-    train_step = jax.jit(make_train_step(model, tx, labels, config), donate_argnums=0,
-                         out_shardings=(state_shardings, replicated))
+    logging.info("parameters: %s", optimizer.count_trainable(state.params, setup.labels))
     log = MetricsLog(workdir)
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
     report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
@@ -194,7 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---------------------------------------------------------------------------- loop
     try:
-      last = _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, log, report)
+      last = _loop(config, mesh, state, start, setup.train_step, train_iter, ckpt, preemption,
+                   log, report)
     finally:  # also on errors: commit the saves in flight (all of them precede the error)
       ckpt.wait()
       ckpt.close()
@@ -248,23 +280,24 @@ def _check_finite(state: TrainState, config) -> None:
                     int(state.first_nonfinite_step) + 1)
 
 
-def _initial_params(config, params, param_shardings):
-  """`config.init_from` (a published PreFLMR folder) or `config.init_params_from` (another run)."""
+def _initial_params(config, abstract_params):
+  """Params from `config.init_from` (a published PreFLMR folder) or `config.init_params_from`
+  (another run), placed with `abstract_params`' shardings; None when neither is set."""
   if config.init_from and config.init_params_from:
     raise ValueError("set at most one of config.init_from and config.init_params_from")
   if config.init_from:
     loaded = pretrained.load_pretrained(config.init_from).params
   elif config.init_params_from:
-    loaded = checkpointing.restore_params(config.init_params_from,
-                                          _abstract_with(params, param_shardings))
+    loaded = checkpointing.restore_params(config.init_params_from, abstract_params)
   else:
-    return params
-  want = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    return None
+  want = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), abstract_params)
   got = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), loaded)
   if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
     raise ValueError(f"the parameters from {config.init_from or config.init_params_from} do not "
                      "match config.model (different shapes or dtypes)")
-  return jax.tree.map(lambda x, s: jax.device_put(x, s), loaded, param_shardings)
+  return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), loaded, abstract_params)
 
 
-__all__ = ["TrainState", "make_train_step", "train_and_evaluate", "validate"]
+__all__ = ["StepSetup", "TrainState", "make_train_step", "setup_train_step", "train_and_evaluate",
+           "validate"]

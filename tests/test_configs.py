@@ -1,6 +1,5 @@
 """Configs build, their parameter counts match the published totals, bad values fail up front."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -8,20 +7,11 @@ import sys
 
 import pytest
 
-from preflmr_jax import tokenization
+from preflmr_jax import config_files, tokenization
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.tools.count_params import count_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load(spec: str):
-  """`path[:arg]` -> get_config(arg), as `ml_collections.config_flags` does."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("config_under_test", ROOT / path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(*([arg] if arg else []))
 
 
 @pytest.mark.parametrize("spec,total", [
@@ -30,7 +20,7 @@ def load(spec: str):
     ("configs/preflmr_vit_g.py", 2.085e9),
 ])
 def test_release_parameter_counts(spec, total):
-  counts = count_params(mc.PreFLMRConfig.from_dict(load(spec).model))
+  counts = count_params(mc.PreFLMRConfig.from_dict(config_files.load_config(spec).model))
   assert abs(counts["total"] - total) / total < 1e-3, counts
   assert counts["query_text"] == counts["document_text"]
   assert abs(counts["query_text"] - 109.5e6) / 109.5e6 < 1e-3  # BERT-base with pooler
@@ -41,7 +31,7 @@ def test_release_parameter_counts(spec, total):
 @pytest.mark.parametrize("vision", ["B", "L", "400m"])
 @pytest.mark.parametrize("text", ["base", "large", "800m"])
 def test_scaling_grid_points(vision, text):
-  counts = count_params(mc.PreFLMRConfig.from_dict(load(f"configs/scaling.py:vision={vision},text={text}").model))
+  counts = count_params(mc.PreFLMRConfig.from_dict(config_files.load_config(f"configs/scaling.py:vision={vision},text={text}").model))
   expected_text = {"base": 109.5e6, "large": 335.1e6, "800m": 800e6}[text]
   tolerance = 0.05 if text == "800m" else 1e-3
   assert abs(counts["query_text"] - expected_text) / expected_text < tolerance
@@ -51,13 +41,13 @@ def test_scaling_grid_points(vision, text):
 
 def test_scaling_rejects_unknown_points():
   with pytest.raises(ValueError, match="vision='H'"):
-    load("configs/scaling.py:vision=H,text=base")
+    config_files.load_config("configs/scaling.py:vision=H,text=base")
   with pytest.raises(ValueError, match="bad argument"):
-    load("configs/scaling.py:size=large")
+    config_files.load_config("configs/scaling.py:size=large")
 
 
 def test_tiny_config_is_tiny_and_consistent():
-  config = load("configs/tiny.py")
+  config = config_files.load_config("configs/tiny.py")
   model = mc.PreFLMRConfig.from_dict(config.model)
   assert count_params(model)["total"] < 1e6
   tokenization.check_mask_ids(tokenization.tokenizer_from_config(config.tokenizer),
@@ -74,7 +64,7 @@ def test_tiny_config_is_tiny_and_consistent():
     ({"typo_key": 1}, "config.model: unknown key"),
 ])
 def test_bad_model_values_fail_naming_the_key(override, key):
-  d = load("configs/tiny.py").model.to_dict()
+  d = config_files.load_config("configs/tiny.py").model.to_dict()
   for k, v in override.items():
     if isinstance(v, dict):
       d[k].update(v)

@@ -2,9 +2,7 @@
 mask, clipping over trainable gradients, gradient accumulation, config errors."""
 
 import functools
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,21 +11,11 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from preflmr_jax import optimizer
+from preflmr_jax import config_files, optimizer
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAPPING_GROUPS = {"vision_projection", "mapping_input", "mapping_layer_0", "mapping_output"}
-
-
-def load(spec: str):
-  """`path[:arg]` -> get_config(arg), as `ml_collections.config_flags` does."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("config_under_test", ROOT / path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(*([arg] if arg else []))
 
 
 def abstract(config):
@@ -50,7 +38,7 @@ def norm(tree) -> float:
 
 
 def tiny_config(**optimizer_overrides):
-  config = load("configs/tiny.py")
+  config = config_files.load_config("configs/tiny.py")
   config.num_train_steps = 12
   config.freeze = ("vision",)  # the library default (configs/tiny.py trains everything)
   config.optimizer.update(dict(schedule="constant", warmup_steps=0, grad_clip_norm=0.0))
@@ -61,7 +49,7 @@ def tiny_config(**optimizer_overrides):
 @pytest.fixture(scope="module")
 def tiny_params():
   """The tiny model's parameter tree, random values."""
-  return random_like(abstract(load("configs/tiny.py")), seed=0, scale=0.1)
+  return random_like(abstract(config_files.load_config("configs/tiny.py")), seed=0, scale=0.1)
 
 
 # A few leaves of each kind the labels and the weight-decay mask tell apart, under the model's
@@ -111,14 +99,14 @@ def state_elements(state) -> int:
 @functools.lru_cache
 def stage_params(shape):
   """Abstract params of a stage preset's model shape (the same tree for every stage)."""
-  return abstract(load(f"configs/stage2.py:{shape}"))
+  return abstract(config_files.load_config(f"configs/stage2.py:{shape}"))
 
 
 @pytest.mark.parametrize("shape", ["tiny", "vit_b"])
 def test_stage_labels(shape):
   labels = {}
   for stage in ("stage1", "stage2", "stage3"):
-    freeze = load(f"configs/{stage}.py:{shape}").freeze
+    freeze = config_files.load_config(f"configs/{stage}.py:{shape}").freeze
     labels[stage] = dict(path_items(optimizer.param_labels(stage_params(shape), freeze)))
   for stage, by_path in labels.items():
     assert all(l == "frozen" for p, l in by_path.items() if p.startswith("vision/")), stage
@@ -134,16 +122,16 @@ def test_stage_labels(shape):
 
 
 def test_stage_presets():
-  stage1 = load("configs/stage1.py")
+  stage1 = config_files.load_config("configs/stage1.py")
   assert stage1.model.output == "mapping_only" and stage1.tokenizer == "tiny"
   assert stage1.optimizer.mapping_learning_rate == 1e-4
   for stage in ("stage2", "stage3"):
-    config = load(f"configs/{stage}.py:vit_l")
+    config = config_files.load_config(f"configs/{stage}.py:vit_l")
     assert config.model.output == "full" and config.freeze == ("vision",)
     assert config.model.vision.hidden_size == 1024
     assert config.optimizer.learning_rate == config.optimizer.mapping_learning_rate == 1e-5
-  with pytest.raises(ValueError, match="unknown shape 'vit_h'"):
-    load("configs/stage2.py:vit_h")
+  with pytest.raises(ValueError, match="unknown model shape 'vit_h'"):
+    config_files.load_config("configs/stage2.py:vit_h")
 
 
 def test_freeze_patterns_match_from_the_start_at_a_path_boundary(tiny_params):
@@ -162,7 +150,7 @@ def test_freeze_patterns_match_from_the_start_at_a_path_boundary(tiny_params):
 
 
 def test_count_trainable():
-  config = load("configs/stage1.py:vit_b")
+  config = config_files.load_config("configs/stage1.py:vit_b")
   params = stage_params("vit_b")
   counts = optimizer.count_trainable(params, optimizer.param_labels(params, config.freeze))
   assert counts["total"] == 326725504  # the ViT-B release (tests/test_configs.py)
@@ -207,7 +195,7 @@ def test_frozen_params_have_no_optimiser_state(tiny_params, accum):
 
 
 def test_stage1_state_covers_the_mapping_structures_only():
-  config = load("configs/stage1.py")
+  config = config_files.load_config("configs/stage1.py")
   params = stage_params("tiny")
   tx, labels = optimizer.make_optimizer(config, params)
   counts = optimizer.count_trainable(params, labels)

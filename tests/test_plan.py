@@ -10,29 +10,22 @@ import sys
 import jax
 import pytest
 
+from preflmr_jax import config_files
 from preflmr_jax.tools import plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(spec="configs/tiny.py"):
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("config_under_test", ROOT / path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(*([arg] if arg else []))
-
-
 @pytest.fixture(scope="module")
 def plans():
-  config = load_config()
+  config = config_files.load_config("configs/tiny.py")
   return {name: plan.plan(config, plan.parse_mesh(mesh), jax.devices())
           for name, mesh in (("data", "data=8"), ("mixed", "data=2,fsdp=2,tensor=2"))}
 
 
 def test_plan_reports_memory_flops_and_params(plans):
   for result in plans.values():
-    assert result["devices"] == 8 and result["global_batch"] == load_config().batch_size
+    assert result["devices"] == 8 and result["global_batch"] == config_files.load_config("configs/tiny.py").batch_size
     memory = result["memory_per_device"]
     for key in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes"):
       assert memory[key] > 0, (key, memory)

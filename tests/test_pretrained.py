@@ -222,10 +222,24 @@ def test_trained_model_saves_in_published_layout(tmp_path, checkpoint):
   assert os.path.isfile(tmp_path / "out" / "transformer_mapping_config" / "config.json")
 
 
-def _edit_checkpoint(src, dst, edit):
+def _variant(src, dst, *, leave_out=(), edit_config=None):
+  """Checkpoint `src` at `dst` as links, less `leave_out`; `edit_config(dict)` edits config.json."""
   os.makedirs(dst)
-  for name in ("config.json", "mapping_config", "query_tokenizer", "context_tokenizer"):
-    os.symlink(os.path.join(src, name), os.path.join(dst, name))
+  for name in os.listdir(src):
+    if name not in leave_out and not (edit_config and name == "config.json"):
+      os.symlink(os.path.join(src, name), os.path.join(dst, name))
+  if edit_config:
+    with open(os.path.join(src, "config.json")) as f:
+      hf = json.load(f)
+    edit_config(hf)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+      json.dump(hf, f)
+  return str(dst)
+
+
+def _edit_checkpoint(src, dst, edit):
+  """A variant of `src` whose weights are `edit(state dict)`-ed in place."""
+  _variant(src, dst, leave_out=("model.safetensors",))
   state = load_file(os.path.join(src, "model.safetensors"))
   edit(state)
   save_file(state, os.path.join(dst, "model.safetensors"))
@@ -268,27 +282,16 @@ def test_bad_checkpoints_name_the_key(tmp_path, checkpoint, edit, message):
 
 
 def test_config_of_another_size_fails_with_shape_error(tmp_path, checkpoint):
-  folder = tmp_path / "other"
-  os.makedirs(folder)
-  for name in ("model.safetensors", "mapping_config", "query_tokenizer", "context_tokenizer"):
-    os.symlink(os.path.join(checkpoint, name), folder / name)
-  with open(os.path.join(checkpoint, "config.json")) as f:
-    hf = json.load(f)
-  hf["dim"] = 8
-  with open(folder / "config.json", "w") as f:
-    json.dump(hf, f)
+  folder = _variant(checkpoint, tmp_path / "other", edit_config=lambda hf: hf.update(dim=8))
   with pytest.raises(conversion.ConversionError, match="shape mismatch for key"):
-    preflmr_jax.load_pretrained(str(folder))
+    preflmr_jax.load_pretrained(folder)
 
 
 def test_pickle_weights_are_refused(tmp_path, checkpoint):
-  folder = tmp_path / "pickled"
-  os.makedirs(folder)
-  for name in ("config.json", "mapping_config", "query_tokenizer", "context_tokenizer"):
-    os.symlink(os.path.join(checkpoint, name), folder / name)
-  (folder / "pytorch_model.bin").write_bytes(b"not opened")
+  folder = _variant(checkpoint, tmp_path / "pickled", leave_out=("model.safetensors",))
+  (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not opened")
   with pytest.raises(ValueError, match="refusing to read pickle-based weights"):
-    preflmr_jax.load_pretrained(str(folder))
+    preflmr_jax.load_pretrained(folder)
 
 
 def test_unknown_mapping_base_is_an_error(tmp_path, checkpoint):
@@ -320,9 +323,7 @@ def test_save_refuses_to_clobber_a_folder_that_is_not_a_checkpoint(tmp_path, che
 def test_bfloat16_checkpoint_loads(tmp_path, checkpoint):
   state = load_file(os.path.join(checkpoint, "model.safetensors"))
   folder = tmp_path / "bf16"
-  os.makedirs(folder)
-  for name in ("config.json", "mapping_config", "query_tokenizer", "context_tokenizer"):
-    os.symlink(os.path.join(checkpoint, name), folder / name)
+  _variant(checkpoint, folder, leave_out=("model.safetensors",))
   save_flax({k: jnp.asarray(v, jnp.bfloat16) for k, v in state.items()
              if k != "query_text_encoder.bert_model.embeddings.position_ids"},
             str(folder / "model.safetensors"))
@@ -347,20 +348,14 @@ def test_out_of_vocab_ids_are_an_error_not_nan(checkpoint):
     ("transformer_mapping_config_base", None, "transformer_mapping_config_base"),
 ])
 def test_unsupported_or_missing_config_values_name_the_key(tmp_path, checkpoint, key, value, message):
-  folder = tmp_path / "cfg"
-  os.makedirs(folder)
-  for name in ("model.safetensors", "mapping_config", "query_tokenizer", "context_tokenizer"):
-    os.symlink(os.path.join(checkpoint, name), folder / name)
-  with open(os.path.join(checkpoint, "config.json")) as f:
-    hf = json.load(f)
-  if value is None:
-    hf.pop(key)  # a missing key means FLMRConfig's default
-  else:
-    hf[key] = value
-  with open(folder / "config.json", "w") as f:
-    json.dump(hf, f)
+  def edit(hf):
+    if value is None:
+      hf.pop(key)  # a missing key means FLMRConfig's default
+    else:
+      hf[key] = value
+  folder = _variant(checkpoint, tmp_path / "cfg", edit_config=edit)
   with pytest.raises(ValueError, match=message):
-    preflmr_jax.load_pretrained(str(folder))
+    preflmr_jax.load_pretrained(folder)
 
 
 def test_punctuation_ids_cover_string_punctuation():

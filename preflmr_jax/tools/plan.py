@@ -83,12 +83,8 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
   """Compiles `config`'s train step for `mesh_config` on `devices` (default: all); returns the plan."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
 
   from preflmr_jax import data, optimizer, sharding, train  # pylint: disable=g-import-not-at-top
-  from preflmr_jax.models import model_config as mc  # pylint: disable=g-import-not-at-top
-  from preflmr_jax.models import preflmr  # pylint: disable=g-import-not-at-top
 
   devices = list(jax.devices() if devices is None else devices)
   size = math.prod(int(mesh_config.get(a, 1)) for a in MESH_AXES)
@@ -102,41 +98,15 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel "
                      f"size mesh.data * mesh.fsdp = {shards}")
 
-  # Same construction as train.train_and_evaluate (shapes and shardings), without the tokenizer.
-  model_config = mc.PreFLMRConfig.from_dict(config.model)
-  model = preflmr.PreFLMR(model_config)
-  rules = tuple(tuple(r) for r in config.logical_axis_rules)
-  boxed = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), **preflmr.dummy_inputs(model_config))["params"])
-  sharding.check_rules(rules, sharding.logical_axis_names(boxed))
-  param_shardings = nn.meta.unbox(sharding.logical_to_shardings(boxed, mesh, rules))
-  abstract_params = nn.meta.unbox(boxed)
-  tx, labels = optimizer.make_optimizer(config, abstract_params)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state_shardings = train.TrainState(
-      step=replicated, params=param_shardings,
-      opt_state=sharding.state_shardings_like_params(abstract_opt, abstract_params,
-                                                     param_shardings, mesh),
-      rng=replicated, nonfinite_steps=replicated, first_nonfinite_step=replicated)
-
-  key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-  scalar = jax.ShapeDtypeStruct((), np.int32)
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      train.TrainState(step=scalar, params=abstract_params, opt_state=abstract_opt, rng=key_data,
-                       nonfinite_steps=scalar, first_nonfinite_step=scalar),
-      state_shardings)
+  setup = train.setup_train_step(config, mesh)  # the trainer's own construction
+  model_config = setup.model_config
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                             sharding=sharding.batch_sharding(mesh, v.ndim))
                     for k, v in data.batch_spec(config, model_config).items()}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    compiled = setup.train_step.lower(setup.abstract_state, abstract_batch).compile()
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(train.make_train_step(model, tx, labels, config), donate_argnums=0,
-                   out_shardings=(state_shardings, replicated))
-    compiled = step.lower(abstract_state, abstract_batch).compile()
-
-  counts = optimizer.count_trainable(abstract_params, labels)
+  counts = optimizer.count_trainable(setup.abstract_state.params, setup.labels)
   return {
       "mesh": shape,
       "devices": size,
