@@ -75,6 +75,16 @@ def base_config() -> ml_collections.ConfigDict:
   # Regexes over "/"-joined parameter paths (e.g. "vision/layer_3/mlp/wi/kernel"); matched
   # parameters get no update and no optimiser state. Each pattern must match something.
   config.freeze = ("vision",)
-  config.data = ml_collections.ConfigDict(dict(source="synthetic"))
+  config.mask_duplicate_positives = True  # losses.contrastive_loss; False: the reference exactly
+  # Data (preflmr_jax/data/): "m2kr" reads TFDS builds (python -m preflmr_jax.data.prepare) of
+  # `tasks` ("OVEN=2,OKVQA=1": weighted mixture) under `data_dir`; "synthetic" is for tests.
+  config.data = ml_collections.ConfigDict(dict(
+      source="m2kr", tasks="", data_dir="",
+      num_workers=4,  # grain worker processes (tokenisation + images); 0: in the main process
+      sample_dir="",  # SAMPLE task without data_dir: built here (default ~/.cache/preflmr_jax)
+      # Optional mined negatives: <task>_rankings.jsonl files (the eval binary's output) here; the
+      # top hard_negatives_depth (0: all) of each query's ranking are drawn first.
+      hard_negatives_dir="", hard_negatives_depth=100,
+  ))
   config.init_from = ""  # a published PreFLMR folder (load_pretrained) to start from
   return config

@@ -3,9 +3,16 @@
 Documents are ordered [pos_0, neg_0_1..neg_0_n, pos_1, ...]; every query is scored against all
 B(1+n) documents of the batch (with global, sharded arrays under jit that is the *global* batch: XLA
 gathers what each device needs), and the target of query i is document i(1+n). Temperature 1.
+
+With `doc_labels` (one passage id per document), another copy of query i's positive elsewhere in the
+batch (another query's positive or negative: common when many queries share a passage, as in OVEN)
+is left out of query i's softmax instead of being pushed down as a negative. Without them (or with
+no duplicates) the loss is exactly the reference's.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +21,11 @@ from preflmr_jax import late_interaction
 
 
 def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negatives: int,
-                     chunk_size: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     chunk_size: int = 0, doc_labels: Optional[jax.Array] = None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Returns (mean cross-entropy, metrics). `chunk_size` > 0 scores documents chunk by chunk so that
-  at most that many documents' token scores are live at once (same numbers)."""
+  at most that many documents' token scores are live at once (same numbers). `doc_labels` int
+  `[documents]`: duplicates of a query's positive are masked out of its softmax."""
   batch, docs = q.shape[0], d.shape[0]
   group = 1 + num_negatives
   if docs != batch * group:
@@ -27,15 +36,23 @@ def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negative
   else:
     scores = late_interaction.maxsim(q, d, d_mask)
   targets = jnp.arange(batch) * group
+  positive = jax.nn.one_hot(targets, docs, dtype=bool)
+  if doc_labels is not None:
+    duplicate = (doc_labels[None, :] == doc_labels[targets][:, None]) & ~positive
+    scores = jnp.where(duplicate, -jnp.inf, scores)
+    metrics_mask = ~duplicate
+  else:
+    metrics_mask = jnp.ones_like(positive)
   log_probs = jax.nn.log_softmax(scores, axis=-1)
   loss = -jnp.mean(jnp.take_along_axis(log_probs, targets[:, None], axis=-1))
 
-  positive = jax.nn.one_hot(targets, docs, dtype=bool)
+  negative = metrics_mask & ~positive
   metrics = {
       "loss": loss,
       "accuracy": jnp.mean(jnp.argmax(scores, axis=-1) == targets),
       "positive_score": jnp.sum(jnp.where(positive, scores, 0.0)) / batch,
-      "negative_score": jnp.sum(jnp.where(positive, 0.0, scores)) / max(batch * (docs - 1), 1),
+      "negative_score": (jnp.sum(jnp.where(negative, scores, 0.0))
+                         / jnp.maximum(jnp.sum(negative), 1)),
   }
   return loss, metrics
 

@@ -1,6 +1,9 @@
-"""Test setup: every test sees 8 simulated CPU devices (set before JAX initialises)."""
+"""Test setup: every test sees 8 simulated CPU devices (set before JAX initialises), and the SAMPLE
+M2KR task that the tiny config trains on is written and built once per session in a temporary cache
+(never the user's ~/.cache)."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,6 +11,8 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+_CACHE = tempfile.TemporaryDirectory(prefix="preflmr_jax_test_cache_")
+os.environ["XDG_CACHE_HOME"] = _CACHE.name  # subprocesses (python -m ...) inherit it
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402

@@ -39,6 +39,26 @@ def test_loss_and_metrics_match_the_definition(n):
   np.testing.assert_allclose(metrics["negative_score"], neg / (scores.size - len(q)), rtol=1e-5)
 
 
+def test_duplicates_of_a_positive_leave_its_softmax():
+  """Query 0's positive (label 7) also sits at 3 (query 1's negative) and 4 (query 2's positive)."""
+  n = 1
+  q, d, mask = _data(batch=3, n=n)
+  labels = np.array([7, 1, 2, 7, 7, 5])
+  loss, metrics = losses.contrastive_loss(q, d, mask, n, doc_labels=labels)
+  _, scores, targets = _reference(q, d, mask, n)
+  keep = ~((labels[None, :] == labels[targets][:, None]) & (np.arange(6)[None] != targets[:, None]))
+  assert keep.sum() == 18 - 4  # rows 0 and 2 each lose two duplicates
+  logz = [np.log(np.exp(row[k]).sum()) for row, k in zip(scores, keep)]
+  np.testing.assert_allclose(loss, np.mean(logz - scores[np.arange(3), targets]), rtol=1e-5)
+  neg = keep.copy()
+  neg[np.arange(3), targets] = False
+  np.testing.assert_allclose(metrics["negative_score"], scores[neg].mean(), rtol=1e-5)
+  grads = jax.grad(lambda q: losses.contrastive_loss(q, d, mask, n, doc_labels=labels)[0])(q)
+  assert np.isfinite(grads).all()
+  distinct, _ = losses.contrastive_loss(q, d, mask, n, doc_labels=np.arange(6))
+  np.testing.assert_allclose(distinct, losses.contrastive_loss(q, d, mask, n)[0], rtol=1e-6)
+
+
 def test_chunked_equals_unchunked_with_gradients():
   q, d, mask = _data()
   f = lambda q, d, c: losses.contrastive_loss(q, d, mask, 2, chunk_size=c)[0]

@@ -1,28 +1,19 @@
 """The synthetic retrieval source and the batch interface of `preflmr_jax.data`."""
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from preflmr_jax import data, image_processing, tokenization
+from preflmr_jax import config_files, data, image_processing, tokenization
 from preflmr_jax.data import synthetic
 from preflmr_jax.models import model_config as mc
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location("tiny_config", _ROOT / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+  return config_files.load_config("configs/tiny.py", {"data.source": "synthetic", **overrides})
 
 
 @pytest.fixture(scope="module")

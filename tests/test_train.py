@@ -1,22 +1,21 @@
 """The trainer: sharded step equals single-device, resume is exact, freezing holds, the tiny config
-learns the synthetic task, bad configs fail before compiling, non-finite steps never reach a
-checkpoint."""
+learns the sample task, bad configs fail before compiling, non-finite steps never reach a
+checkpoint, SIGTERM saves and stops."""
 
-import importlib.util
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import preflmr_jax
-from preflmr_jax import checkpointing, data, optimizer, sharding, tokenization, train
+from preflmr_jax import checkpointing, config_files, data, sharding, tokenization, train
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -24,18 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(spec="configs/tiny.py", **overrides):
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("config_under_test", ROOT / path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(*([arg] if arg else []))
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_files.load_config(spec, overrides)
 
 
 def short_run(spec="configs/tiny.py", **overrides):
@@ -45,25 +33,16 @@ def short_run(spec="configs/tiny.py", **overrides):
 
 
 def _step_on_mesh(config, mesh_config, steps=2):
-  """Runs `steps` train steps of the tiny model on `mesh_config`; returns (losses, params)."""
-  model_config = mc.PreFLMRConfig.from_dict(config.model)
-  model = preflmr.PreFLMR(model_config)
-  rules = tuple(config.logical_axis_rules)
+  """Runs `steps` of the trainer's own jitted step on `mesh_config`; returns (losses, params)."""
   mesh = sharding.make_mesh(mesh_config, jax.devices()[:np.prod(list(mesh_config.values()))])
-  boxed = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), **preflmr.dummy_inputs(model_config))["params"])
-  param_shardings = nn.meta.unbox(sharding.logical_to_shardings(boxed, mesh, rules))
-  params = jax.device_put(preflmr.init_params(model_config, jax.random.key(0)), param_shardings)
-  tx, labels = optimizer.make_optimizer(config, params)
-  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                           rng=jax.random.key_data(jax.random.key(1)),
-                           nonfinite_steps=jnp.int32(0), first_nonfinite_step=jnp.int32(-1))
-  it = data.make_train_iterator(config, model_config, tokenization.tiny_tokenizer(), 0, 1)
-  step = jax.jit(train.make_train_step(model, tx, labels, config))
+  setup = train.setup_train_step(config, mesh)
+  it = data.make_train_iterator(config, setup.model_config, tokenization.tiny_tokenizer(), 0, 1)
   losses = []
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    state = jax.jit(setup.init_state, static_argnums=0,
+                    out_shardings=setup.state_shardings)(config.seed)
     for _ in range(steps):
-      state, metrics = step(state, sharding.global_batch(mesh, next(it)))
+      state, metrics = setup.train_step(state, sharding.global_batch(mesh, next(it)))
       losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state.params)
 
@@ -124,8 +103,10 @@ def test_stage1_freezes_everything_but_the_mapping_structures(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_config_learns_the_synthetic_task(tmp_path):
-  config = load_config()
+@pytest.mark.parametrize("source", ["m2kr", "synthetic"])
+def test_tiny_config_learns_the_sample_task(tmp_path, source):
+  """Through the TFDS builds + grain (the SAMPLE task) and through the in-memory generator."""
+  config = load_config(**{"data.source": source})
   summary = train.train_and_evaluate(config, str(tmp_path))
   metrics = _read_metrics(tmp_path)
   chance = 1 / (1 + config.num_negatives) / config.batch_size
@@ -184,6 +165,45 @@ def test_nonfinite_steps_never_reach_a_checkpoint(tmp_path, monkeypatch, policy)
     train.train_and_evaluate(config, str(tmp_path))
   params = _final_params(tmp_path, config)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+class _SigtermAt:
+  """Wraps a data iterator; sends this process SIGTERM while producing batch `at`, as a preemption
+  notice would arrive in the middle of a step."""
+
+  def __init__(self, it, at):
+    self.it, self.at, self.count = it, at, 0
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+def test_sigterm_saves_the_current_step_and_stops_then_resumes_exactly(tmp_path, monkeypatch):
+  base = {"num_train_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 4}
+  train.train_and_evaluate(short_run(**base), str(tmp_path / "straight"))
+  make = data.make_train_iterator
+  handler = signal.getsignal(signal.SIGTERM)
+  with monkeypatch.context() as m:
+    m.setattr(data, "make_train_iterator", lambda *a, **k: _SigtermAt(make(*a, **k), 3))
+    train.train_and_evaluate(short_run(**base), str(tmp_path / "preempted"))
+  assert signal.getsignal(signal.SIGTERM) == handler  # the trainer's handler is gone again
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "preempted" / "checkpoints"))
+  assert ckpt.all_steps() == [3]  # saved off-interval at the preempted step, then stopped
+  ckpt.close()
+  assert [m["step"] for m in _read_metrics(tmp_path / "preempted")] == [1, 2, 3]
+  train.train_and_evaluate(short_run(**base), str(tmp_path / "preempted"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+               _final_params(tmp_path / "preempted", load_config()),
+               _final_params(tmp_path / "straight", load_config()))
 
 
 def test_main_trains_then_resumes_with_more_steps(tmp_path):

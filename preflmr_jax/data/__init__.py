@@ -11,6 +11,9 @@ Batch: a dict of NumPy arrays, this host's share of the global batch
   doc_input_ids         int32   [b * (1 + n), doc_maxlen]  `tokenization.DocumentTokenizer`,
                                 padding="max_length"
   doc_attention_mask    int32   [b * (1 + n), doc_maxlen]
+  doc_labels            int32   [b * (1 + n)]              which passage each document is (equal
+                                labels: the same passage), so that the loss can leave a copy of a
+                                query's positive out of its negatives
 
 Documents are ordered `[pos_0, neg_0_1 .. neg_0_n, pos_1, neg_1_1 .., ...]`: query i's positive is
 document `i * (1 + n)` (DESIGN.md section 2, "Loss"). A negative is never of its query's positive
@@ -27,8 +30,9 @@ Iterator protocol (as grain's `DatasetIterator`):
 Streams are deterministic given `config.seed`, and processes get disjoint shares of each global
 batch. `make_eval_batches` gives a fixed held-out list of batches of the same layout.
 
-Sources (`config.data.source`): "synthetic" (`data/synthetic.py`, a learnable coloured-shapes task
-for smoke runs and tests). The M2KR TFDS + grain pipeline implements the same interface.
+Sources (`config.data.source`): "m2kr" (`data/pipeline.py`: grain over the TFDS builds of
+`data/m2kr.py`; the tiny config trains on the SAMPLE task of `data/sample.py`) and "synthetic"
+(`data/synthetic.py`, the same coloured-shapes task generated in memory, for tests).
 """
 
 from typing import Any, Optional
@@ -36,10 +40,10 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-SOURCES = ("synthetic",)
+SOURCES = ("m2kr", "synthetic")
 
 BATCH_KEYS = ("query_input_ids", "query_attention_mask", "pixel_values", "doc_input_ids",
-              "doc_attention_mask")
+              "doc_attention_mask", "doc_labels")
 
 
 def local_batch_size(config, process_count: int) -> int:
@@ -75,6 +79,7 @@ def batch_spec(config, model_config, num_queries: Optional[int] = None
       "pixel_values": jax.ShapeDtypeStruct((b, size, size, 3), np.float32),
       "doc_input_ids": jax.ShapeDtypeStruct((d, ld), np.int32),
       "doc_attention_mask": jax.ShapeDtypeStruct((d, ld), np.int32),
+      "doc_labels": jax.ShapeDtypeStruct((d,), np.int32),
   }
 
 
@@ -99,8 +104,12 @@ def make_train_iterator(config, model_config, tokenizer, process_index: Optional
                         process_count: Optional[int] = None) -> Any:
   """This host's training batch iterator for `config.data.source` (see the module docstring)."""
   index, count = _processes(process_index, process_count)
-  _check_source(config)  # Only "synthetic" so far; the M2KR pipeline adds its branch here.
-  from preflmr_jax.data import synthetic  # Sources import only when chosen.
+  _check_source(config)
+  if config.data.source == "m2kr":
+    from preflmr_jax.data import pipeline  # Sources import only when chosen.
+    return pipeline.M2KRIterator(config, model_config, tokenizer, process_index=index,
+                                 process_count=count)
+  from preflmr_jax.data import synthetic
   return synthetic.SyntheticIterator(config, model_config, tokenizer,
                                      process_index=index, process_count=count)
 
@@ -111,6 +120,10 @@ def make_eval_batches(config, model_config, tokenizer, num_batches: int, *,
   """A fixed held-out list of `num_batches` batches (this host's share), same layout as training."""
   index, count = _processes(process_index, process_count)
   _check_source(config)
+  if config.data.source == "m2kr":
+    from preflmr_jax.data import pipeline
+    return pipeline.eval_batches(config, model_config, tokenizer, num_batches,
+                                 process_index=index, process_count=count)
   from preflmr_jax.data import synthetic
   return synthetic.eval_batches(config, model_config, tokenizer, num_batches,
                                 process_index=index, process_count=count)

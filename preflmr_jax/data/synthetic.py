@@ -291,6 +291,7 @@ class SyntheticIterator:
         "pixel_values": image_processing.preprocess_images(images, self.image_size),
         "doc_input_ids": self._corpus["input_ids"][docs],
         "doc_attention_mask": self._corpus["attention_mask"][docs],
+        "doc_labels": docs.astype(np.int32),
     }
 
 

@@ -1,0 +1,525 @@
+"""PreFLMR ViT-L on one GPU: train-step throughput and MFU, encoding throughput, MaxSim bandwidth.
+
+  python benchmarks/gpu.py --quick --json /tmp/gpu.json --md /tmp/gpu.md   # H100 / H200, ~4 min
+  python benchmarks/gpu.py --json /tmp/gpu.json --md /tmp/gpu.md           # more rows, ~6 min
+  JAX_PLATFORMS=cpu python benchmarks/gpu.py --tiny --json /tmp/g.json --md /tmp/g.md  # CPU smoke
+
+Train: the trainer's own step (`train.setup_train_step`) for configs/preflmr_vit_l.py (vision
+frozen, AdamW) in bf16 compute with fp32 master weights, on random batches padded like real ones
+(queries ~20 real tokens, documents ~180 of doc_maxlen). MFU = model FLOPs (2 per MAC of every
+matmul at the padded lengths; backward = 2x forward for trainable groups; the frozen vision tower
+forward only) / step time / the card's peak dense bf16 FLOP/s. "XLA util" uses XLA's
+cost_analysis FLOPs of the compiled step instead (hardware FLOPs: remat recomputation and
+elementwise ops included).
+Encode: jitted `encode_queries` / `encode_documents`, random bf16 weights. MaxSim:
+`late_interaction.maxsim_chunked` of a query batch against an on-device corpus; corpus bytes read
+per second are compared with a device copy (`x + 1`: read + write) measured in the same run.
+A failing measurement is recorded with its error and the run goes on; --json / --md are rewritten
+after every measurement, so a run that is cut off keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+START = time.perf_counter()
+# The largest train rows need more than JAX's default 75% of device memory (nothing else runs).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout without installing the package
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from preflmr_jax import data, late_interaction, optimizer, sharding, train  # noqa: E402
+from preflmr_jax.models import model_config as mc_lib  # noqa: E402
+from preflmr_jax.models import preflmr  # noqa: E402
+
+CLS, SEP, MASK, Q_MARK, D_MARK = 101, 102, 103, 1, 2
+# Dense bf16 tensor-core peak and nominal HBM bandwidth by device_kind substring, first match wins
+# (NVL parts have other clocks: pass --peak_tflops).
+PEAK_TFLOPS = {"NVL": None, "H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4}
+HBM_TBPS = {"NVL": None, "H200": 4.8, "H100 80GB HBM3": 3.35, "H100 SXM": 3.35}
+VARIANTS = {  # train-step settings that might raise MFU; master weights stay fp32 in all
+    "base": dict(remat=False),
+    "remat": dict(remat=True, remat_policy="nothing_saveable"),
+    "remat_dots": dict(remat=True, remat_policy="dots_saveable"),
+}
+
+
+def log(msg):
+  print(f"[{time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+
+
+def lookup(table, kind):
+  return next((v for k, v in table.items() if k.lower() in kind.lower()), None)
+
+
+def load_config(spec):
+  """get_config(arg) of a config file given as path[:arg] (relative to the cwd or the repo)."""
+  path, _, arg = spec.partition(":")
+  path = path if os.path.exists(path) else os.path.join(ROOT, path)
+  module_spec = importlib.util.spec_from_file_location("benchmark_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+# ------------------------------------------------------------------------------ model FLOPs
+def _attention(q_len, kv_len, h):
+  """MACs of one attention block, one sequence: q/o over q_len, k/v over kv_len, QK^T and AV."""
+  return 2 * q_len * h * h + 2 * kv_len * h * h + 2 * q_len * kv_len * h
+
+
+def forward_macs(mc, queries, docs):
+  """Forward matmul MACs per top-level parameter group (padded lengths; the last vision layer is
+  counted whole, as written, though only its CLS output is read)."""
+  t, v, m, p = mc.text, mc.vision, mc.mapping, mc.vision.num_patches
+  bert = lambda n: t.num_layers * (_attention(n, n, t.hidden_size)
+                                   + 2 * n * t.hidden_size * t.intermediate_size)
+  vision = p * v.patch_size ** 2 * v.num_channels * v.hidden_size + v.num_layers * (
+      _attention(p + 1, p + 1, v.hidden_size) + 2 * (p + 1) * v.hidden_size * v.intermediate_size)
+  width, cross = mc.dim * mc.mapping_prefix_length, min(mc.mapping_cross_attention_length,
+                                                         mc.query_maxlen)
+  macs = {
+      "query_text": queries * bert(mc.query_maxlen),
+      "query_head": 0 if mc.output == "mapping_only" else
+                    queries * mc.query_maxlen * t.hidden_size * mc.dim,
+      "vision": queries * vision,
+      "vision_projection": queries * (v.hidden_size + width) * width // 2,
+      "mapping_input": queries * p * v.hidden_size * m.hidden_size,
+      "mapping_output": queries * p * m.hidden_size * mc.dim,
+      "document_text": docs * bert(mc.doc_maxlen),
+      "document_head": docs * mc.doc_maxlen * t.hidden_size * mc.dim,
+  }
+  for i in range(m.num_layers):
+    macs[f"mapping_layer_{i}"] = queries * (
+        _attention(p, p, m.hidden_size) + _attention(p, cross, m.hidden_size)
+        + 2 * p * m.hidden_size * m.intermediate_size)
+  return macs
+
+
+def train_flops(mc, queries, docs, trainable):
+  """Forward + 2x forward for trainable groups + the loss's MaxSim (backward: 1x per side that
+  needs a gradient)."""
+  macs = forward_macs(mc, queries, docs)
+  total = sum(n * (3 if group in trainable else 1) for group, n in macs.items())
+  d_grad = bool({"document_text", "document_head"} & trainable)
+  q_grad = bool(trainable - {"document_text", "document_head"})
+  score = queries * docs * mc.query_length * mc.doc_maxlen * mc.dim
+  return 2 * (total + score * (1 + q_grad + d_grad))
+
+
+def encode_flops(mc, kind, n):
+  macs = forward_macs(mc, n, n)
+  docs = macs["document_text"] + macs["document_head"]
+  return 2 * (docs if kind == "documents" else sum(macs.values()) - docs)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def make_batch(config, mc, queries, query_tokens, doc_tokens, seed=0):
+  """Random inputs shaped as `data.batch_spec`: [CLS] [Q]/[D] text [SEP], then [MASK] (queries) or
+  [PAD] (documents) padding; ~query_tokens / doc_tokens real tokens (+-25%)."""
+  rng = np.random.default_rng(seed)
+  spec = data.batch_spec(config, mc, queries)
+  vocab = mc.text.vocab_size
+
+  def ids_and_mask(shape, target, marker, pad):
+    n, length = shape
+    lengths = np.clip(rng.integers(int(0.75 * target), int(1.25 * target) + 1, n), 6, length)
+    ids = rng.integers(min(1000, vocab // 2), vocab, shape)
+    mask = np.arange(length)[None] < lengths[:, None]
+    ids[:, 0], ids[:, 1] = CLS, marker
+    ids[np.arange(n), lengths - 1] = SEP
+    ids[~mask] = pad
+    return ids.astype(np.int32), mask.astype(np.int32)
+
+  q_ids, q_mask = ids_and_mask(spec["query_input_ids"].shape, query_tokens, Q_MARK, MASK)
+  q_ids[:, 4] = mc.instruction_token_id  # the instruction's ":" (text is masked up to there)
+  d_ids, d_mask = ids_and_mask(spec["doc_input_ids"].shape, min(doc_tokens, mc.doc_maxlen),
+                               D_MARK, 0)
+  known = dict(query_input_ids=q_ids, query_attention_mask=q_mask, doc_input_ids=d_ids,
+               doc_attention_mask=d_mask, pixel_values=rng.standard_normal(
+                   spec["pixel_values"].shape, dtype=np.float32))
+  batch = {}
+  for key, s in spec.items():
+    # Other keys (e.g. doc_labels) get the row index: every document a distinct passage.
+    rows = np.arange(s.shape[0]).reshape((-1,) + (1,) * (len(s.shape) - 1))
+    batch[key] = known[key] if key in known else np.broadcast_to(rows, s.shape).astype(s.dtype)
+    assert batch[key].shape == s.shape and batch[key].dtype == s.dtype, key
+  return batch
+
+
+def random_params(abstract, dtype, seed=1):
+  """N(0, 0.02) arrays shaped as `abstract`, sliced from one random buffer (compiles fast)."""
+  leaves, treedef = jax.tree.flatten(abstract)
+  sizes = [math.prod(a.shape) for a in leaves]
+
+  def make():
+    flat = 0.02 * jax.random.normal(jax.random.key(seed), (sum(sizes),), dtype)
+    parts = jnp.split(flat, np.cumsum(sizes)[:-1])
+    return treedef.unflatten([x.reshape(a.shape) for x, a in zip(parts, leaves)])
+
+  return jax.jit(make)()
+
+
+def time_loop(fn, iters, warmup=1):
+  """Mean seconds per call over `iters` back-to-back calls (one sync at the end)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  t = time.perf_counter()
+  for _ in range(iters):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / iters
+
+
+def compile_timed(jitted, *args):
+  """-> (compiled, seconds, XLA FLOPs of the compiled (else the lowered) computation or None)."""
+  t = time.perf_counter()
+  lowered = jitted.lower(*args)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - t
+  for stage in (compiled, lowered):
+    try:
+      cost = stage.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      if (cost or {}).get("flops"):
+        return compiled, seconds, float(cost["flops"])
+    except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+      pass
+  return compiled, seconds, None
+
+
+def memory_stats():
+  stats = jax.devices()[0].memory_stats() or {}
+  return {k: stats[k] for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats}
+
+
+def gib(n):
+  return None if n is None else n / 2 ** 30
+
+
+class Bench:
+  """The settings, the results so far, and the state shared between measurements."""
+
+  def __init__(self, args):
+    self.args = args
+    self.config = load_config(args.config)
+    self.config.model.dtype = "bfloat16"  # compute; param_dtype stays float32 (master weights)
+    if self.config.model.param_dtype != "float32":
+      raise ValueError("master weights must be float32 (config.model.param_dtype)")
+    self.config.mesh = dict(data=1, fsdp=1, tensor=1)
+    self.mc = mc_lib.PreFLMRConfig.from_dict(self.config.model)
+    self.mesh = sharding.make_mesh(self.config.mesh, jax.devices()[:1])
+    self.rules = tuple(tuple(rule) for rule in self.config.logical_axis_rules)
+    device = jax.devices()[0]
+    peak = args.peak_tflops or lookup(PEAK_TFLOPS, device.device_kind)
+    self.peak = peak * 1e12 if peak else None
+    self.results = {
+        "device_kind": device.device_kind, "platform": device.platform, "jax": jax.__version__,
+        "python": platform.python_version(), "argv": sys.argv[1:], "config": args.config,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "peak_bf16_tflops": peak, "nominal_hbm_tbps": lookup(HBM_TBPS, device.device_kind),
+        "model": dict(dtype=self.mc.dtype, param_dtype=self.mc.param_dtype, output=self.mc.output,
+                      query_maxlen=self.mc.query_maxlen, query_length=self.mc.query_length,
+                      doc_maxlen=self.mc.doc_maxlen, num_negatives=self.config.num_negatives,
+                      freeze=list(self.config.freeze)),
+        "copy": [], "maxsim": [], "train": [], "encode": []}
+    self.setups, self.state, self.init_state = {}, None, None
+
+  def save(self):
+    self.results["memory_gib"] = {k: gib(v) for k, v in memory_stats().items()}
+    self.results["elapsed_s"] = time.perf_counter() - START
+    if self.args.json:
+      with open(self.args.json, "w") as f:
+        json.dump(self.results, f, indent=1)
+    if self.args.md:
+      with open(self.args.md, "w") as f:
+        f.write(markdown(self.results))
+
+  def guarded(self, section, fn, *args):
+    """Runs a section's shared setup + measurements; a setup failure becomes an error row."""
+    try:
+      fn(*args)
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      self.results[section].append({"name": "setup", "error": f"{type(e).__name__}: {e}"[:2000]})
+
+  def attempt(self, section, name, fn, *args):
+    """Runs one measurement; an exception becomes an error row and the run goes on."""
+    log(f"{section}: {name}")
+    try:
+      row = {"name": name, **fn(*args)}
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      row = {"name": name, "error": f"{type(e).__name__}: {e}"[:2000]}
+    self.results[section].append(row)
+    peak = memory_stats().get("peak_bytes_in_use")
+    log(f"  {json.dumps(row, default=str)[:300]}"
+        + ("" if peak is None else f"\n  peak device memory so far {gib(peak):.1f} GiB"))
+    self.save()
+
+  # ---------------------------------------------------------------------------- sections
+  def copy_bandwidth(self, nbytes, iters):
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    add = jax.jit(lambda a: a + 1)  # reads and writes every byte; XLA cannot elide it
+    seconds = time_loop(lambda: add(x), iters)
+    return {"bytes": nbytes, "ms": seconds * 1e3, "gb_per_s": 2 * nbytes / seconds / 1e9}
+
+  def maxsim_section(self, n_docs, batches, lq, tile_bytes, iters, ld=180, dim=128):
+    """bf16, then fp32 corpora of n_docs documents (a multiple of 4096 unless tiny)."""
+    block = min(n_docs, 4096)  # tiled: fewer than 2^32 random numbers, values do not matter
+    make = lambda key: jnp.tile(jax.random.normal(key, (block, ld, dim), jnp.bfloat16),
+                                (n_docs // block, 1, 1))
+    D = jax.jit(make)(jax.random.key(2))
+    lengths = jax.random.randint(jax.random.key(3), (n_docs,), 32, ld + 1)
+    D_mask = jnp.arange(ld)[None] < lengths[:, None]
+    for dtype in ("bfloat16", "float32"):
+      D = D.astype(dtype)  # rebinding frees the bf16 corpus
+      for b in batches:
+        Q = jax.random.normal(jax.random.key(4), (b, lq, dim), jnp.float32)
+        Q = (Q / jnp.linalg.norm(Q, axis=-1, keepdims=True)).astype(dtype)
+        self.attempt("maxsim", f"{dtype} {b}x{lq}", self.maxsim, D, D_mask, Q, tile_bytes, iters)
+
+  def maxsim(self, D, D_mask, Q, tile_bytes, iters):
+    (n, ld, dim), (b, lq, _) = D.shape, Q.shape
+    # Largest power-of-two chunk whose f32 token scores fit tile_bytes and that divides n (a
+    # ragged last chunk would make maxsim_chunked pad, i.e. copy, the corpus).
+    chunk = 1 << max(0, int(tile_bytes // (4 * b * lq * ld)).bit_length() - 1)
+    while n % chunk:
+      chunk //= 2
+    seconds = time_loop(lambda: late_interaction.maxsim_chunked(Q, D, D_mask, chunk), iters)
+    corpus_gbps = (D.nbytes + D_mask.nbytes) / seconds / 1e9
+    copy = next((c["gb_per_s"] for c in self.results["copy"] if "gb_per_s" in c), None)
+    return {"dtype": str(D.dtype), "queries": b, "query_tokens": lq, "docs": n, "doc_tokens": ld,
+            "dim": dim, "chunk_size": chunk, "ms": seconds * 1e3,
+            "tflop_per_s": 2 * b * n * lq * ld * dim / seconds / 1e12, "docs_per_s": n / seconds,
+            "corpus_gb_per_s": corpus_gbps, "of_copy_bw": corpus_gbps / copy if copy else None,
+            # f32 token scores written and read back once, if XLA does not fuse matmul and max
+            "score_gb_per_s_if_unfused": 8 * b * lq * n * ld / seconds / 1e9}
+
+  def encode_section(self, n, iters):
+    params = random_params(preflmr.abstract_params(self.mc), jnp.bfloat16)  # serving weights
+    batch = make_batch(self.config, self.mc, n, self.args.query_tokens, self.args.doc_tokens)
+    queries = [batch[k] for k in ("query_input_ids", "query_attention_mask", "pixel_values")]
+    docs = [batch["doc_input_ids"][:n], batch["doc_attention_mask"][:n]]
+    for kind, method, inputs in (("queries", preflmr.PreFLMR.encode_queries, queries),
+                                 ("documents", preflmr.PreFLMR.encode_documents, docs)):
+      self.attempt("encode", f"{kind} {n}", self.encode, kind, method, params,
+                   [jnp.asarray(x) for x in inputs], iters)
+
+  def encode(self, kind, method, params, inputs, iters):
+    model = preflmr.PreFLMR(self.mc)
+    fn = jax.jit(lambda p, *x: model.apply({"params": p}, *x, method=method))
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      compiled, compile_s, hw = compile_timed(fn, params, *inputs)
+    seconds = time_loop(lambda: compiled(params, *inputs), iters)
+    n, flops = inputs[0].shape[0], encode_flops(self.mc, kind, inputs[0].shape[0])
+    return {"kind": kind, "batch": n, "compile_s": compile_s, "ms": seconds * 1e3,
+            "tokens": self.mc.query_length if kind == "queries" else self.mc.doc_maxlen,
+            "examples_per_s": n / seconds, "model_tflop": flops / 1e12,
+            "xla_tflop": hw / 1e12 if hw else None, "tflop_per_s": flops / seconds / 1e12,
+            "mfu": flops / seconds / self.peak if self.peak else None}
+
+  def setup(self, variant):
+    if variant not in self.setups:
+      self.config.model.update(VARIANTS[variant])
+      self.setups[variant] = train.setup_train_step(self.config, self.mesh)
+      self.config.model.update(VARIANTS["base"])
+    return self.setups[variant]
+
+  def train(self, queries, variant, steps):
+    setup = self.setup(variant)
+    self.config.batch_size = queries
+    docs = queries * (1 + self.config.num_negatives)
+    host = make_batch(self.config, self.mc, queries, self.args.query_tokens, self.args.doc_tokens)
+    batch = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim))
+             for k, v in host.items()}
+    # One state serves every row: variants and batch sizes share its shapes and shardings.
+    if self.state is None or any(x.is_deleted() for x in jax.tree.leaves(self.state)):
+      if self.init_state is None:
+        self.init_state = jax.jit(setup.init_state, static_argnums=0,
+                                  out_shardings=setup.state_shardings)
+      self.state = self.init_state(self.config.seed)
+    row = {"queries": queries, "docs": docs, "variant": variant, **VARIANTS[variant]}
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(setup.rules):
+      compiled, row["compile_s"], hw = compile_timed(setup.train_step, setup.abstract_state, batch)
+    mem, stats = compiled.memory_analysis(), memory_stats()
+    if mem is not None:  # bytes beyond the (donated) arguments, from XLA's buffer assignment
+      need = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+      row["step_gib"] = gib(need)
+      if "bytes_limit" in stats and stats["bytes_in_use"] + need > stats["bytes_limit"]:
+        free = gib(stats["bytes_limit"] - stats["bytes_in_use"])
+        return {**row, "skipped": f"needs {gib(need):.1f} GiB, {free:.1f} GiB free"}
+
+    def step():
+      self.state, metrics = compiled(self.state, batch)
+      return metrics
+
+    seconds = time_loop(step, steps, warmup=2)
+    trainable = {g for g, labels in setup.labels.items()
+                 if any(label != "frozen" for label in jax.tree.leaves(labels))}
+    flops = train_flops(self.mc, queries, docs, trainable)
+    counts = optimizer.count_trainable(setup.abstract_state.params, setup.labels)
+    return {**row, "step_ms": seconds * 1e3, "queries_per_s": queries / seconds,
+            "docs_per_s": docs / seconds, "model_tflop": flops / 1e12,
+            "xla_tflop": hw / 1e12 if hw else None, "tflop_per_s": flops / seconds / 1e12,
+            "mfu": flops / seconds / self.peak if self.peak else None,
+            "xla_util": hw / seconds / self.peak if self.peak and hw else None,
+            "loss": float(step()["loss"]), "params_total": counts["total"],
+            "params_trainable": counts["trainable"], "trainable_groups": sorted(trainable)}
+
+
+# ---------------------------------------------------------------------------------- report
+COLUMNS = {  # section -> (header, key, format)
+    "train": [("queries:variant", "name", ""), ("step ms", "step_ms", ".1f"),
+              ("queries/s", "queries_per_s", ".4g"), ("model TFLOP", "model_tflop", ".3g"),
+              ("XLA TFLOP", "xla_tflop", ".3g"), ("TFLOP/s", "tflop_per_s", ".3g"),
+              ("MFU", "mfu", ".1%"), ("XLA util", "xla_util", ".1%"),
+              ("step GiB", "step_gib", ".1f"), ("compile s", "compile_s", ".0f")],
+    "encode": [("kind batch", "name", ""), ("tokens", "tokens", "d"), ("ms", "ms", ".1f"),
+               ("examples/s", "examples_per_s", ".4g"), ("TFLOP/s", "tflop_per_s", ".3g"),
+               ("MFU", "mfu", ".1%"), ("compile s", "compile_s", ".0f")],
+    "maxsim": [("dtype BxLq", "name", ""), ("docs", "docs", "d"), ("chunk", "chunk_size", "d"),
+               ("ms", "ms", ".1f"), ("TFLOP/s", "tflop_per_s", ".3g"),
+               ("docs/s", "docs_per_s", ".3g"), ("corpus GB/s", "corpus_gb_per_s", ".3g"),
+               ("of copy bw", "of_copy_bw", ".1%"),
+               ("scores GB/s*", "score_gb_per_s_if_unfused", ".3g")],
+    "copy": [("copy", "name", ""), ("bytes", "bytes", "d"), ("ms", "ms", ".2f"),
+             ("GB/s (read+write)", "gb_per_s", ".3g")],
+}
+
+
+def tables(r):
+  m = r["model"]
+  titles = {
+      "train": f"Train step ({r['config']}; bf16 compute, fp32 master weights; "
+               f"{m['num_negatives']} negative(s)/query; {m['query_length']} query tokens, "
+               f"doc_maxlen {m['doc_maxlen']}; frozen: {', '.join(m['freeze']) or 'none'})",
+      "encode": "Encoding (bf16 weights and compute, random weights)",
+      "maxsim": "MaxSim (late_interaction.maxsim_chunked, corpus on device)",
+      "copy": f"Device copy bandwidth (nominal HBM {r['nominal_hbm_tbps'] or '?'} TB/s)"}
+  out = []
+  for section in ("train", "encode", "maxsim", "copy"):
+    rows = []
+    for row in r[section]:
+      note = (row.get("error") or row.get("skipped") or "").splitlines()
+      rows.append(["-" if row.get(key) is None else format(row[key], fmt)
+                   for _, key, fmt in COLUMNS[section]] + [note[0][:100] if note else ""])
+    out.append((titles[section], [h for h, _, _ in COLUMNS[section]] + ["note"], rows))
+  return out
+
+
+def markdown(r):
+  peak = r["peak_bf16_tflops"]
+  mem = r.get("memory_gib", {}).get("peak_bytes_in_use")
+  lines = [f"### {r['device_kind']} ({r['date']}, jax {r['jax']})", "",
+           f"`python benchmarks/gpu.py {' '.join(r['argv'])}`: peak bf16 "
+           f"{f'{peak} TFLOP/s' if peak else 'unknown (pass --peak_tflops)'}, peak device memory "
+           f"{'-' if mem is None else f'{mem:.1f}'} GiB, {r['elapsed_s']:.0f} s.", ""]
+  for title, header, rows in tables(r):
+    lines += [f"{title}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(x.replace("|", "/") for x in row) + " |" for row in rows] + [""]
+  lines.append("\\*f32 token-score traffic (write + read) if XLA does not fuse the MaxSim matmul "
+               "with its max over document tokens.")
+  return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ main
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="fewer rows, sizes and steps")
+  parser.add_argument("--tiny", action="store_true", help="configs/tiny.py shapes, for a CPU run")
+  parser.add_argument("--json", help="write every number to this file")
+  parser.add_argument("--md", help="write markdown tables to this file (for RESULTS.md)")
+  parser.add_argument("--config", help="config file[:arg] (default configs/preflmr_vit_l.py)")
+  parser.add_argument("--train_rows", help=f"QUERIES:VARIANT,... with VARIANT in {list(VARIANTS)} "
+                      "(default 32:base,128:remat; without --quick also 128:remat_dots, and "
+                      "128:base on cards with > 100 GiB)")
+  parser.add_argument("--steps", type=int, help="timed train steps per row")
+  parser.add_argument("--encode_batch", type=int, help="examples per encoding call (default 256)")
+  parser.add_argument("--peak_tflops", type=float, help="peak dense bf16 TFLOP/s of the device")
+  parser.add_argument("--budget_s", type=float, default=270, help="start no train row after the "
+                      "first that would end past this many seconds (estimate: the slowest so far)")
+  parser.add_argument("--skip", default="", help="comma list of: copy,maxsim,train,encode")
+  parser.add_argument("--query_tokens", type=int, default=20, help="real query tokens (+-25%%)")
+  parser.add_argument("--doc_tokens", type=int, default=180, help="real document tokens (+-25%%)")
+  parser.add_argument("--compile_cache", help="persistent compile cache folder (faster reruns)")
+  args = parser.parse_args()
+  quick, tiny = args.quick, args.tiny
+  args.config = args.config or ("configs/tiny.py" if tiny else "configs/preflmr_vit_l.py")
+  default_rows = (("8:base" if quick else "8:base,16:remat") if tiny else
+                  "32:base,128:remat" + ("" if quick else ",128:remat_dots"))
+  rows = []
+  for item in filter(None, (args.train_rows or default_rows).split(",")):
+    queries, _, variant = item.partition(":")
+    if not queries.isdigit() or (variant or "base") not in VARIANTS:
+      parser.error(f"--train_rows: bad row {item!r}; variants are {list(VARIANTS)}")
+    rows.append((int(queries), variant or "base"))
+  steps = args.steps or (3 if tiny else 10 if quick else 20)
+  skip = set(filter(None, args.skip.split(",")))
+  if args.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+
+  bench = Bench(args)
+  r = bench.results
+  peak = r["peak_bf16_tflops"]
+  log(f"{r['device_kind']} ({r['platform']}), jax {jax.__version__}, "
+      f"{f'peak bf16 {peak} TFLOP/s' if peak else 'unknown peak (pass --peak_tflops)'}; "
+      f"{args.config}: {bench.mc.query_length} query tokens, doc_maxlen {bench.mc.doc_maxlen}")
+  if r["platform"] == "cpu" and not tiny:
+    log("warning: full-size shapes on CPU are very slow; use --tiny")
+  if not (args.train_rows or quick or tiny) and memory_stats().get("bytes_limit", 0) > 100 << 30:
+    rows.append((128, "base"))  # batch 128 without remat can only fit on a card like the H200
+  if args.config == "configs/preflmr_vit_l.py":
+    try:  # stage 3 differs from the release-shape config in learning rates only, if at all
+      s3 = load_config("configs/stage3.py:vit_l")
+      r["stage3_same_step"] = (tuple(s3.freeze) == tuple(bench.config.freeze)
+                               and s3.model.output == bench.mc.output)
+      log(f"configs/stage3.py:vit_l trains the same groups with the same output: "
+          f"{r['stage3_same_step']}{' (not run separately)' if r['stage3_same_step'] else ''}")
+    except Exception as e:  # pylint: disable=broad-except
+      log(f"could not compare with configs/stage3.py:vit_l: {type(e).__name__}: {e}")
+
+  # Cheap sections first; train before encode: it is the main result if time runs out.
+  if "copy" not in skip:
+    bench.attempt("copy", "x + 1", bench.copy_bandwidth, (64 if tiny else 4096) << 20, 10)
+  if "maxsim" not in skip:
+    bench.guarded("maxsim", bench.maxsim_section,
+                  1024 if tiny else 4096 * (24 if quick else 48),  # ~100k / ~200k documents
+                  (4,) if tiny else (32,) if quick else (32, 1),  # query batches
+                  32 if tiny else bench.mc.query_length, (16 if tiny else 1024) << 20,
+                  3 if tiny or quick else 5)
+  if "train" not in skip:
+    slowest = 0.0
+    for i, (queries, variant) in enumerate(rows):
+      name = f"{queries}:{variant}"
+      if i and time.perf_counter() - START + slowest > args.budget_s:
+        r["train"].append({"name": name, "skipped": f"time budget {args.budget_s:.0f} s"})
+        log(f"train: {name} skipped (time budget, --budget_s)")
+        continue
+      t = time.perf_counter()
+      bench.attempt("train", name, bench.train, queries, variant, steps)
+      slowest = max(slowest, time.perf_counter() - t)
+    bench.state = None  # free the train state before encoding
+  if "encode" not in skip:
+    bench.guarded("encode", bench.encode_section, args.encode_batch or (16 if tiny else 256),
+                  5 if quick else 10)
+  bench.save()
+  print("\n" + markdown(r), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,323 @@
+"""The M2KR input pipeline (`config.data.source="m2kr"`): grain over the TFDS array_record builds.
+
+Per task (`config.data.tasks`, e.g. "OVEN=2,OKVQA=1"; weights default to 1): this host's share of
+the task's queries (records `i` with `i % process_count == process_index`: disjoint, and together
+all of them), shuffled with a seed per task and re-shuffled every epoch, endlessly repeated. Each
+example draws its instruction (`instructions.py`; the dataset's own for tasks without templates),
+one of its positives and `config.num_negatives` negatives (first from its mined hard negatives when
+`config.data.hard_negatives_dir` holds the task's `<task>_rankings.jsonl`, then at random from the
+task's passage corpus; never one of its positives), with an RNG seeded by (seed, task, index in the stream), then is tokenised and
+its image preprocessed (a black image for text-only queries). The tasks are mixed with the weights,
+batched to this host's `b` queries, and (with `config.data.num_workers > 0`) produced in worker
+processes. Batches follow the interface of `preflmr_jax.data`; `doc_labels` is a passage's index in
+the concatenated corpora of the tasks.
+
+The iterator's state (grain's, JSON-serialisable) goes into the checkpoint; restoring it continues
+the stream exactly. Evaluation batches come from the `valid` split in order, with the dataset's own
+instructions and negatives seeded by the record's index.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import os
+import threading
+from typing import Any, Optional, Sequence
+
+import grain
+import numpy as np
+from absl import flags, logging
+from PIL import Image
+
+from preflmr_jax import image_processing, tokenization
+from preflmr_jax import data as data_lib
+from preflmr_jax.data import instructions, m2kr
+
+SOURCE = "m2kr"
+
+
+def parse_tasks(spec: str) -> list[tuple[str, float]]:
+  """"OVEN=2,OKVQA" -> [("OVEN", 2.0), ("OKVQA", 1.0)]; errors name config.data.tasks."""
+  tasks = []
+  for part in filter(None, (p.strip() for p in str(spec or "").split(","))):
+    name, eq, weight = part.partition("=")
+    try:
+      task = m2kr.canonical_task(name)
+      w = float(weight) if eq else 1.0
+    except ValueError as e:
+      raise ValueError(f"config.data.tasks={spec!r}: {e}") from None
+    if not w > 0 or not np.isfinite(w):
+      raise ValueError(f"config.data.tasks={spec!r}: weight of {task} must be positive, got {w}")
+    if task in dict(tasks):
+      raise ValueError(f"config.data.tasks={spec!r}: {task} given twice")
+    tasks.append((task, w))
+  if not tasks:
+    raise ValueError("config.data.tasks is empty; e.g. 'OVEN=1,OKVQA=1'")
+  return tasks
+
+
+def default_sample_dir() -> str:
+  """$XDG_CACHE_HOME/preflmr_jax/m2kr_sample (~/.cache/... when unset)."""
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache, "preflmr_jax", "m2kr_sample")
+
+
+def resolve_data_dir(config) -> str:
+  """`config.data.data_dir`; for the SAMPLE task with none set, builds the sample on first use."""
+  tasks = [t for t, _ in parse_tasks(config.data.tasks)]
+  data_dir = config.data.get("data_dir") or ""
+  if data_dir:
+    return os.path.expanduser(data_dir)
+  if tasks != ["SAMPLE"]:
+    raise ValueError(f"config.data.data_dir is not set; build the tasks {tasks} with "
+                     "python -m preflmr_jax.data.prepare (README, 'Preparing M2KR')")
+  from preflmr_jax.data import sample  # pylint: disable=g-import-not-at-top
+  root = os.path.expanduser(config.data.get("sample_dir") or default_sample_dir())
+  sample.ensure_sample(os.path.join(root, "source"), os.path.join(root, "tfds"))
+  return os.path.join(root, "tfds")
+
+
+# ---------------------------------------------------------------------------
+# Examples.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Corpus:
+  """A task's passages with an id -> index map (built once, in the main process)."""
+  passages: Any
+  index: dict[str, int]
+  offset: int  # of this corpus in the concatenated `doc_labels` space
+
+  @classmethod
+  def load(cls, data_dir: str, task: str, split: str, offset: int) -> "_Corpus":
+    passages = m2kr.load_passages(data_dir, task, split)
+    index, chunk = {}, 8192
+    for start in range(0, len(passages), chunk):  # batched reads: ~10x faster than one by one
+      records = passages.__getitems__(range(start, min(start + chunk, len(passages))))
+      index.update((r["passage_id"], start + i) for i, r in enumerate(records))
+    return cls(passages, index, offset)
+
+
+class _MakeExample(grain.transforms.RandomMap):
+  """Record -> one query with its positive and negatives, tokenised, fixed shapes."""
+
+  def __init__(self, task: str, corpus: _Corpus, num_negatives: int, tokenizer, model_config,
+               own_instructions: bool, hard_negatives: Optional[dict[str, list[int]]] = None):
+    self.task, self.corpus, self.n = task, corpus, num_negatives
+    self.hard_negatives = hard_negatives or {}
+    self.templates = None if own_instructions else instructions.training_instructions(task)
+    self.tokenizer, self.model_config = tokenizer, model_config
+    self.image_size = model_config.vision.image_size
+    self._per_thread = {}
+
+  def __getstate__(self):  # worker processes make their own tokenizers
+    return {**self.__dict__, "_per_thread": {}}
+
+  def _tokenizers(self):
+    # grain reads with several threads, and a fast tokenizer's padding / truncation settings are
+    # per object: shared, one thread's query padding leaks into another's documents.
+    key = threading.get_ident()
+    if key not in self._per_thread:
+      tokenizer = copy.deepcopy(self.tokenizer)
+      self._per_thread[key] = (
+          tokenization.QueryTokenizer(tokenizer, self.model_config.query_maxlen),
+          tokenization.DocumentTokenizer(tokenizer, self.model_config.doc_maxlen))
+    return self._per_thread[key]
+
+  def _positives(self, record) -> list[int]:
+    found = [self.corpus.index[p] for p in record["pos_item_ids"] if p in self.corpus.index]
+    if not found:  # The builder drops such records; a mismatched build must not train silently.
+      raise ValueError(f"{self.task} query {record['question_id']!r}: none of its positives "
+                       f"{record['pos_item_ids']} is in the passage corpus")
+    return found
+
+  def _negatives(self, question_id: str, positives: Sequence[int],
+                 rng: np.random.Generator) -> list[int]:
+    size, excluded, negatives = len(self.corpus.index), set(positives), []
+    hard = [i for i in self.hard_negatives.get(question_id, ()) if i not in excluded]
+    for j in rng.permutation(len(hard))[:self.n]:  # mined ones first, then random passages
+      negatives.append(hard[j])
+      excluded.add(hard[j])
+    while len(negatives) < self.n:
+      i = int(rng.integers(size))
+      if i not in excluded:
+        negatives.append(i)
+        excluded.add(i)
+    return negatives
+
+  def _image(self, data: bytes) -> np.ndarray:
+    if data:
+      image = Image.open(io.BytesIO(data))
+    else:  # text-only query: a black image (DESIGN.md section 2)
+      image = Image.new("RGB", (self.image_size, self.image_size))
+    return image_processing.preprocess_images([image], self.image_size)[0]
+
+  def random_map(self, record, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    positives = self._positives(record)
+    docs = ([positives[int(rng.integers(len(positives)))]]
+            + self._negatives(record["question_id"], positives, rng))
+    instruction = (record["instruction"] if self.templates is None
+                   else self.templates[int(rng.integers(len(self.templates)))])
+    query_tok, doc_tok = self._tokenizers()
+    query = query_tok([record["question"]], [instruction])
+    texts = [r["passage_content"] for r in self.corpus.passages.__getitems__(docs)]
+    doc = doc_tok(texts, padding="max_length")
+    return {
+        "query_input_ids": query["input_ids"][0],
+        "query_attention_mask": query["attention_mask"][0],
+        "pixel_values": self._image(record["image"]),
+        "doc_input_ids": doc["input_ids"],
+        "doc_attention_mask": doc["attention_mask"],
+        "doc_labels": np.asarray(docs, np.int32) + self.corpus.offset,
+    }
+
+
+def _flatten_documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  # [b, 1 + n, ...] -> [b * (1 + n), ...]: query i's positive lands at i * (1 + n).
+  for key in ("doc_input_ids", "doc_attention_mask", "doc_labels"):
+    batch[key] = batch[key].reshape((-1,) + batch[key].shape[2:])
+  return batch
+
+
+# ---------------------------------------------------------------------------
+# Datasets.
+# ---------------------------------------------------------------------------
+
+
+def _check(config, tasks, corpora, queries) -> None:
+  n = data_lib.num_negatives(config)
+  for (task, _), corpus, records in zip(tasks, corpora, queries):
+    if len(records) == 0:
+      raise ValueError(f"config.data.tasks: {task} has no queries in this split")
+    if len(corpus.index) < n + 1:
+      raise ValueError(f"config.num_negatives={n}: {task}'s corpus has only {len(corpus.index)} "
+                       "passages")
+
+
+def _task_datasets(config, model_config, tokenizer, split: str, *, train: bool,
+                   process_index: int, process_count: int):
+  data_dir = resolve_data_dir(config)
+  tasks = parse_tasks(config.data.tasks)
+  seed = int(config.seed)
+  corpora, offset = [], 0
+  for task, _ in tasks:
+    corpora.append(_Corpus.load(data_dir, task, split, offset))
+    offset += len(corpora[-1].passages)
+  queries = [m2kr.load_queries(data_dir, task, split) for task, _ in tasks]
+  _check(config, tasks, corpora, queries)
+  datasets = []
+  for t, ((task, _), corpus, records) in enumerate(zip(tasks, corpora, queries)):
+    ds = query_stream(records, _seed(seed, t, 0) if train else None, process_index, process_count)
+    make = _MakeExample(task, corpus, data_lib.num_negatives(config), tokenizer, model_config,
+                        own_instructions=not train,
+                        hard_negatives=_hard_negatives(config, task, corpus) if train else None)
+    datasets.append(ds.random_map(make, seed=_seed(seed, t, 1 if train else 2)))
+    logging.info("m2kr %s/%s: %d queries (%d on this host), %d passages", task, split,
+                 len(records), len(range(process_index, len(records), process_count)),
+                 len(corpus.passages))
+  return tasks, datasets
+
+
+def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, list[int]]]:
+  """`config.data.hard_negatives_dir/<task>_rankings.jsonl` (the eval binary's rankings: one
+  `{"question_id", "passage_ids": [best first]}` per line), top `hard_negatives_depth` kept as
+  corpus indices; None when the folder is unset or has no file for `task`."""
+  folder = config.data.get("hard_negatives_dir") or ""
+  path = os.path.join(os.path.expanduser(folder), f"{task}_rankings.jsonl")
+  if not folder or not os.path.exists(path):
+    return None
+  depth = int(config.data.get("hard_negatives_depth", 0)) or None
+  mined, unknown = {}, 0
+  with open(path) as f:
+    for line_number, line in enumerate(f, 1):
+      try:
+        row = json.loads(line)
+        ids = row["passage_ids"][:depth]
+        mined[str(row["question_id"])] = [corpus.index[i] for i in ids if i in corpus.index]
+        unknown += sum(i not in corpus.index for i in ids)
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}:{line_number}: not a rankings line ({e!r}); expected "
+                         '{"question_id": ..., "passage_ids": [...]}') from None
+  if unknown:
+    logging.warning("%s: %d passage ids are not in %s's corpus; ignored", path, unknown, task)
+  logging.info("%s: hard negatives for %d queries", path, len(mined))
+  return mined
+
+
+def query_stream(records, shuffle_seed: Optional[int], process_index: int,
+                 process_count: int) -> grain.MapDataset:
+  """This host's endless stream of `records`: shard `i % process_count == process_index`, then
+  shuffled anew every epoch (in order, wrapping around, when `shuffle_seed` is None)."""
+  ds = grain.MapDataset.source(records)[process_index::process_count]
+  if shuffle_seed is not None:
+    ds = ds.shuffle(seed=shuffle_seed)
+  return ds.repeat()
+
+
+def _seed(seed: int, task: int, stream: int) -> int:
+  return int(np.random.SeedSequence([seed, task, stream]).generate_state(1)[0])
+
+
+def _batched(config, tasks, datasets, process_count: int) -> grain.MapDataset:
+  weights = [w for _, w in tasks]
+  ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+  b = data_lib.local_batch_size(config, process_count)
+  return ds.batch(b, drop_remainder=True).map(_flatten_documents)
+
+
+class M2KRIterator:
+  """This host's training batches (the `preflmr_jax.data` iterator protocol)."""
+
+  def __init__(self, config, model_config, tokenizer=None, *, process_index: int = 0,
+               process_count: int = 1):
+    if tokenizer is None:
+      tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
+    tasks, datasets = _task_datasets(config, model_config, tokenizer, "train", train=True,
+                                     process_index=process_index, process_count=process_count)
+    ds = _batched(config, tasks, datasets, process_count).to_iter_dataset()
+    workers = int(config.data.get("num_workers", 0))
+    if workers < 0:
+      raise ValueError(f"config.data.num_workers={workers} must be >= 0")
+    if workers:
+      if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside an absl app
+        flags.FLAGS.mark_as_parsed()   # (tests, notebooks) their defaults stand
+      ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers))
+    self._it = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    return {"source": SOURCE, "grain": self._it.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    if not isinstance(state, dict) or state.get("source") != SOURCE or "grain" not in state:
+      raise ValueError(f"not a {SOURCE!r} data iterator state: {state!r}")
+    self._it.set_state(state["grain"])
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
+def eval_batches(config, model_config, tokenizer, num_batches: int, *, process_index: int = 0,
+                 process_count: int = 1, split: str = "valid") -> list[dict[str, np.ndarray]]:
+  """The first `num_batches` batches of `split`, in order, with the dataset's own instructions."""
+  if tokenizer is None:
+    tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
+  tasks, datasets = _task_datasets(config, model_config, tokenizer, split, train=False,
+                                   process_index=process_index, process_count=process_count)
+  ds = _batched(config, tasks, datasets, process_count)
+  return [ds[i] for i in range(num_batches)]
+
+
+__all__ = ["M2KRIterator", "default_sample_dir", "eval_batches", "parse_tasks", "query_stream",
+           "resolve_data_dir"]

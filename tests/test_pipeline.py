@@ -1,0 +1,219 @@
+"""The M2KR input pipeline on real TFDS builds of the sample folder: determinism, host shards,
+negatives, mixture weights, exact iterator state, instructions, text-only queries, config errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preflmr_jax import config_files, data, image_processing, tokenization
+from preflmr_jax.data import instructions, m2kr, pipeline, sample
+from preflmr_jax.models import model_config as mc
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """SAMPLE, plus an "OVEN" that is a copy of it (a second task, VQA instructions)."""
+  root = tmp_path_factory.mktemp("m2kr")
+  sample.write_sample(str(root / "source"))
+  for kind in ("data", "passages"):
+    shutil.copytree(root / "source" / f"SAMPLE_{kind}", root / "source" / f"OVEN_{kind}")
+  report = m2kr.build(str(root / "source"), str(root / "source" / "images"), ["SAMPLE", "OVEN"],
+                      str(root / "tfds"))
+  assert report.usable, report.to_json()
+  return str(root / "tfds")
+
+
+def _config(data_dir, **overrides):
+  return config_files.load_config("configs/tiny.py", {"data.data_dir": data_dir, **overrides})
+
+
+def _iterator(config, **kwargs):
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  return data.make_train_iterator(config, model_config, tokenization.tiny_tokenizer(), **kwargs)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batches_have_the_interface_shapes(data_dir):
+  config = _config(data_dir)
+  batch = next(_iterator(config, process_index=0, process_count=1))
+  spec = data.batch_spec(config, mc.PreFLMRConfig.from_dict(config.model))
+  assert set(batch) == set(data.BATCH_KEYS) == set(spec)
+  for k, v in spec.items():
+    assert batch[k].shape == v.shape and batch[k].dtype == v.dtype, k
+
+
+def test_same_seed_same_batches_other_seed_other_batches(data_dir):
+  a = _take(_iterator(_config(data_dir), process_index=0, process_count=1), 3)
+  b = _take(_iterator(_config(data_dir), process_index=0, process_count=1), 3)
+  _assert_same(a, b)
+  c = _take(_iterator(_config(data_dir, seed=1), process_index=0, process_count=1), 3)
+  assert not np.array_equal(a[0]["pixel_values"], c[0]["pixel_values"])
+
+
+def test_hosts_get_disjoint_shards_covering_the_data_each_epoch_reshuffled(data_dir):
+  records = m2kr.load_queries(data_dir, "SAMPLE", "train")
+  ids = lambda ds, lo, hi: [ds[i]["question_id"] for i in range(lo, hi)]
+  shards = [pipeline.query_stream(records, 7, p, 2) for p in range(2)]
+  sizes = [len(range(p, len(records), 2)) for p in range(2)]
+  epochs = [ids(ds, 0, n) for ds, n in zip(shards, sizes)]
+  assert not set(epochs[0]) & set(epochs[1])
+  assert sorted(epochs[0] + epochs[1]) == sorted(records[i]["question_id"]
+                                                 for i in range(len(records)))
+  second = ids(shards[0], sizes[0], 2 * sizes[0])
+  assert sorted(second) == sorted(epochs[0]) and second != epochs[0]
+
+
+def test_two_processes_batches_differ_and_have_the_local_size(data_dir):
+  config = _config(data_dir)
+  b0, b1 = (next(_iterator(config, process_index=p, process_count=2)) for p in range(2))
+  assert b0["query_input_ids"].shape[0] == config.batch_size // 2
+  assert not np.array_equal(b0["pixel_values"], b1["pixel_values"])
+
+
+def test_negatives_are_never_a_positive_of_their_query(data_dir):
+  config = _config(data_dir, num_negatives=3)
+  it = _iterator(config, process_index=0, process_count=1)
+  records = m2kr.load_queries(data_dir, "SAMPLE", "train")
+  passages = m2kr.load_passages(data_dir, "SAMPLE", "train")
+  assert all(len(records[i]["pos_item_ids"]) == 1 for i in range(len(records)))
+  for batch in _take(it, 20):
+    labels = batch["doc_labels"].reshape(config.batch_size, 4)
+    assert (labels[:, 1:] != labels[:, :1]).all()
+    assert all(len(set(row)) == 4 for row in labels.tolist())  # distinct negatives
+    assert labels.min() >= 0 and labels.max() < len(passages)
+
+
+def test_mixture_follows_the_weights(data_dir):
+  config = _config(data_dir, **{"data.tasks": "SAMPLE=3,OVEN=1", "batch_size": 32})
+  n_sample = len(m2kr.load_passages(data_dir, "SAMPLE", "train"))
+  labels = np.concatenate([b["doc_labels"][::2] for b in
+                           _take(_iterator(config, process_index=0, process_count=1), 25)])
+  share = np.mean(labels < n_sample)  # OVEN's passages follow SAMPLE's in the label space
+  assert abs(share - 0.75) < 0.05, share
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterator_state_continues_exactly(data_dir, workers):
+  config = _config(data_dir, **{"data.num_workers": workers})
+  it = _iterator(config, process_index=0, process_count=1)
+  _take(it, 3)
+  state = it.get_state()
+  expected = _take(it, 2)
+  it.close()
+  again = _iterator(config, process_index=0, process_count=1)
+  again.set_state(state)
+  _assert_same(_take(again, 2), expected)
+  again.close()
+  if workers:  # worker processes produce exactly what the main process would
+    _assert_same(expected, _take(_iterator(_config(data_dir), process_index=0, process_count=1),
+                                 5)[3:])
+
+
+def test_state_of_another_source_is_refused(data_dir):
+  it = _iterator(_config(data_dir), process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="not a 'm2kr' data iterator state"):
+    it.set_state({"source": "synthetic", "step": 3})
+
+
+def test_training_draws_templates_evaluation_keeps_the_dataset_instruction(data_dir):
+  config = _config(data_dir)
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  corpus = pipeline._Corpus.load(data_dir, "OVEN", "train", 0)
+  tok = tokenization.tiny_tokenizer()
+  train = pipeline._MakeExample("OVEN", corpus, 1, tok, model_config, own_instructions=False)
+  evaluation = pipeline._MakeExample("OVEN", corpus, 1, tok, model_config, own_instructions=True)
+  assert train.templates == instructions.VQA and evaluation.templates is None
+  assert pipeline._MakeExample("SAMPLE", corpus, 1, tok, model_config, False).templates is None
+  seen = set()
+  for seed in range(40):
+    record = {"question_id": "q", "question": "what?", "instruction": "Own:", "image": b"",
+              "pos_item_ids": ["SAMPLE_p03"], "answers": []}
+    ids = train.random_map(record, np.random.default_rng(seed))["query_input_ids"]
+    seen.add(tuple(ids.tolist()))
+  assert len(seen) > 3  # the instruction varies across examples
+
+
+def test_text_only_query_gets_a_black_image(data_dir):
+  config = _config(data_dir)
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  corpus = pipeline._Corpus.load(data_dir, "SAMPLE", "train", 0)
+  make = pipeline._MakeExample("SAMPLE", corpus, 1, tokenization.tiny_tokenizer(), model_config,
+                               own_instructions=True)
+  record = {"question_id": "q", "question": "what?", "instruction": "Own:", "image": b"",
+            "pos_item_ids": ["SAMPLE_p03"], "answers": []}
+  example = make.random_map(record, np.random.default_rng(0))
+  size = model_config.vision.image_size
+  black = image_processing.preprocess_images([Image.new("RGB", (size, size))], size)[0]
+  np.testing.assert_allclose(example["pixel_values"], black)
+  assert example["doc_labels"][0] == 3
+
+
+def test_eval_batches_are_fixed_and_use_the_valid_split(data_dir):
+  config = _config(data_dir)
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  a = data.make_eval_batches(config, model_config, tokenization.tiny_tokenizer(), 2,
+                             process_index=0, process_count=1)
+  b = data.make_eval_batches(config, model_config, tokenization.tiny_tokenizer(), 2,
+                             process_index=0, process_count=1)
+  _assert_same(a, b)
+  assert len(a) == 2 and a[0]["query_input_ids"].shape[0] == config.batch_size
+
+
+@pytest.mark.parametrize("overrides,error,message", [
+    ({"data.tasks": ""}, ValueError, "config.data.tasks is empty"),
+    ({"data.tasks": "OVEN,NOPE"}, ValueError, "config.data.tasks='OVEN,NOPE'.*unknown M2KR task"),
+    ({"data.tasks": "OVEN=0"}, ValueError, "weight of OVEN must be positive"),
+    ({"data.tasks": "OVEN,oven"}, ValueError, "OVEN given twice"),
+    ({"num_negatives": 64}, ValueError, "config.num_negatives=64: SAMPLE's corpus has only 64"),
+    ({"data.tasks": "OKVQA"}, FileNotFoundError, "OKVQA.*not built.*preflmr_jax.data.prepare"),
+    ({"data.num_workers": -1}, ValueError, "config.data.num_workers=-1"),
+])
+def test_bad_data_configs_name_the_key(data_dir, overrides, error, message):
+  with pytest.raises(error, match=message):
+    _iterator(_config(data_dir, **overrides), process_index=0, process_count=1)
+
+
+def test_real_tasks_without_data_dir_ask_for_prepare():
+  config = config_files.load_config("configs/tiny.py", {"data.tasks": "OVEN"})
+  with pytest.raises(ValueError, match="config.data.data_dir is not set"):
+    pipeline.resolve_data_dir(config)
+
+
+def test_mined_hard_negatives_are_drawn_first_never_a_positive(data_dir, tmp_path):
+  records = m2kr.load_queries(data_dir, "SAMPLE", "train")
+  passages = m2kr.load_passages(data_dir, "SAMPLE", "train")
+  pid = [passages[i]["passage_id"] for i in range(len(passages))]
+  with open(tmp_path / "SAMPLE_rankings.jsonl", "w") as f:
+    for i in range(len(records)):
+      r = records[i]
+      # Its positive first (must be skipped), then passages 10 and 11, then an unknown id.
+      ranking = r["pos_item_ids"] + [pid[10], pid[11], "not-a-passage"]
+      f.write(json.dumps({"question_id": r["question_id"], "passage_ids": ranking}) + "\n")
+  config = _config(data_dir, num_negatives=3,
+                   **{"data.hard_negatives_dir": str(tmp_path), "data.hard_negatives_depth": 3})
+  for batch in _take(_iterator(config, process_index=0, process_count=1), 5):
+    labels = batch["doc_labels"].reshape(config.batch_size, 4)
+    for pos, *negs in labels.tolist():
+      mined = {10, 11} - {pos}
+      assert mined <= set(negs) and pos not in negs
+
+
+def test_malformed_rankings_name_the_line(data_dir, tmp_path):
+  (tmp_path / "SAMPLE_rankings.jsonl").write_text('{"question_id": "a", "passage_ids": []}\nnope\n')
+  config = _config(data_dir, **{"data.hard_negatives_dir": str(tmp_path)})
+  with pytest.raises(ValueError, match="SAMPLE_rankings.jsonl:2: not a rankings line"):
+    _iterator(config, process_index=0, process_count=1)
