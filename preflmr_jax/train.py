@@ -232,6 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ckpt.close()
       preemption.close()
       log.close()
+      if hasattr(train_iter, "close"):  # grain worker processes
+        train_iter.close()
   return last
 
 
