@@ -157,7 +157,7 @@ class Checkpointer:
     self.close()
 
 
-def _find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
+def find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
   """Resolves a run's workdir, its checkpoints directory or one step's folder to a step folder."""
   if (path / "params").is_dir():  # one step's folder
     if not _is_complete(path):
@@ -183,7 +183,7 @@ def restore_params(path: str, abstract_params, step: int | None = None):
   `path` is a run's workdir, its `checkpoints` directory or one step's folder; step=None picks the
   latest complete step.
   """
-  item_dir = _find_step_dir(epath.Path(path), step) / "params"
+  item_dir = find_step_dir(epath.Path(path), step) / "params"
   _check_against_checkpoint(item_dir, abstract_params, "params")
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(item_dir, abstract_params)

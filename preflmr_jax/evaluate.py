@@ -1,0 +1,239 @@
+"""The eval binary: a checkpoint -> passage corpus encoding -> exact MaxSim search -> M2KR metrics.
+
+  python -m preflmr_jax.evaluate --config configs/tiny.py --checkpoint WORKDIR_OR_STEP_OR_FOLDER \
+      --tasks SAMPLE --split test --data_dir DIR --output OUT [--ks 1,5,10] [--batch_size 64]
+
+`--checkpoint` is a run's workdir (its latest complete step; `--step N` for another), one step's
+folder, or a published PreFLMR folder (`config.json` + `model.safetensors`: its own config and
+tokenizers are used, not `--config`'s model). Only parameters are restored, never the optimiser
+state. Per task: the `<split>_passages` corpus is encoded in batches over all devices (the batch
+sharded along `data`), queries are encoded with the dataset's own instructions, every query is
+scored against the whole corpus with `search.exact_search` (the corpus sharded over the devices),
+and Recall@K / PseudoRecall@K (`metrics.py`) are computed. Outputs in OUT: `results.json`
+(`{task: {"Recall@5": ..., "PseudoRecall@5": ..., "headline": ..., "num_queries": ...,
+"num_passages": ..., "checkpoint": ..., "step": ...}}`), `results.md` (one row per task, the
+headline metric in bold) and `<task>_rankings.jsonl` (`{"question_id", "passage_ids", "scores"}`
+per query, best first; the trainer can mine hard negatives from it, `config.data.hard_negatives_dir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tempfile
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from preflmr_jax import (checkpointing, image_processing, metrics, pretrained, search,
+                         tokenization)
+from preflmr_jax.data import m2kr, pipeline
+from preflmr_jax.models import model_config as mc
+from preflmr_jax.models import preflmr
+
+
+@dataclasses.dataclass
+class Restored:
+  model_config: mc.PreFLMRConfig
+  params: Any
+  query_tokenizer: Any
+  document_tokenizer: Any
+  checkpoint: str
+  step: Optional[int]  # None for a published folder
+
+
+def _is_published(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and any(
+      name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json"))
+      for name in os.listdir(path))
+
+
+def restore(config, checkpoint: str, step: Optional[int] = None) -> Restored:
+  """Parameters (only) and tokenizers from a workdir / step folder / published folder."""
+  if not os.path.isdir(checkpoint):
+    raise FileNotFoundError(f"--checkpoint={checkpoint}: no such folder")
+  if _is_published(checkpoint):
+    model = pretrained.load_pretrained(checkpoint)
+    query_tok, doc_tok = model.query_tokenizer, model.document_tokenizer
+    if query_tok is None or doc_tok is None:  # a folder without tokenizers: the config's
+      query_tok = doc_tok = tokenization.tokenizer_from_config(config.tokenizer)
+    return Restored(model.config, model.params, query_tok, doc_tok, checkpoint, None)
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  step_dir = checkpointing.find_step_dir(epath.Path(checkpoint), step)
+  # Replicated on this process's devices, whatever mesh the checkpoint was saved from.
+  replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          preflmr.abstract_params(model_config))
+  params = checkpointing.restore_params(os.fspath(step_dir), abstract)
+  tok = tokenization.tokenizer_from_config(config.tokenizer)
+  return Restored(model_config, params, tok, tok, checkpoint, int(step_dir.name))
+
+
+class Encoder:
+  """Jitted query / document encoders, batches split over all devices (`data`)."""
+
+  def __init__(self, restored: Restored, batch_size: int, devices: Optional[Sequence] = None):
+    devices = list(jax.devices() if devices is None else devices)
+    self.mesh = Mesh(np.asarray(devices), ("data",))
+    self.batch_size = -(-batch_size // len(devices)) * len(devices)  # a multiple of the devices
+    self.config = restored.model_config
+    self.params = jax.device_put(restored.params, NamedSharding(self.mesh, P()))
+    self.query_tok = tokenization.QueryTokenizer(restored.query_tokenizer, self.config.query_maxlen)
+    self.doc_tok = tokenization.DocumentTokenizer(restored.document_tokenizer,
+                                                  self.config.doc_maxlen)
+    model = preflmr.PreFLMR(self.config)
+    self._queries = jax.jit(lambda p, *x: model.apply({"params": p}, *x,
+                                                      method=preflmr.PreFLMR.encode_queries))
+    self._documents = jax.jit(lambda p, *x: model.apply({"params": p}, *x,
+                                                        method=preflmr.PreFLMR.encode_documents))
+
+  def _run(self, fn, arrays: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    pad = self.batch_size - n  # fixed shapes: one compile
+    arrays = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a for a in arrays]
+    arrays = [jax.device_put(a, NamedSharding(self.mesh, P("data"))) for a in arrays]
+    emb, mask = fn(self.params, *arrays)
+    return np.asarray(emb)[:n], np.asarray(mask)[:n]
+
+  def documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    t = self.doc_tok(list(texts), padding="max_length")
+    return self._run(self._documents, [t["input_ids"], t["attention_mask"]], len(texts))
+
+  def queries(self, questions, instructions, images) -> tuple[np.ndarray, np.ndarray]:
+    t = self.query_tok(list(questions), list(instructions))
+    size = self.config.vision.image_size
+    pixels = image_processing.preprocess_images(
+        [Image.open(io.BytesIO(b)) if b else Image.new("RGB", (size, size)) for b in images], size)
+    return self._run(self._queries, [t["input_ids"], t["attention_mask"], pixels], len(questions))
+
+
+def _batches(n: int, size: int):
+  for start in range(0, n, size):
+    yield range(start, min(start + size, n))
+
+
+def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Sequence[int],
+                  chunk_size: int = 256) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """(metrics, rankings) of one task's split."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  passages = m2kr.load_passages(data_dir, task, split)
+  queries = m2kr.load_queries(data_dir, task, split)
+  if len(passages) == 0 or len(queries) == 0:
+    raise ValueError(f"{task}/{split}: empty corpus or no queries ({len(passages)} passages, "
+                     f"{len(queries)} queries)")
+  k = min(max(ks), len(passages))
+  ids, texts, embs, masks = [], [], [], []
+  for rows in tqdm(list(_batches(len(passages), encoder.batch_size)), desc=f"{task} passages"):
+    records = passages.__getitems__(rows)
+    ids += [r["passage_id"] for r in records]
+    texts += [r["passage_content"] for r in records]
+    e, m = encoder.documents([r["passage_content"] for r in records])
+    embs.append(e)
+    masks.append(m)
+  corpus, corpus_mask = np.concatenate(embs), np.concatenate(masks)
+  corpus = jax.device_put(corpus, search.corpus_sharding(encoder.mesh))
+  corpus_mask = jax.device_put(corpus_mask, search.corpus_sharding(encoder.mesh))
+  rankings, positives, answers = [], [], []
+  for rows in tqdm(list(_batches(len(queries), encoder.batch_size)), desc=f"{task} queries"):
+    records = queries.__getitems__(rows)
+    q, _ = encoder.queries([r["question"] for r in records], [r["instruction"] for r in records],
+                           [r["image"] for r in records])
+    scores, top = search.exact_search(q, None, corpus, corpus_mask, k, chunk_size,
+                                      mesh=encoder.mesh)
+    for r, s, i in zip(records, np.asarray(scores), np.asarray(top)):
+      rankings.append({"question_id": r["question_id"], "passage_ids": [ids[j] for j in i],
+                       "scores": [float(x) for x in s]})
+      positives.append(r["pos_item_ids"])
+      answers.append(r["answers"])
+  has_answers = any(answers)
+  result = metrics.task_metrics(task, [r["passage_ids"] for r in rankings], positives, ks,
+                                answers=answers if has_answers else None,
+                                passage_text=dict(zip(ids, texts)) if has_answers else None)
+  result.update(headline=metrics.HEADLINE[task], num_queries=len(queries),
+                num_passages=len(passages))
+  return result, rankings
+
+
+def _write_atomically(path: str, text: str) -> None:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+  """One row per task; the headline metric in bold."""
+  names = sorted({k for r in results.values() for k in r if "@" in k},
+                 key=lambda n: (n.split("@")[0], int(n.split("@")[1])))
+  lines = ["| task | queries | passages | " + " | ".join(names) + " |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+  for task, r in results.items():
+    cells = [(f"**{r[n]:.4f}**" if n == r["headline"] else f"{r[n]:.4f}") if n in r else ""
+             for n in names]
+    lines.append(f"| {task} | {r['num_queries']} | {r['num_passages']} | " + " | ".join(cells)
+                 + " |")
+  return "\n".join(lines) + "\n"
+
+
+def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str, output: str,
+        ks: Sequence[int] = (1, 5, 10), batch_size: int = 64, step: Optional[int] = None
+        ) -> dict[str, dict[str, Any]]:
+  """Evaluates `tasks` and writes results.json, results.md and <task>_rankings.jsonl to output."""
+  if split not in m2kr.SPLITS:
+    raise ValueError(f"--split={split!r}: expected one of {m2kr.SPLITS}")
+  tasks = [m2kr.canonical_task(t) for t in tasks]
+  restored = restore(config, checkpoint, step)
+  encoder = Encoder(restored, batch_size)
+  os.makedirs(output, exist_ok=True)
+  results = {}
+  for task in tasks:
+    result, rankings = evaluate_task(encoder, data_dir, task, split, ks)
+    result.update(checkpoint=restored.checkpoint, step=restored.step, split=split)
+    results[task] = result
+    _write_atomically(os.path.join(output, f"{task}_rankings.jsonl"),
+                      "".join(json.dumps(r) + "\n" for r in rankings))
+    logging.info("%s/%s: %s", task, split, {k: v for k, v in result.items() if "@" in k})
+  _write_atomically(os.path.join(output, "results.json"), json.dumps(results, indent=2) + "\n")
+  _write_atomically(os.path.join(output, "results.md"), markdown(results))
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  config = f.config
+  data_dir = f.data_dir or pipeline.resolve_data_dir(config)
+  try:
+    ks = [int(k) for k in f.ks.split(",")]
+  except ValueError:
+    raise app.UsageError(f"--ks={f.ks!r}: expected comma-separated integers") from None
+  results = run(config, f.checkpoint, f.tasks.split(","), f.split, data_dir, f.output, ks,
+                f.batch_size, f.step)
+  print(markdown(results))
+
+
+def define_flags():
+  """Defined only when run as a program (tools are imported together in tests)."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).")
+  flags.DEFINE_string("checkpoint", None, "Workdir, step folder or published PreFLMR folder.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
+  flags.DEFINE_string("tasks", "SAMPLE", "Comma-separated M2KR tasks.")
+  flags.DEFINE_string("split", "test", "train, valid or test.")
+  flags.DEFINE_string("data_dir", "", "TFDS data_dir (default: config.data.data_dir / the sample).")
+  flags.DEFINE_string("output", None, "Output folder.")
+  flags.DEFINE_string("ks", "1,5,10", "Recall@K cut-offs.")
+  flags.DEFINE_integer("batch_size", 64, "Encoding batch size (all devices together).")
+
+
+if __name__ == "__main__":
+  define_flags()
+  flags.mark_flags_as_required(["config", "checkpoint", "output"])
+  app.run(main)

@@ -1,0 +1,118 @@
+"""The eval binary end to end on the sample M2KR build: from a trainer workdir and from a published
+folder, outputs consistent with the metrics' definitions, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import preflmr_jax
+from preflmr_jax import config_files, evaluate, metrics, train
+from preflmr_jax.data import m2kr, pipeline
+from preflmr_jax.models import model_config as mc
+
+
+def _config(**overrides):
+  return config_files.load_config("configs/tiny.py", overrides)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("run")
+  train.train_and_evaluate(_config(num_train_steps=2, log_every_steps=1,
+                                   **{"optimizer.warmup_steps": 0}), str(path))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+  return pipeline.resolve_data_dir(_config())  # the SAMPLE build (tests/conftest.py's cache)
+
+
+def test_workdir_checkpoint_end_to_end(workdir, data_dir, tmp_path):
+  results = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path),
+                         ks=(1, 5), batch_size=16)
+  r = results["SAMPLE"]
+  queries = m2kr.load_queries(data_dir, "SAMPLE", "test")
+  passages = m2kr.load_passages(data_dir, "SAMPLE", "test")
+  assert r["num_queries"] == len(queries) and r["num_passages"] == len(passages)
+  assert r["step"] == 2 and r["checkpoint"] == workdir and r["headline"] == "Recall@1"
+  assert json.load(open(tmp_path / "results.json")) == results
+  lines = [json.loads(l) for l in open(tmp_path / "SAMPLE_rankings.jsonl")]
+  assert [l["question_id"] for l in lines] == [queries[i]["question_id"]
+                                               for i in range(len(queries))]
+  for l in lines:
+    assert len(l["passage_ids"]) == 5 and l["scores"] == sorted(l["scores"], reverse=True)
+  # The metrics are those of the written rankings, by the metrics' definitions.
+  rankings = [l["passage_ids"] for l in lines]
+  positives = [queries[i]["pos_item_ids"] for i in range(len(queries))]
+  want = metrics.recall_at_k(rankings, positives, (1, 5))
+  assert r["Recall@1"] == want[1] and r["Recall@5"] == want[5]
+  text = {passages[i]["passage_id"]: passages[i]["passage_content"] for i in range(len(passages))}
+  pseudo = metrics.pseudo_recall_at_k(rankings, [queries[i]["answers"] for i in range(len(queries))],
+                                      text, (5,))
+  assert r["PseudoRecall@5"] == pseudo[5]
+  table = (tmp_path / "results.md").read_text()
+  assert f"**{r['Recall@1']:.4f}**" in table and "| SAMPLE |" in table
+
+
+def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path):
+  """Top-1 scores equal MaxSim of the encoders' outputs computed directly (no search)."""
+  restored = evaluate.restore(_config(), workdir)
+  encoder = evaluate.Encoder(restored, 8)
+  passages = m2kr.load_passages(data_dir, "SAMPLE", "test")
+  queries = m2kr.load_queries(data_dir, "SAMPLE", "test")
+  texts = [passages[i]["passage_content"] for i in range(len(passages))]
+  d, d_mask = np.concatenate([encoder.documents(texts[i:i + 8])[0] for i in range(0, 64, 8)]), \
+      np.concatenate([encoder.documents(texts[i:i + 8])[1] for i in range(0, 64, 8)])
+  q, _ = encoder.queries(*zip(*[(queries[i]["question"], queries[i]["instruction"],
+                                 queries[i]["image"]) for i in range(4)]))
+  scores = np.asarray(preflmr_jax.maxsim(q, d, d_mask))
+  evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path), ks=(1,),
+               batch_size=16)
+  lines = [json.loads(l) for l in open(tmp_path / "SAMPLE_rankings.jsonl")][:4]
+  ids = [passages[i]["passage_id"] for i in range(len(passages))]
+  for row, l in zip(scores, lines):
+    assert l["passage_ids"][0] == ids[int(np.argmax(row))]
+    np.testing.assert_allclose(l["scores"][0], row.max(), rtol=1e-5)
+
+
+def test_published_folder(workdir, data_dir, tmp_path):
+  restored = evaluate.restore(_config(), workdir)
+  folder = str(tmp_path / "published")
+  preflmr_jax.PretrainedPreFLMR(restored.model_config, restored.params).save_pretrained(folder)
+  a = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "a"), ks=(1,))
+  b = evaluate.run(_config(), folder, ["SAMPLE"], "test", data_dir, str(tmp_path / "b"), ks=(1,))
+  assert b["SAMPLE"]["step"] is None
+  assert a["SAMPLE"]["Recall@1"] == b["SAMPLE"]["Recall@1"]
+
+
+def test_checkpoint_of_another_config_names_the_parameter(workdir, data_dir, tmp_path):
+  other = _config(**{"model.dim": 8})
+  with pytest.raises(ValueError, match=r"document_head/kernel: the checkpoint .* has shape \(32, 16\), the model expects \(32, 8\)"):
+    evaluate.run(other, workdir, ["SAMPLE"], "test", data_dir, str(tmp_path))
+
+
+def test_missing_split_or_checkpoint_is_a_clear_error(workdir, data_dir, tmp_path):
+  with pytest.raises(ValueError, match="--split='dev'"):
+    evaluate.run(_config(), workdir, ["SAMPLE"], "dev", data_dir, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="OKVQA.*not built"):
+    evaluate.run(_config(), workdir, ["OKVQA"], "test", data_dir, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no such folder"):
+    evaluate.run(_config(), str(tmp_path / "nope"), ["SAMPLE"], "test", data_dir, str(tmp_path))
+
+
+def test_binary(workdir, data_dir, tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "preflmr_jax.evaluate", "--config", "configs/tiny.py",
+       "--checkpoint", workdir, "--tasks", "SAMPLE", "--split", "test", "--data_dir", data_dir,
+       "--output", str(tmp_path), "--ks", "1,5"],
+      cwd=config_files.REPO_ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "| SAMPLE |" in out.stdout
+  results = json.load(open(tmp_path / "results.json"))
+  assert set(results["SAMPLE"]) >= {"Recall@1", "Recall@5", "PseudoRecall@5", "num_queries"}
