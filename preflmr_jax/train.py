@@ -57,6 +57,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps"):
     if config[key] < 1:
       raise ValueError(f"config.{key}={config[key]} must be >= 1")
+  # Each device scores its queries against every document of the global batch; unchunked, XLA
+  # keeps all their token scores (e.g. 103 GiB per v5e chip for ViT-L at 4096 queries).
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  docs = config.batch_size * (1 + config.num_negatives)
+  per_chunk = config.score_chunk_size or docs
+  score_bytes = (config.batch_size // shards) * min(per_chunk, docs) * 4 * (
+      model_config.query_length * model_config.doc_maxlen)
+  if score_bytes > 2**31:
+    logging.warning("the loss's token scores take %.1f GiB per device; set config.score_chunk_size "
+                    "(documents scored at once) to bound them", score_bytes / 2**30)
 
 
 def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, labels,
