@@ -19,6 +19,7 @@ per query, best first; the trainer can mine hard negatives from it, `config.data
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -118,8 +119,59 @@ def _batches(n: int, size: int):
     yield range(start, min(start + size, n))
 
 
+def _fingerprint(encoder: Encoder, passages) -> str:
+  """Changes with the parameters, the model config and the corpus build."""
+  h = hashlib.blake2b(digest_size=16)
+  for leaf in jax.tree.leaves(encoder.params):
+    h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  h.update(json.dumps(encoder.config.to_dict(), sort_keys=True, default=str).encode())
+  with open(os.path.join(passages.path, "dataset_info.json"), "rb") as f:
+    h.update(f.read())
+  return h.hexdigest()
+
+
+def encode_corpus(encoder: Encoder, passages, task: str, cache_dir: Optional[str]):
+  """(ids, texts, embeddings [N, L, dim], mask [N, L]) of a corpus, L = its longest document.
+
+  With `cache_dir`, the valid tokens are stored packed (`<task>_<fingerprint>.npz`) and reused
+  while the parameters, model config and corpus build are unchanged.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  ids, texts = [], []
+  for rows in _batches(len(passages), 8192):
+    records = passages.__getitems__(rows)
+    ids += [r["passage_id"] for r in records]
+    texts += [r["passage_content"] for r in records]
+  path = (os.path.join(cache_dir, f"{task}_{_fingerprint(encoder, passages)}.npz")
+          if cache_dir else None)
+  if path and os.path.exists(path):
+    with np.load(path) as cached:
+      tokens, lengths = cached["tokens"], cached["lengths"]
+    logging.info("corpus embeddings of %s from the cache %s", task, path)
+  else:
+    tokens, lengths = [], []
+    for rows in tqdm(list(_batches(len(texts), encoder.batch_size)), desc=f"{task} passages"):
+      e, m = encoder.documents([texts[i] for i in rows])
+      m = m.astype(bool)
+      tokens += [x[row_mask] for x, row_mask in zip(e, m)]  # MaxSim ignores token positions
+      lengths += [int(row_mask.sum()) for row_mask in m]
+    tokens, lengths = np.concatenate(tokens), np.asarray(lengths, np.int64)
+    if path:
+      os.makedirs(cache_dir, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp_", suffix=".npz")
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, tokens=tokens, lengths=lengths)
+      os.replace(tmp, path)  # a half-written cache is never found under its name
+  width = max(1, int(lengths.max()))
+  corpus = np.zeros((len(lengths), width, tokens.shape[-1]), tokens.dtype)
+  mask = np.arange(width)[None, :] < lengths[:, None]
+  corpus[mask] = tokens
+  return ids, texts, corpus, mask
+
+
 def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Sequence[int],
-                  chunk_size: int = 256) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                  chunk_size: int = 256, cache_dir: Optional[str] = None
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """(metrics, rankings) of one task's split."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   passages = m2kr.load_passages(data_dir, task, split)
@@ -128,15 +180,7 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
     raise ValueError(f"{task}/{split}: empty corpus or no queries ({len(passages)} passages, "
                      f"{len(queries)} queries)")
   k = min(max(ks), len(passages))
-  ids, texts, embs, masks = [], [], [], []
-  for rows in tqdm(list(_batches(len(passages), encoder.batch_size)), desc=f"{task} passages"):
-    records = passages.__getitems__(rows)
-    ids += [r["passage_id"] for r in records]
-    texts += [r["passage_content"] for r in records]
-    e, m = encoder.documents([r["passage_content"] for r in records])
-    embs.append(e)
-    masks.append(m)
-  corpus, corpus_mask = np.concatenate(embs), np.concatenate(masks)
+  ids, texts, corpus, corpus_mask = encode_corpus(encoder, passages, task, cache_dir)
   corpus = jax.device_put(corpus, search.corpus_sharding(encoder.mesh))
   corpus_mask = jax.device_put(corpus_mask, search.corpus_sharding(encoder.mesh))
   rankings, positives, answers = [], [], []
@@ -182,8 +226,8 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
 
 
 def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str, output: str,
-        ks: Sequence[int] = (1, 5, 10), batch_size: int = 64, step: Optional[int] = None
-        ) -> dict[str, dict[str, Any]]:
+        ks: Sequence[int] = (1, 5, 10), batch_size: int = 64, step: Optional[int] = None,
+        cache_dir: Optional[str] = None) -> dict[str, dict[str, Any]]:
   """Evaluates `tasks` and writes results.json, results.md and <task>_rankings.jsonl to output."""
   if split not in m2kr.SPLITS:
     raise ValueError(f"--split={split!r}: expected one of {m2kr.SPLITS}")
@@ -193,7 +237,7 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
   os.makedirs(output, exist_ok=True)
   results = {}
   for task in tasks:
-    result, rankings = evaluate_task(encoder, data_dir, task, split, ks)
+    result, rankings = evaluate_task(encoder, data_dir, task, split, ks, cache_dir=cache_dir)
     result.update(checkpoint=restored.checkpoint, step=restored.step, split=split)
     results[task] = result
     _write_atomically(os.path.join(output, f"{task}_rankings.jsonl"),
@@ -214,8 +258,9 @@ def main(argv):
     ks = [int(k) for k in f.ks.split(",")]
   except ValueError:
     raise app.UsageError(f"--ks={f.ks!r}: expected comma-separated integers") from None
+  cache_dir = {"": os.path.join(pipeline.cache_root(), "embeddings"), "off": None}.get(f.embedding_cache, f.embedding_cache)
   results = run(config, f.checkpoint, f.tasks.split(","), f.split, data_dir, f.output, ks,
-                f.batch_size, f.step)
+                f.batch_size, f.step, cache_dir)
   print(markdown(results))
 
 
@@ -231,6 +276,8 @@ def define_flags():
   flags.DEFINE_string("output", None, "Output folder.")
   flags.DEFINE_string("ks", "1,5,10", "Recall@K cut-offs.")
   flags.DEFINE_integer("batch_size", 64, "Encoding batch size (all devices together).")
+  flags.DEFINE_string("embedding_cache", "", "Corpus embedding cache folder ('' = "
+                      "$XDG_CACHE_HOME/preflmr_jax/embeddings, 'off' = none).")
 
 
 if __name__ == "__main__":

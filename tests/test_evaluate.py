@@ -22,7 +22,7 @@ def _config(**overrides):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   path = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(_config(num_train_steps=2, log_every_steps=1,
+  train.train_and_evaluate(_config(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=1,
                                    **{"optimizer.warmup_steps": 0}), str(path))
   return str(path)
 
@@ -116,3 +116,24 @@ def test_binary(workdir, data_dir, tmp_path):
   assert "| SAMPLE |" in out.stdout
   results = json.load(open(tmp_path / "results.json"))
   assert set(results["SAMPLE"]) >= {"Recall@1", "Recall@5", "PseudoRecall@5", "num_queries"}
+
+
+def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, monkeypatch):
+  cache = str(tmp_path / "cache")
+  first = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "a"),
+                       ks=(1, 5), cache_dir=cache)
+  assert len(os.listdir(cache)) == 1
+
+  def no_encoding(*args, **kwargs):
+    raise AssertionError("the corpus was encoded again")
+  with monkeypatch.context() as m:
+    m.setattr(evaluate.Encoder, "documents", no_encoding)
+    again = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "b"),
+                         ks=(1, 5), cache_dir=cache)
+  assert again["SAMPLE"]["Recall@5"] == first["SAMPLE"]["Recall@5"]
+  assert open(tmp_path / "a" / "SAMPLE_rankings.jsonl").read() == open(
+      tmp_path / "b" / "SAMPLE_rankings.jsonl").read()
+  # Another checkpoint (step 1 of the same run): other parameters, a new cache entry.
+  evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "c"), ks=(1,),
+               step=1, cache_dir=cache)
+  assert len(os.listdir(cache)) == 2

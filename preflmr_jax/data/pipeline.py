@@ -59,10 +59,10 @@ def parse_tasks(spec: str) -> list[tuple[str, float]]:
   return tasks
 
 
-def default_sample_dir() -> str:
-  """$XDG_CACHE_HOME/preflmr_jax/m2kr_sample (~/.cache/... when unset)."""
+def cache_root() -> str:
+  """$XDG_CACHE_HOME/preflmr_jax (~/.cache/preflmr_jax when unset): the sample, embedding caches."""
   cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(cache, "preflmr_jax", "m2kr_sample")
+  return os.path.join(cache, "preflmr_jax")
 
 
 def resolve_data_dir(config) -> str:
@@ -75,7 +75,8 @@ def resolve_data_dir(config) -> str:
     raise ValueError(f"config.data.data_dir is not set; build the tasks {tasks} with "
                      "python -m preflmr_jax.data.prepare (README, 'Preparing M2KR')")
   from preflmr_jax.data import sample  # pylint: disable=g-import-not-at-top
-  root = os.path.expanduser(config.data.get("sample_dir") or default_sample_dir())
+  root = os.path.expanduser(config.data.get("sample_dir")
+                            or os.path.join(cache_root(), "m2kr_sample"))
   sample.ensure_sample(os.path.join(root, "source"), os.path.join(root, "tfds"))
   return os.path.join(root, "tfds")
 
@@ -322,5 +323,5 @@ def eval_batches(config, model_config, tokenizer, num_batches: int, *, process_i
   return [ds[i] for i in range(num_batches)]
 
 
-__all__ = ["M2KRIterator", "default_sample_dir", "eval_batches", "parse_tasks", "query_stream",
+__all__ = ["M2KRIterator", "cache_root", "eval_batches", "parse_tasks", "query_stream",
            "resolve_data_dir"]
