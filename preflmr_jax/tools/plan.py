@@ -54,6 +54,8 @@ def topology_devices(name: str):
   # Silence libtpu's warnings about the missing TPU (any value works for a compile-only run).
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
+  # Compile-only: several plans may run at once (libtpu otherwise locks /tmp/libtpu_lockfile).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
 
