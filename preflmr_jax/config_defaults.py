@@ -75,6 +75,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Regexes over "/"-joined parameter paths (e.g. "vision/layer_3/mlp/wi/kernel"); matched
   # parameters get no update and no optimiser state. Each pattern must match something.
   config.freeze = ("vision",)
+  # Periodic evaluation (preflmr_jax/evaluate.py, the eval binary's code) on the first
+  # eval_max_queries queries of each training task's eval_split against its whole corpus; 0: off.
+  config.eval_every_steps = 0
+  config.eval_split = "valid"
+  config.eval_max_queries = 256
+  config.eval_ks = (1, 5, 10)
   config.mask_duplicate_positives = True  # losses.contrastive_loss; False: the reference exactly
   # Data (preflmr_jax/data/): "m2kr" reads TFDS builds (python -m preflmr_jax.data.prepare) of
   # `tasks` ("OVEN=2,OKVQA=1": weighted mixture) under `data_dir`; "synthetic" is for tests.

@@ -33,7 +33,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from preflmr_jax import (checkpointing, image_processing, metrics, pretrained, search,
+from preflmr_jax import (checkpointing, image_processing, metrics, pretrained, search, sharding,
                          tokenization)
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
@@ -82,10 +82,11 @@ class Encoder:
 
   def __init__(self, restored: Restored, batch_size: int, devices: Optional[Sequence] = None):
     devices = list(jax.devices() if devices is None else devices)
-    self.mesh = Mesh(np.asarray(devices), ("data",))
+    # The trainer's axis names (data, fsdp, tensor), so that its logical rules also apply here.
+    self.mesh = Mesh(np.asarray(devices).reshape(-1, 1, 1), sharding.MESH_AXES)
     self.batch_size = -(-batch_size // len(devices)) * len(devices)  # a multiple of the devices
     self.config = restored.model_config
-    self.params = jax.device_put(restored.params, NamedSharding(self.mesh, P()))
+    self.set_params(restored.params)
     self.query_tok = tokenization.QueryTokenizer(restored.query_tokenizer, self.config.query_maxlen)
     self.doc_tok = tokenization.DocumentTokenizer(restored.document_tokenizer,
                                                   self.config.doc_maxlen)
@@ -94,6 +95,10 @@ class Encoder:
                                                       method=preflmr.PreFLMR.encode_queries))
     self._documents = jax.jit(lambda p, *x: model.apply({"params": p}, *x,
                                                         method=preflmr.PreFLMR.encode_documents))
+
+  def set_params(self, params) -> None:
+    """New parameters of the same shapes (no recompile): the trainer's periodic evaluation."""
+    self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
 
   def _run(self, fn, arrays: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
     pad = self.batch_size - n  # fixed shapes: one compile
@@ -170,13 +175,15 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir: Optional[str
 
 
 def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Sequence[int],
-                  chunk_size: int = 256, cache_dir: Optional[str] = None
+                  chunk_size: int = 256, cache_dir: Optional[str] = None,
+                  max_queries: Optional[int] = None
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """(metrics, rankings) of one task's split."""
+  """(metrics, rankings) of one task's split (its first `max_queries` queries, if given)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   passages = m2kr.load_passages(data_dir, task, split)
   queries = m2kr.load_queries(data_dir, task, split)
-  if len(passages) == 0 or len(queries) == 0:
+  num_queries = min(len(queries), max_queries or len(queries))
+  if len(passages) == 0 or num_queries == 0:
     raise ValueError(f"{task}/{split}: empty corpus or no queries ({len(passages)} passages, "
                      f"{len(queries)} queries)")
   k = min(max(ks), len(passages))
@@ -184,7 +191,7 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
   corpus = jax.device_put(corpus, search.corpus_sharding(encoder.mesh))
   corpus_mask = jax.device_put(corpus_mask, search.corpus_sharding(encoder.mesh))
   rankings, positives, answers = [], [], []
-  for rows in tqdm(list(_batches(len(queries), encoder.batch_size)), desc=f"{task} queries"):
+  for rows in tqdm(list(_batches(num_queries, encoder.batch_size)), desc=f"{task} queries"):
     records = queries.__getitems__(rows)
     q, _ = encoder.queries([r["question"] for r in records], [r["instruction"] for r in records],
                            [r["image"] for r in records])
@@ -199,7 +206,7 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
   result = metrics.task_metrics(task, [r["passage_ids"] for r in rankings], positives, ks,
                                 answers=answers if has_answers else None,
                                 passage_text=dict(zip(ids, texts)) if has_answers else None)
-  result.update(headline=metrics.HEADLINE[task], num_queries=len(queries),
+  result.update(headline=metrics.HEADLINE[task], num_queries=num_queries,
                 num_passages=len(passages))
   return result, rankings
 

@@ -57,6 +57,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps"):
     if config[key] < 1:
       raise ValueError(f"config.{key}={config[key]} must be >= 1")
+  if config.eval_every_steps < 0:
+    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} must be >= 0 (0: off)")
+  if config.eval_every_steps and config.data.source != "m2kr":
+    raise ValueError("config.eval_every_steps needs config.data.source='m2kr' (it evaluates the "
+                     f"tasks' {config.eval_split} split), got {config.data.source!r}")
   # Each device scores its queries against every document of the global batch; unchunked, XLA
   # keeps all their token scores (e.g. 103 GiB per v5e chip for ViT-L at 4096 queries).
   model_config = mc.PreFLMRConfig.from_dict(config.model)
@@ -167,6 +172,30 @@ def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
                    init_state=init_state, train_step=train_step)
 
 
+def make_evaluator(config, model_config, params, tokenizer):
+  """step, params -> {"eval/<task>/Recall@K": ...}: the eval binary's search and metrics on the
+  first `config.eval_max_queries` queries of each training task's `config.eval_split`."""
+  from preflmr_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from preflmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data_dir = pipeline.resolve_data_dir(config)
+  tasks = [task for task, _ in pipeline.parse_tasks(config.data.tasks)]
+  encoder = evaluate.Encoder(evaluate.Restored(model_config, params, tokenizer, tokenizer, "", None),
+                             batch_size=max(config.batch_size, jax.device_count()))
+
+  def run(params) -> dict[str, float]:
+    encoder.set_params(params)
+    out = {}
+    with jax.set_mesh(encoder.mesh):  # the search's shard_map runs on the encoder's mesh
+      for task in tasks:
+        result, _ = evaluate.evaluate_task(encoder, data_dir, task, config.eval_split,
+                                           tuple(config.eval_ks),
+                                           max_queries=config.eval_max_queries)
+        out.update({f"eval/{task}/{k}": float(v) for k, v in result.items() if "@" in k})
+    return out
+
+  return run
+
+
 class MetricsLog:
   """metrics.jsonl (one object per logged step) + clu writers (TensorBoard + logging) on process 0."""
 
@@ -228,6 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_iter.set_state(meta["data"])
       logging.info("resumed from %s at step %d", workdir, start)
     logging.info("parameters: %s", optimizer.count_trainable(state.params, setup.labels))
+    evaluator = (make_evaluator(config, model_config, state.params, tokenizer)
+                 if config.eval_every_steps else None)
     log = MetricsLog(workdir)
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
     report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
@@ -236,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---------------------------------------------------------------------------- loop
     try:
       last = _loop(config, mesh, state, start, setup.train_step, train_iter, ckpt, preemption,
-                   log, report)
+                   log, report, evaluator)
     finally:  # also on errors: commit the saves in flight (all of them precede the error)
       ckpt.wait()
       ckpt.close()
@@ -247,7 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return last
 
 
-def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, log, report):
+def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, log, report,
+          evaluator=None):
   """Steps start+1 .. num_train_steps; returns the last logged metrics."""
   pending, last = [], {}
   tick = time.perf_counter()
@@ -258,7 +290,8 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, 
     report(step)
     stop = preemption.should_stop(step)
     is_last = step == config.num_train_steps
-    if step % config.log_every_steps == 0 or is_last or stop:
+    evaluate_now = evaluator and (step % config.eval_every_steps == 0 or is_last) and not stop
+    if step % config.log_every_steps == 0 or is_last or stop or evaluate_now:
       _check_finite(state, config)
       host = jax.device_get(pending)
       last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -267,6 +300,8 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, 
       last.update(learning_rate=float(lrs["rest"]), mapping_learning_rate=float(lrs["mapping"]),
                   steps_per_sec=len(host) / elapsed,
                   examples_per_sec=len(host) * config.batch_size / elapsed)
+      if evaluate_now:
+        last.update(evaluator(state.params))
       log.write(step, last)
       pending, tick = [], time.perf_counter()
     if step % config.checkpoint_every_steps == 0 or is_last or stop:

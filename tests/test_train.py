@@ -238,3 +238,17 @@ def test_init_params_from_another_run_and_from_a_published_folder(tmp_path):
                            str(tmp_path / "c"))
   jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "c", load_config()),
                jax.device_get(published))
+
+
+def test_periodic_evaluation_logs_the_eval_binary_metrics(tmp_path):
+  config = short_run(num_train_steps=4, log_every_steps=4, eval_every_steps=2,
+                     eval_max_queries=8, eval_ks=(1, 5))
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  logged = _read_metrics(tmp_path)
+  assert [m["step"] for m in logged] == [2, 4]  # eval steps are logged steps, with the loss
+  for m in logged:
+    assert "loss" in m and 0 <= m["eval/SAMPLE/Recall@1"] <= m["eval/SAMPLE/Recall@5"] <= 1
+  assert summary["eval/SAMPLE/Recall@5"] == logged[-1]["eval/SAMPLE/Recall@5"]
+  with pytest.raises(ValueError, match="config.eval_every_steps needs"):
+    train.train_and_evaluate(short_run(eval_every_steps=2, **{"data.source": "synthetic"}),
+                             str(tmp_path / "synthetic"))
