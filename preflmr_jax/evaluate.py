@@ -24,6 +24,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -174,11 +175,45 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir: Optional[str
   return ids, texts, corpus, mask
 
 
+@dataclasses.dataclass(frozen=True)
+class IndexOptions:
+  """`--index=nbits=2,centroids=256,nprobe=4,candidates=0` (index.py; candidates 0: no pruning)."""
+  nbits: int = 2
+  centroids: int = 256
+  nprobe: int = 4
+  candidates: int = 0
+
+  @classmethod
+  def parse(cls, text: str) -> Optional["IndexOptions"]:
+    if not text:
+      return None
+    values = {}
+    for part in text.split(","):
+      key, eq, value = part.partition("=")
+      if not eq or key.strip() not in {f.name for f in dataclasses.fields(cls)}:
+        raise ValueError(f"--index={text!r}: expected KEY=INT pairs with KEY in "
+                         f"{[f.name for f in dataclasses.fields(cls)]}")
+      values[key.strip()] = int(value)
+    return cls(**values)
+
+
+def _index_search(options: IndexOptions, corpus: np.ndarray, corpus_mask: np.ndarray):
+  """A PLAID-style index of the corpus and its search function (queries -> (scores, top))."""
+  from preflmr_jax import index as plaid  # pylint: disable=g-import-not-at-top
+  chunks = [(corpus[i:i + 4096], corpus_mask[i:i + 4096]) for i in range(0, len(corpus), 4096)]
+  built = plaid.build(chunks, min(options.centroids, int(corpus_mask.sum())), options.nbits)
+  return lambda q, k: plaid.search(built, q, None, k, options.nprobe, options.candidates or None)
+
+
 def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Sequence[int],
                   chunk_size: int = 256, cache_dir: Optional[str] = None,
-                  max_queries: Optional[int] = None
+                  max_queries: Optional[int] = None, index: Optional[IndexOptions] = None
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """(metrics, rankings) of one task's split (its first `max_queries` queries, if given)."""
+  """(metrics, rankings) of one task's split (its first `max_queries` queries, if given).
+
+  With `index`, rankings come from the compressed index, and the result also reports its
+  recall@k against exact search and the search time of both (exact search still runs, to compare).
+  """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   passages = m2kr.load_passages(data_dir, task, split)
   queries = m2kr.load_queries(data_dir, task, split)
@@ -187,16 +222,26 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
     raise ValueError(f"{task}/{split}: empty corpus or no queries ({len(passages)} passages, "
                      f"{len(queries)} queries)")
   k = min(max(ks), len(passages))
-  ids, texts, corpus, corpus_mask = encode_corpus(encoder, passages, task, cache_dir)
-  corpus = jax.device_put(corpus, search.corpus_sharding(encoder.mesh))
-  corpus_mask = jax.device_put(corpus_mask, search.corpus_sharding(encoder.mesh))
+  ids, texts, host_corpus, host_mask = encode_corpus(encoder, passages, task, cache_dir)
+  indexed = _index_search(index, host_corpus, host_mask) if index else None
+  corpus = jax.device_put(host_corpus, search.corpus_sharding(encoder.mesh))
+  corpus_mask = jax.device_put(host_mask, search.corpus_sharding(encoder.mesh))
   rankings, positives, answers = [], [], []
+  seconds, overlap = {"exact": 0.0, "index": 0.0}, []
   for rows in tqdm(list(_batches(num_queries, encoder.batch_size)), desc=f"{task} queries"):
     records = queries.__getitems__(rows)
     q, _ = encoder.queries([r["question"] for r in records], [r["instruction"] for r in records],
                            [r["image"] for r in records])
-    scores, top = search.exact_search(q, None, corpus, corpus_mask, k, chunk_size,
-                                      mesh=encoder.mesh)
+    start = time.perf_counter()
+    scores, top = jax.block_until_ready(
+        search.exact_search(q, None, corpus, corpus_mask, k, chunk_size, mesh=encoder.mesh))
+    seconds["exact"] += time.perf_counter() - start
+    if indexed:
+      start = time.perf_counter()
+      exact_top = np.asarray(top)
+      scores, top = indexed(q, k)
+      seconds["index"] += time.perf_counter() - start
+      overlap += [len(set(a) & set(b)) / k for a, b in zip(exact_top, np.asarray(top))]
     for r, s, i in zip(records, np.asarray(scores), np.asarray(top)):
       rankings.append({"question_id": r["question_id"], "passage_ids": [ids[j] for j in i],
                        "scores": [float(x) for x in s]})
@@ -207,7 +252,11 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
                                 answers=answers if has_answers else None,
                                 passage_text=dict(zip(ids, texts)) if has_answers else None)
   result.update(headline=metrics.HEADLINE[task], num_queries=num_queries,
-                num_passages=len(passages))
+                num_passages=len(passages), exact_search_seconds=seconds["exact"])
+  if indexed:
+    result.update({"index": dataclasses.asdict(index), f"IndexRecallVsExact@{k}":
+                   float(np.mean(overlap)), "index_search_seconds": seconds["index"],
+                   "index_speedup": seconds["exact"] / max(seconds["index"], 1e-9)})
   return result, rankings
 
 
@@ -234,7 +283,8 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
 
 def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str, output: str,
         ks: Sequence[int] = (1, 5, 10), batch_size: int = 64, step: Optional[int] = None,
-        cache_dir: Optional[str] = None) -> dict[str, dict[str, Any]]:
+        cache_dir: Optional[str] = None, index: Optional[IndexOptions] = None
+        ) -> dict[str, dict[str, Any]]:
   """Evaluates `tasks` and writes results.json, results.md and <task>_rankings.jsonl to output."""
   if split not in m2kr.SPLITS:
     raise ValueError(f"--split={split!r}: expected one of {m2kr.SPLITS}")
@@ -244,7 +294,8 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
   os.makedirs(output, exist_ok=True)
   results = {}
   for task in tasks:
-    result, rankings = evaluate_task(encoder, data_dir, task, split, ks, cache_dir=cache_dir)
+    result, rankings = evaluate_task(encoder, data_dir, task, split, ks, cache_dir=cache_dir,
+                                     index=index)
     result.update(checkpoint=restored.checkpoint, step=restored.step, split=split)
     results[task] = result
     _write_atomically(os.path.join(output, f"{task}_rankings.jsonl"),
@@ -266,8 +317,12 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f"--ks={f.ks!r}: expected comma-separated integers") from None
   cache_dir = {"": os.path.join(pipeline.cache_root(), "embeddings"), "off": None}.get(f.embedding_cache, f.embedding_cache)
+  try:
+    index = IndexOptions.parse(f.index)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   results = run(config, f.checkpoint, f.tasks.split(","), f.split, data_dir, f.output, ks,
-                f.batch_size, f.step, cache_dir)
+                f.batch_size, f.step, cache_dir, index)
   print(markdown(results))
 
 
@@ -283,6 +338,8 @@ def define_flags():
   flags.DEFINE_string("output", None, "Output folder.")
   flags.DEFINE_string("ks", "1,5,10", "Recall@K cut-offs.")
   flags.DEFINE_integer("batch_size", 64, "Encoding batch size (all devices together).")
+  flags.DEFINE_string("index", "", "Search a compressed index instead of exhaustively, e.g. "
+                      "nbits=2,centroids=256,nprobe=4 (also reports its recall vs exact search).")
   flags.DEFINE_string("embedding_cache", "", "Corpus embedding cache folder ('' = "
                       "$XDG_CACHE_HOME/preflmr_jax/embeddings, 'off' = none).")
 

@@ -137,3 +137,18 @@ def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, 
   evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "c"), ks=(1,),
                step=1, cache_dir=cache)
   assert len(os.listdir(cache)) == 2
+
+
+def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir, tmp_path):
+  options = evaluate.IndexOptions(nbits=8, centroids=32, nprobe=8)
+  exact = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "e"),
+                       ks=(1, 5))["SAMPLE"]
+  indexed = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "i"),
+                         ks=(1, 5), index=options)["SAMPLE"]
+  assert indexed["index"] == {"nbits": 8, "centroids": 32, "nprobe": 8, "candidates": 0}
+  assert indexed["IndexRecallVsExact@5"] >= 0.9  # 8 bits: nearly lossless
+  assert indexed["index_search_seconds"] > 0 and indexed["index_speedup"] > 0
+  assert abs(indexed["Recall@5"] - exact["Recall@5"]) <= 0.1
+  assert evaluate.IndexOptions.parse("nbits=2,nprobe=2") == evaluate.IndexOptions(nbits=2, nprobe=2)
+  with pytest.raises(ValueError, match="--index='bits=2'"):
+    evaluate.IndexOptions.parse("bits=2")
