@@ -17,7 +17,7 @@ cat > "$out" <<HEADER
 HEADER
 
 status=0
-for bench in encoders maxsim pipeline; do
+for bench in encoders maxsim pipeline search; do
   printf '\n## %s\n\n`python benchmarks/%s.py`\n\n```\n' "$bench" "$bench" >> "$out"
   # Only stdout goes into the file; warnings on stderr stay on the terminal.
   python "benchmarks/$bench.py" | tee -a "$out" || status=1
