@@ -207,11 +207,13 @@ def _index_search(options: IndexOptions, corpus: np.ndarray, corpus_mask: np.nda
 
 def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Sequence[int],
                   chunk_size: int = 256, cache_dir: Optional[str] = None,
-                  max_queries: Optional[int] = None, index: Optional[IndexOptions] = None
+                  max_queries: Optional[int] = None, index: Optional[IndexOptions] = None,
+                  device_corpus_bytes: int = 8 << 30
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """(metrics, rankings) of one task's split (its first `max_queries` queries, if given).
 
-  With `index`, rankings come from the compressed index, and the result also reports its
+  A corpus larger than `device_corpus_bytes` stays in host memory and is streamed to the device
+  chunk by chunk (`search.search_streaming`). With `index`, rankings come from the compressed index, and the result also reports its
   recall@k against exact search and the search time of both (exact search still runs, to compare).
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -224,8 +226,13 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
   k = min(max(ks), len(passages))
   ids, texts, host_corpus, host_mask = encode_corpus(encoder, passages, task, cache_dir)
   indexed = _index_search(index, host_corpus, host_mask) if index else None
-  corpus = jax.device_put(host_corpus, search.corpus_sharding(encoder.mesh))
-  corpus_mask = jax.device_put(host_mask, search.corpus_sharding(encoder.mesh))
+  on_device = host_corpus.nbytes <= device_corpus_bytes
+  if on_device:  # sharded over the devices
+    corpus = jax.device_put(host_corpus, search.corpus_sharding(encoder.mesh))
+    corpus_mask = jax.device_put(host_mask, search.corpus_sharding(encoder.mesh))
+  else:
+    logging.info("%s: corpus of %.1f GiB stays in host memory (streamed in chunks)", task,
+                 host_corpus.nbytes / 2**30)
   rankings, positives, answers = [], [], []
   seconds, overlap = {"exact": 0.0, "index": 0.0}, []
   for rows in tqdm(list(_batches(num_queries, encoder.batch_size)), desc=f"{task} queries"):
@@ -233,8 +240,14 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
     q, _ = encoder.queries([r["question"] for r in records], [r["instruction"] for r in records],
                            [r["image"] for r in records])
     start = time.perf_counter()
-    scores, top = jax.block_until_ready(
-        search.exact_search(q, None, corpus, corpus_mask, k, chunk_size, mesh=encoder.mesh))
+    if on_device:
+      scores, top = search.exact_search(q, None, corpus, corpus_mask, k, chunk_size,
+                                        mesh=encoder.mesh)
+    else:
+      stream = ((host_corpus[i:i + chunk_size], host_mask[i:i + chunk_size])
+                for i in range(0, len(host_corpus), chunk_size))
+      scores, top = search.search_streaming(q, stream, k)
+    scores, top = jax.block_until_ready((scores, top))
     seconds["exact"] += time.perf_counter() - start
     if indexed:
       start = time.perf_counter()

@@ -152,3 +152,13 @@ def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir,
   assert evaluate.IndexOptions.parse("nbits=2,nprobe=2") == evaluate.IndexOptions(nbits=2, nprobe=2)
   with pytest.raises(ValueError, match="--index='bits=2'"):
     evaluate.IndexOptions.parse("bits=2")
+
+
+def test_corpus_streamed_from_host_gives_the_same_rankings(workdir, data_dir):
+  encoder = evaluate.Encoder(evaluate.restore(_config(), workdir), 16)
+  on_device, a = evaluate.evaluate_task(encoder, data_dir, "SAMPLE", "test", (1, 5), chunk_size=16)
+  streamed, b = evaluate.evaluate_task(encoder, data_dir, "SAMPLE", "test", (1, 5), chunk_size=16,
+                                       device_corpus_bytes=0)
+  assert [r["passage_ids"] for r in a] == [r["passage_ids"] for r in b]
+  np.testing.assert_allclose([r["scores"] for r in a], [r["scores"] for r in b], rtol=1e-6)
+  assert on_device["Recall@5"] == streamed["Recall@5"]
