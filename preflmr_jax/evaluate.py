@@ -163,11 +163,7 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir: Optional[str
       lengths += [int(row_mask.sum()) for row_mask in m]
     tokens, lengths = np.concatenate(tokens), np.asarray(lengths, np.int64)
     if path:
-      os.makedirs(cache_dir, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp_", suffix=".npz")
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, tokens=tokens, lengths=lengths)
-      os.replace(tmp, path)  # a half-written cache is never found under its name
+      _write_atomically(path, lambda f: np.savez(f, tokens=tokens, lengths=lengths))
   width = max(1, int(lengths.max()))
   corpus = np.zeros((len(lengths), width, tokens.shape[-1]), tokens.dtype)
   mask = np.arange(width)[None, :] < lengths[:, None]
@@ -273,11 +269,22 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
   return result, rankings
 
 
-def _write_atomically(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def _write_atomically(path: str, write) -> None:
+  """`write(binary file)` into a temporary file renamed to `path`: a half-written file is never
+  found under its name."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def _write_text(path: str, text: str) -> None:
+  _write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
@@ -311,11 +318,11 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
                                      index=index)
     result.update(checkpoint=restored.checkpoint, step=restored.step, split=split)
     results[task] = result
-    _write_atomically(os.path.join(output, f"{task}_rankings.jsonl"),
-                      "".join(json.dumps(r) + "\n" for r in rankings))
+    _write_text(os.path.join(output, f"{task}_rankings.jsonl"),
+                "".join(json.dumps(r) + "\n" for r in rankings))
     logging.info("%s/%s: %s", task, split, {k: v for k, v in result.items() if "@" in k})
-  _write_atomically(os.path.join(output, "results.json"), json.dumps(results, indent=2) + "\n")
-  _write_atomically(os.path.join(output, "results.md"), markdown(results))
+  _write_text(os.path.join(output, "results.json"), json.dumps(results, indent=2) + "\n")
+  _write_text(os.path.join(output, "results.md"), markdown(results))
   return results
 
 
