@@ -70,7 +70,7 @@ def restore(config, checkpoint: str, step: Optional[int] = None) -> Restored:
   model_config = mc.PreFLMRConfig.from_dict(config.model)
   step_dir = checkpointing.find_step_dir(epath.Path(checkpoint), step)
   # Replicated on this process's devices, whatever mesh the checkpoint was saved from.
-  replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
+  replicated = NamedSharding(encoder_mesh(), P())  # as the Encoder holds them: no second copy
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           preflmr.abstract_params(model_config))
   params = checkpointing.restore_params(os.fspath(step_dir), abstract)
@@ -78,14 +78,19 @@ def restore(config, checkpoint: str, step: Optional[int] = None) -> Restored:
   return Restored(model_config, params, tok, tok, checkpoint, int(step_dir.name))
 
 
+def encoder_mesh(devices: Optional[Sequence] = None) -> Mesh:
+  """All devices along `data`, with the trainer's axis names so that its logical rules apply."""
+  devices = list(jax.devices() if devices is None else devices)
+  return Mesh(np.asarray(devices).reshape(-1, 1, 1), sharding.MESH_AXES)
+
+
 class Encoder:
   """Jitted query / document encoders, batches split over all devices (`data`)."""
 
   def __init__(self, restored: Restored, batch_size: int, devices: Optional[Sequence] = None):
-    devices = list(jax.devices() if devices is None else devices)
-    # The trainer's axis names (data, fsdp, tensor), so that its logical rules also apply here.
-    self.mesh = Mesh(np.asarray(devices).reshape(-1, 1, 1), sharding.MESH_AXES)
-    self.batch_size = -(-batch_size // len(devices)) * len(devices)  # a multiple of the devices
+    self.mesh = encoder_mesh(devices)
+    n = self.mesh.devices.size
+    self.batch_size = -(-batch_size // n) * n  # a multiple of the devices
     self.config = restored.model_config
     self.set_params(restored.params)
     self.query_tok = tokenization.QueryTokenizer(restored.query_tokenizer, self.config.query_maxlen)
