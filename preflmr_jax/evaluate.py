@@ -11,9 +11,12 @@ sharded along `data`), queries are encoded with the dataset's own instructions, 
 scored against the whole corpus with `search.exact_search` (the corpus sharded over the devices),
 and Recall@K / PseudoRecall@K (`metrics.py`) are computed. Outputs in OUT: `results.json`
 (`{task: {"Recall@5": ..., "PseudoRecall@5": ..., "headline": ..., "num_queries": ...,
-"num_passages": ..., "checkpoint": ..., "step": ...}}`), `results.md` (one row per task, the
-headline metric in bold) and `<task>_rankings.jsonl` (`{"question_id", "passage_ids", "scores"}`
-per query, best first; the trainer can mine hard negatives from it, `config.data.hard_negatives_dir`).
+"num_passages": ..., "checkpoint": ..., "step": ..., "params": ..., "train_flops": ...}}`;
+training compute from the run's `run.json`, null for a published folder), `results.md` (one row
+per task, the headline metric in bold) and `<task>_rankings.jsonl` (`{"question_id",
+"passage_ids", "scores"}` per query, best first; the trainer can mine hard negatives from it,
+`config.data.hard_negatives_dir`). Multi-host, each process evaluates on its own devices and
+process 0 writes.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from preflmr_jax import (checkpointing, image_processing, metrics, pretrained, search, sharding,
-                         tokenization)
+                         tokenization, train)
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
@@ -79,8 +82,10 @@ def restore(config, checkpoint: str, step: Optional[int] = None) -> Restored:
 
 
 def encoder_mesh(devices: Optional[Sequence] = None) -> Mesh:
-  """All devices along `data`, with the trainer's axis names so that its logical rules apply."""
-  devices = list(jax.devices() if devices is None else devices)
+  """This process's devices along `data`, with the trainer's axis names so that its logical rules
+  apply. Multi-host, every process evaluates everything on its own devices (no collectives across
+  hosts; process 0 writes the outputs): simple, and exact search needs the whole corpus anyway."""
+  devices = list(jax.local_devices() if devices is None else devices)
   return Mesh(np.asarray(devices).reshape(-1, 1, 1), sharding.MESH_AXES)
 
 
@@ -313,22 +318,44 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
   """Evaluates `tasks` and writes results.json, results.md and <task>_rankings.jsonl to output."""
   if split not in m2kr.SPLITS:
     raise ValueError(f"--split={split!r}: expected one of {m2kr.SPLITS}")
-  tasks = [m2kr.canonical_task(t) for t in tasks]
+  tasks = [m2kr.canonical_task(t) for t in tasks or
+           [t for t, _ in pipeline.parse_tasks(config.data.tasks)]]
+  if not tasks:
+    raise ValueError("no tasks to evaluate: pass --tasks or set config.data.tasks")
   restored = restore(config, checkpoint, step)
   encoder = Encoder(restored, batch_size)
-  os.makedirs(output, exist_ok=True)
+  size = {"params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(restored.params)),
+          "train_flops": _train_flops(checkpoint, restored.step)}
+  write = jax.process_index() == 0  # every process computes the same results
+  if write:
+    os.makedirs(output, exist_ok=True)
   results = {}
   for task in tasks:
     result, rankings = evaluate_task(encoder, data_dir, task, split, ks, cache_dir=cache_dir,
                                      index=index)
-    result.update(checkpoint=restored.checkpoint, step=restored.step, split=split)
+    result.update(checkpoint=restored.checkpoint, step=restored.step, split=split, **size)
     results[task] = result
-    _write_text(os.path.join(output, f"{task}_rankings.jsonl"),
-                "".join(json.dumps(r) + "\n" for r in rankings))
+    if write:
+      _write_text(os.path.join(output, f"{task}_rankings.jsonl"),
+                  "".join(json.dumps(r) + "\n" for r in rankings))
     logging.info("%s/%s: %s", task, split, {k: v for k, v in result.items() if "@" in k})
-  _write_text(os.path.join(output, "results.json"), json.dumps(results, indent=2) + "\n")
-  _write_text(os.path.join(output, "results.md"), markdown(results))
+  if write:
+    _write_text(os.path.join(output, "results.json"), json.dumps(results, indent=2) + "\n")
+    _write_text(os.path.join(output, "results.md"), markdown(results))
   return results
+
+
+def _train_flops(checkpoint: str, step: Optional[int]) -> Optional[float]:
+  """Training compute up to `step`: the trainer's FLOPs per step (`run.json` in the workdir, found
+  from the workdir or a step folder) times the step; None for a published folder or an older run."""
+  if step is None:
+    return None
+  for folder in (checkpoint, os.path.join(checkpoint, os.pardir, os.pardir)):
+    path = os.path.join(folder, train.RUN_INFO)
+    if os.path.isfile(path):
+      with open(path) as f:
+        return float(json.load(f)["train_flops_per_step"]) * step
+  return None
 
 
 def main(argv):
@@ -336,6 +363,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   config = f.config
+  if config.get("distributed"):
+    sharding.initialize_distributed()
   data_dir = f.data_dir or pipeline.resolve_data_dir(config)
   try:
     ks = [int(k) for k in f.ks.split(",")]
@@ -346,9 +375,10 @@ def main(argv):
     index = IndexOptions.parse(f.index)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  results = run(config, f.checkpoint, f.tasks.split(","), f.split, data_dir, f.output, ks,
+  results = run(config, f.checkpoint, [t for t in f.tasks.split(",") if t], f.split, data_dir, f.output, ks,
                 f.batch_size, f.step, cache_dir, index)
-  print(markdown(results))
+  if jax.process_index() == 0:
+    print(markdown(results))
 
 
 def define_flags():
@@ -357,7 +387,7 @@ def define_flags():
   config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).")
   flags.DEFINE_string("checkpoint", None, "Workdir, step folder or published PreFLMR folder.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
-  flags.DEFINE_string("tasks", "SAMPLE", "Comma-separated M2KR tasks.")
+  flags.DEFINE_string("tasks", "", "Comma-separated M2KR tasks (default: config.data.tasks).")
   flags.DEFINE_string("split", "test", "train, valid or test.")
   flags.DEFINE_string("data_dir", "", "TFDS data_dir (default: config.data.data_dir / the sample).")
   flags.DEFINE_string("output", None, "Output folder.")

@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from preflmr_jax import train
+from preflmr_jax import sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
@@ -22,7 +22,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if config.get("distributed"):
-    jax.distributed.initialize()
+    sharding.initialize_distributed()
   logging.info("JAX process %d/%d, %d local devices, %d in all", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   train.train_and_evaluate(config, _WORKDIR.value)

@@ -7,6 +7,7 @@ mesh axes `data`, `fsdp`, `tensor` built here from `config.mesh`.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -38,6 +39,22 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
     raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"but {num_devices} are available")
   return tuple(sizes)
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize()` for multi-host runs (`config.distributed=True`).
+
+  Cloud TPU, GKE and SLURM are detected by JAX itself. Elsewhere (`launch/gpu.py --scheduler=none`)
+  the coordinator comes from JAX_COORDINATOR_ADDRESS, which JAX reads, and the process count and
+  index from JAX_NUM_PROCESSES / JAX_PROCESS_ID, which JAX does not.
+  """
+  kwargs = {}
+  for arg, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    if var in os.environ:
+      if not os.environ[var].isdigit():
+        raise ValueError(f"{var}={os.environ[var]!r}: expected a non-negative integer")
+      kwargs[arg] = int(os.environ[var])
+  jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -29,6 +29,9 @@ from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
 
+RUN_INFO = "run.json"  # in the workdir: run_info()
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -128,6 +131,7 @@ class StepSetup:
   labels: Any  # optimizer.param_labels
   state_shardings: TrainState
   abstract_state: TrainState  # ShapeDtypeStructs carrying `state_shardings`
+  abstract_batch: dict  # ShapeDtypeStructs of one global batch, sharded as the loop feeds it
   init_state: Callable[[int], TrainState]  # seed -> state; jit it with `state_shardings`
   train_step: Callable  # jitted, donated state; call under `jax.set_mesh` + the logical rules
 
@@ -165,11 +169,29 @@ def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
 
   abstract_state = _abstract_with(jax.eval_shape(functools.partial(init_state, 0)),
                                   state_shardings)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                            sharding=sharding.batch_sharding(mesh, v.ndim))
+                    for k, v in data.batch_spec(config, model_config).items()}
   train_step = jax.jit(make_train_step(model, tx, labels, config), donate_argnums=0,
                        out_shardings=(state_shardings, replicated))
   return StepSetup(model_config=model_config, model=model, rules=rules, tx=tx, labels=labels,
                    state_shardings=state_shardings, abstract_state=abstract_state,
-                   init_state=init_state, train_step=train_step)
+                   abstract_batch=abstract_batch, init_state=init_state, train_step=train_step)
+
+
+def run_info(config: ml_collections.ConfigDict, setup: StepSetup) -> dict[str, Any]:
+  """Size and compute of a run (`workdir/run.json`; the eval binary and the scaling-law tool read
+  it). Call under `jax.set_mesh` + the logical rules: it lowers the train step, which jit reuses.
+
+  FLOPs are XLA's cost analysis of the whole step before partitioning (all devices together, no
+  rematerialisation counted), i.e. the model's arithmetic rather than what a mesh adds.
+  """
+  cost = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).cost_analysis()
+  flops = float((cost or {}).get("flops", 0.0))
+  counts = optimizer.count_trainable(setup.abstract_state.params, setup.labels)
+  return {"params_total": int(counts["total"]), "params_trainable": int(counts["trainable"]),
+          "train_flops_per_step": flops, "train_flops_per_example": flops / config.batch_size,
+          "global_batch": int(config.batch_size), "devices": jax.device_count()}
 
 
 def make_evaluator(config, model_config, params, tokenizer):
@@ -239,6 +261,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preemption = checkpointing.PreemptionWatcher()
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    info = run_info(config, setup)
+    logging.info("run: %s", info)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, RUN_INFO), "w") as f:
+        json.dump(info, f, indent=2)
     start = ckpt.latest_step()
     if start is None:  # created sharded: nothing is materialised on one host
       state = jax.jit(setup.init_state, static_argnums=0,
@@ -256,7 +283,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          nonfinite_steps=put(jnp.int32(0)), first_nonfinite_step=put(jnp.int32(-1)))
       train_iter.set_state(meta["data"])
       logging.info("resumed from %s at step %d", workdir, start)
-    logging.info("parameters: %s", optimizer.count_trainable(state.params, setup.labels))
     evaluator = (make_evaluator(config, model_config, state.params, tokenizer)
                  if config.eval_every_steps else None)
     log = MetricsLog(workdir)
@@ -346,5 +372,5 @@ def _initial_params(config, abstract_params):
   return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), loaded, abstract_params)
 
 
-__all__ = ["StepSetup", "TrainState", "make_train_step", "setup_train_step", "train_and_evaluate",
-           "validate"]
+__all__ = ["RUN_INFO", "StepSetup", "TrainState", "make_train_step", "run_info", "setup_train_step",
+           "train_and_evaluate", "validate"]

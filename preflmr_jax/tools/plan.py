@@ -86,7 +86,7 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
-  from preflmr_jax import data, optimizer, sharding, train  # pylint: disable=g-import-not-at-top
+  from preflmr_jax import optimizer, sharding, train  # pylint: disable=g-import-not-at-top
 
   devices = list(jax.devices() if devices is None else devices)
   size = math.prod(int(mesh_config.get(a, 1)) for a in MESH_AXES)
@@ -101,12 +101,8 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
                      f"size mesh.data * mesh.fsdp = {shards}")
 
   setup = train.setup_train_step(config, mesh)  # the trainer's own construction
-  model_config = setup.model_config
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                            sharding=sharding.batch_sharding(mesh, v.ndim))
-                    for k, v in data.batch_spec(config, model_config).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    compiled = setup.train_step.lower(setup.abstract_state, abstract_batch).compile()
+    compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
 
   counts = optimizer.count_trainable(setup.abstract_state.params, setup.labels)
   return {
