@@ -5,12 +5,24 @@
 vision: B (CLIP ViT-B/32), L (CLIP ViT-L/14), 400m (SoViT-400m/14 shape, 412M);
 text:   base (BERT-base, 110M), large (BERT-large, 335M), 800m (width 1600 x 24 layers, 790M).
 Both text encoders (query and document) take the text shape; the mapping network takes its width.
+Parameters, FLOPs and memory per point: docs/scaling_grid.md.
+
+The whole grid as a sweep (one train -> eval job per point), then the scaling-law fit:
+
+  python launch/sweep.py configs/scaling.py --backend tpu-vm --tpu NAME --zone ZONE \
+      --workdir_root gs://BUCKET/sweeps --dry-run
+  python -m preflmr_jax.tools.scaling_law --sweep_dir gs://BUCKET/sweeps/scaling
+
+`configs/scaling.py:smoke` stands in for the grid on a CPU: three widths of the tiny model on the
+SAMPLE task, a few steps each (`python launch/sweep.py configs/scaling.py:smoke --backend local
+--fit`); a single point is `configs/scaling.py:smoke=64` (the tiny model at width 64).
 """
 
-from preflmr_jax import config_defaults
+from preflmr_jax import config_defaults, config_files
 
 VISION = {"B": "B/32", "L": "L/14", "400m": "400m"}
 TEXT = ("base", "large", "800m")
+SMOKE_WIDTHS = (16, 32, 64)
 
 
 def parse(arg: str | None) -> dict[str, str]:
@@ -27,8 +39,29 @@ def parse(arg: str | None) -> dict[str, str]:
   return point
 
 
+def smoke_config(width: str):
+  """The tiny model at `width`, trained briefly on SAMPLE: a grid point's CPU stand-in."""
+  config = config_files.load_config(f"configs/tiny.py:width={width}")
+  config.num_train_steps = 200
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 200
+  config.optimizer.warmup_steps = 20
+  return config
+
+
 def get_config(arg=None):
+  if arg and arg.split("=")[0] == "smoke":
+    return smoke_config(arg.partition("=")[2] or "32")
   point = parse(arg)
   config = config_defaults.base_config()
   config.model = config_defaults.model_dict(text=point["text"], vision=VISION[point["vision"]])
   return config
+
+
+def sweep(arg=None):
+  """The points (`launch/sweep.py`): each sets this file's argument."""
+  if arg == "smoke":
+    return [{"arg": f"smoke={w}"} for w in SMOKE_WIDTHS]
+  if arg:
+    raise ValueError(f"configs/scaling.py: sweep argument {arg!r}; use none (the grid) or 'smoke'")
+  return [{"arg": f"vision={v},text={t}"} for v in VISION for t in TEXT]

@@ -21,3 +21,12 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
   assert jax.device_count() == 8, jax.devices()
+
+
+@pytest.fixture
+def one_device_env():
+  """The environment for a subprocess that runs on one CPU device: end-to-end runs compile quicker
+  than on the 8 simulated ones."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
+  return env

@@ -1,0 +1,132 @@
+"""Multi-host GPU: one process per host, through SLURM or plain ssh with jax.distributed's
+environment. `--dry-run` prints the exact commands (and the sbatch script) and runs nothing.
+
+  python launch/gpu.py slurm --nodes 2 --gpus_per_node 8 --job tiny [--partition P] -- \
+      python -m preflmr_jax.main --config configs/tiny.py --workdir /shared/tiny \
+      --config.distributed=True
+  python launch/gpu.py hosts --hosts gpu0,gpu1 [--port 29500] [--remote_dir ~/preflmr_jax] -- \
+      python -m preflmr_jax.main ... --config.distributed=True
+
+`slurm` submits a batch job (sbatch reads the script from stdin) that starts the command once per
+node with srun; JAX finds its peers from SLURM's environment. `hosts` starts the command on every
+host over ssh at once, with JAX_COORDINATOR_ADDRESS (the first host), JAX_NUM_PROCESSES and
+JAX_PROCESS_ID set (read by `--config.distributed=True`, `sharding.initialize_distributed`). Both
+expect this checkout and its environment (requirements.txt, then `pip install
+"jax[cuda12]==<the pinned version>"`) at the same path on every host, and a workdir they all see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+from typing import Sequence
+
+if __package__ in (None, ""):  # `python launch/gpu.py`: import from this checkout
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from launch import shell  # pylint: disable=g-import-not-at-top
+
+
+@dataclasses.dataclass(frozen=True)
+class Slurm:
+  nodes: int = 1
+  gpus_per_node: int = 8
+  partition: str = ""
+  time: str = ""  # e.g. 24:00:00
+
+
+@dataclasses.dataclass(frozen=True)
+class Hosts:
+  hosts: tuple[str, ...]
+  port: int = 29500
+  remote_dir: str = "~/preflmr_jax"
+
+
+def sbatch_script(slurm: Slurm, command: str, job: str) -> str:
+  options = [f"--job-name={job}", f"--nodes={slurm.nodes}", "--ntasks-per-node=1",
+             f"--gpus-per-node={slurm.gpus_per_node}", "--output=slurm-%x-%j.out"]
+  options += [f"--partition={slurm.partition}"] * bool(slurm.partition)
+  options += [f"--time={slurm.time}"] * bool(slurm.time)
+  lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in options), "set -euo pipefail",
+           f"srun bash -c {shlex.quote(command)}"]
+  return "\n".join(lines) + "\n"
+
+
+def submit(slurm: Slurm, command: str, job: str, comment: str = "") -> list[shell.Command]:
+  """One sbatch job running `command` (a shell command line) on every node."""
+  return [shell.command("sbatch", stdin=sbatch_script(slurm, command, job), comment=comment)]
+
+
+def host_commands(hosts: Hosts, command: str) -> list[shell.Command]:
+  """One ssh per host, all to be started together (`execute_together`)."""
+  if not hosts.hosts:
+    raise ValueError("--hosts: give at least one host")
+  coordinator = f"{hosts.hosts[0]}:{hosts.port}"
+  return [shell.command("ssh", host, shell.remote_script(
+      f"cd {hosts.remote_dir}",
+      f"export JAX_COORDINATOR_ADDRESS={coordinator} JAX_NUM_PROCESSES={len(hosts.hosts)} "
+      f"JAX_PROCESS_ID={i}", command), comment=f"process {i}")
+          for i, host in enumerate(hosts.hosts)]
+
+
+def execute_together(commands: Sequence[shell.Command], dry_run: bool) -> None:
+  """Starts every command at once (the processes of one JAX program wait for each other)."""
+  for cmd in commands:
+    print(cmd, flush=True)
+  if dry_run:
+    return
+  procs = [subprocess.Popen(list(cmd.argv), cwd=shell.REPO_ROOT) for cmd in commands]
+  failed = [(cmd, code) for cmd, code in zip(commands, [p.wait() for p in procs]) if code]
+  if failed:
+    raise SystemExit("failed: " + "; ".join(f"{shlex.join(c.argv)} (exit status {code})"
+                                             for c, code in failed))
+
+
+REQUIRED = {"slurm": (), "hosts": ("hosts",)}
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--nodes", type=int, default=1, help="slurm: hosts per job.")
+  parser.add_argument("--gpus_per_node", type=int, default=8)
+  parser.add_argument("--partition", default="")
+  parser.add_argument("--time", default="", help="slurm: time limit, e.g. 24:00:00.")
+  parser.add_argument("--hosts", default="", help="hosts: comma-separated, the first coordinates.")
+  parser.add_argument("--port", type=int, default=Hosts.port)
+  parser.add_argument("--remote_dir", default=Hosts.remote_dir)
+
+
+def slurm_from_args(args: argparse.Namespace) -> Slurm:
+  return Slurm(args.nodes, args.gpus_per_node, args.partition, args.time)
+
+
+def hosts_from_args(args: argparse.Namespace) -> Hosts:
+  return Hosts(tuple(filter(None, args.hosts.split(","))), args.port, args.remote_dir)
+
+
+def main(argv: Sequence[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("scheduler", choices=("slurm", "hosts"))
+  add_flags(parser)
+  parser.add_argument("--job", default="preflmr", help="slurm: job name.")
+  parser.add_argument("--dry-run", action="store_true", help="Print the commands; run nothing.")
+  own, command = shell.split_command(argv)
+  args = parser.parse_args(own)
+  if not command:
+    parser.error("give the command after --")
+  shell.require(parser, args, REQUIRED[args.scheduler], args.dry_run)
+  if args.scheduler == "slurm":
+    shell.execute(submit(slurm_from_args(args), shlex.join(command), args.job), args.dry_run)
+  else:
+    try:
+      commands = host_commands(hosts_from_args(args), shlex.join(command))
+    except ValueError as e:
+      parser.error(str(e))
+    execute_together(commands, args.dry_run)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,131 @@
+"""GKE with xpk: build the image, run one command as a workload on TPU slices, follow its logs,
+delete it. `--dry-run` prints the exact commands and runs nothing.
+
+  python launch/xpk.py build  --image gcr.io/PROJECT/preflmr_jax:v1
+  python launch/xpk.py run    --cluster CLUSTER --tpu-type v5litepod-256 --image IMAGE \
+      --workload tiny -- python -m preflmr_jax.main --config configs/tiny.py \
+      --workdir /gcs/BUCKET/tiny --config.distributed=True
+  python launch/xpk.py logs   --cluster CLUSTER --workload tiny
+  python launch/xpk.py delete --cluster CLUSTER --workload tiny
+
+The cluster comes from `xpk cluster create` (see xpk's README). `build` makes an image of this
+checkout with requirements.txt and jax[tpu] (launch/Dockerfile); xpk runs the command in it on
+every host of `--num-slices` slices. Workdirs must be a filesystem every host mounts (e.g. a bucket
+through the GCS FUSE CSI driver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import sys
+from typing import Sequence
+
+if __package__ in (None, ""):  # `python launch/xpk.py`: import from this checkout
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from launch import shell, tpu_vm  # pylint: disable=g-import-not-at-top
+
+# xpk's own rule for workload names.
+WORKLOAD_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+MAX_WORKLOAD_NAME = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  name: str
+  tpu_type: str = "v5litepod-16"
+  num_slices: int = 1
+  image: str = ""
+  zone: str = ""
+  project: str = ""
+
+
+def check_workload_name(name: str) -> str:
+  if len(name) > MAX_WORKLOAD_NAME or not WORKLOAD_NAME.fullmatch(name):
+    raise ValueError(f"xpk workload name {name!r}: use lowercase letters, digits and '-', starting "
+                     f"with a letter, at most {MAX_WORKLOAD_NAME} characters")
+  return name
+
+
+def _where(cluster: Cluster) -> tuple[str, ...]:
+  return (f"--cluster={cluster.name}",
+          *((f"--zone={cluster.zone}",) if cluster.zone else ()),
+          *((f"--project={cluster.project}",) if cluster.project else ()))
+
+
+def build(image: str) -> list[shell.Command]:
+  return [shell.command("docker", "build", "-f", "launch/Dockerfile",
+                        f"--build-arg=JAX_VERSION={tpu_vm.jax_version()}", "-t", image, "."),
+          shell.command("docker", "push", image)]
+
+
+def run(cluster: Cluster, command: str, workload: str, comment: str = "") -> list[shell.Command]:
+  if not cluster.image:
+    raise ValueError("--image is required (build it with `python launch/xpk.py build`)")
+  return [shell.command("xpk", "workload", "create", *_where(cluster),
+                        f"--workload={check_workload_name(workload)}",
+                        f"--tpu-type={cluster.tpu_type}", f"--num-slices={cluster.num_slices}",
+                        f"--docker-image={cluster.image}", "--command", command, comment=comment)]
+
+
+def logs(cluster: Cluster, workload: str) -> list[shell.Command]:
+  del cluster  # kubectl's current context is the cluster xpk last used
+  return [shell.command("kubectl", "logs", "--follow", "--prefix", "--max-log-requests=64",
+                        f"--selector=jobset.sigs.k8s.io/jobset-name={workload}")]
+
+
+def delete(cluster: Cluster, workload: str) -> list[shell.Command]:
+  return [shell.command("xpk", "workload", "delete", *_where(cluster), f"--workload={workload}")]
+
+
+REQUIRED = ("cluster",)  # and --image to run
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--cluster", default="", help="GKE cluster made by `xpk cluster create`.")
+  parser.add_argument("--tpu-type", dest="tpu_type", default=Cluster.tpu_type)
+  parser.add_argument("--num-slices", dest="num_slices", type=int, default=1)
+  parser.add_argument("--image", default="", help="Image built by `launch/xpk.py build`.")
+  parser.add_argument("--zone", default="")
+  parser.add_argument("--project", default="")
+
+
+def cluster_from_args(args: argparse.Namespace) -> Cluster:
+  return Cluster(args.cluster, args.tpu_type, args.num_slices, args.image, args.zone, args.project)
+
+
+def main(argv: Sequence[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("action", choices=("build", "run", "logs", "delete"))
+  add_flags(parser)
+  parser.add_argument("--workload", default="")
+  parser.add_argument("--dry-run", action="store_true", help="Print the commands; run nothing.")
+  own, command = shell.split_command(argv)
+  args = parser.parse_args(own)
+  if bool(command) != (args.action == "run"):
+    parser.error("run needs the command after --; the other actions take none")
+  try:
+    if args.action == "build":
+      if not args.image:
+        raise ValueError("build needs --image")
+      commands = build(args.image)
+    else:
+      shell.require(parser, args, REQUIRED, args.dry_run)
+      cluster = cluster_from_args(args)
+      if not args.workload:
+        raise ValueError(f"{args.action} needs --workload")
+      if args.action == "run":
+        commands = run(cluster, shlex.join(command), args.workload)
+      else:
+        commands = {"logs": logs, "delete": delete}[args.action](cluster, args.workload)
+  except ValueError as e:
+    parser.error(str(e))
+  shell.execute(commands, args.dry_run)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
