@@ -14,10 +14,14 @@ import os
 from preflmr_jax import config_files
 
 
-def get_config(arg=None):
-  # The model shape by name: configs/shapes.py.
-  config = config_files.load_config(f"{os.path.dirname(__file__)}/shapes.py:{arg or 'tiny'}")
+def apply(config):
+  """The stage-1 recipe on any model config (also used by the sweeps in configs/sweeps/)."""
   config.model.output = "mapping_only"
   config.freeze = ("query_text", "document_text", "query_head", "document_head", "vision")
   config.optimizer.mapping_learning_rate = 1e-4  # DESIGN.md section 2
   return config
+
+
+def get_config(arg=None):
+  # The model shape by name: configs/shapes.py.
+  return apply(config_files.load_config(f"{os.path.dirname(__file__)}/shapes.py:{arg or 'tiny'}"))
