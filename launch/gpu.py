@@ -61,7 +61,7 @@ def submit(slurm: Slurm, command: str, job: str, comment: str = "") -> list[shel
   return [shell.command("sbatch", stdin=sbatch_script(slurm, command, job), comment=comment)]
 
 
-def host_commands(hosts: Hosts, command: str) -> list[shell.Command]:
+def host_commands(hosts: Hosts, command: str, comment: str = "") -> list[shell.Command]:
   """One ssh per host, all to be started together (`execute_together`)."""
   if not hosts.hosts:
     raise ValueError("--hosts: give at least one host")
@@ -69,7 +69,7 @@ def host_commands(hosts: Hosts, command: str) -> list[shell.Command]:
   return [shell.command("ssh", host, shell.remote_script(
       f"cd {hosts.remote_dir}",
       f"export JAX_COORDINATOR_ADDRESS={coordinator} JAX_NUM_PROCESSES={len(hosts.hosts)} "
-      f"JAX_PROCESS_ID={i}", command), comment=f"process {i}")
+      f"JAX_PROCESS_ID={i}", command), comment=f"{comment + ', ' if comment else ''}process {i}")
           for i, host in enumerate(hosts.hosts)]
 
 

@@ -103,10 +103,11 @@ def point_commands(point: Point, workdir: str, extra: Sequence[str] = (),
            f"--checkpoint={workdir}", f"--output={workdir}/eval", *overrides, *eval_flags]]
 
 
-def job_name(sweep: str, point: str, index: int) -> str:
-  """A scheduler-safe job name: lowercase letters, digits and '-', at most 40 characters."""
+def job_name(sweep: str, point: str, index: int, taken: Sequence[str] = ()) -> str:
+  """A scheduler-safe job name (lowercase letters, digits and '-', at most 40 characters), not one
+  of `taken`."""
   name = re.sub(r"[^a-z0-9]+", "-", f"{sweep}-{point}".lower()).strip("-")
-  if len(name) > xpk.MAX_WORKLOAD_NAME or not name[:1].isalpha():
+  if len(name) > xpk.MAX_WORKLOAD_NAME or not name[:1].isalpha() or name in taken:
     name = re.sub(r"[^a-z0-9]+", "-", f"p-{sweep}".lower())[:xpk.MAX_WORKLOAD_NAME - 4]
     name = f"{name.strip('-')}-{index:03d}"
   return name
@@ -125,12 +126,13 @@ def launch(args: argparse.Namespace, extra: Sequence[str]) -> None:
   multi_host = args.backend != "local"
   if multi_host:
     extra = [*extra, "--config.distributed=True"]
-  jobs = []  # (how to run, commands): all built before anything runs
+  jobs, names = [], []  # (how to run, commands): all built before anything runs
   for i, point in enumerate(points):
     comment = f"point {i + 1}/{len(points)}: {point.name}"
     argvs = point_commands(point, f"{sweep_dir}/{point.name}", extra, eval_flags)
     line = " && ".join(shlex.join(a) for a in argvs)
-    job = job_name(sweep, point.name, i)
+    job = job_name(sweep, point.name, i, names)
+    names.append(job)
     if args.backend == "local":
       commands = [shell.command(*a, comment=comment if j == 0 else "") for j, a in enumerate(argvs)]
     elif args.backend == "tpu-vm":
@@ -140,7 +142,7 @@ def launch(args: argparse.Namespace, extra: Sequence[str]) -> None:
     elif args.backend == "slurm":
       commands = gpu.submit(gpu.slurm_from_args(args), line, job, comment)
     else:
-      commands = gpu.host_commands(gpu.hosts_from_args(args), line)
+      commands = gpu.host_commands(gpu.hosts_from_args(args), line, comment)
     jobs.append((gpu.execute_together if args.backend == "hosts" else shell.execute, commands))
   for execute, commands in jobs:
     execute(commands, args.dry_run)

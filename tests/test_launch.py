@@ -132,6 +132,7 @@ def test_points_name_their_overrides_and_format_values(tmp_path):
   assert "--config.seed=1" in train and "--config.optimizer.learning_rate=0.001" in evaluate
   assert sweep.job_name("my_sweep", points[0].name, 0) == "my-sweep-seed-1-learning-rate-0-001"
   assert sweep.job_name("s", "x" * 60, 7) == "p-s-007"
+  assert sweep.job_name("s", "a_b", 1, taken=["s-a-b"]) == "p-s-001"  # "a-b" came first
   for name in (sweep.job_name("scaling", p, i) for i, p in enumerate(["a", "B_c", "z" * 80])):
     assert xpk.check_workload_name(name) == name
 
