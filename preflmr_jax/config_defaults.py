@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Optional mined negatives: <task>_rankings.jsonl files (the eval binary's output) here; the
       # top hard_negatives_depth (0: all) of each query's ranking are drawn first.
       hard_negatives_dir="", hard_negatives_depth=100,
+      # Train on a fixed subset of about this many queries of the mixture (0: all); subsets of one
+      # subset_seed are nested (the 10K one lies inside the 100K one).
+      max_train_examples=0, subset_seed=0,
   ))
   config.init_from = ""  # a published PreFLMR folder (load_pretrained) to start from
   return config

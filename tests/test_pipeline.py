@@ -77,6 +77,32 @@ def test_hosts_get_disjoint_shards_covering_the_data_each_epoch_reshuffled(data_
   assert sorted(second) == sorted(epochs[0]) and second != epochs[0]
 
 
+def test_training_subsets_are_fixed_by_the_seed_and_nested():
+  small, large = (pipeline.train_subset(5000, "OVEN", n, seed=0) for n in (100, 1000))
+  assert len(small) == 100 and len(large) == 1000 and set(small) <= set(large)
+  np.testing.assert_array_equal(small, pipeline.train_subset(5000, "OVEN", 100, seed=0))
+  assert set(small) != set(pipeline.train_subset(5000, "OVEN", 100, seed=1))
+  assert set(small) != set(pipeline.train_subset(5000, "WIT", 100, seed=0))  # per task
+  assert len(pipeline.train_subset(50, "OVEN", 100, seed=0)) == 50  # all of a small task
+  assert pipeline.subset_shares([("OVEN", 2.0), ("WIT", 1.0)], 100) == [67, 34]
+
+
+def test_training_reads_only_its_subset(data_dir):
+  records = m2kr.load_queries(data_dir, "SAMPLE", "train")
+  passages = m2kr.load_passages(data_dir, "SAMPLE", "train")
+  index = {passages[i]["passage_id"]: i for i in range(len(passages))}
+  chosen = pipeline.train_subset(len(records), "SAMPLE", 24, seed=3)
+  allowed = {index[p] for i in chosen for p in records[int(i)]["pos_item_ids"]}
+
+  def positives(config):  # query i's positive is document i * (1 + n)
+    batches = _take(_iterator(config, process_index=0, process_count=1), 6)
+    return {int(x) for b in batches for x in b["doc_labels"][::1 + config.num_negatives]}
+
+  subset = _config(data_dir, **{"data.max_train_examples": 24, "data.subset_seed": 3})
+  assert positives(subset) <= allowed  # two epochs of the 24 queries
+  assert not positives(_config(data_dir)) <= allowed
+
+
 def test_two_processes_batches_differ_and_have_the_local_size(data_dir):
   config = _config(data_dir)
   b0, b1 = (next(_iterator(config, process_index=p, process_count=2)) for p in range(2))
@@ -181,6 +207,7 @@ def test_eval_batches_are_fixed_and_use_the_valid_split(data_dir):
     ({"num_negatives": 64}, ValueError, "config.num_negatives=64: SAMPLE's corpus has only 64"),
     ({"data.tasks": "OKVQA"}, FileNotFoundError, "OKVQA.*not built.*preflmr_jax.data.prepare"),
     ({"data.num_workers": -1}, ValueError, "config.data.num_workers=-1"),
+    ({"data.max_train_examples": -5}, ValueError, "config.data.max_train_examples=-5"),
 ])
 def test_bad_data_configs_name_the_key(data_dir, overrides, error, message):
   with pytest.raises(error, match=message):

@@ -12,6 +12,9 @@ batched to this host's `b` queries, and (with `config.data.num_workers > 0`) pro
 processes. Batches follow the interface of `preflmr_jax.data`; `doc_labels` is a passage's index in
 the concatenated corpora of the tasks.
 
+`config.data.max_train_examples=N` trains on a fixed subset of about N queries of the mixture (split
+by weight; `train_subset`): nested across N for one `config.data.subset_seed`.
+
 The iterator's state (grain's, JSON-serialisable) goes into the checkpoint; restoring it continues
 the stream exactly. Evaluation batches come from the `valid` split in order, with the dataset's own
 instructions and negatives seeded by the record's index.
@@ -25,6 +28,7 @@ import io
 import json
 import os
 import threading
+import zlib
 from typing import Any, Optional, Sequence
 
 import grain
@@ -212,6 +216,11 @@ def _task_datasets(config, model_config, tokenizer, split: str, *, train: bool,
     corpora.append(_Corpus.load(data_dir, task, split, offset))
     offset += len(corpora[-1].passages)
   queries = [m2kr.load_queries(data_dir, task, split) for task, _ in tasks]
+  limit = int(config.data.get("max_train_examples", 0) or 0)
+  if train and limit:
+    queries = [_Subset(records, train_subset(len(records), task, share,
+                                             int(config.data.get("subset_seed", 0))))
+               for (task, _), records, share in zip(tasks, queries, subset_shares(tasks, limit))]
   _check(config, tasks, corpora, queries)
   datasets = []
   for t, ((task, _), corpus, records) in enumerate(zip(tasks, corpora, queries)):
@@ -224,6 +233,41 @@ def _task_datasets(config, model_config, tokenizer, split: str, *, train: bool,
                  len(records), len(range(process_index, len(records), process_count)),
                  len(corpus.passages))
   return tasks, datasets
+
+
+def subset_shares(tasks: Sequence[tuple[str, float]], total: int) -> list[int]:
+  """`config.data.max_train_examples` split over the mixture by weight (rounded up per task)."""
+  if total < 0:
+    raise ValueError(f"config.data.max_train_examples={total} must be >= 0 (0: all)")
+  weight = sum(w for _, w in tasks)
+  return [int(np.ceil(total * w / weight)) for _, w in tasks]
+
+
+def train_subset(num_records: int, task: str, share: int, seed: int) -> np.ndarray:
+  """The indices of `task`'s training subset: the first `share` of a permutation fixed by (`seed`,
+  task name). The same seed gives the same subset, and a smaller subset lies inside a larger one,
+  so a sweep over the amount of data nests its training sets."""
+  if share > num_records:
+    logging.warning("config.data.max_train_examples asks %d examples of %s, which has %d: using "
+                    "all of them", share, task, num_records)
+  order = np.random.default_rng([seed, zlib.crc32(task.encode())]).permutation(num_records)
+  return np.sort(order[:share])
+
+
+class _Subset:
+  """Records restricted to `indices` (a random-access source for grain)."""
+
+  def __init__(self, records, indices: np.ndarray):
+    self._records, self._indices = records, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int):
+    return self._records[int(self._indices[i])]
+
+  def __getitems__(self, rows: Sequence[int]):
+    return self._records.__getitems__([int(self._indices[i]) for i in rows])
 
 
 def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, list[int]]]:

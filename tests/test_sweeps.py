@@ -1,0 +1,97 @@
+"""The paper's stage-1 sweeps (configs/sweeps/): every point builds a valid config, the recipe is
+stage 1, the data-amount points scale their steps, and each smoke variant runs end to end
+(train -> eval -> fit -> plot)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from launch import shell, sweep
+from preflmr_jax import config_files, optimizer
+from preflmr_jax.models import model_config as mc
+from preflmr_jax.models import preflmr
+
+SWEEPS = ("vision_scaling", "mapping_depth", "pretraining_data")
+
+
+def _points(name, arg=""):
+  return sweep.load_points(f"configs/sweeps/{name}.py" + (f":{arg}" if arg else ""))[1]
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+@pytest.mark.parametrize("arg", ["", "smoke"])
+def test_every_point_builds_a_stage1_model(name, arg):
+  points = _points(name, arg)
+  assert len(points) >= 3
+  for point in points:
+    config = config_files.load_config(point.config, dict(point.overrides))
+    model_config = mc.PreFLMRConfig.from_dict(config.model)
+    assert model_config.output == "mapping_only"
+    shapes = preflmr.abstract_params(model_config)  # jax.eval_shape: nothing is allocated
+    labels = optimizer.param_labels(shapes, config.freeze)
+    trainable = {str(path[0].key) for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]
+                 if label != "frozen"}
+    encoders = {"vision", "query_text", "document_text", "query_head", "document_head"}
+    if arg:  # the smoke runs' random encoders train too (frozen they would teach nothing)
+      assert encoders <= trainable
+    else:  # stage 1: only the mapping structures train
+      assert trainable and not trainable & encoders, trainable
+
+
+def test_vision_scaling_varies_only_the_vision_tower():
+  configs = [mc.PreFLMRConfig.from_dict(config_files.load_config(p.config).model)
+             for p in _points("vision_scaling")]
+  assert [c.vision.hidden_size for c in configs] == [768, 1024, 1152]
+  assert len({(c.text, c.mapping) for c in configs}) == 1
+
+
+def test_mapping_depth_varies_only_the_mapping_layers():
+  configs = [config_files.load_config(p.config, dict(p.overrides)) for p in _points("mapping_depth")]
+  assert [c.model.mapping.num_layers for c in configs] == [1, 2, 4, 6, 12]
+  base = configs[0].to_dict()
+  for c in configs[1:]:
+    c = c.to_dict()
+    c["model"]["mapping"]["num_layers"] = 1
+    assert c == base
+
+
+def test_pretraining_data_scales_steps_with_the_data():
+  configs = [config_files.load_config(p.config, dict(p.overrides))
+             for p in _points("pretraining_data")]
+  amounts = [c.data.max_train_examples for c in configs]
+  assert amounts == [10_000, 100_000, 1_000_000]
+  epochs = {round(c.num_train_steps * c.batch_size / c.data.max_train_examples) for c in configs}
+  assert epochs == {4}  # a fixed number of epochs
+  for c in configs:
+    optimizer.validate(c.optimizer, c.num_train_steps)
+
+
+def test_sweeps_print_their_pod_commands(capsys):
+  for name in SWEEPS:
+    sweep.main([f"configs/sweeps/{name}.py", "--backend=tpu-vm", "--dry-run"])
+  out = capsys.readouterr().out
+  assert out.count("gcloud compute tpus tpu-vm ssh") == 3 + 5 + 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SWEEPS)
+def test_smoke_variant_runs_end_to_end(name, tmp_path, one_device_env):
+  out = subprocess.run([sys.executable, "launch/sweep.py", f"configs/sweeps/{name}.py:smoke",
+                        "--backend=local", f"--workdir_root={tmp_path}", "--fit"],
+                       cwd=shell.REPO_ROOT, capture_output=True, text=True, check=False, env=one_device_env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  sweep_dir = tmp_path / f"{name}-smoke"
+  points = sorted(p for p in os.listdir(sweep_dir) if (sweep_dir / p).is_dir())
+  assert len(points) == 3
+  for point in points:
+    results = json.loads((sweep_dir / point / "eval" / "results.json").read_text())["SAMPLE"]
+    assert results["train_flops"] > 0 and 0 <= results[results["headline"]] <= 1
+  fits = json.loads(out.stdout.strip().splitlines()[-1])["fits"]
+  assert {f["x_axis"] for f in fits} == {"params", "train_flops"}
+  assert (sweep_dir / "scaling_law.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "| SAMPLE |" in (sweep_dir / "scaling_law.md").read_text()
+
