@@ -39,9 +39,10 @@ def parse(arg: str | None) -> dict[str, str]:
   return point
 
 
-def smoke_config(width: str):
-  """The tiny model at `width`, trained briefly on SAMPLE: a grid point's CPU stand-in."""
-  config = config_files.load_config(f"configs/tiny.py:width={width}")
+def smoke_config(tiny_arg: str = ""):
+  """configs/tiny.py:`tiny_arg` (its widths) trained briefly on SAMPLE: a grid point's CPU
+  stand-in (also the base of the stage-1 sweeps' smoke variants)."""
+  config = config_files.load_config(f"configs/tiny.py:{tiny_arg}" if tiny_arg else "configs/tiny.py")
   config.num_train_steps = 200
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
@@ -51,7 +52,7 @@ def smoke_config(width: str):
 
 def get_config(arg=None):
   if arg and arg.split("=")[0] == "smoke":
-    return smoke_config(arg.partition("=")[2] or "32")
+    return smoke_config(f"width={arg.partition('=')[2] or 32}")
   point = parse(arg)
   config = config_defaults.base_config()
   config.model = config_defaults.model_dict(text=point["text"], vision=VISION[point["vision"]])

@@ -9,8 +9,8 @@ Pod-scale runs are sized for a v5e-16 (16 GiB per chip; docs/scaling_grid.md and
 plan in the README): global batch 256 in bf16 with fp32 master weights, the batch sharded over
 `fsdp`, 10,000 steps. These run settings are ours, not the paper's. The data come from the command
 line: `--config.tokenizer=.../query_tokenizer --config.data.data_dir=... --config.data.tasks=...`.
-The smoke stand-in is configs/tiny.py at those widths, 200 steps on the SAMPLE task, with the
-stage-1 model but nothing frozen (its random encoders could not serve frozen).
+The smoke stand-in is configs/scaling.py's (the tiny model at those widths, 200 steps on SAMPLE),
+with the stage-1 model but nothing frozen (its random encoders could not serve frozen).
 """
 
 from preflmr_jax import config_files
@@ -19,11 +19,7 @@ from preflmr_jax import config_files
 def get_config(arg=None):
   head, _, rest = (arg or "").partition(",")
   if head == "smoke":
-    config = config_files.load_config(f"configs/tiny.py:{rest}" if rest else "configs/tiny.py")
-    config.num_train_steps = 200
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 200
-    config.optimizer.warmup_steps = 20
+    config = config_files.load_module("configs/scaling.py").smoke_config(rest)
   else:
     config = config_files.load_config(f"configs/scaling.py:{arg}" if arg else "configs/scaling.py")
     config.model.dtype = "bfloat16"
