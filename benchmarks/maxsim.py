@@ -1,6 +1,6 @@
 """MaxSim throughput on this machine: ours (jitted einsum, chunked) vs naive PyTorch.
 
-  python benchmarks/maxsim.py [--quick] [--chunk_size 8] [--query_tokens_per_step 256]
+  python benchmarks/maxsim.py [--quick] [--tile_bytes 2097152]
 
 Counts 2*B*N*Lq*Ld*dim FLOPs per call and reports GFLOP/s, (query, document)
 pairs scored per second, the ratio to PyTorch, and the fraction of a plain
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from preflmr_jax.late_interaction import maxsim, maxsim_chunked  # noqa: E402
+from preflmr_jax.late_interaction import (  # noqa: E402
+    chunk_sizes, default_tile_bytes, maxsim, maxsim_chunked)
 
 N_DOCS, DOC_LEN, DIM = 1000, 180, 128
 
@@ -72,9 +73,8 @@ def matmul_gflops(repeats):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="Lq=32 only, fewer repeats (< 30 s)")
-  parser.add_argument("--chunk_size", type=int, default=8, help="documents per maxsim_chunked step")
-  parser.add_argument("--query_tokens_per_step", type=int, default=256,
-                      help="query chunk = max(1, this // Lq): keeps the score tile ~1-2 MB")
+  parser.add_argument("--tile_bytes", type=int, help="maxsim_chunked's score-tile budget "
+                      "(default late_interaction.default_tile_bytes())")
   args = parser.parse_args()
   repeats = 3 if args.quick else 7
   shapes = [(1, 32), (8, 32)] if args.quick else [(1, 32), (8, 32), (1, 320), (8, 320)]
@@ -101,12 +101,11 @@ def main():
     with torch.inference_mode():
       ref = torch_maxsim(tq, td, tm).numpy()
       t_torch = median_seconds(lambda: torch_maxsim(tq, td, tm), repeats)
-    qc = max(1, args.query_tokens_per_step // lq)
-    qc = None if qc >= b else qc
+    tile = args.tile_bytes or default_tile_bytes()
+    chunk, qc = chunk_sizes(b, lq, N_DOCS, DOC_LEN, tile)
     methods = [
         ("maxsim", lambda: maxsim(jq, jd, jm)),
-        (f"maxsim_chunked({args.chunk_size},{qc})",
-         lambda: maxsim_chunked(jq, jd, jm, args.chunk_size, qc)),
+        (f"maxsim_chunked({chunk},{qc})", lambda: maxsim_chunked(jq, jd, jm, tile_bytes=tile)),
     ]
     rows = [(name, median_seconds(lambda: fn().block_until_ready(), repeats),
              float(np.abs(np.asarray(fn()) - ref).max())) for name, fn in methods]

@@ -267,9 +267,10 @@ def maxsim_section(settings: Settings, limit: float) -> tuple[list[dict], str | 
     Q, D, D_mask = maxsim_bench.make_inputs(b, lq)
     jq, jd, jm = jnp.asarray(Q), jnp.asarray(D), jnp.asarray(D_mask)
     tq, td, tm = torch.from_numpy(Q), torch.from_numpy(D), torch.from_numpy(D_mask)
-    qc = max(1, 256 // lq)  # query chunk: keeps the score tile ~1-2 MB (as maxsim.py)
-    qc = None if qc >= b else qc
-    fns = {f"maxsim_chunked(8,{qc})": lambda: late_interaction.maxsim_chunked(jq, jd, jm, 8, qc),
+    # Chunk sizes from the default score-tile budget, as search.exact_search scores.
+    chunk, qc = late_interaction.chunk_sizes(b, lq, len(D), D.shape[1],
+                                             late_interaction.default_tile_bytes())
+    fns = {f"maxsim_chunked({chunk},{qc})": lambda: late_interaction.maxsim_chunked(jq, jd, jm),
            "maxsim": lambda: late_interaction.maxsim(jq, jd, jm)}
     fns = {k: (lambda f=f: np.asarray(f())) for k, f in fns.items()}
     if colbert_score:

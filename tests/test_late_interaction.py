@@ -6,7 +6,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
-from preflmr_jax.late_interaction import maxsim, maxsim_chunked, maxsim_pairwise
+from preflmr_jax.late_interaction import (chunk_sizes, default_tile_bytes, maxsim, maxsim_chunked,
+                                         maxsim_pairwise)
 
 
 def _naive(Q, D, D_mask):
@@ -81,6 +82,33 @@ def test_chunked_equals_unchunked(chunk, query_chunk):
       maxsim(Q, D, D_mask), atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("tile_bytes", [1, 4 * 6 * 5 * 2, 4 * 6 * 5 * 7, None])
+@pytest.mark.parametrize("query_chunk", [None, 2])
+def test_chunk_sizes_from_tile_budget_equal_unchunked(tile_bytes, query_chunk):
+  # tile 1: one query x one document per step; 2 pairs; everything in one tile; the default.
+  Q, D, D_mask = _data(seed=5, empty_doc=2)
+  np.testing.assert_allclose(
+      maxsim_chunked(Q, D, D_mask, query_chunk_size=query_chunk, tile_bytes=tile_bytes),
+      _naive(Q, D, D_mask), atol=1e-5)
+
+
+def test_chunk_sizes():
+  pair = 4 * 32 * 180  # bytes of one (query, document) pair's token scores
+  # One query: documents up to the budget, a divisor of N (no padding copy).
+  assert chunk_sizes(1, 32, 1000, 180, 2 << 20) == (50, 1)
+  assert (2 << 20) // pair == 91
+  # No divisor of N near the budget (prime N): the budget's own size (the corpus is padded).
+  assert chunk_sizes(1, 32, 997, 180, 2 << 20) == (91, 1)
+  # Queries are split only when one document against all of them overflows the budget.
+  assert chunk_sizes(8, 32, 1000, 180, 8 * pair) == (1, 8)
+  assert chunk_sizes(9, 32, 1000, 180, 8 * pair) == (1, 8)
+  assert chunk_sizes(32, 320, 256, 180, 2 << 20) == (1, 9)
+  # Small corpora: one chunk; a budget below one pair still makes progress.
+  assert chunk_sizes(4, 32, 7, 180, 1 << 30) == (7, 4)
+  assert chunk_sizes(4, 32, 7, 180, 1) == (1, 1)
+  assert default_tile_bytes() == 2 << 20  # the tests run on CPU
+
+
 def test_pairwise_is_the_diagonal():
   Q, D, D_mask = _data(seed=4, b=5, n=5, empty_doc=1)
   got = maxsim_pairwise(Q, D, D_mask)
@@ -149,6 +177,8 @@ def test_validation_errors_specific():
     maxsim_chunked(Q, D, D_mask, 0)
   with pytest.raises(ValueError, match="query_chunk_size"):
     maxsim_chunked(Q, D, D_mask, 2, 0)
+  with pytest.raises(ValueError, match="tile_bytes"):
+    maxsim_chunked(Q, D, D_mask, tile_bytes=0)
 
 
 def _meshes():
