@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from preflmr_jax import late_interaction, tokenization
+from preflmr_jax.models import layers
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -86,6 +87,50 @@ def test_bf16_compute_with_fp32_params(setup):
     np.testing.assert_allclose(a, b, atol=2e-2)
   bf16 = preflmr.init_params(dataclasses.replace(config, param_dtype="bfloat16"), jax.random.key(0))
   assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def _no_attention_dropout(config, **kw):
+  off = lambda sub: dataclasses.replace(sub, attention_dropout_rate=0.0)
+  return dataclasses.replace(config, text=off(config.text), vision=off(config.vision),
+                             mapping=off(config.mapping), **kw)
+
+
+def test_fused_attention_path_matches_and_keeps_the_parameter_names(setup, monkeypatch):
+  """attention='cudnn' runs jax.nn.dot_product_attention in [B, L, H, D] layout with the padding
+  mask as a bias; here its XLA implementation stands in for cuDNN (CPU). Checks the layout, mask
+  and scale plumbing, values and gradients; cuDNN itself is checked by benchmarks/gpu.py."""
+  monkeypatch.setitem(layers._FUSED_BACKEND, "cudnn", "xla")
+  config, params, inputs = setup
+  reference = _no_attention_dropout(config, dtype="bfloat16")
+  fused = dataclasses.replace(reference, attention="cudnn")
+  assert (jax.tree.structure(preflmr.abstract_params(fused))
+          == jax.tree.structure(preflmr.abstract_params(reference)))
+  for a, b in zip(jax.tree.leaves(_apply(fused, params, inputs)),
+                  jax.tree.leaves(_apply(reference, params, inputs))):
+    np.testing.assert_allclose(a, b, atol=2e-2)
+  # Padding matters: documents and queries above have padded positions.
+  assert not np.asarray(inputs[4]).all() and not np.asarray(inputs[1]).all()
+  loss = lambda c: lambda p: jnp.sum(_apply(c, p, inputs, deterministic=False,
+                                            rngs={"dropout": jax.random.key(1)})[0][0] ** 2)
+  g, g_ref = jax.grad(loss(fused))(params), jax.grad(loss(reference))(params)
+  for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(x, y, atol=5e-2 * max(1.0, float(np.abs(y).max())))
+
+
+def test_fused_attention_refuses_attention_dropout(setup, monkeypatch):
+  monkeypatch.setitem(layers._FUSED_BACKEND, "cudnn", "xla")  # CPU
+  config, _, _ = setup
+  with pytest.raises(ValueError, match="config.model.text.attention_dropout_rate"):
+    dataclasses.replace(config, attention="cudnn", dtype="bfloat16")
+  with pytest.raises(ValueError, match="config.model.dtype"):
+    _no_attention_dropout(config, attention="cudnn")
+  with pytest.raises(ValueError, match="config.model.attention"):
+    dataclasses.replace(config, attention="flash")
+  attention = layers.MultiHeadAttention(8, 2, dropout_rate=0.1, attention="cudnn")
+  x = jnp.ones((1, 3, 8))
+  variables = attention.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="no attention dropout"):
+    attention.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
 
 
 def test_dropout_is_active_only_when_not_deterministic(setup):

@@ -65,6 +65,17 @@ def test_sharded_train_step_equals_single_device():
                  ref_params)
 
 
+def test_dropout_prng_impl_rbg_trains_and_keeps_the_parameter_init():
+  config = short_run(dropout_prng_impl="rbg")
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  setup = train.setup_train_step(config, mesh)
+  assert setup.abstract_state.rng.shape == (4,)  # rbg key data; threefry's is (2,)
+  losses, params = _step_on_mesh(config, {"data": 1, "fsdp": 1, "tensor": 1}, steps=2)
+  assert np.isfinite(losses).all()
+  init = lambda c: jax.jit(train.setup_train_step(c, mesh).init_state, static_argnums=0)(0).params
+  jax.tree.map(np.testing.assert_array_equal, init(config), init(short_run()))
+
+
 def _read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -121,6 +132,7 @@ def test_tiny_config_learns_the_sample_task(tmp_path, source):
     ({"logical_axis_rules": (("embedd", "fsdp"),)}, "config.logical_axis_rules: unknown logical"),
     ({"freeze": ("visoin",)}, "config.freeze"),
     ({"nan_policy": "ignore"}, "config.nan_policy"),
+    ({"dropout_prng_impl": "philox"}, "config.dropout_prng_impl"),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, overrides, message):
   config = short_run(**overrides)

@@ -21,6 +21,7 @@ class BertLayer(nn.Module):
   cross_attention: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, mask, deterministic: bool, encoder_states=None, encoder_mask=None):
@@ -30,7 +31,8 @@ class BertLayer(nn.Module):
 
     def attention(name, q, kv, kv_mask):
       return layers.MultiHeadAttention(c.hidden_size, c.num_heads, c.attention_dropout_rate,
-                                       name=name, **kw)(q, kv, kv_mask, deterministic)
+                                       attention=self.attention, name=name, **kw)(
+                                           q, kv, kv_mask, deterministic)
 
     x = layers.layer_norm(c.layer_norm_eps, name="attention_norm", **kw)(
         x + drop(attention("attention", x, None, mask)))
@@ -43,11 +45,11 @@ class BertLayer(nn.Module):
 
 
 def bert_stack(config: TextConfig, *, cross_attention: bool, remat: bool, remat_policy: str,
-               dtype: Dtype, param_dtype: Dtype, prefix: str = "layer"):
+               dtype: Dtype, param_dtype: Dtype, attention: str = "xla", prefix: str = "layer"):
   """`config.num_layers` BertLayers named `{prefix}_{i}` (optionally rematerialised)."""
   # static_argnums counts `self` as 0: (x=1, mask=2, deterministic=3).
   cls = layers.maybe_remat(BertLayer, remat, remat_policy, static_argnums=(3,))
-  return [cls(config, cross_attention, dtype, param_dtype, name=f"{prefix}_{i}")
+  return [cls(config, cross_attention, dtype, param_dtype, attention, name=f"{prefix}_{i}")
           for i in range(config.num_layers)]
 
 
@@ -81,6 +83,7 @@ class BertModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -102,7 +105,7 @@ class BertModel(nn.Module):
                                                   deterministic)
     x = layers.constrain(x, "act_batch", "act_length", "act_embed")
     for layer in bert_stack(c, cross_attention=False, remat=self.remat,
-                            remat_policy=self.remat_policy, **kw):
+                            remat_policy=self.remat_policy, attention=self.attention, **kw):
       x = layer(x, attention_mask, deterministic)
     pooled = jnp.tanh(layers.dense(c.hidden_size, ("embed", None), name="pooler", **kw)(
         x[:, 0]))

@@ -17,6 +17,7 @@ class ClipLayer(nn.Module):
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, mask, deterministic: bool):
@@ -24,7 +25,8 @@ class ClipLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.layer_norm(c.layer_norm_eps, name="layer_norm1", **kw)(x)
     x = x + layers.MultiHeadAttention(c.hidden_size, c.num_heads, c.attention_dropout_rate,
-                                      name="attention", **kw)(h, None, mask, deterministic)
+                                      attention=self.attention, name="attention", **kw)(
+                                          h, None, mask, deterministic)
     h = layers.layer_norm(c.layer_norm_eps, name="layer_norm2", **kw)(x)
     x = x + layers.Mlp(c.hidden_size, c.intermediate_size, c.hidden_act, name="mlp", **kw)(h)
     return layers.constrain(x, "act_batch", "act_length", "act_embed")
@@ -43,6 +45,7 @@ class ClipVisionModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, pixel_values, deterministic: bool = True):
@@ -77,7 +80,7 @@ class ClipVisionModel(nn.Module):
     layer_cls = layers.maybe_remat(ClipLayer, self.remat, self.remat_policy, static_argnums=(3,))
     hidden_states = [x]
     for i in range(c.num_layers):
-      x = layer_cls(c, name=f"layer_{i}", **kw)(x, None, deterministic)
+      x = layer_cls(c, attention=self.attention, name=f"layer_{i}", **kw)(x, None, deterministic)
       hidden_states.append(x)
     pooled = layers.layer_norm(c.layer_norm_eps, name="post_layernorm", **kw)(x[:, 0])
     return tuple(hidden_states), pooled

@@ -59,6 +59,14 @@ def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
+# `attention` values: "xla" is the formulation below (any backend, attention-probability dropout);
+# "cudnn" is cuDNN's fused attention through `jax.nn.dot_product_attention` (NVIDIA GPUs, bf16 /
+# fp16, no attention dropout): the [B, H, L, L] probabilities never reach memory.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# What `jax.nn.dot_product_attention` is asked for per fused value (tests on CPU swap in "xla").
+_FUSED_BACKEND = {"cudnn": "cudnn"}
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head attention with separate q/k/v/out linears (the HF BERT and CLIP layout).
 
@@ -70,6 +78,7 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # one of ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, kv=None, mask=None, deterministic: bool = True):
@@ -77,6 +86,8 @@ class MultiHeadAttention(nn.Module):
     head_dim = self.hidden_size // self.num_heads
     proj = functools.partial(dense, self.hidden_size, ("embed", "heads"), dtype=self.dtype,
                              param_dtype=self.param_dtype)
+    if self.attention != "xla":
+      return self._fused(proj, x, kv, mask, deterministic)
     # [B, L, H*D] -> [B, H, L, D]: with heads leading, both attention matmuls are plain batched
     # matmuls (the [B, L, H, D] einsums made XLA:CPU transpose outputs; ~18% of BERT-base time).
     split = lambda t: t.reshape(t.shape[:2] + (self.num_heads, head_dim)).transpose(0, 2, 1, 3)
@@ -92,6 +103,24 @@ class MultiHeadAttention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+    out = out.reshape(out.shape[:2] + (self.hidden_size,))
+    return dense(self.hidden_size, ("heads", "embed"), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="out")(out)
+
+  def _fused(self, proj, x, kv, mask, deterministic):
+    if self.attention not in _FUSED_BACKEND:
+      raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    if self.dropout_rate > 0 and not deterministic:
+      raise ValueError(f"attention={self.attention!r} has no attention dropout; training needs "
+                       f"attention_dropout_rate=0 (got {self.dropout_rate})")
+    heads = lambda t: t.reshape(t.shape[:2] + (self.num_heads, -1))  # [B, L, H, D]
+    q = constrain(heads(proj(name="query")(x)), "act_batch", "act_length", "act_heads", None)
+    k, v = heads(proj(name="key")(kv)), heads(proj(name="value")(kv))
+    if mask is not None:  # cuDNN takes a mask only as a full [B, 1, Lq, Lkv] bias
+      mask = jnp.broadcast_to(mask[:, None, None, :].astype(bool),
+                              (x.shape[0], 1, x.shape[1], kv.shape[1]))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                       implementation=_FUSED_BACKEND[self.attention])
     out = out.reshape(out.shape[:2] + (self.hidden_size,))
     return dense(self.hidden_size, ("heads", "embed"), dtype=self.dtype,
                  param_dtype=self.param_dtype, name="out")(out)

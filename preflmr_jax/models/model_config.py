@@ -87,6 +87,9 @@ class PreFLMRConfig:
   param_dtype: str = "float32"
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  # "xla" (any backend; exact HF semantics incl. attention dropout) or "cudnn" (fused attention on
+  # NVIDIA GPUs; bf16/fp16, attention dropout 0). models/layers.py, ATTENTION_IMPLEMENTATIONS.
+  attention: str = "xla"
 
   def __post_init__(self):
     # Fail here, naming the config key, rather than deep inside XLA.
@@ -118,6 +121,15 @@ class PreFLMRConfig:
     for key in ("dtype", "param_dtype"):
       check(getattr(self, key) in ("float32", "bfloat16", "float16"), key,
             f"{getattr(self, key)!r} is not float32, bfloat16 or float16")
+    check(self.attention in ("xla", "cudnn"), "attention",
+          f"{self.attention!r} is not 'xla' or 'cudnn'")
+    if self.attention == "cudnn":  # what cuDNN's fused attention supports through jax.nn
+      check(self.dtype in ("bfloat16", "float16"), "dtype",
+            f"attention='cudnn' computes in bfloat16 or float16, got {self.dtype!r}")
+      for name, sub in (("text", self.text), ("vision", self.vision), ("mapping", self.mapping)):
+        check(sub.attention_dropout_rate == 0, f"{name}.attention_dropout_rate",
+              f"attention='cudnn' has no attention dropout: set it to 0 "
+              f"(got {sub.attention_dropout_rate})")
 
   @property
   def compute_dtype(self):

@@ -55,7 +55,7 @@ class PreFLMR(nn.Module):
   def setup(self):
     c = self.config
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
-    remat = dict(remat=c.remat, remat_policy=c.remat_policy)
+    remat = dict(remat=c.remat, remat_policy=c.remat_policy, attention=c.attention)
     self.query_text = BertModel(c.text, **kw, **remat)
     self.document_text = BertModel(c.text, **kw, **remat)
     self.query_head = layers.dense(c.dim, ("embed", "proj"), use_bias=False, **kw)
