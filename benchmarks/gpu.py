@@ -1,19 +1,23 @@
 """PreFLMR ViT-L on one GPU: train-step throughput and MFU, encoding throughput, MaxSim bandwidth.
 
-  python benchmarks/gpu.py --quick --json /tmp/gpu.json --md /tmp/gpu.md   # H100 / H200, ~4 min
-  python benchmarks/gpu.py --json /tmp/gpu.json --md /tmp/gpu.md           # more rows, ~6 min
+  python benchmarks/gpu.py --quick --json /tmp/gpu.json --md /tmp/gpu.md   # H100 / H200
+  python benchmarks/gpu.py --json /tmp/gpu.json --md /tmp/gpu.md           # more rows
   JAX_PLATFORMS=cpu python benchmarks/gpu.py --tiny --json /tmp/g.json --md /tmp/g.md  # CPU smoke
 
 Train: the trainer's own step (`train.setup_train_step`) for configs/preflmr_vit_l.py (vision
 frozen, AdamW) in bf16 compute with fp32 master weights, on random batches padded like real ones
-(queries ~20 real tokens, documents ~180 of doc_maxlen). MFU = model FLOPs (2 per MAC of every
-matmul at the padded lengths; backward = 2x forward for trainable groups; the frozen vision tower
-forward only) / step time / the card's peak dense bf16 FLOP/s. "XLA util" uses XLA's
-cost_analysis FLOPs of the compiled step instead (hardware FLOPs: remat recomputation and
-elementwise ops included).
-Encode: jitted `encode_queries` / `encode_documents`, random bf16 weights. MaxSim:
-`late_interaction.maxsim_chunked` of a query batch against an on-device corpus; corpus bytes read
-per second are compared with a device copy (`x + 1`: read + write) measured in the same run.
+(queries ~20 real tokens, documents ~180 of doc_maxlen). Rows are QUERIES:VARIANT; a variant is a
+set of config overrides (VARIANTS: the reference recipe `base`; `rbg` dropout bits; `cudnn` fused
+attention, which drops attention-probability dropout; remat policies). Every row is lowered, then
+all are compiled at once (minutes each on one thread), then timed one by one. MFU = model FLOPs
+(2 per MAC of every matmul at the padded lengths; backward = 2x forward for trainable groups; the
+frozen vision tower forward only) / step time / the card's peak dense bf16 FLOP/s. "XLA util" uses
+XLA's cost_analysis FLOPs of the compiled step instead.
+Encode: jitted `encode_queries` / `encode_documents`, random bf16 weights, with XLA and with cuDNN
+attention (their embeddings' max difference shows the fused path computes the same thing).
+MaxSim: `late_interaction.maxsim_chunked` of a query batch against an on-device corpus for a few
+score-tile budgets; corpus bytes read per second are compared with a device copy (`x + 1`: read +
+write) measured in the same run.
 A failing measurement is recorded with its error and the run goes on; --json / --md are rewritten
 after every measurement, so a run that is cut off keeps what it measured.
 """
@@ -21,10 +25,11 @@ after every measurement, so a run that is cut off keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import copy
 import datetime
 import importlib.util
 import json
-import math
 import os
 import platform
 import sys
@@ -51,15 +56,36 @@ CLS, SEP, MASK, Q_MARK, D_MARK = 101, 102, 103, 1, 2
 # (NVL parts have other clocks: pass --peak_tflops).
 PEAK_TFLOPS = {"NVL": None, "H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4}
 HBM_TBPS = {"NVL": None, "H200": 4.8, "H100 80GB HBM3": 3.35, "H100 SXM": 3.35}
-VARIANTS = {  # train-step settings that might raise MFU; master weights stay fp32 in all
-    "base": dict(remat=False),
-    "remat": dict(remat=True, remat_policy="nothing_saveable"),
-    "remat_dots": dict(remat=True, remat_policy="dots_saveable"),
+_CUDNN = {"dropout_prng_impl": "rbg", "model.attention": "cudnn",
+          **{f"model.{s}.attention_dropout_rate": 0.0 for s in ("text", "vision", "mapping")}}
+# Rows: the reference recipe, then what raises throughput. 128 queries without remat need more
+# memory than an H100 has.
+DEFAULT_ROWS = "32:base,32:rbg,32:cudnn,64:cudnn,128:cudnn_remat"
+MORE_ROWS = "128:remat,128:remat_dots"
+VARIANTS = {  # dotted config overrides of the train-step rows; master weights stay fp32 in all
+    "base": {},  # the reference recipe: threefry dropout everywhere, XLA attention
+    "rbg": {"dropout_prng_impl": "rbg"},  # dropout bits from the GPU's generator
+    "cudnn": _CUDNN,  # + cuDNN fused attention (which has no attention dropout)
+    "cudnn_remat": {**_CUDNN, "model.remat": True, "model.remat_policy": "dots_saveable"},
+    "remat": {"model.remat": True, "model.remat_policy": "nothing_saveable"},
+    "remat_dots": {"model.remat": True, "model.remat_policy": "dots_saveable"},
 }
 
 
 def log(msg):
   print(f"[{time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+
+
+def with_overrides(config, overrides):
+  """A copy of `config` with dotted keys set ("model.text.attention_dropout_rate": 0.0)."""
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
 
 
 def lookup(table, kind):
@@ -162,16 +188,13 @@ def make_batch(config, mc, queries, query_tokens, doc_tokens, seed=0):
 
 
 def random_params(abstract, dtype, seed=1):
-  """N(0, 0.02) arrays shaped as `abstract`, sliced from one random buffer (compiles fast)."""
+  """N(0, 0.02) arrays shaped as `abstract`, one small jitted draw per distinct shape (one jit of
+  the whole tree, or of slices of one buffer, took minutes to compile for ViT-L)."""
   leaves, treedef = jax.tree.flatten(abstract)
-  sizes = [math.prod(a.shape) for a in leaves]
-
-  def make():
-    flat = 0.02 * jax.random.normal(jax.random.key(seed), (sum(sizes),), dtype)
-    parts = jnp.split(flat, np.cumsum(sizes)[:-1])
-    return treedef.unflatten([x.reshape(a.shape) for x, a in zip(parts, leaves)])
-
-  return jax.jit(make)()
+  draw = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, dtype),
+                 static_argnums=1)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([draw(k, tuple(a.shape)) for k, a in zip(keys, leaves)])
 
 
 def time_loop(fn, iters, warmup=1):
@@ -185,10 +208,10 @@ def time_loop(fn, iters, warmup=1):
   return (time.perf_counter() - t) / iters
 
 
-def compile_timed(jitted, *args):
-  """-> (compiled, seconds, XLA FLOPs of the compiled (else the lowered) computation or None)."""
+def compile_lowered(lowered):
+  """-> (compiled, seconds, XLA FLOPs of the compiled (else the lowered) computation or None).
+  Thread-safe: the rows' compiles run side by side (XLA releases the GIL)."""
   t = time.perf_counter()
-  lowered = jitted.lower(*args)
   compiled = lowered.compile()
   seconds = time.perf_counter() - t
   for stage in (compiled, lowered):
@@ -200,6 +223,18 @@ def compile_timed(jitted, *args):
     except Exception:  # pylint: disable=broad-except  (not every backend implements it)
       pass
   return compiled, seconds, None
+
+
+def compile_all(lowered: dict) -> dict:
+  """name -> compile_lowered(...) or the exception, compiling every entry at once."""
+  def one(x):
+    try:
+      return compile_lowered(x)
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      return e
+  with concurrent.futures.ThreadPoolExecutor(max(1, len(lowered))) as pool:
+    return dict(zip(lowered, pool.map(one, lowered.values())))
 
 
 def memory_stats():
@@ -278,8 +313,8 @@ class Bench:
     seconds = time_loop(lambda: add(x), iters)
     return {"bytes": nbytes, "ms": seconds * 1e3, "gb_per_s": 2 * nbytes / seconds / 1e9}
 
-  def maxsim_section(self, n_docs, batches, lq, tile_bytes, iters, ld=180, dim=128):
-    """bf16, then fp32 corpora of n_docs documents (a multiple of 4096 unless tiny)."""
+  def maxsim_section(self, n_docs, batches, lq, tiles, iters, ld=180, dim=128):
+    """bf16, then fp32 corpora of n_docs documents; bf16 rows for each score-tile budget."""
     block = min(n_docs, 4096)  # tiled: fewer than 2^32 random numbers, values do not matter
     make = lambda key: jnp.tile(jax.random.normal(key, (block, ld, dim), jnp.bfloat16),
                                 (n_docs // block, 1, 1))
@@ -291,71 +326,110 @@ class Bench:
       for b in batches:
         Q = jax.random.normal(jax.random.key(4), (b, lq, dim), jnp.float32)
         Q = (Q / jnp.linalg.norm(Q, axis=-1, keepdims=True)).astype(dtype)
-        self.attempt("maxsim", f"{dtype} {b}x{lq}", self.maxsim, D, D_mask, Q, tile_bytes, iters)
+        for tile in (tiles if dtype == "bfloat16" else tiles[:1]):
+          self.attempt("maxsim", f"{dtype} {b}x{lq} tile {tile >> 20} MiB", self.maxsim, D,
+                       D_mask, Q, tile, iters)
 
   def maxsim(self, D, D_mask, Q, tile_bytes, iters):
     (n, ld, dim), (b, lq, _) = D.shape, Q.shape
-    # Largest power-of-two chunk whose f32 token scores fit tile_bytes and that divides n (a
-    # ragged last chunk would make maxsim_chunked pad, i.e. copy, the corpus).
-    chunk = 1 << max(0, int(tile_bytes // (4 * b * lq * ld)).bit_length() - 1)
-    while n % chunk:
-      chunk //= 2
-    seconds = time_loop(lambda: late_interaction.maxsim_chunked(Q, D, D_mask, chunk), iters)
+    chunk, query_chunk = late_interaction.chunk_sizes(b, lq, n, ld, tile_bytes)
+    seconds = time_loop(lambda: late_interaction.maxsim_chunked(Q, D, D_mask,
+                                                                tile_bytes=tile_bytes), iters)
     corpus_gbps = (D.nbytes + D_mask.nbytes) / seconds / 1e9
-    copy = next((c["gb_per_s"] for c in self.results["copy"] if "gb_per_s" in c), None)
+    copy_bw = next((c["gb_per_s"] for c in self.results["copy"] if "gb_per_s" in c), None)
     return {"dtype": str(D.dtype), "queries": b, "query_tokens": lq, "docs": n, "doc_tokens": ld,
-            "dim": dim, "chunk_size": chunk, "ms": seconds * 1e3,
+            "dim": dim, "tile_mib": tile_bytes / 2**20, "chunk_size": chunk,
+            "query_chunk": query_chunk, "ms": seconds * 1e3,
             "tflop_per_s": 2 * b * n * lq * ld * dim / seconds / 1e12, "docs_per_s": n / seconds,
-            "corpus_gb_per_s": corpus_gbps, "of_copy_bw": corpus_gbps / copy if copy else None,
+            "corpus_gb_per_s": corpus_gbps, "of_copy_bw": corpus_gbps / copy_bw if copy_bw else None,
             # f32 token scores written and read back once, if XLA does not fuse matmul and max
             "score_gb_per_s_if_unfused": 8 * b * lq * n * ld / seconds / 1e9}
 
   def encode_section(self, n, iters):
+    """Both encoders with XLA and with cuDNN attention (same bf16 weights): speed, agreement."""
     params = random_params(preflmr.abstract_params(self.mc), jnp.bfloat16)  # serving weights
     batch = make_batch(self.config, self.mc, n, self.args.query_tokens, self.args.doc_tokens)
-    queries = [batch[k] for k in ("query_input_ids", "query_attention_mask", "pixel_values")]
-    docs = [batch["doc_input_ids"][:n], batch["doc_attention_mask"][:n]]
-    for kind, method, inputs in (("queries", preflmr.PreFLMR.encode_queries, queries),
-                                 ("documents", preflmr.PreFLMR.encode_documents, docs)):
-      self.attempt("encode", f"{kind} {n}", self.encode, kind, method, params,
-                   [jnp.asarray(x) for x in inputs], iters)
+    inputs = {"queries": [jnp.asarray(batch[k]) for k in
+                          ("query_input_ids", "query_attention_mask", "pixel_values")],
+              "documents": [jnp.asarray(batch[k][:n]) for k in
+                            ("doc_input_ids", "doc_attention_mask")]}
+    methods = {"queries": preflmr.PreFLMR.encode_queries,
+               "documents": preflmr.PreFLMR.encode_documents}
+    lowered = {}
+    for attention, overrides in (("xla", {}), ("cudnn", _CUDNN)):
+      mc = mc_lib.PreFLMRConfig.from_dict(with_overrides(self.config, overrides).model)
+      for kind, method in methods.items():
+        model = preflmr.PreFLMR(mc)
+        fn = jax.jit(lambda p, *x, model=model, method=method: model.apply(
+            {"params": p}, *x, method=method))
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+          try:
+            lowered[(kind, attention)] = fn.lower(params, *inputs[kind])
+          except Exception as e:  # pylint: disable=broad-except
+            traceback.print_exc()
+            lowered[(kind, attention)] = e
+    log(f"encode: compiling {len(lowered)} functions at once")
+    done = compile_all({k: v for k, v in lowered.items() if not isinstance(v, Exception)})
+    compiled = {k: done.get(k, v) for k, v in lowered.items()}  # XLA rows first: the reference
+    outputs = {}
+    for (kind, attention), c in compiled.items():
+      self.attempt("encode", f"{kind} {n} {attention}", self.encode, kind, attention, c, params,
+                   inputs[kind], iters, outputs)
 
-  def encode(self, kind, method, params, inputs, iters):
-    model = preflmr.PreFLMR(self.mc)
-    fn = jax.jit(lambda p, *x: model.apply({"params": p}, *x, method=method))
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      compiled, compile_s, hw = compile_timed(fn, params, *inputs)
+  def encode(self, kind, attention, compiled, params, inputs, iters, outputs):
+    if isinstance(compiled, Exception):
+      raise compiled
+    compiled, compile_s, hw = compiled
     seconds = time_loop(lambda: compiled(params, *inputs), iters)
+    (emb, mask) = outputs[(kind, attention)] = compiled(params, *inputs)
     n, flops = inputs[0].shape[0], encode_flops(self.mc, kind, inputs[0].shape[0])
-    return {"kind": kind, "batch": n, "compile_s": compile_s, "ms": seconds * 1e3,
-            "tokens": self.mc.query_length if kind == "queries" else self.mc.doc_maxlen,
-            "examples_per_s": n / seconds, "model_tflop": flops / 1e12,
-            "xla_tflop": hw / 1e12 if hw else None, "tflop_per_s": flops / seconds / 1e12,
-            "mfu": flops / seconds / self.peak if self.peak else None}
+    row = {"kind": kind, "attention": attention, "batch": n, "compile_s": compile_s,
+           "ms": seconds * 1e3,
+           "tokens": self.mc.query_length if kind == "queries" else self.mc.doc_maxlen,
+           "examples_per_s": n / seconds, "model_tflop": flops / 1e12,
+           "xla_tflop": hw / 1e12 if hw else None, "tflop_per_s": flops / seconds / 1e12,
+           "mfu": flops / seconds / self.peak if self.peak else None}
+    if attention != "xla" and (kind, "xla") in outputs:  # same weights: embeddings must agree
+      ref = outputs[(kind, "xla")][0]
+      row["max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(emb - ref) * mask[..., None]))
+    return row
 
-  def setup(self, variant):
-    if variant not in self.setups:
-      self.config.model.update(VARIANTS[variant])
-      self.setups[variant] = train.setup_train_step(self.config, self.mesh)
-      self.config.model.update(VARIANTS["base"])
-    return self.setups[variant]
+  def setup(self, variant, queries):
+    """(config, StepSetup) of one train row."""
+    if (variant, queries) not in self.setups:
+      config = with_overrides(self.config, VARIANTS[variant])
+      config.batch_size = queries
+      self.setups[(variant, queries)] = config, train.setup_train_step(config, self.mesh)
+    return self.setups[(variant, queries)]
 
-  def train(self, queries, variant, steps):
-    setup = self.setup(variant)
-    self.config.batch_size = queries
-    docs = queries * (1 + self.config.num_negatives)
-    host = make_batch(self.config, self.mc, queries, self.args.query_tokens, self.args.doc_tokens)
+  def lower_train(self, queries, variant):
+    config, setup = self.setup(variant, queries)
+    batch = make_batch(config, self.mc, queries, self.args.query_tokens, self.args.doc_tokens)
     batch = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim))
-             for k, v in host.items()}
-    # One state serves every row: variants and batch sizes share its shapes and shardings.
-    if self.state is None or any(x.is_deleted() for x in jax.tree.leaves(self.state)):
-      if self.init_state is None:
-        self.init_state = jax.jit(setup.init_state, static_argnums=0,
-                                  out_shardings=setup.state_shardings)
-      self.state = self.init_state(self.config.seed)
-    row = {"queries": queries, "docs": docs, "variant": variant, **VARIANTS[variant]}
+             for k, v in batch.items()}
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(setup.rules):
-      compiled, row["compile_s"], hw = compile_timed(setup.train_step, setup.abstract_state, batch)
+      return setup.train_step.lower(setup.abstract_state, batch), batch
+
+  def fresh_state(self, config, setup):
+    """Random fp32 params (built once, then carried from row to row: every row's step has the
+    same state shapes but the dropout key's), AdamW state, the row's dropout key."""
+    if self.state is None or any(x.is_deleted() for x in jax.tree.leaves(self.state.params)):
+      params = random_params(setup.abstract_state.params, jnp.float32)
+      self.state = train.TrainState(
+          step=jnp.int32(0), params=params, opt_state=jax.jit(setup.tx.init)(params),
+          rng=None, nonfinite_steps=jnp.int32(0), first_nonfinite_step=jnp.int32(-1))
+    key = jax.random.key_data(jax.random.key(0, impl=config.dropout_prng_impl))
+    return jax.device_put(self.state.replace(rng=key), setup.state_shardings)
+
+  def train(self, queries, variant, compiled, batch, steps):
+    if isinstance(compiled, Exception):
+      raise compiled
+    compiled, compile_s, hw = compiled
+    config, setup = self.setup(variant, queries)
+    docs = queries * (1 + config.num_negatives)
+    row = {"queries": queries, "docs": docs, "variant": variant, "compile_s": compile_s,
+           **{k.replace("model.", ""): v for k, v in VARIANTS[variant].items()
+              if "dropout_rate" not in k}}
     mem, stats = compiled.memory_analysis(), memory_stats()
     if mem is not None:  # bytes beyond the (donated) arguments, from XLA's buffer assignment
       need = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -363,12 +437,16 @@ class Bench:
       if "bytes_limit" in stats and stats["bytes_in_use"] + need > stats["bytes_limit"]:
         free = gib(stats["bytes_limit"] - stats["bytes_in_use"])
         return {**row, "skipped": f"needs {gib(need):.1f} GiB, {free:.1f} GiB free"}
+    state = self.fresh_state(config, setup)
 
     def step():
-      self.state, metrics = compiled(self.state, batch)
+      nonlocal state
+      state, metrics = compiled(state, batch)
       return metrics
 
     seconds = time_loop(step, steps, warmup=2)
+    loss = float(step()["loss"])
+    self.state = state
     trainable = {g for g, labels in setup.labels.items()
                  if any(label != "frozen" for label in jax.tree.leaves(labels))}
     flops = train_flops(self.mc, queries, docs, trainable)
@@ -378,8 +456,28 @@ class Bench:
             "xla_tflop": hw / 1e12 if hw else None, "tflop_per_s": flops / seconds / 1e12,
             "mfu": flops / seconds / self.peak if self.peak else None,
             "xla_util": hw / seconds / self.peak if self.peak and hw else None,
-            "loss": float(step()["loss"]), "params_total": counts["total"],
+            "loss": loss, "params_total": counts["total"],
             "params_trainable": counts["trainable"], "trainable_groups": sorted(trainable)}
+
+  def train_section(self, rows, steps):
+    """Lowers every row, compiles them all at once, then times them one by one."""
+    lowered, batches = {}, {}
+    for queries, variant in rows:
+      name = f"{queries}:{variant}"
+      log(f"train: lowering {name}")
+      try:
+        lowered[name], batches[name] = self.lower_train(queries, variant)
+      except Exception as e:  # pylint: disable=broad-except
+        traceback.print_exc()
+        self.results["train"].append({"name": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+    log(f"train: compiling {len(lowered)} steps at once")
+    compiled = compile_all(lowered)
+    for queries, variant in rows:
+      name = f"{queries}:{variant}"
+      if name in compiled:
+        self.attempt("train", name, self.train, queries, variant, compiled.pop(name),
+                     batches.pop(name), steps)
+    self.state = None  # frees the train state
 
 
 # ---------------------------------------------------------------------------------- report
@@ -391,8 +489,10 @@ COLUMNS = {  # section -> (header, key, format)
               ("step GiB", "step_gib", ".1f"), ("compile s", "compile_s", ".0f")],
     "encode": [("kind batch", "name", ""), ("tokens", "tokens", "d"), ("ms", "ms", ".1f"),
                ("examples/s", "examples_per_s", ".4g"), ("TFLOP/s", "tflop_per_s", ".3g"),
-               ("MFU", "mfu", ".1%"), ("compile s", "compile_s", ".0f")],
-    "maxsim": [("dtype BxLq", "name", ""), ("docs", "docs", "d"), ("chunk", "chunk_size", "d"),
+               ("MFU", "mfu", ".1%"), ("max|diff| vs xla", "max_abs_diff_vs_xla", ".2g"),
+               ("compile s", "compile_s", ".0f")],
+    "maxsim": [("dtype BxLq tile", "name", ""), ("docs", "docs", "d"),
+               ("chunk", "chunk_size", "d"), ("query chunk", "query_chunk", "d"),
                ("ms", "ms", ".1f"), ("TFLOP/s", "tflop_per_s", ".3g"),
                ("docs/s", "docs_per_s", ".3g"), ("corpus GB/s", "corpus_gb_per_s", ".3g"),
                ("of copy bw", "of_copy_bw", ".1%"),
@@ -408,8 +508,8 @@ def tables(r):
       "train": f"Train step ({r['config']}; bf16 compute, fp32 master weights; "
                f"{m['num_negatives']} negative(s)/query; {m['query_length']} query tokens, "
                f"doc_maxlen {m['doc_maxlen']}; frozen: {', '.join(m['freeze']) or 'none'})",
-      "encode": "Encoding (bf16 weights and compute, random weights)",
-      "maxsim": "MaxSim (late_interaction.maxsim_chunked, corpus on device)",
+      "encode": "Encoding (bf16 weights and compute, random weights; XLA vs cuDNN attention)",
+      "maxsim": "MaxSim (late_interaction.maxsim_chunked by score-tile budget, corpus on device)",
       "copy": f"Device copy bandwidth (nominal HBM {r['nominal_hbm_tbps'] or '?'} TB/s)"}
   out = []
   for section in ("train", "encode", "maxsim", "copy"):
@@ -446,13 +546,10 @@ def main():
   parser.add_argument("--md", help="write markdown tables to this file (for RESULTS.md)")
   parser.add_argument("--config", help="config file[:arg] (default configs/preflmr_vit_l.py)")
   parser.add_argument("--train_rows", help=f"QUERIES:VARIANT,... with VARIANT in {list(VARIANTS)} "
-                      "(default 32:base,128:remat; without --quick also 128:remat_dots, and "
-                      "128:base on cards with > 100 GiB)")
+                      f"(default {DEFAULT_ROWS}; without --quick also {MORE_ROWS})")
   parser.add_argument("--steps", type=int, help="timed train steps per row")
   parser.add_argument("--encode_batch", type=int, help="examples per encoding call (default 256)")
   parser.add_argument("--peak_tflops", type=float, help="peak dense bf16 TFLOP/s of the device")
-  parser.add_argument("--budget_s", type=float, default=270, help="start no train row after the "
-                      "first that would end past this many seconds (estimate: the slowest so far)")
   parser.add_argument("--skip", default="", help="comma list of: copy,maxsim,train,encode")
   parser.add_argument("--query_tokens", type=int, default=20, help="real query tokens (+-25%%)")
   parser.add_argument("--doc_tokens", type=int, default=180, help="real document tokens (+-25%%)")
@@ -460,8 +557,8 @@ def main():
   args = parser.parse_args()
   quick, tiny = args.quick, args.tiny
   args.config = args.config or ("configs/tiny.py" if tiny else "configs/preflmr_vit_l.py")
-  default_rows = (("8:base" if quick else "8:base,16:remat") if tiny else
-                  "32:base,128:remat" + ("" if quick else ",128:remat_dots"))
+  default_rows = (("8:base,8:cudnn" if quick else "8:base,8:cudnn,16:remat") if tiny else
+                  DEFAULT_ROWS + ("" if quick else "," + MORE_ROWS))
   rows = []
   for item in filter(None, (args.train_rows or default_rows).split(",")):
     queries, _, variant = item.partition(":")
@@ -481,8 +578,6 @@ def main():
       f"{args.config}: {bench.mc.query_length} query tokens, doc_maxlen {bench.mc.doc_maxlen}")
   if r["platform"] == "cpu" and not tiny:
     log("warning: full-size shapes on CPU are very slow; use --tiny")
-  if not (args.train_rows or quick or tiny) and memory_stats().get("bytes_limit", 0) > 100 << 30:
-    rows.append((128, "base"))  # batch 128 without remat can only fit on a card like the H200
   if args.config == "configs/preflmr_vit_l.py":
     try:  # stage 3 differs from the release-shape config in learning rates only, if at all
       s3 = load_config("configs/stage3.py:vit_l")
@@ -500,20 +595,11 @@ def main():
     bench.guarded("maxsim", bench.maxsim_section,
                   1024 if tiny else 4096 * (24 if quick else 48),  # ~100k / ~200k documents
                   (4,) if tiny else (32,) if quick else (32, 1),  # query batches
-                  32 if tiny else bench.mc.query_length, (16 if tiny else 1024) << 20,
+                  32 if tiny else bench.mc.query_length,
+                  (1 << 20,) if tiny else tuple(m << 20 for m in (256, 64, 1024)),
                   3 if tiny or quick else 5)
   if "train" not in skip:
-    slowest = 0.0
-    for i, (queries, variant) in enumerate(rows):
-      name = f"{queries}:{variant}"
-      if i and time.perf_counter() - START + slowest > args.budget_s:
-        r["train"].append({"name": name, "skipped": f"time budget {args.budget_s:.0f} s"})
-        log(f"train: {name} skipped (time budget, --budget_s)")
-        continue
-      t = time.perf_counter()
-      bench.attempt("train", name, bench.train, queries, variant, steps)
-      slowest = max(slowest, time.perf_counter() - t)
-    bench.state = None  # free the train state before encoding
+    bench.guarded("train", bench.train_section, rows, steps)
   if "encode" not in skip:
     bench.guarded("encode", bench.encode_section, args.encode_batch or (16 if tiny else 256),
                   5 if quick else 10)
