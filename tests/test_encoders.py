@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ from transformers.models.bert.modeling_bert import BertLayer as HFBertLayer
 
 import oracles
 from preflmr_jax import conversion
+from preflmr_jax.models import layers
 from preflmr_jax.models.bert import BertLayer, BertModel
 from preflmr_jax.models.clip import ClipVisionModel
 from preflmr_jax.models.model_config import TextConfig, VisionConfig
@@ -86,6 +88,29 @@ def test_bert_bf16_compute_fp32_params_close():
   assert half.dtype == jnp.bfloat16
   assert jax.tree.leaves(params)[0].dtype == np.float32
   np.testing.assert_allclose(np.asarray(half, np.float32), full, atol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("one_hot_bytes", [None, 11 * 4 * 5])  # None: one chunk; else 5 tokens
+def test_one_hot_embedding_gradient_is_the_scatter_gradient(dtype, one_hot_bytes, monkeypatch):
+  """embed_lookup's one-hot-matmul gradient (used off CPU) equals take's scatter-add, with
+  repeated ids; layers.Embed keeps nn.Embed's parameter and values."""
+  if one_hot_bytes:
+    monkeypatch.setattr(layers, "_ONE_HOT_BYTES", one_hot_bytes * jnp.dtype(dtype).itemsize // 4)
+  ids = np.array([[0, 0, 0, 5, 7, 0], [3, 3, 0, 0, 0, 10]], np.int32)
+  table = jnp.asarray(np.random.default_rng(1).normal(size=(11, 4)), dtype)
+  g = np.random.default_rng(0).normal(size=(2, 6, 4)).astype(np.float32)
+  loss = lambda one_hot: lambda t: jnp.sum(
+      layers.embed_lookup(t, ids, one_hot).astype(jnp.float32) * g)
+  got, want = jax.grad(loss(True))(table), jax.grad(loss(False))(table)
+  assert got.dtype == want.dtype == dtype
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol)
+  assert np.abs(np.asarray(want[0], np.float32)).max() > 1  # the repeated id's row sums 8 terms
+  ours, ref = layers.Embed(11, 4, ("vocab", "embed"), dtype=dtype), nn.Embed(11, 4, dtype=dtype)
+  params = nn.meta.unbox(ours.init(jax.random.key(0), ids))
+  assert jax.tree.structure(params) == jax.tree.structure(ref.init(jax.random.key(0), ids))
+  np.testing.assert_array_equal(ours.apply(params, ids), ref.apply(params, ids))
 
 
 def test_bert_dropout_only_when_not_deterministic():

@@ -63,9 +63,8 @@ class BertEmbeddings(nn.Module):
     c = self.config
 
     def embed(num, name, axes):
-      return nn.Embed(num, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                      embedding_init=nn.with_logical_partitioning(layers.default_kernel_init, axes),
-                      name=name)
+      return layers.Embed(num, c.hidden_size, axes, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=name)
 
     x = (embed(c.vocab_size, "word_embeddings", ("vocab", "embed"))(input_ids)
          + embed(c.max_position_embeddings, "position_embeddings", ("position", "embed"))(position_ids)
