@@ -237,6 +237,38 @@ def compile_all(lowered: dict) -> dict:
     return dict(zip(lowered, pool.map(one, lowered.values())))
 
 
+def profile(fn, calls, top=40):
+  """Device time of `calls` calls of fn by kernel (jax.profiler trace, read with ProfileData):
+  per-stream totals and the `top` kernels, in ms per call, with their HLO op where recorded."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  folder = tempfile.mkdtemp()
+  jax.block_until_ready(fn())
+  with jax.profiler.trace(folder):
+    for _ in range(calls):
+      out = fn()
+    jax.block_until_ready(out)
+  data = jax.profiler.ProfileData.from_file(
+      glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+  lines, kernels, ops = collections.Counter(), collections.Counter(), {}
+  for plane in data.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      for event in line.events:
+        ms = event.duration_ns / 1e6 / calls
+        lines[f"{plane.name} {line.name}"] += ms
+        kernels[(line.name, event.name)] += ms
+        if (line.name, event.name) not in ops:
+          stats = dict(event.stats)
+          ops[(line.name, event.name)] = str(stats.get("hlo_op") or stats.get("long_name") or
+                                             "")[:160]
+  return {"lines_ms": dict(lines.most_common()),
+          "top": [{"line": l, "kernel": k[:160], "ms": ms, "hlo_op": ops[(l, k)]}
+                  for (l, k), ms in kernels.most_common(top)]}
+
+
 def memory_stats():
   stats = jax.devices()[0].memory_stats() or {}
   return {k: stats[k] for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats}
@@ -446,6 +478,8 @@ class Bench:
 
     seconds = time_loop(step, steps, warmup=2)
     loss = float(step()["loss"])
+    if self.args.profile == f"{queries}:{variant}":
+      self.results["profile"] = {"row": self.args.profile, **profile(step, 3)}
     self.state = state
     trainable = {g for g, labels in setup.labels.items()
                  if any(label != "frozen" for label in jax.tree.leaves(labels))}
@@ -532,6 +566,14 @@ def markdown(r):
   for title, header, rows in tables(r):
     lines += [f"{title}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(x.replace("|", "/") for x in row) + " |" for row in rows] + [""]
+  if "profile" in r:
+    p = r["profile"]
+    lines += [f"Profile of train row {p['row']} (device ms per step):", "",
+              "| stream | ms |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in p["lines_ms"].items()] + [""]
+    lines += ["| kernel | stream | ms | HLO op |", "|---|---|---|---|"]
+    lines += [f"| {t['kernel'][:80].replace('|', '/')} | {t['line']} | {t['ms']:.2f} | "
+              f"{t['hlo_op'][:80].replace('|', '/')} |" for t in p["top"]] + [""]
   lines.append("\\*f32 token-score traffic (write + read) if XLA does not fuse the MaxSim matmul "
                "with its max over document tokens.")
   return "\n".join(lines) + "\n"
@@ -553,6 +595,8 @@ def main():
   parser.add_argument("--skip", default="", help="comma list of: copy,maxsim,train,encode")
   parser.add_argument("--query_tokens", type=int, default=20, help="real query tokens (+-25%%)")
   parser.add_argument("--doc_tokens", type=int, default=180, help="real document tokens (+-25%%)")
+  parser.add_argument("--profile", help="a train row (e.g. 32:cudnn) to profile: device time "
+                      "per kernel after its timing")
   parser.add_argument("--compile_cache", help="persistent compile cache folder (faster reruns)")
   args = parser.parse_args()
   quick, tiny = args.quick, args.tiny
