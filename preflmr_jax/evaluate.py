@@ -89,6 +89,10 @@ def encoder_mesh(devices: Optional[Sequence] = None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(-1, 1, 1), sharding.MESH_AXES)
 
 
+# Document batches are padded to a multiple of this: at most doc_maxlen / 64 compiled shapes.
+DOC_LENGTH_MULTIPLE = 64
+
+
 class Encoder:
   """Jitted query / document encoders, batches split over all devices (`data`)."""
 
@@ -119,7 +123,10 @@ class Encoder:
     return np.asarray(emb)[:n], np.asarray(mask)[:n]
 
   def documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    t = self.doc_tok(list(texts), padding="max_length")
+    """Embeddings [n, L, dim] and mask [n, L], L = the batch's longest document rounded up to a
+    multiple of DOC_LENGTH_MULTIPLE (at most doc_maxlen). Padding beyond a document's end changes
+    nothing but float rounding ([PAD] keys are masked) and costs a full token's FLOPs."""
+    t = self.doc_tok(list(texts), padding="longest", pad_to_multiple_of=DOC_LENGTH_MULTIPLE)
     return self._run(self._documents, [t["input_ids"], t["attention_mask"]], len(texts))
 
   def queries(self, questions, instructions, images) -> tuple[np.ndarray, np.ndarray]:
@@ -165,13 +172,17 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir: Optional[str
       tokens, lengths = cached["tokens"], cached["lengths"]
     logging.info("corpus embeddings of %s from the cache %s", task, path)
   else:
-    tokens, lengths = [], []
+    # Batches of similar lengths (sorted by characters), so that few are padded far past their
+    # documents' ends; results go back to corpus order.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    per_doc = [None] * len(texts)
     for rows in tqdm(list(_batches(len(texts), encoder.batch_size)), desc=f"{task} passages"):
-      e, m = encoder.documents([texts[i] for i in rows])
-      m = m.astype(bool)
-      tokens += [x[row_mask] for x, row_mask in zip(e, m)]  # MaxSim ignores token positions
-      lengths += [int(row_mask.sum()) for row_mask in m]
-    tokens, lengths = np.concatenate(tokens), np.asarray(lengths, np.int64)
+      batch = [order[r] for r in rows]
+      e, m = encoder.documents([texts[i] for i in batch])
+      for i, x, row_mask in zip(batch, e, m.astype(bool)):
+        per_doc[i] = x[row_mask]  # MaxSim ignores token positions
+    lengths = np.asarray([len(x) for x in per_doc], np.int64)
+    tokens = np.concatenate(per_doc)
     if path:
       _write_atomically(path, lambda f: np.savez(f, tokens=tokens, lengths=lengths))
   width = max(1, int(lengths.max()))

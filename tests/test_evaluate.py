@@ -13,6 +13,7 @@ import preflmr_jax
 from preflmr_jax import config_files, evaluate, metrics, train
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
+from preflmr_jax.models import preflmr
 
 
 def _config(**overrides):
@@ -66,8 +67,13 @@ def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path):
   passages = m2kr.load_passages(data_dir, "SAMPLE", "test")
   queries = m2kr.load_queries(data_dir, "SAMPLE", "test")
   texts = [passages[i]["passage_content"] for i in range(len(passages))]
-  d, d_mask = np.concatenate([encoder.documents(texts[i:i + 8])[0] for i in range(0, 64, 8)]), \
-      np.concatenate([encoder.documents(texts[i:i + 8])[1] for i in range(0, 64, 8)])
+  # Each batch comes back as wide as its longest document (rounded up): pad to one width.
+  batches = [encoder.documents(texts[i:i + 8]) for i in range(0, 64, 8)]
+  width = max(e.shape[1] for e, _ in batches)
+  assert all(e.shape[1] % evaluate.DOC_LENGTH_MULTIPLE == 0 for e, _ in batches)
+  pad = lambda x: np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  d = np.concatenate([pad(e) for e, _ in batches])
+  d_mask = np.concatenate([pad(m) for _, m in batches])
   q, _ = encoder.queries(*zip(*[(queries[i]["question"], queries[i]["instruction"],
                                  queries[i]["image"]) for i in range(4)]))
   scores = np.asarray(preflmr_jax.maxsim(q, d, d_mask))
@@ -78,6 +84,29 @@ def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path):
   for row, l in zip(scores, lines):
     assert l["passage_ids"][0] == ids[int(np.argmax(row))]
     np.testing.assert_allclose(l["scores"][0], row.max(), rtol=1e-5)
+
+
+def test_corpus_encoded_in_length_buckets_equals_full_padding(workdir, data_dir, monkeypatch):
+  """encode_corpus sorts documents by length and pads each batch only to a multiple of
+  DOC_LENGTH_MULTIPLE; the packed corpus equals every document encoded alone at doc_maxlen, in
+  corpus order."""
+  monkeypatch.setattr(evaluate, "DOC_LENGTH_MULTIPLE", 8)  # tiny doc_maxlen is 64
+  restored = evaluate.restore(_config(), workdir)
+  encoder = evaluate.Encoder(restored, 8)
+  widths, documents = [], encoder.documents
+  encoder.documents = lambda t: widths.append(documents(t)[0].shape[1]) or documents(t)
+  passages = m2kr.load_passages(data_dir, "SAMPLE", "test")
+  ids, texts, corpus, mask = evaluate.encode_corpus(encoder, passages, "SAMPLE", None)
+  assert len(set(widths)) > 1 and widths == sorted(widths), widths  # sorted batches, buckets
+  assert ids == [passages[i]["passage_id"] for i in range(len(passages))]
+  model = preflmr.PreFLMR(restored.model_config)
+  for i in (0, 5, len(texts) - 1):
+    t = encoder.doc_tok([texts[i]], padding="max_length")
+    e, m = model.apply({"params": restored.params}, t["input_ids"], t["attention_mask"],
+                       method=preflmr.PreFLMR.encode_documents)
+    m = np.asarray(m[0], bool)
+    assert m.sum() == mask[i].sum()
+    np.testing.assert_allclose(corpus[i][mask[i]], np.asarray(e[0])[m], atol=1e-5)
 
 
 def test_published_folder(workdir, data_dir, tmp_path):
