@@ -225,6 +225,11 @@ def compile_lowered(lowered):
   return compiled, seconds, None
 
 
+def compile_timed(jitted, *args):
+  """Lowers and compiles: -> (compiled, compile seconds, XLA FLOPs or None)."""
+  return compile_lowered(jitted.lower(*args))
+
+
 def compile_all(lowered: dict) -> dict:
   """name -> compile_lowered(...) or the exception, compiling every entry at once."""
   def one(x):
