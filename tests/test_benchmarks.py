@@ -1,0 +1,46 @@
+"""The benchmark scripts run end to end on small shapes, so that they do not rot between the runs
+that fill RESULTS*.md. Their timings are never asserted; what they measure is checked elsewhere."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(args, env, timeout=900):
+  out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+@pytest.mark.slow
+def test_run_quick_without_the_release_shapes(tmp_path, one_device_env):
+  results = tmp_path / "RESULTS.md"
+  stdout = _run(["benchmarks/run.py", "--quick", "--skip", "ViT-B", "--json", "--results",
+                 str(results)], one_device_env)
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  for key in ("encoder_speedup_vs_pytorch", "encoder_fraction_of_matmul",
+              "maxsim_fraction_of_matmul", "maxsim_speedup_vs_colbert"):
+    assert key in summary
+  assert summary["maxsim_fraction_of_matmul"] > 0 and summary["train_queries_per_s"]["train tiny"] > 0
+  text = results.read_text()
+  assert text.startswith("# Benchmark results") and "maxsim_chunked(" in text
+
+
+@pytest.mark.slow
+def test_gpu_script_on_cpu_with_tiny_shapes(tmp_path, one_device_env):
+  env = {**one_device_env, "JAX_PLATFORMS": "cpu"}
+  _run(["benchmarks/gpu.py", "--tiny", "--quick", "--skip", "encode", "--profile", "8:base",
+        "--json", str(tmp_path / "gpu.json"), "--md", str(tmp_path / "gpu.md")], env)
+  r = json.loads((tmp_path / "gpu.json").read_text())
+  rows = {row["name"]: row for row in r["train"]}
+  assert rows["8:base"]["step_ms"] > 0 and rows["8:base"]["loss"] > 0
+  assert "cuDNN" in rows["8:cudnn"]["error"]  # no GPU here: recorded, and the run went on
+  assert [m["chunk_size"] for m in r["maxsim"]] and r["copy"][0]["gb_per_s"] > 0
+  assert r["profile"]["row"] == "8:base"
+  assert "Train step" in (tmp_path / "gpu.md").read_text()
