@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from preflmr_jax import index as plaid  # noqa: E402
+from preflmr_jax import late_interaction  # noqa: E402
 from preflmr_jax.late_interaction import maxsim, maxsim_chunked  # noqa: E402
 from preflmr_jax.search import exact_search  # noqa: E402
 
@@ -180,10 +181,12 @@ def part2(repeats):
   D *= D_mask[..., None]
   flops = 2 * 32 * COLBERT_N * COLBERT_LD * DIM
   jq, jd, jm = jnp.asarray(Q), jnp.asarray(D), jnp.asarray(D_mask)
+  chunk, _ = late_interaction.chunk_sizes(1, 32, COLBERT_N, COLBERT_LD,
+                                          late_interaction.default_tile_bytes())
   rows = [(name, *median_seconds(lambda: np.asarray(fn(jq, jd, jm).block_until_ready())[0],
                                  repeats))
           for name, fn in [("maxsim", maxsim),
-                           ("maxsim_chunked(8)", lambda *a: maxsim_chunked(*a, 8))]]
+                           (f"maxsim_chunked({chunk})", maxsim_chunked)]]  # default tile
   try:
     import colbert
     from colbert.infra.config import ColBERTConfig
