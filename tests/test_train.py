@@ -65,15 +65,17 @@ def test_sharded_train_step_equals_single_device():
                  ref_params)
 
 
-def test_dropout_prng_impl_rbg_trains_and_keeps_the_parameter_init():
-  config = short_run(dropout_prng_impl="rbg")
+def test_dropout_prng_impl_rbg_trains_keeps_the_init_and_must_resume_with_rbg(tmp_path):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  setup = train.setup_train_step(config, mesh)
-  assert setup.abstract_state.rng.shape == (4,)  # rbg key data; threefry's is (2,)
-  losses, params = _step_on_mesh(config, {"data": 1, "fsdp": 1, "tensor": 1}, steps=2)
-  assert np.isfinite(losses).all()
-  init = lambda c: jax.jit(train.setup_train_step(c, mesh).init_state, static_argnums=0)(0).params
-  jax.tree.map(np.testing.assert_array_equal, init(config), init(short_run()))
+  init = lambda c: jax.jit(train.setup_train_step(c, mesh).init_state, static_argnums=0)(0)
+  rbg = init(short_run(dropout_prng_impl="rbg"))
+  assert rbg.rng.shape == (4,)  # rbg key data; threefry's is (2,)
+  jax.tree.map(np.testing.assert_array_equal, rbg.params, init(short_run()).params)
+  base = {"num_train_steps": 2, "log_every_steps": 1, "checkpoint_every_steps": 2}
+  train.train_and_evaluate(short_run(dropout_prng_impl="rbg", **base), str(tmp_path))
+  assert all(np.isfinite(m["loss"]) for m in _read_metrics(tmp_path))
+  with pytest.raises(ValueError, match="config.dropout_prng_impl='threefry2x32' needs"):
+    train.train_and_evaluate(short_run(**{**base, "num_train_steps": 3}), str(tmp_path))
 
 
 def _read_metrics(workdir):
