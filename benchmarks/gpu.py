@@ -25,14 +25,16 @@ after every measurement, so a run that is cut off keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import copy
 import datetime
-import importlib.util
+import glob
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import traceback
 
@@ -47,7 +49,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from preflmr_jax import data, late_interaction, optimizer, sharding, train  # noqa: E402
+from preflmr_jax import (  # noqa: E402
+    config_files, data, late_interaction, optimizer, sharding, train)
 from preflmr_jax.models import model_config as mc_lib  # noqa: E402
 from preflmr_jax.models import preflmr  # noqa: E402
 
@@ -78,28 +81,11 @@ def log(msg):
 
 def with_overrides(config, overrides):
   """A copy of `config` with dotted keys set ("model.text.attention_dropout_rate": 0.0)."""
-  config = copy.deepcopy(config)
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return config_files.apply_overrides(copy.deepcopy(config), overrides)
 
 
 def lookup(table, kind):
   return next((v for k, v in table.items() if k.lower() in kind.lower()), None)
-
-
-def load_config(spec):
-  """get_config(arg) of a config file given as path[:arg] (relative to the cwd or the repo)."""
-  path, _, arg = spec.partition(":")
-  path = path if os.path.exists(path) else os.path.join(ROOT, path)
-  module_spec = importlib.util.spec_from_file_location("benchmark_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 # ------------------------------------------------------------------------------ model FLOPs
@@ -134,6 +120,12 @@ def forward_macs(mc, queries, docs):
         _attention(p, p, m.hidden_size) + _attention(p, cross, m.hidden_size)
         + 2 * p * m.hidden_size * m.intermediate_size)
   return macs
+
+
+def trainable_groups(labels) -> set[str]:
+  """Top-level parameter groups with any parameter that trains (optimizer.param_labels)."""
+  return {g for g, tree in labels.items()
+          if any(label != "frozen" for label in jax.tree.leaves(tree))}
 
 
 def train_flops(mc, queries, docs, trainable):
@@ -245,9 +237,6 @@ def compile_all(lowered: dict) -> dict:
 def profile(fn, calls, top=40):
   """Device time of `calls` calls of fn by kernel (jax.profiler trace, read with ProfileData):
   per-stream totals and the `top` kernels, in ms per call, with their HLO op where recorded."""
-  import collections  # pylint: disable=g-import-not-at-top
-  import glob  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
   folder = tempfile.mkdtemp()
   jax.block_until_ready(fn())
   with jax.profiler.trace(folder):
@@ -288,7 +277,7 @@ class Bench:
 
   def __init__(self, args):
     self.args = args
-    self.config = load_config(args.config)
+    self.config = config_files.load_config(args.config)
     self.config.model.dtype = "bfloat16"  # compute; param_dtype stays float32 (master weights)
     if self.config.model.param_dtype != "float32":
       raise ValueError("master weights must be float32 (config.model.param_dtype)")
@@ -486,8 +475,7 @@ class Bench:
     if self.args.profile == f"{queries}:{variant}":
       self.results["profile"] = {"row": self.args.profile, **profile(step, 3)}
     self.state = state
-    trainable = {g for g, labels in setup.labels.items()
-                 if any(label != "frozen" for label in jax.tree.leaves(labels))}
+    trainable = trainable_groups(setup.labels)
     flops = train_flops(self.mc, queries, docs, trainable)
     counts = optimizer.count_trainable(setup.abstract_state.params, setup.labels)
     return {**row, "step_ms": seconds * 1e3, "queries_per_s": queries / seconds,
@@ -629,7 +617,7 @@ def main():
     log("warning: full-size shapes on CPU are very slow; use --tiny")
   if args.config == "configs/preflmr_vit_l.py":
     try:  # stage 3 differs from the release-shape config in learning rates only, if at all
-      s3 = load_config("configs/stage3.py:vit_l")
+      s3 = config_files.load_config("configs/stage3.py:vit_l")
       r["stage3_same_step"] = (tuple(s3.freeze) == tuple(bench.config.freeze)
                                and s3.model.output == bench.mc.output)
       log(f"configs/stage3.py:vit_l trains the same groups with the same output: "

@@ -271,9 +271,10 @@ def bucket_row(name, mc, params, n, repeats, limit) -> dict:
                                          method=preflmr.PreFLMR.encode_documents))
   full, short = [jnp.asarray(ids), jnp.asarray(mask)], [jnp.asarray(ids[:, :width]),
                                                         jnp.asarray(mask[:, :width])]
-  (e_full, m_full), (e_short, _) = fn(params, *full), fn(params, *short)
+  (e_full, m_full), (e_short, m_short) = fn(params, *full), fn(params, *short)
   diff = float(np.abs(np.asarray(e_full)[:, :width] - np.asarray(e_short)).max())
-  assert not np.asarray(m_full)[:, width:].any()
+  m_full, m_short = np.asarray(m_full), np.asarray(m_short)
+  masks_equal = not m_full[:, width:].any() and np.array_equal(m_full[:, :width], m_short)
   clock = encoders.cpu_clock()
   times = encoders.timeit({"short": lambda: jax.block_until_ready(fn(params, *short)),
                            "full": lambda: jax.block_until_ready(fn(params, *full))}, repeats)
@@ -288,7 +289,7 @@ def bucket_row(name, mc, params, n, repeats, limit) -> dict:
           "speedup_best_of": best_full / best_short,
           "ours_fraction_of_matmul": None, "torch_fraction_of_matmul": flops / t_full / 1e9 / limit,
           "model_gflop_per_example": flops / n / 1e9, "xla_gflop_per_example": None,
-          "compile_s": 0.0, "max_abs_diff": diff, "masks_equal": True, "others": others,
+          "compile_s": None, "max_abs_diff": diff, "masks_equal": masks_equal, "others": others,
           "reference": f"ours padded to {mc.doc_maxlen}"}
 
 
@@ -402,8 +403,7 @@ def train_row(name, path, overrides, steps, limit) -> dict:
   others = encoders.others_share(clock, encoders.cpu_clock())
   step_s = statistics.median(times[1:])
   queries, docs = config.batch_size, config.batch_size * (1 + config.num_negatives)
-  trainable = {g for g, labels in setup.labels.items()
-               if any(label != "frozen" for label in jax.tree.leaves(labels))}
+  trainable = gpu_bench.trainable_groups(setup.labels)
   flops = gpu_bench.train_flops(mc, queries, docs, trainable)
   return {"name": f"train {name}", "config": path, "overrides": overrides,
           "case": (f"{queries} queries + {docs} docs ({config.num_negatives} neg), query "
@@ -440,7 +440,8 @@ def encode_cells(e: dict) -> list[str]:
           PCT(e["torch_fraction_of_matmul"]), PCT(e["others"]),
           f"best-of {e['speedup_best_of']:.2f}x; max abs diff {e['max_abs_diff']:.1e}, masks "
           f"{'equal' if e['masks_equal'] else 'DIFFER'}; {e['model_gflop_per_example']:.3g} "
-          f"GFLOP/ex (XLA {'-' if xla is None else f'{xla:.3g}'}); compile {e['compile_s']:.0f} s"]
+          f"GFLOP/ex (XLA {'-' if xla is None else f'{xla:.3g}'})"
+          + ("" if e["compile_s"] is None else f"; compile {e['compile_s']:.0f} s")]
 
 
 def maxsim_cells(m: dict) -> list[str]:

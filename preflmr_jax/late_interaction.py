@@ -128,9 +128,10 @@ def _chunked_over_docs(Q, D, D_mask, chunk_size, precision):
 def default_tile_bytes() -> int:
   """Score-tile budget of `maxsim_chunked` on the default backend.
 
-  CPU: ~2 MiB of float32 token scores stays in this machine's L2/L3 and measured fastest
-  (benchmarks/run.py; a 2x smaller or larger tile lost 10-30%). Accelerators: large tiles, so
-  that few loop steps each keep the matmul units busy.
+  CPU: ~2 MiB of float32 token scores stays in this machine's L2/L3: over 0.5-8 MiB and the
+  MaxSim shapes of benchmarks/run.py it was the best tile or within 10% of it for each shape
+  (1 MiB lost up to 18%). Accelerators: large tiles, so that few loop steps each keep the matmul
+  units busy (on an H100, 1 GiB ran 8% faster than 256 MiB; benchmarks/RESULTS_GPU.md).
   """
   return 2 << 20 if jax.default_backend() == "cpu" else 256 << 20
 

@@ -96,8 +96,8 @@ def test_chunk_sizes():
   pair = 4 * 32 * 180  # bytes of one (query, document) pair's token scores
   # One query: documents up to the budget, a divisor of N (no padding copy).
   assert chunk_sizes(1, 32, 1000, 180, 2 << 20) == (50, 1)
-  assert (2 << 20) // pair == 91
-  # No divisor of N near the budget (prime N): the budget's own size (the corpus is padded).
+  # No divisor of N near the budget (prime N): the budget's own size, 2 MiB // pair = 91
+  # (the corpus is padded).
   assert chunk_sizes(1, 32, 997, 180, 2 << 20) == (91, 1)
   # Queries are split only when one document against all of them overflows the budget.
   assert chunk_sizes(8, 32, 1000, 180, 8 * pair) == (1, 8)
