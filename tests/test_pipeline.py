@@ -64,17 +64,12 @@ def test_same_seed_same_batches_other_seed_other_batches(data_dir):
   assert not np.array_equal(a[0]["pixel_values"], c[0]["pixel_values"])
 
 
-def test_hosts_get_disjoint_shards_covering_the_data_each_epoch_reshuffled(data_dir):
-  records = m2kr.load_queries(data_dir, "SAMPLE", "train")
-  ids = lambda ds, lo, hi: [ds[i]["question_id"] for i in range(lo, hi)]
-  shards = [pipeline.query_stream(records, 7, p, 2) for p in range(2)]
-  sizes = [len(range(p, len(records), 2)) for p in range(2)]
-  epochs = [ids(ds, 0, n) for ds, n in zip(shards, sizes)]
-  assert not set(epochs[0]) & set(epochs[1])
-  assert sorted(epochs[0] + epochs[1]) == sorted(records[i]["question_id"]
-                                                 for i in range(len(records)))
-  second = ids(shards[0], sizes[0], 2 * sizes[0])
-  assert sorted(second) == sorted(epochs[0]) and second != epochs[0]
+def test_each_epoch_takes_every_query_once_reshuffled():
+  stream = pipeline._global_stream([("SAMPLE", 1.0)], [10], seed=7)
+  epochs = [[stream[i][1] for i in range(e * 10, (e + 1) * 10)] for e in range(2)]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(10))
+  assert epochs[0] != epochs[1]
+  assert all(stream[i][0] == 0 for i in range(20))
 
 
 def test_training_subsets_are_fixed_by_the_seed_and_nested():
@@ -103,11 +98,32 @@ def test_training_reads_only_its_subset(data_dir):
   assert not positives(_config(data_dir)) <= allowed
 
 
-def test_two_processes_batches_differ_and_have_the_local_size(data_dir):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_global_batch_does_not_depend_on_the_number_of_processes(data_dir, workers):
+  config = _config(data_dir, **{"data.tasks": "SAMPLE=3,OVEN=1", "batch_size": 8,
+                                "num_negatives": 2, "data.num_workers": workers})
+  whole = _take(_iterator(config, process_index=0, process_count=1), 3)
+  for count in (2, 4):
+    hosts = [_iterator(config, process_index=p, process_count=count) for p in range(count)]
+    shares = [_take(it, 3) for it in hosts]
+    for it in hosts:
+      it.close()
+    assert shares[0][0]["query_input_ids"].shape[0] == config.batch_size // count
+    joined = [{k: np.concatenate([share[s][k] for share in shares]) for k in whole[s]}
+              for s in range(3)]
+    _assert_same(joined, whole)
+
+
+def test_a_run_resumes_with_another_number_of_processes(data_dir):
   config = _config(data_dir)
-  b0, b1 = (next(_iterator(config, process_index=p, process_count=2)) for p in range(2))
-  assert b0["query_input_ids"].shape[0] == config.batch_size // 2
-  assert not np.array_equal(b0["pixel_values"], b1["pixel_values"])
+  two = [_iterator(config, process_index=p, process_count=2) for p in range(2)]
+  for it in two:
+    _take(it, 2)
+  state = two[0].get_state()
+  assert state == two[1].get_state()  # the same on every host
+  one = _iterator(config, process_index=0, process_count=1)
+  one.set_state(state)
+  _assert_same(_take(one, 1), _take(_iterator(config, process_index=0, process_count=1), 3)[2:])
 
 
 def test_negatives_are_never_a_positive_of_their_query(data_dir):

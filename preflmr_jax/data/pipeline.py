@@ -1,29 +1,32 @@
 """The M2KR input pipeline (`config.data.source="m2kr"`): grain over the TFDS array_record builds.
 
-Per task (`config.data.tasks`, e.g. "OVEN=2,OKVQA=1"; weights default to 1): this host's share of
-the task's queries (records `i` with `i % process_count == process_index`: disjoint, and together
-all of them), shuffled with a seed per task and re-shuffled every epoch, endlessly repeated. Each
-example draws its instruction (`instructions.py`; the dataset's own for tasks without templates),
-one of its positives and `config.num_negatives` negatives (first from its mined hard negatives when
-`config.data.hard_negatives_dir` holds the task's `<task>_rankings.jsonl`, then at random from the
-task's passage corpus; never one of its positives), with an RNG seeded by (seed, task, index in the stream), then is tokenised and
-its image preprocessed (a black image for text-only queries). The tasks are mixed with the weights,
-batched to this host's `b` queries, and (with `config.data.num_workers > 0`) produced in worker
-processes. Batches follow the interface of `preflmr_jax.data`; `doc_labels` is a passage's index in
-the concatenated corpora of the tasks.
+One global stream, the same on every host: per task (`config.data.tasks`, e.g. "OVEN=2,OKVQA=1";
+weights default to 1) its queries shuffled with a seed per task and re-shuffled every epoch,
+endlessly repeated; the tasks mixed with the weights; cut into global batches of
+`config.batch_size`. Host p of P reads and decodes only rows [p * b, (p + 1) * b) of each global
+batch (b = batch_size / P), so the global batch at step s does not depend on the number of hosts.
+Each example draws its instruction (`instructions.py`; the dataset's own for tasks without
+templates), one of its positives and `config.num_negatives` negatives (first from its mined hard
+negatives when `config.data.hard_negatives_dir` holds the task's `<task>_rankings.jsonl`, then at
+random from the task's passage corpus; never one of its positives), with an RNG seeded by (seed,
+its index in the global stream), then is tokenised and its image preprocessed (a black image for
+text-only queries). With `config.data.num_workers > 0` batches are produced in worker processes.
+Batches follow the interface of `preflmr_jax.data`; `doc_labels` is a passage's index in the
+concatenated corpora of the tasks.
 
 `config.data.max_train_examples=N` trains on a fixed subset of about N queries of the mixture (split
 by weight; `train_subset`): nested across N for one `config.data.subset_seed`.
 
-The iterator's state (grain's, JSON-serialisable) goes into the checkpoint; restoring it continues
-the stream exactly. Evaluation batches come from the `valid` split in order, with the dataset's own
-instructions and negatives seeded by the record's index.
+The iterator's state is the number of global batches taken (it goes into the checkpoint):
+restoring it continues the stream exactly, with any number of hosts or workers. Evaluation batches
+come from the `valid` split in order, with the dataset's own instructions.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -206,8 +209,54 @@ def _check(config, tasks, corpora, queries) -> None:
                        "passages")
 
 
-def _task_datasets(config, model_config, tokenizer, split: str, *, train: bool,
-                   process_index: int, process_count: int):
+def _global_stream(tasks, sizes: Sequence[int], seed: Optional[int]) -> grain.MapDataset:
+  """The mixture as `(task, record index)` pairs, the same on every host: per task its records
+  shuffled anew each epoch (in order when `seed` is None), endless, mixed by weight. Indices only,
+  so that a host can skip the rows of other hosts without reading them."""
+  streams = []
+  for t, size in enumerate(sizes):
+    ds = grain.MapDataset.range(size)
+    if seed is not None:
+      ds = ds.shuffle(seed=_seed(seed, t, 0))
+    streams.append(ds.repeat().map(functools.partial(_tagged, t)))
+  return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams,
+                                                                   [w for _, w in tasks])
+
+
+def _tagged(task: int, record: int) -> tuple[int, int]:
+  return task, record
+
+
+class _HostRows(grain.transforms.MapWithIndex):
+  """Global batch `step` of `(task, record)` pairs -> this host's rows, as examples.
+
+  Host p reads and decodes rows [p * b, (p + 1) * b) only. Example g of the global stream
+  (g = step * batch_size + row) draws from an RNG seeded by (seed, g), so the global batch is the
+  same whatever the number of hosts that materialise it.
+  """
+
+  def __init__(self, makers, records, seed: int, global_size: int, size: int, process_index: int):
+    self.makers, self.records, self.seed = makers, records, seed
+    self.global_size, self.size, self.first = global_size, size, process_index * size
+
+  def map_with_index(self, step: int, pairs) -> dict[str, np.ndarray]:
+    tasks, rows = (np.asarray(a)[self.first:self.first + self.size] for a in pairs)
+    records = [None] * len(rows)
+    for t in np.unique(tasks):  # batched reads per task
+      at = np.flatnonzero(tasks == t)
+      for i, r in zip(at, self.records[t].__getitems__([int(rows[i]) for i in at])):
+        records[i] = r
+    examples = []
+    for row, (t, record) in enumerate(zip(tasks, records)):
+      g = step * self.global_size + self.first + row
+      examples.append(self.makers[t].random_map(record, np.random.default_rng([self.seed, g])))
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    return _flatten_documents(batch)
+
+
+def _host_batches(config, model_config, tokenizer, split: str, *, train: bool,
+                  process_index: int, process_count: int) -> grain.MapDataset:
+  """This host's rows of every global batch of `split`: element s is step s's share."""
   data_dir = resolve_data_dir(config)
   tasks = parse_tasks(config.data.tasks)
   seed = int(config.seed)
@@ -222,17 +271,18 @@ def _task_datasets(config, model_config, tokenizer, split: str, *, train: bool,
                                              int(config.data.get("subset_seed", 0))))
                for (task, _), records, share in zip(tasks, queries, subset_shares(tasks, limit))]
   _check(config, tasks, corpora, queries)
-  datasets = []
-  for t, ((task, _), corpus, records) in enumerate(zip(tasks, corpora, queries)):
-    ds = query_stream(records, _seed(seed, t, 0) if train else None, process_index, process_count)
-    make = _MakeExample(task, corpus, data_lib.num_negatives(config), tokenizer, model_config,
-                        own_instructions=not train,
-                        hard_negatives=_hard_negatives(config, task, corpus) if train else None)
-    datasets.append(ds.random_map(make, seed=_seed(seed, t, 1 if train else 2)))
-    logging.info("m2kr %s/%s: %d queries (%d on this host), %d passages", task, split,
-                 len(records), len(range(process_index, len(records), process_count)),
+  makers = []
+  for (task, _), corpus, records in zip(tasks, corpora, queries):
+    makers.append(_MakeExample(task, corpus, data_lib.num_negatives(config), tokenizer,
+                               model_config, own_instructions=not train,
+                               hard_negatives=_hard_negatives(config, task, corpus) if train
+                               else None))
+    logging.info("m2kr %s/%s: %d queries, %d passages", task, split, len(records),
                  len(corpus.passages))
-  return tasks, datasets
+  stream = _global_stream(tasks, [len(r) for r in queries], seed if train else None)
+  rows = _HostRows(makers, queries, _seed(seed, 0, 1 if train else 2), config.batch_size,
+                   data_lib.local_batch_size(config, process_count), process_index)
+  return stream.batch(config.batch_size, drop_remainder=True).map_with_index(rows)
 
 
 def subset_shares(tasks: Sequence[tuple[str, float]], total: int) -> list[int]:
@@ -296,64 +346,63 @@ def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, li
   return mined
 
 
-def query_stream(records, shuffle_seed: Optional[int], process_index: int,
-                 process_count: int) -> grain.MapDataset:
-  """This host's endless stream of `records`: shard `i % process_count == process_index`, then
-  shuffled anew every epoch (in order, wrapping around, when `shuffle_seed` is None)."""
-  ds = grain.MapDataset.source(records)[process_index::process_count]
-  if shuffle_seed is not None:
-    ds = ds.shuffle(seed=shuffle_seed)
-  return ds.repeat()
-
-
 def _seed(seed: int, task: int, stream: int) -> int:
   return int(np.random.SeedSequence([seed, task, stream]).generate_state(1)[0])
 
 
-def _batched(config, tasks, datasets, process_count: int) -> grain.MapDataset:
-  weights = [w for _, w in tasks]
-  ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-  b = data_lib.local_batch_size(config, process_count)
-  return ds.batch(b, drop_remainder=True).map(_flatten_documents)
-
-
 class M2KRIterator:
-  """This host's training batches (the `preflmr_jax.data` iterator protocol)."""
+  """This host's training batches (the `preflmr_jax.data` iterator protocol).
+
+  The state is the number of global batches taken, the same on every host and for any number of
+  hosts or workers: a run resumes with the same stream on a pod of another size.
+  """
 
   def __init__(self, config, model_config, tokenizer=None, *, process_index: int = 0,
                process_count: int = 1):
     if tokenizer is None:
       tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
-    tasks, datasets = _task_datasets(config, model_config, tokenizer, "train", train=True,
-                                     process_index=process_index, process_count=process_count)
-    ds = _batched(config, tasks, datasets, process_count).to_iter_dataset()
-    workers = int(config.data.get("num_workers", 0))
-    if workers < 0:
-      raise ValueError(f"config.data.num_workers={workers} must be >= 0")
-    if workers:
+    self._workers = int(config.data.get("num_workers", 0))
+    if self._workers < 0:
+      raise ValueError(f"config.data.num_workers={self._workers} must be >= 0")
+    self._batches = _host_batches(config, model_config, tokenizer, "train", train=True,
+                                  process_index=process_index, process_count=process_count)
+    self._step, self._it = 0, None
+
+  def _open(self):
+    ds = self._batches[self._step:].to_iter_dataset()
+    if self._workers:
       if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside an absl app
         flags.FLAGS.mark_as_parsed()   # (tests, notebooks) their defaults stand
-      ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers))
-    self._it = iter(ds)
+      ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+          num_workers=self._workers))
+    return iter(ds)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
+    if self._it is None:  # opened lazily: set_state before the first batch starts no workers
+      self._it = self._open()
+    batch = next(self._it)
+    self._step += 1
+    return batch
 
   def get_state(self) -> dict:
-    return {"source": SOURCE, "grain": self._it.get_state()}
+    return {"source": SOURCE, "step": self._step}
 
   def set_state(self, state: dict) -> None:
-    if not isinstance(state, dict) or state.get("source") != SOURCE or "grain" not in state:
+    ok = isinstance(state, dict) and state.get("source") == SOURCE
+    step = state.get("step") if ok else None
+    if not isinstance(step, (int, np.integer)) or step < 0:
       raise ValueError(f"not a {SOURCE!r} data iterator state: {state!r}")
-    self._it.set_state(state["grain"])
+    self.close()
+    self._step = int(step)
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)
     if close is not None:
       close()
+    self._it = None
 
 
 def eval_batches(config, model_config, tokenizer, num_batches: int, *, process_index: int = 0,
@@ -361,11 +410,9 @@ def eval_batches(config, model_config, tokenizer, num_batches: int, *, process_i
   """The first `num_batches` batches of `split`, in order, with the dataset's own instructions."""
   if tokenizer is None:
     tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
-  tasks, datasets = _task_datasets(config, model_config, tokenizer, split, train=False,
-                                   process_index=process_index, process_count=process_count)
-  ds = _batched(config, tasks, datasets, process_count)
-  return [ds[i] for i in range(num_batches)]
+  batches = _host_batches(config, model_config, tokenizer, split, train=False,
+                          process_index=process_index, process_count=process_count)
+  return [batches[i] for i in range(num_batches)]
 
 
-__all__ = ["M2KRIterator", "cache_root", "eval_batches", "parse_tasks", "query_stream",
-           "resolve_data_dir"]
+__all__ = ["M2KRIterator", "cache_root", "eval_batches", "parse_tasks", "resolve_data_dir"]
