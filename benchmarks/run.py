@@ -14,14 +14,14 @@ small batches, fewer repeats, a 128-token doc_maxlen in the ViT-B train step. Ro
 - matmul: a 2048^3 fp32 matmul, jnp and torch; the faster is the machine's practical limit, and
   every "% of matmul" below is a GFLOP/s over it.
 - encode: examples/s of `PreFLMR.encode_queries` / `encode_documents` (jitted, as
-  evaluate.Encoder runs them) for the ViT-B and ViT-L release shapes (configs/preflmr_vit_*.py),
+  evaluation.Encoder runs them) for the ViT-B and ViT-L release shapes (configs/preflmr_vit_*.py),
   vs `torch_preflmr.TorchPreFLMR` (HF transformers modules, sdpa attention) holding the same random
   weights, on the same batch; ours/torch is the ratio of median times over interleaved repeats.
   Documents are padded to doc_maxlen (512) on both sides; their encoder (BERT-base) is the same
   in both releases, so it is measured once. FLOPs: analytic, 2 per multiply-add of every matmul
   at the padded lengths (`gpu.encode_flops`); XLA's cost analysis of our compiled function (all
   ops) is shown beside it. "documents, eval binary": the eval binary pads a batch only to its
-  longest document rounded up to a multiple of 64 (evaluate.DOC_LENGTH_MULTIPLE, batches sorted by
+  longest document rounded up to a multiple of 64 (evaluation.DOC_LENGTH_MULTIPLE, batches sorted by
   length); ours that way vs ours padded to 512, on documents of ~180 real tokens.
 - maxsim: `late_interaction.maxsim_chunked` (chunk sizes from its default score-tile budget, as
   search.exact_search uses it) and plain `maxsim` vs colbert-ai's `colbert_score`
@@ -77,7 +77,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from preflmr_jax import (  # noqa: E402
-    config_files, data, evaluate, late_interaction, sharding, train)
+    config_files, data, evaluation, late_interaction, sharding, train)
 from preflmr_jax.models import model_config as mc_lib  # noqa: E402
 from preflmr_jax.models import preflmr  # noqa: E402
 
@@ -255,7 +255,7 @@ def encode_row(name, mc, kind, params, inputs, torch_fn, repeats, limit) -> dict
 
 
 def bucket_row(name, mc, params, n, repeats, limit) -> dict:
-  """The eval binary's document encoding (evaluate.Encoder.documents: the batch padded to its
+  """The eval binary's document encoding (evaluation.Encoder.documents: the batch padded to its
   longest document rounded up to DOC_LENGTH_MULTIPLE) vs padding every batch to doc_maxlen, on
   n documents of 135-225 real tokens (~180, as gpu.py). Same weights, ours only."""
   rng = np.random.default_rng(1)
@@ -265,7 +265,7 @@ def bucket_row(name, mc, params, n, repeats, limit) -> dict:
   ids[:, 0], ids[:, 1] = encoders.CLS, encoders.D_MARK
   ids[np.arange(n), lengths - 1] = encoders.SEP
   ids = ids.astype(np.int32)
-  width = -(-int(lengths.max()) // evaluate.DOC_LENGTH_MULTIPLE) * evaluate.DOC_LENGTH_MULTIPLE
+  width = -(-int(lengths.max()) // evaluation.DOC_LENGTH_MULTIPLE) * evaluation.DOC_LENGTH_MULTIPLE
   model = preflmr.PreFLMR(mc)
   fn = jax.jit(lambda p, *x: model.apply({"params": p}, *x,
                                          method=preflmr.PreFLMR.encode_documents))

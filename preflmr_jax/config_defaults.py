@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Regexes over "/"-joined parameter paths (e.g. "vision/layer_3/mlp/wi/kernel"); matched
   # parameters get no update and no optimiser state. Each pattern must match something.
   config.freeze = ("vision",)
-  # Periodic evaluation (preflmr_jax/evaluate.py, the eval binary's code) on the first
+  # Periodic evaluation (preflmr_jax/evaluation.py, as the eval binary) on the first
   # eval_max_queries queries of each training task's eval_split against its whole corpus; 0: off.
   config.eval_every_steps = 0
   config.eval_split = "valid"

@@ -206,26 +206,24 @@ def run_info(config: ml_collections.ConfigDict, setup: StepSetup) -> dict[str, A
           "global_batch": int(config.batch_size), "devices": jax.device_count()}
 
 
-def make_evaluator(config, model_config, params, tokenizer):
-  """step, params -> {"eval/<task>/Recall@K": ...}: the eval binary's search and metrics on the
-  first `config.eval_max_queries` queries of each training task's `config.eval_split`."""
-  from preflmr_jax import evaluate  # pylint: disable=g-import-not-at-top
+def make_evaluator(config, setup: StepSetup, mesh, params, tokenizer):
+  """params -> {"eval/<task>/Recall@K": ...}: retrieval evaluation (`evaluation.py`) of the first
+  `config.eval_max_queries` queries of each training task's `config.eval_split`, on the training
+  mesh with the parameters as they are sharded there. Every process calls it."""
+  from preflmr_jax import evaluation  # pylint: disable=g-import-not-at-top
   from preflmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   data_dir = pipeline.resolve_data_dir(config)
   tasks = [task for task, _ in pipeline.parse_tasks(config.data.tasks)]
-  encoder = evaluate.Encoder(evaluate.Restored(model_config, params, tokenizer, tokenizer, "", None),
-                             batch_size=max(config.batch_size, jax.device_count()))
+  encoder = evaluation.Encoder(setup.model_config, params, tokenizer, tokenizer, mesh,
+                               batch_size=max(config.batch_size, jax.device_count()),
+                               rules=setup.rules)
 
   def run(params) -> dict[str, float]:
     encoder.set_params(params)
-    out = {}
-    with jax.set_mesh(encoder.mesh):  # the search's shard_map runs on the encoder's mesh
-      for task in tasks:
-        result, _ = evaluate.evaluate_task(encoder, data_dir, task, config.eval_split,
-                                           tuple(config.eval_ks),
-                                           max_queries=config.eval_max_queries)
-        out.update({f"eval/{task}/{k}": float(v) for k, v in result.items() if "@" in k})
-    return out
+    evaluated = evaluation.evaluate_tasks(encoder, data_dir, tasks, config.eval_split,
+                                          tuple(config.eval_ks), max_queries=config.eval_max_queries)
+    return {f"eval/{task}/{k}": float(v) for task, (result, _) in evaluated.items()
+            for k, v in result.items() if "@" in k}
 
   return run
 
@@ -300,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          nonfinite_steps=put(jnp.int32(0)), first_nonfinite_step=put(jnp.int32(-1)))
       train_iter.set_state(meta["data"])
       logging.info("resumed from %s at step %d", workdir, start)
-    evaluator = (make_evaluator(config, model_config, state.params, tokenizer)
+    evaluator = (make_evaluator(config, setup, mesh, state.params, tokenizer)
                  if config.eval_every_steps else None)
     log = MetricsLog(workdir)
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import preflmr_jax
-from preflmr_jax import config_files, evaluate, metrics, train
+from preflmr_jax import config_files, evaluate, evaluation, metrics, train
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
@@ -18,6 +18,11 @@ from preflmr_jax.models import preflmr
 
 def _config(**overrides):
   return config_files.load_config("configs/tiny.py", overrides)
+
+
+def _encoder(restored, batch_size):
+  return evaluation.Encoder(restored.model_config, restored.params, restored.query_tokenizer,
+                            restored.document_tokenizer, evaluation.eval_mesh(), batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +68,14 @@ def test_workdir_checkpoint_end_to_end(workdir, data_dir, tmp_path):
 def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path):
   """Top-1 scores equal MaxSim of the encoders' outputs computed directly (no search)."""
   restored = evaluate.restore(_config(), workdir)
-  encoder = evaluate.Encoder(restored, 8)
+  encoder = _encoder(restored, 8)
   passages = m2kr.load_passages(data_dir, "SAMPLE", "test")
   queries = m2kr.load_queries(data_dir, "SAMPLE", "test")
   texts = [passages[i]["passage_content"] for i in range(len(passages))]
   # Each batch comes back as wide as its longest document (rounded up): pad to one width.
   batches = [encoder.documents(texts[i:i + 8]) for i in range(0, 64, 8)]
   width = max(e.shape[1] for e, _ in batches)
-  assert all(e.shape[1] % evaluate.DOC_LENGTH_MULTIPLE == 0 for e, _ in batches)
+  assert all(e.shape[1] % evaluation.DOC_LENGTH_MULTIPLE == 0 for e, _ in batches)
   pad = lambda x: np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
   d = np.concatenate([pad(e) for e, _ in batches])
   d_mask = np.concatenate([pad(m) for _, m in batches])
@@ -88,25 +93,27 @@ def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path):
 
 def test_corpus_encoded_in_length_buckets_equals_full_padding(workdir, data_dir, monkeypatch):
   """encode_corpus sorts documents by length and pads each batch only to a multiple of
-  DOC_LENGTH_MULTIPLE; the packed corpus equals every document encoded alone at doc_maxlen, in
-  corpus order."""
-  monkeypatch.setattr(evaluate, "DOC_LENGTH_MULTIPLE", 8)  # tiny doc_maxlen is 64
+  DOC_LENGTH_MULTIPLE; every passage's packed tokens equal it encoded alone at doc_maxlen."""
+  monkeypatch.setattr(evaluation, "DOC_LENGTH_MULTIPLE", 8)  # tiny doc_maxlen is 64
   restored = evaluate.restore(_config(), workdir)
-  encoder = evaluate.Encoder(restored, 8)
-  widths, documents = [], encoder.documents
-  encoder.documents = lambda t: widths.append(documents(t)[0].shape[1]) or documents(t)
+  encoder = _encoder(restored, 8)
+  widths, documents = [], encoder.encode_documents
+  encoder.encode_documents = lambda t, w: widths.append(w) or documents(t, w)
   passages = m2kr.load_passages(data_dir, "SAMPLE", "test")
-  ids, texts, corpus, mask = evaluate.encode_corpus(encoder, passages, "SAMPLE", None)
+  corpus = evaluation.encode_corpus(encoder, passages, "SAMPLE", None)
   assert len(set(widths)) > 1 and widths == sorted(widths), widths  # sorted batches, buckets
-  assert ids == [passages[i]["passage_id"] for i in range(len(passages))]
+  assert corpus.ids == [passages[i]["passage_id"] for i in range(len(passages))]
+  assert sorted(corpus.passages.tolist()) == list(range(len(passages)))  # each passage once
+  starts = np.concatenate([[0], np.cumsum(corpus.lengths)])
   model = preflmr.PreFLMR(restored.model_config)
-  for i in (0, 5, len(texts) - 1):
-    t = encoder.doc_tok([texts[i]], padding="max_length")
+  for row in (0, 5, len(corpus.passages) - 1):
+    t = encoder.doc_tok([corpus.texts[corpus.passages[row]]], padding="max_length")
     e, m = model.apply({"params": restored.params}, t["input_ids"], t["attention_mask"],
                        method=preflmr.PreFLMR.encode_documents)
     m = np.asarray(m[0], bool)
-    assert m.sum() == mask[i].sum()
-    np.testing.assert_allclose(corpus[i][mask[i]], np.asarray(e[0])[m], atol=1e-5)
+    assert m.sum() == corpus.lengths[row]
+    np.testing.assert_allclose(corpus.tokens[starts[row]:starts[row + 1]], np.asarray(e[0])[m],
+                               atol=1e-5)
 
 
 def test_published_folder(workdir, data_dir, tmp_path):
@@ -156,7 +163,7 @@ def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, 
   def no_encoding(*args, **kwargs):
     raise AssertionError("the corpus was encoded again")
   with monkeypatch.context() as m:
-    m.setattr(evaluate.Encoder, "documents", no_encoding)
+    m.setattr(evaluation.Encoder, "encode_documents", no_encoding)
     again = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "b"),
                          ks=(1, 5), cache_dir=cache)
   assert again["SAMPLE"]["Recall@5"] == first["SAMPLE"]["Recall@5"]
@@ -169,7 +176,7 @@ def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, 
 
 
 def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir, tmp_path):
-  options = evaluate.IndexOptions(nbits=8, centroids=32, nprobe=8)
+  options = evaluation.IndexOptions(nbits=8, centroids=32, nprobe=8)
   exact = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "e"),
                        ks=(1, 5))["SAMPLE"]
   indexed = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "i"),
@@ -178,15 +185,15 @@ def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir,
   assert indexed["IndexRecallVsExact@5"] >= 0.9  # 8 bits: nearly lossless
   assert indexed["index_search_seconds"] > 0 and indexed["index_speedup"] > 0
   assert abs(indexed["Recall@5"] - exact["Recall@5"]) <= 0.1
-  assert evaluate.IndexOptions.parse("nbits=2,nprobe=2") == evaluate.IndexOptions(nbits=2, nprobe=2)
+  assert evaluation.IndexOptions.parse("nbits=2,nprobe=2") == evaluation.IndexOptions(nbits=2, nprobe=2)
   with pytest.raises(ValueError, match="--index='bits=2'"):
-    evaluate.IndexOptions.parse("bits=2")
+    evaluation.IndexOptions.parse("bits=2")
 
 
 def test_corpus_streamed_from_host_gives_the_same_rankings(workdir, data_dir):
-  encoder = evaluate.Encoder(evaluate.restore(_config(), workdir), 16)
-  on_device, a = evaluate.evaluate_task(encoder, data_dir, "SAMPLE", "test", (1, 5), chunk_size=16)
-  streamed, b = evaluate.evaluate_task(encoder, data_dir, "SAMPLE", "test", (1, 5), chunk_size=16,
+  encoder = _encoder(evaluate.restore(_config(), workdir), 16)
+  on_device, a = evaluation.evaluate_task(encoder, data_dir, "SAMPLE", "test", (1, 5), chunk_size=16)
+  streamed, b = evaluation.evaluate_task(encoder, data_dir, "SAMPLE", "test", (1, 5), chunk_size=16,
                                        device_corpus_bytes=0)
   assert [r["passage_ids"] for r in a] == [r["passage_ids"] for r in b]
   np.testing.assert_allclose([r["scores"] for r in a], [r["scores"] for r in b], rtol=1e-6)

@@ -1,6 +1,6 @@
 """Two JAX processes on this machine (4 simulated CPU devices each, collectives over gloo), started
-the way `launch/gpu.py hosts` starts them: the trainer and the eval binary run multi-host end to end
-(global batches from each host's rows, one Orbax checkpoint, process 0 writing the outputs)."""
+the way `launch/gpu.py hosts` starts them: the trainer (with periodic evaluation) and the eval binary
+run multi-host end to end and compute what one process with the same 8 devices computes."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from launch import shell
@@ -41,23 +42,52 @@ def _run_two_processes(argv, tmp_path, tag):
   return [(tmp_path / f"{tag}{i}.log").read_text() for i in range(2)]
 
 
+def _run_one_process(argv, tmp_path, tag):
+  log = tmp_path / f"{tag}.log"
+  with open(log, "w") as f:
+    code = subprocess.run([sys.executable, "-m", *argv], cwd=shell.REPO_ROOT, env=dict(os.environ),
+                          stdout=f, stderr=subprocess.STDOUT, timeout=1200).returncode
+  assert code == 0, log.read_text()[-4000:]
+
+
+def _metrics(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rankings(folder):
+  return [json.loads(line) for line in (folder / "SAMPLE_rankings.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_two_processes_train_then_evaluate(tmp_path):
-  workdir = tmp_path / "w"
-  logs = _run_two_processes(
-      ["preflmr_jax.main", f"--config={SMOKE}", f"--workdir={workdir}",
-       "--config.num_train_steps=6", "--config.log_every_steps=3",
-       "--config.checkpoint_every_steps=6", "--config.optimizer.warmup_steps=1"], tmp_path, "train")
+def test_two_processes_compute_what_one_process_computes(tmp_path):
+  train_args = ["preflmr_jax.main", f"--config={SMOKE}", "--config.num_train_steps=6",
+                "--config.log_every_steps=1", "--config.checkpoint_every_steps=6",
+                "--config.optimizer.warmup_steps=1", "--config.eval_every_steps=3",
+                "--config.eval_max_queries=16"]
+  two, one = tmp_path / "two", tmp_path / "one"
+  logs = _run_two_processes(train_args + [f"--workdir={two}"], tmp_path, "train")
   assert all("JAX process %d/2, 4 local devices, 8 in all" % i in log for i, log in enumerate(logs))
-  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert steps == [3, 6]  # written once, by process 0
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["6"]
-  run = json.loads((workdir / "run.json").read_text())
+  _run_one_process(train_args + [f"--workdir={one}"], tmp_path, "train1")
+  a, b = _metrics(two), _metrics(one)
+  assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]  # process 0 writes
+  np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-5)
+  for m, n in zip(a, b):  # periodic evaluation on the global mesh, every process taking part
+    assert ("eval/SAMPLE/Recall@5" in m) == (m["step"] % 3 == 0)
+    if "eval/SAMPLE/Recall@5" in m:
+      assert m["eval/SAMPLE/Recall@5"] == pytest.approx(n["eval/SAMPLE/Recall@5"])
+  assert sorted(os.listdir(two / "checkpoints")) == ["6"]
+  run = json.loads((two / "run.json").read_text())
   assert run["devices"] == 8 and run["global_batch"] == 8
 
-  _run_two_processes(["preflmr_jax.evaluate", f"--config={SMOKE}", f"--checkpoint={workdir}",
-                      f"--output={workdir}/eval"], tmp_path, "eval")
-  results = json.loads((workdir / "eval" / "results.json").read_text())["SAMPLE"]
+  eval_args = ["preflmr_jax.evaluate", f"--config={SMOKE}", f"--checkpoint={two}",
+               "--embedding_cache=off"]
+  _run_two_processes(eval_args + [f"--output={two}/eval"], tmp_path, "eval")
+  _run_one_process(eval_args + [f"--output={one}/eval"], tmp_path, "eval1")
+  results = json.loads((two / "eval" / "results.json").read_text())["SAMPLE"]
   assert results["step"] == 6 and results["params"] == run["params_total"]
   assert results["train_flops"] == pytest.approx(6 * run["train_flops_per_step"])
   assert results["num_queries"] > 0 and 0 <= results["Recall@1"] <= 1
+  split, single = _rankings(two / "eval"), _rankings(one / "eval")
+  assert [r["passage_ids"] for r in split] == [r["passage_ids"] for r in single]
+  np.testing.assert_allclose([r["scores"] for r in split], [r["scores"] for r in single],
+                             rtol=1e-5)

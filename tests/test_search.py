@@ -142,3 +142,18 @@ def test_corpus_placed_with_corpus_sharding():
   placed = jax.device_put((d, mask), search.corpus_sharding(mesh))
   got = search.exact_search(q, None, *placed, K, 25, mesh=mesh)
   _assert_same(got, _reference(d=d, q=q, mask=mask, k=K))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_rows_marked_invalid_are_never_returned(sharded):
+  # Placeholder rows (a device's padding in a corpus laid out per device) are skipped even when
+  # they would win: here they are copies of the best documents.
+  q, d, mask = _data(seed=9)
+  want = _reference(q, d, mask, K)
+  valid = np.ones(N, bool)
+  placeholders = np.arange(N - 20, N)
+  d[placeholders], mask[placeholders] = d[want[1][0, :1]], mask[want[1][0, :1]]
+  valid[placeholders] = False
+  mesh = Mesh(np.asarray(jax.devices()), ("docs",)) if sharded else None
+  got = search.exact_search(q, None, d, mask, K, 16, mesh=mesh, corpus_valid=valid)
+  _assert_same(got, _reference(q, d[:N - 20], mask[:N - 20], K))
