@@ -1,17 +1,18 @@
 """Orbax checkpoints for training runs: async saves, keep-N, resume, preemption.
 
-  ckpt = Checkpointer(f"{workdir}/checkpoints", max_to_keep=3, save_interval_steps=1000)
+  ckpt = Checkpointer(workdir.checkpoints_dir(path), max_to_keep=3, save_interval_steps=1000)
   if (step := ckpt.latest_step()) is not None:
     params, opt_state, meta = ckpt.restore(step, abstract_params, abstract_opt_state)
   ...
   ckpt.save(step, params, opt_state, {"step": step, "rng": [...], "data": it.get_state()})
   ckpt.close()                                       # waits for the last async save
 
-  params = restore_params(workdir, abstract_params)  # eval: never reads opt_state
+  params = restore_params(path, abstract_params)  # eval: never reads opt_state
 
-Layout: `<workdir>/checkpoints/<step>/{params,opt_state,meta}`, three separate Orbax items so that
-parameters can be restored alone. Arrays come back with the shardings of the abstract targets, so a
-run can resume on a different mesh than it saved from.
+Layout: `<workdir>/checkpoints/<step>/{params,opt_state,meta}` (workdir.py), three separate Orbax
+items so that parameters can be restored alone. Arrays come back with the shardings of the abstract
+targets, so a run can resume on a different mesh than it saved from. Directories are local paths or
+gs:// URLs (storage.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from preflmr_jax import storage, workdir
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -82,9 +85,9 @@ def _check_against_checkpoint(item_dir: epath.Path, abstract, item: str) -> None
 class Checkpointer:
   """Saves and restores (params, opt_state, meta) per step with an Orbax CheckpointManager."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
-               async_save: bool = True):
-    self.directory = epath.Path(directory)
+  def __init__(self, directory: storage.PathLike, *, max_to_keep: int = 3,
+               save_interval_steps: int = 1, async_save: bool = True):
+    self.directory = storage.path(directory, "checkpoint directory")
     self.save_interval_steps = save_interval_steps
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
@@ -166,7 +169,7 @@ def find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
     if step is not None and step != int(path.name):
       raise ValueError(f"step={step} asked for, but {path} is step {path.name}")
     return path
-  directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  directory = workdir.checkpoints_dir(path) if workdir.checkpoints_dir(path).is_dir() else path
   if step is None:
     step = _latest_complete(directory)
     if step is None:
@@ -177,13 +180,13 @@ def find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
   return directory / str(step)
 
 
-def restore_params(path: str, abstract_params, step: int | None = None):
+def restore_params(path: storage.PathLike, abstract_params, step: int | None = None):
   """Restores the params item alone (opt_state is never read), sharded like `abstract_params`.
 
   `path` is a run's workdir, its `checkpoints` directory or one step's folder; step=None picks the
   latest complete step.
   """
-  item_dir = find_step_dir(epath.Path(path), step) / "params"
+  item_dir = find_step_dir(storage.path(path, "checkpoint"), step) / "params"
   _check_against_checkpoint(item_dir, abstract_params, "params")
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(item_dir, abstract_params)
