@@ -1,18 +1,20 @@
-"""Multi-host GPU: one process per host, through SLURM or plain ssh with jax.distributed's
-environment. `--dry-run` prints the exact commands (and the sbatch script) and runs nothing.
+"""Multi-host GPU through SLURM or plain ssh with jax.distributed's environment. `--dry-run` prints
+the exact commands (and the sbatch script) and runs nothing.
 
   python launch/gpu.py slurm --nodes 2 --gpus_per_node 8 --job tiny [--partition P] -- \
-      python -m preflmr_jax.main --config configs/tiny.py --workdir /shared/tiny \
+      python -m preflmr_jax.main --config configs/tiny.py --workdir gs://BUCKET/tiny \
       --config.distributed=True
   python launch/gpu.py hosts --hosts gpu0,gpu1 [--port 29500] [--remote_dir ~/preflmr_jax] -- \
       python -m preflmr_jax.main ... --config.distributed=True
 
-`slurm` submits a batch job (sbatch reads the script from stdin) that starts the command once per
-node with srun; JAX finds its peers from SLURM's environment. `hosts` starts the command on every
-host over ssh at once, with JAX_COORDINATOR_ADDRESS (the first host), JAX_NUM_PROCESSES and
-JAX_PROCESS_ID set (read by `--config.distributed=True`, `sharding.initialize_distributed`). Both
-expect this checkout and its environment (requirements.txt, then `pip install
-"jax[cuda12]==<the pinned version>"`) at the same path on every host, and a workdir they all see.
+`slurm` submits a batch job (sbatch reads the script from stdin) whose srun starts one process per
+GPU, as JAX's SLURM detection expects; JAX finds its peers from SLURM's environment. A process then
+holds one GPU, so `config.mesh.tensor` must be 1 (`sharding.check_batch_sharding`); `hosts` keeps
+a node's GPUs in one process. `hosts` starts the command on every host over ssh at once, with
+JAX_COORDINATOR_ADDRESS (the first host), JAX_NUM_PROCESSES and JAX_PROCESS_ID set (read by
+`--config.distributed=True`, `sharding.initialize_distributed`). Both expect this checkout and its
+environment (requirements.txt, then `pip install "jax[cuda12]==<the pinned version>"`) at the same
+path on every host, and a workdir they all see (a gs:// bucket, or a shared filesystem).
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ class Hosts:
 
 
 def sbatch_script(slurm: Slurm, command: str, job: str) -> str:
-  options = [f"--job-name={job}", f"--nodes={slurm.nodes}", "--ntasks-per-node=1",
-             f"--gpus-per-node={slurm.gpus_per_node}", "--output=slurm-%x-%j.out"]
+  # One task per GPU, each seeing all of its node's GPUs: JAX's SLURM detection (SlurmCluster) makes
+  # process SLURM_LOCALID drive GPU number SLURM_LOCALID. One task per node would drive only GPU 0;
+  # --gpus-per-task=1 would bind each task to one GPU, numbered 0 in it, which JAX then misses.
+  options = [f"--job-name={job}", f"--nodes={slurm.nodes}",
+             f"--ntasks-per-node={slurm.gpus_per_node}", f"--gpus-per-node={slurm.gpus_per_node}",
+             "--output=slurm-%x-%j.out"]
   options += [f"--partition={slurm.partition}"] * bool(slurm.partition)
   options += [f"--time={slurm.time}"] * bool(slurm.time)
   lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in options), "set -euo pipefail",

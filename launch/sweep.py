@@ -2,7 +2,7 @@
 train -> eval job per point and launches them.
 
   python launch/sweep.py configs/scaling.py --backend tpu-vm --tpu NAME --zone ZONE \
-      --workdir_root /mnt/shared/sweeps [--dry-run] [-- --config.key=value ...]
+      --workdir_root gs://BUCKET/sweeps [--dry-run] [-- --config.key=value ...]
   python launch/sweep.py configs/scaling.py:smoke --backend local --fit
 
 `sweep(arg)` (called with the text after `:`, or without arguments) returns a list of dicts, one
@@ -17,7 +17,8 @@ Each point is validated up front (its config must build), then runs
 Arguments after `--` (`--config.*` overrides only) go to both commands of every point;
 `--eval_flags` adds eval-binary flags (e.g. "--split=valid --batch_size=128"). Backends:
 `local` runs the points here one after another (`--fit` then runs the scaling-law tool on the
-results); `tpu-vm` runs them one after another on one pod (launch/tpu_vm.py); `xpk` and `slurm`
+results); `tpu-vm` runs them one after another on one pod, in one detached job (launch/tpu_vm.py;
+each point logs to its own ~/preflmr_logs/JOB.log); `xpk` and `slurm`
 queue one workload / batch job per point (launch/xpk.py, launch/gpu.py); `hosts` runs them one after
 another on a list of GPU hosts (launch/gpu.py). Multi-host backends add `--config.distributed=True`.
 """
@@ -126,7 +127,7 @@ def launch(args: argparse.Namespace, extra: Sequence[str]) -> None:
   multi_host = args.backend != "local"
   if multi_host:
     extra = [*extra, "--config.distributed=True"]
-  jobs, names = [], []  # (how to run, commands): all built before anything runs
+  jobs, names, steps = [], [], []  # (how to run, commands): all built before anything runs
   for i, point in enumerate(points):
     comment = f"point {i + 1}/{len(points)}: {point.name}"
     argvs = point_commands(point, f"{sweep_dir}/{point.name}", extra, eval_flags)
@@ -136,7 +137,8 @@ def launch(args: argparse.Namespace, extra: Sequence[str]) -> None:
     if args.backend == "local":
       commands = [shell.command(*a, comment=comment if j == 0 else "") for j, a in enumerate(argvs)]
     elif args.backend == "tpu-vm":
-      commands = tpu_vm.run(tpu_vm.pod_from_args(args), line, job, comment)
+      steps.append((job, line))  # one pod: the points run in turn, in one job (below)
+      continue
     elif args.backend == "xpk":
       commands = xpk.run(xpk.cluster_from_args(args), line, job, comment)
     elif args.backend == "slurm":
@@ -144,6 +146,9 @@ def launch(args: argparse.Namespace, extra: Sequence[str]) -> None:
     else:
       commands = gpu.host_commands(gpu.hosts_from_args(args), line, comment)
     jobs.append((gpu.execute_together if args.backend == "hosts" else shell.execute, commands))
+  if steps:
+    jobs.append((shell.execute, tpu_vm.run(tpu_vm.pod_from_args(args), steps,
+                                           f"{len(steps)} points, one after another")))
   for execute, commands in jobs:
     execute(commands, args.dry_run)
   fit = shell.command(*fit_command(sweep_dir), comment="the scaling-law fit of the results")
@@ -161,7 +166,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("config", help="A config file with sweep(), FILE[:ARG].")
   parser.add_argument("--workdir_root", default="",
                       help=f"Folder of the sweeps' workdirs (local default {LOCAL_ROOT}); for the "
-                      "multi-host backends a filesystem path every host sees.")
+                      "multi-host backends one every host sees: gs://BUCKET/PATH, or a shared "
+                      "filesystem path.")
   parser.add_argument("--name", default="", help="Sweep name (default: FILE[-ARG]).")
   parser.add_argument("--eval_flags", default="", help="Extra eval-binary flags.")
   parser.add_argument("--fit", action="store_true", help="local: fit the scaling law at the end.")
@@ -179,9 +185,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   # Multi-host: a folder every host sees.
   required += ("workdir_root",) * (args.backend != "local")
   shell.require(parser, args, required, placeholders=args.dry_run)
-  if args.workdir_root.startswith("gs://"):
-    parser.error("--workdir_root: gs:// is not supported by the trainer's logs yet; mount the "
-                 "bucket (gcsfuse, the GCS FUSE CSI driver) and give the mounted path")
+  if args.workdir_root.startswith("gs://") and not args.workdir_root[5:].strip("/"):
+    parser.error(f"--workdir_root={args.workdir_root}: name a bucket, gs://BUCKET[/PATH]")
   return args, extra
 
 

@@ -2,16 +2,19 @@
 delete it. `--dry-run` prints the exact commands and runs nothing.
 
   python launch/xpk.py build  --image gcr.io/PROJECT/preflmr_jax:v1
-  python launch/xpk.py run    --cluster CLUSTER --tpu-type v5litepod-256 --image IMAGE \
-      --workload tiny -- python -m preflmr_jax.main --config configs/tiny.py \
-      --workdir /gcs/BUCKET/tiny --config.distributed=True
-  python launch/xpk.py logs   --cluster CLUSTER --workload tiny
+  python launch/xpk.py run    --cluster CLUSTER --tpu-type v5litepod-256 --num-slices 2 \
+      --image IMAGE --workload tiny -- python -m preflmr_jax.main --config configs/tiny.py \
+      --workdir gs://BUCKET/tiny --config.distributed=True
+  python launch/xpk.py logs   --cluster CLUSTER --workload tiny [--slice 0 --worker 0 | --worker all]
   python launch/xpk.py delete --cluster CLUSTER --workload tiny
 
 The cluster comes from `xpk cluster create` (see xpk's README). `build` makes an image of this
 checkout with requirements.txt and jax[tpu] (launch/Dockerfile); xpk runs the command in it on
-every host of `--num-slices` slices. Workdirs must be a filesystem every host mounts (e.g. a bucket
-through the GCS FUSE CSI driver).
+every host of `--num-slices` slices. A failed workload is restarted up to `--max-restarts` times
+(xpk restarts on exit codes 42 and 127-255, e.g. a host killed; not on a Python error): the run
+resumes from its last checkpoint. Workdirs must be visible to every host: a gs:// bucket, or a
+bucket mounted through the GCS FUSE CSI driver by `xpk storage attach NAME --type=gcsfuse
+--mount-point=/gcs/BUCKET ...`, named here with `--storage NAME`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class Cluster:
   image: str = ""
   zone: str = ""
   project: str = ""
+  max_restarts: int = 3  # a few host failures are survived; a crash loop is not endless
+  storage: tuple[str, ...] = ()  # `xpk storage attach` names mounted into the workload
 
 
 def check_workload_name(name: str) -> str:
@@ -69,13 +74,37 @@ def run(cluster: Cluster, command: str, workload: str, comment: str = "") -> lis
   return [shell.command("xpk", "workload", "create", *_where(cluster),
                         f"--workload={check_workload_name(workload)}",
                         f"--tpu-type={cluster.tpu_type}", f"--num-slices={cluster.num_slices}",
-                        f"--docker-image={cluster.image}", "--command", command, comment=comment)]
+                        f"--docker-image={cluster.image}", f"--max-restarts={cluster.max_restarts}",
+                        *(f"--storage={name}" for name in cluster.storage),
+                        "--command", command, comment=comment)]
 
 
-def logs(cluster: Cluster, workload: str) -> list[shell.Command]:
-  del cluster  # kubectl's current context is the cluster xpk last used
-  return [shell.command("kubectl", "logs", "--follow", "--prefix", "--max-log-requests=64",
-                        f"--selector=jobset.sigs.k8s.io/jobset-name={workload}")]
+def max_pods(cluster: Cluster) -> int:
+  """An upper bound on the workload's pods (one per host): the number in an accelerator type counts
+  chips or TensorCores, and every host has at least one."""
+  size = cluster.tpu_type.rpartition("-")[2]
+  if not size.isdigit():
+    raise ValueError(f"--tpu-type={cluster.tpu_type}: expected GENERATION-SIZE, e.g. v5litepod-256")
+  return int(size) * cluster.num_slices
+
+
+def logs(cluster: Cluster, workload: str, worker: str = "0", slice_index: int = 0,
+         lines: int = 200) -> list[shell.Command]:
+  """Follows one pod (`worker` of slice `slice_index`; worker 0 of slice 0 is JAX process 0), or
+  every pod with `worker="all"`. kubectl's own defaults (10 lines, at most 5 pods) would hide
+  most of a multi-host run."""
+  selector = [f"jobset.sigs.k8s.io/jobset-name={workload}"]
+  if worker == "all":
+    streams = [f"--max-log-requests={max_pods(cluster)}"]
+  elif worker.isdigit():
+    selector += [f"jobset.sigs.k8s.io/job-index={slice_index}",
+                 f"batch.kubernetes.io/job-completion-index={worker}"]
+    streams = []
+  else:
+    raise ValueError(f"--worker={worker}: a worker index within the slice, or 'all'")
+  # kubectl's current context is the cluster xpk last used.
+  return [shell.command("kubectl", "logs", "--follow", "--prefix", f"--tail={lines}", *streams,
+                        f"--selector={','.join(selector)}")]
 
 
 def delete(cluster: Cluster, workload: str) -> list[shell.Command]:
@@ -92,10 +121,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--image", default="", help="Image built by `launch/xpk.py build`.")
   parser.add_argument("--zone", default="")
   parser.add_argument("--project", default="")
+  parser.add_argument("--max-restarts", dest="max_restarts", type=int,
+                      default=Cluster.max_restarts, help="Restarts of a failed workload.")
+  parser.add_argument("--storage", action="append", default=[], help="An `xpk storage attach` "
+                      "name to mount (repeatable), e.g. a gcsfuse bucket for the workdir.")
 
 
 def cluster_from_args(args: argparse.Namespace) -> Cluster:
-  return Cluster(args.cluster, args.tpu_type, args.num_slices, args.image, args.zone, args.project)
+  return Cluster(args.cluster, args.tpu_type, args.num_slices, args.image, args.zone, args.project,
+                 args.max_restarts, tuple(args.storage))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -103,6 +137,11 @@ def main(argv: Sequence[str]) -> None:
   parser.add_argument("action", choices=("build", "run", "logs", "delete"))
   add_flags(parser)
   parser.add_argument("--workload", default="")
+  parser.add_argument("--worker", default="0", help="logs: the pod's index within its slice, or "
+                      "'all' (pass the run's --tpu-type and --num-slices).")
+  parser.add_argument("--slice", dest="slice_index", type=int, default=0, help="logs: the slice.")
+  parser.add_argument("--lines", type=int, default=200, help="logs: lines shown before following "
+                      "(-1: the whole log).")
   parser.add_argument("--dry-run", action="store_true", help="Print the commands; run nothing.")
   own, command = shell.split_command(argv)
   args = parser.parse_args(own)
@@ -120,8 +159,10 @@ def main(argv: Sequence[str]) -> None:
         raise ValueError(f"{args.action} needs --workload")
       if args.action == "run":
         commands = run(cluster, shlex.join(command), args.workload)
+      elif args.action == "logs":
+        commands = logs(cluster, args.workload, args.worker, args.slice_index, args.lines)
       else:
-        commands = {"logs": logs, "delete": delete}[args.action](cluster, args.workload)
+        commands = delete(cluster, args.workload)
   except ValueError as e:
     parser.error(str(e))
   shell.execute(commands, args.dry_run)

@@ -5,11 +5,14 @@ Regenerate the goldens after an intended change with
 `UPDATE_GOLDENS=1 python -m pytest tests/test_launch.py` and review the diff.
 """
 
+import contextlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -24,19 +27,25 @@ GOLDEN_DIR = pathlib.Path(__file__).parent / "golden" / "launch"
 TPU = ["--tpu=preflmr-v5e", "--zone=us-west4-a", "--project=my-project", "--dry-run"]
 XPK = ["--cluster=preflmr", "--tpu-type=v5litepod-256", "--image=gcr.io/my-project/preflmr:v1",
        "--dry-run"]
-TRAIN = ["python", "-m", "preflmr_jax.main", "--config=configs/tiny.py", "--workdir=/mnt/shared/tiny",
-         "--config.distributed=True"]
-SWEEP = ["configs/scaling.py", "--workdir_root=/mnt/shared/sweeps", "--dry-run"]
+TRAIN = ["python", "-m", "preflmr_jax.main", "--config=configs/tiny.py",
+         "--workdir=gs://my-bucket/tiny", "--config.distributed=True"]
+SWEEP = ["configs/scaling.py", "--workdir_root=gs://my-bucket/sweeps", "--dry-run"]
 
 CASES = {
     "tpu_vm_create": (tpu_vm, ["create", *TPU, "--accelerator=v5litepod-16", "--spot"]),
     "tpu_vm_install": (tpu_vm, ["install", *TPU]),
     "tpu_vm_run": (tpu_vm, ["run", *TPU, "--job=tiny", "--", *TRAIN]),
     "tpu_vm_logs": (tpu_vm, ["logs", *TPU, "--job=tiny", "--worker=3"]),
+    "tpu_vm_stop": (tpu_vm, ["stop", *TPU]),
     "tpu_vm_delete": (tpu_vm, ["delete", *TPU]),
     "xpk_build": (xpk, ["build", "--image=gcr.io/my-project/preflmr:v1", "--dry-run"]),
     "xpk_run": (xpk, ["run", *XPK, "--workload=tiny", "--", *TRAIN]),
-    "xpk_logs": (xpk, ["logs", *XPK, "--workload=tiny"]),
+    "xpk_run_fuse": (xpk, ["run", *XPK, "--num-slices=2", "--max-restarts=0", "--storage=ckpt",
+                           "--workload=tiny", "--", *TRAIN[:4], "--workdir=/gcs/my-bucket/tiny",
+                           TRAIN[-1]]),
+    "xpk_logs": (xpk, ["logs", *XPK, "--workload=tiny", "--slice=1", "--worker=2"]),
+    "xpk_logs_all": (xpk, ["logs", *XPK, "--num-slices=2", "--workload=tiny", "--worker=all",
+                           "--lines=-1"]),
     "xpk_delete": (xpk, ["delete", *XPK, "--workload=tiny"]),
     "gpu_slurm": (gpu, ["slurm", "--nodes=4", "--partition=a100", "--time=24:00:00", "--job=tiny",
                         "--dry-run", "--", *TRAIN]),
@@ -78,7 +87,7 @@ def test_scaling_sweep_prints_the_whole_grid(capsys, nothing_runs):
   for vision in ("B", "L", "400m"):
     for text in ("base", "large", "800m"):
       assert out.count(f"--config=configs/scaling.py:vision={vision},text={text} ") == 2
-  assert out.count("gcloud compute tpus tpu-vm ssh") == 9
+  assert out.count("gcloud compute tpus tpu-vm ssh") == 1  # one pod: the points run in turn
 
 
 def test_local_backend_runs_the_commands_in_order(monkeypatch, tmp_path):
@@ -141,7 +150,7 @@ def test_points_name_their_overrides_and_format_values(tmp_path):
     (["configs/scaling.py", "--backend=tpu-vm", "--zone=z", "--workdir_root=/w"], "--tpu is required"),
     (["configs/scaling.py", "--backend=xpk", "--cluster=c", "--workdir_root=/w"], "--image"),
     (["configs/scaling.py", "--backend=slurm"], "--workdir_root is required"),
-    (["configs/scaling.py", "--workdir_root=gs://bucket/sweeps"], "gs://"),
+    (["configs/scaling.py", "--workdir_root=gs://"], "--workdir_root=gs://: name a bucket"),
     (["configs/scaling.py", "--", "--batch_size=3"], "--config"),
     (["configs/scaling.py", "--backend=nope"], "invalid choice"),
 ])
@@ -161,6 +170,86 @@ def test_launcher_flag_errors(capsys, nothing_runs):
   with pytest.raises(SystemExit):
     gpu.main(["hosts", "--", "python"])
   assert "--hosts is required" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    tpu_vm.main(["create", "--tpu=t", "--zone=z", "--accelerator=v9x-8"])
+  assert "--accelerator=v9x-8: unknown TPU generation 'v9x'" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    xpk.main(["logs", "--cluster=c", "--workload=w", "--worker=first"])
+  assert "--worker=first: a worker index" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("accelerator, version", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-256", "v2-alpha-tpuv5-lite"),
+    ("v5p-128", "v2-alpha-tpuv5"), ("v6e-16", "v2-alpha-tpuv6e")])
+def test_tpu_software_version_follows_the_generation(accelerator, version, capsys, nothing_runs):
+  tpu_vm.main(["create", *TPU, f"--accelerator={accelerator}"])
+  assert f"--accelerator-type={accelerator} --version={version}\n" in capsys.readouterr().out
+  tpu_vm.main(["create", *TPU, f"--accelerator={accelerator}", "--version=tpu-vm-custom"])
+  assert "--version=tpu-vm-custom\n" in capsys.readouterr().out
+
+
+def _remote(command):
+  """The script of a `gcloud ... ssh --command SCRIPT`, as the worker's shell gets it."""
+  return command.argv[command.argv.index("--command") + 1]
+
+
+def _wait_for(path, text, seconds=10):
+  deadline = time.monotonic() + seconds
+  while not (path.exists() and text in path.read_text()):
+    assert time.monotonic() < deadline, f"{path}: no {text!r} after {seconds} s"
+    time.sleep(0.05)
+
+
+def _wait_until_gone(group, seconds=10):
+  """SIGKILL is delivered asynchronously."""
+  deadline = time.monotonic() + seconds
+  with pytest.raises(ProcessLookupError):
+    while time.monotonic() < deadline:
+      os.killpg(group, 0)
+      time.sleep(0.05)
+
+
+def test_tpu_vm_run_detaches_and_a_new_run_frees_the_tpu(tmp_path):
+  """The generated worker scripts, run by bash here (a fake home, sudo as a no-op wrapper): `run`
+  returns at once and the command goes on; the next `run` (or `stop`) ends it first."""
+  (tmp_path / "preflmr_jax").mkdir()
+  (tmp_path / "preflmr_venv" / "bin").mkdir(parents=True)
+  (tmp_path / "preflmr_venv" / "bin" / "activate").write_text("")
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
+  (tmp_path / "bin" / "sudo").chmod(0o755)
+  env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{tmp_path}/bin:{os.environ['PATH']}"}
+  pod = tpu_vm.Pod("t", "z")
+  pidfile = tmp_path / "run.pid"
+
+  def worker(commands):
+    script = _remote(commands[0]).replace(tpu_vm.RUN_PID, str(pidfile))
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+
+  groups = []
+  try:
+    started = worker(tpu_vm.run(pod, [("a", "echo working; sleep 60"), ("b", "echo second")]))
+    assert "log: ~/preflmr_logs/a.log, ~/preflmr_logs/b.log" in started.stdout
+    logs = tmp_path / "preflmr_logs"
+    _wait_for(logs / "a.log", "working")
+    group = int(pidfile.read_text())
+    groups.append(group)
+    os.killpg(group, 0)  # still running after the "ssh session" ended
+    worker(tpu_vm.run(pod, [("c", "exit 3"), ("d", "sleep 60")]))  # ends the first run, then runs
+    _wait_until_gone(group)
+    assert "exit status" not in (logs / "a.log").read_text() and not (logs / "b.log").exists()
+    _wait_for(logs / "c.log", "[preflmr] exit status 3")
+    assert (logs / "c.log").read_text().startswith("[preflmr] start ")
+    _wait_for(logs / "d.log", "start")
+    groups.append(int(pidfile.read_text()))
+    worker(tpu_vm.stop(pod))
+    _wait_until_gone(groups[-1])
+  finally:  # nothing outlives the test
+    groups += [int(pidfile.read_text())] if pidfile.exists() else []
+    for group in groups:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 def test_scripts_run_from_the_repository_root_as_files():
