@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -44,7 +46,7 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
 def initialize_distributed() -> None:
   """`jax.distributed.initialize()` for multi-host runs (`config.distributed=True`).
 
-  Cloud TPU, GKE and SLURM are detected by JAX itself. Elsewhere (`launch/gpu.py --scheduler=none`)
+  Cloud TPU, GKE and SLURM are detected by JAX itself. Elsewhere (`launch/gpu.py hosts`)
   the coordinator comes from JAX_COORDINATOR_ADDRESS, which JAX reads, and the process count and
   index from JAX_NUM_PROCESSES / JAX_PROCESS_ID, which JAX does not.
   """
@@ -60,13 +62,50 @@ def initialize_distributed() -> None:
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh with Auto axes (linen logical constraints need Auto)."""
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(mesh_config, len(devices))
-  try:  # topology-aware device order on real TPU / GPU slices
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
-    grid = mesh_utils.create_device_mesh(shape, devices=devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    grid = np.asarray(devices).reshape(shape)
+  grid = device_grid(mesh_shape(mesh_config, len(devices)), devices)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+  """TPU slices the devices span (devices without `slice_index`, e.g. CPU, are one slice)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """Devices arranged as `shape` (data, fsdp, tensor) in a topology-aware order.
+
+  Across slices only the data-center network connects devices, so `data` (one gradient all-reduce
+  per step) is the axis split over slices; `fsdp` and `tensor` (collectives in every layer) stay
+  within a slice.
+  """
+  slices = num_slices(devices)
+  if slices == 1:
+    return _topology_grid(shape, devices, lambda split: mesh_utils.create_device_mesh(
+        shape, devices, allow_split_physical_axes=split))
+  data, *inner = shape
+  if data % slices:
+    raise ValueError(f"config.mesh.data={data} is not divisible by the {slices} slices the devices "
+                     "span: the data axis is split over slices, fsdp and tensor stay within one")
+  per_slice, across = (data // slices, *inner), (slices,) + (1,) * len(inner)
+  # Slice-major device order: a plain reshape still keeps fsdp and tensor within a slice.
+  by_slice = sorted(devices, key=lambda d: d.slice_index)
+  return _topology_grid(shape, by_slice, lambda split: mesh_utils.create_hybrid_device_mesh(
+      per_slice, across, devices, allow_split_physical_axes=split))
+
+
+def _topology_grid(shape, devices, make) -> np.ndarray:
+  """`make(allow_split_physical_axes)`, first keeping physical axes whole; otherwise (a shape the
+  topology cannot host, or devices without coordinates) `devices` in their order, with a warning."""
+  errors = []
+  for split in (False, True):
+    try:
+      return make(split)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      errors.append(str(e))
+  logging.warning("config.mesh %s: no topology-aware device order (%s); using the plain device "
+                  "order, so collectives may take slower links", dict(zip(MESH_AXES, shape)),
+                  errors[-1])
+  return np.asarray(devices).reshape(shape)
 
 
 def logical_to_shardings(logical_tree: Any, mesh: Mesh, rules) -> Any:
@@ -148,7 +187,76 @@ def state_shardings_like_params(abstract_tree: Any, abstract_params: Any, param_
   return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
+def batch_shards_by_process(mesh: Mesh) -> dict[int, list[int]]:
+  """Process index -> the batch shards its devices hold, ascending. Shard k is the k-th block of
+  rows along (`data`, `fsdp`) (`batch_sharding`); the `tensor` devices at one (data, fsdp) position
+  hold the same shard. Assumes `check_batch_sharding(mesh)` passed."""
+  by_process: dict[int, set[int]] = {}
+  for k, processes in _batch_shard_processes(mesh).items():
+    for p in processes:
+      by_process.setdefault(p, set()).add(k)
+  return {p: sorted(shards) for p, shards in sorted(by_process.items())}
+
+
+def _batch_shard_processes(mesh: Mesh) -> dict[int, set[int]]:
+  fsdp = mesh.shape["fsdp"]
+  processes: dict[int, set[int]] = {}
+  for (i, j, _), device in np.ndenumerate(mesh.devices):
+    processes.setdefault(i * fsdp + j, set()).add(device.process_index)
+  return processes
+
+
+def check_batch_sharding(mesh: Mesh) -> None:
+  """Refuses a mesh whose batch the processes cannot feed by each reading its own rows.
+
+  Every process supplies the rows of the batch shards its devices hold (`global_batch`). A shard
+  held by devices of two processes (the `tensor` axis crossing a process boundary) would need both
+  to supply the same rows, but they read different ones: the replicas would silently differ. And
+  each process reads `batch_size / process_count` rows, so every process must hold as many shards.
+  """
+  shape = dict(mesh.shape)
+  for k, processes in sorted(_batch_shard_processes(mesh).items()):
+    if len(processes) > 1:
+      raise ValueError(
+          f"config.mesh {shape}: batch shard {k} (data={k // shape['fsdp']}, fsdp="
+          f"{k % shape['fsdp']}) lies on devices of processes {sorted(processes)}, which read "
+          "different rows; the tensor axis must stay within one process (a smaller "
+          "config.mesh.tensor, or fsdp instead)")
+  counts = {p: len(shards) for p, shards in batch_shards_by_process(mesh).items()}
+  if len(set(counts.values())) > 1:
+    raise ValueError(f"config.mesh {shape}: processes hold unequal numbers of batch shards "
+                     f"{counts}, but each reads batch_size / process_count rows")
+
+
+def process_batch_rows(mesh: Mesh, batch_size: int, process_index: int) -> np.ndarray:
+  """The rows of a global batch of `batch_size` that process `process_index` supplies to
+  `global_batch`, in the order it must supply them: its batch shards' rows, ascending. With the
+  plain device order (CPU, GPU) process p's rows are [p * b, (p + 1) * b); a TPU topology order may
+  give a process shards that are not one block (e.g. a ring: shards 0, 1, 6, 15 of 16)."""
+  shards = batch_shards_by_process(mesh)[process_index]
+  num_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % num_shards:
+    raise ValueError(f"config.batch_size={batch_size} is not divisible by the data-parallel size "
+                     f"mesh.data * mesh.fsdp = {num_shards}")
+  rows = batch_size // num_shards
+  return np.concatenate([np.arange(k * rows, (k + 1) * rows) for k in shards])
+
+
 def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-  """This host's rows -> global arrays sharded over (`data`, `fsdp`) on the leading axis."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-          for k, v in local_batch.items()}
+  """This process's rows -> global arrays sharded over (`data`, `fsdp`) on the leading axis.
+
+  The global shape is explicit: the local rows times the number of batch shards over this
+  process's. The local rows fill this process's shards in ascending order (`process_batch_rows`).
+  """
+  shards = batch_shards_by_process(mesh)
+  mine, total = len(shards[jax.process_index()]), sum(len(s) for s in shards.values())
+  out = {}
+  for key, value in local_batch.items():
+    value = np.asarray(value)
+    rows = value.shape[0]
+    if rows % mine:
+      raise ValueError(f"batch[{key!r}]: {rows} rows do not split evenly over this process's "
+                       f"{mine} batch shards")
+    out[key] = jax.make_array_from_process_local_data(
+        batch_sharding(mesh, value.ndim), value, (rows // mine * total, *value.shape[1:]))
+  return out

@@ -85,3 +85,105 @@ def test_sharded_forward_equals_single_device(mesh_config):
   np.testing.assert_allclose(d, d_ref, atol=2e-5, rtol=0)
   np.testing.assert_array_equal(qm, qm_ref)
   np.testing.assert_array_equal(dm, dm_ref)
+
+
+# ------------------------------------------------ multi-slice meshes and multi-host batches
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FakeTpu:
+  """What mesh construction reads of a TPU device (a v5e chip: one core)."""
+  id: int
+  process_index: int
+  coords: tuple[int, int, int]
+  slice_index: int = 0
+  core_on_chip: int = 0
+  platform: str = "tpu"
+  device_kind: str = "TPU v5 lite"
+
+
+def _v5e_4x4(num_slices=1):
+  """Slices of 4x4 chips, 4 hosts each of a 2x2 block, in jax.devices() order."""
+  devices = []
+  for s in range(num_slices):
+    for host in range(4):
+      hx, hy = host % 2, host // 2
+      for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        devices.append(FakeTpu(len(devices), s * 4 + host, (2 * hx + dx, 2 * hy + dy, 0), s))
+  return devices
+
+
+def _mesh(grid):
+  return jax.sharding.Mesh(grid, sharding.MESH_AXES)
+
+
+@pytest.fixture
+def warnings_logged(monkeypatch):
+  logged = []
+  monkeypatch.setattr(sharding.logging, "warning", lambda msg, *args: logged.append(msg % args))
+  return logged
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 1), (4, 8, 1), (2, 4, 4)])
+def test_data_axis_spans_slices_and_the_rest_stays_within_one(shape, warnings_logged):
+  devices = _v5e_4x4(num_slices=2)
+  grid = sharding.device_grid(shape, devices[::-1])  # any input order
+  per_slice = shape[0] // 2
+  for i in range(shape[0]):
+    assert {d.slice_index for d in grid[i].flat} == {i // per_slice}, (shape, i)
+  assert sorted(d.id for d in grid.flat) == list(range(32))
+  assert not warnings_logged  # topology-aware, not the plain order
+
+
+def test_data_not_divisible_by_the_slices_names_the_key():
+  with pytest.raises(ValueError, match=r"config.mesh.data=1 is not divisible by the 2 slices"):
+    sharding.device_grid((1, 32, 1), _v5e_4x4(num_slices=2))
+
+
+def test_fallback_to_the_plain_order_warns_and_keeps_slices_apart(warnings_logged):
+  # Coordinates that do not form a box: no topology-aware order exists.
+  devices = [FakeTpu(i, i // 2, (i // 2, i // 2, 0), slice_index=i % 2) for i in range(8)]
+  grid = sharding.device_grid((2, 2, 2), devices)
+  assert len(warnings_logged) == 1 and "config.mesh" in warnings_logged[0]
+  assert [{d.slice_index for d in grid[i].flat} for i in range(2)] == [{0}, {1}]
+  sharding.device_grid((1, 8, 1), jax.devices())  # CPU: JAX's own order, no warning
+  assert len(warnings_logged) == 1
+
+
+def test_batch_shards_follow_the_devices_of_each_process():
+  cpu_like = np.array([FakeTpu(i, i // 4, (0, 0, 0)) for i in range(8)], dtype=object)
+  mesh = _mesh(cpu_like.reshape(2, 4, 1))
+  sharding.check_batch_sharding(mesh)
+  assert sharding.batch_shards_by_process(mesh) == {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}
+  np.testing.assert_array_equal(sharding.process_batch_rows(mesh, 16, 1), np.arange(8, 16))
+  sharding.check_batch_sharding(_mesh(cpu_like.reshape(1, 4, 2)))  # tensor pairs within a process
+  # A TPU ring order: each host's shards are not one block, which make_array_from_process_local_data
+  # accepts (the host supplies the rows of its shards).
+  mesh = _mesh(sharding.device_grid((1, 16, 1), _v5e_4x4()))
+  sharding.check_batch_sharding(mesh)
+  shards = sharding.batch_shards_by_process(mesh)
+  assert sorted(sum(shards.values(), [])) == list(range(16)) and shards[0] != [0, 1, 2, 3]
+  np.testing.assert_array_equal(sharding.process_batch_rows(mesh, 32, 0),
+                                np.concatenate([[2 * k, 2 * k + 1] for k in shards[0]]))
+
+
+@pytest.mark.parametrize("grid, message", [
+    # the tensor axis crosses hosts: JAX's topology order on a 4-host v5e-16 with tensor=4
+    (lambda: sharding.device_grid((1, 4, 4), _v5e_4x4()), r"batch shard 0 .* processes \[0, 1\]"),
+    (lambda: np.array([FakeTpu(i, i % 2, (0, 0, 0)) for i in range(8)]).reshape(1, 2, 4),
+     r"processes \[0, 1\].*config.mesh.tensor"),
+    (lambda: np.array([FakeTpu(i, i // 4, (0, 0, 0)) for i in range(6)]).reshape(1, 6, 1),
+     r"unequal numbers of batch shards \{0: 4, 1: 2\}"),
+])
+def test_meshes_the_processes_cannot_feed_are_refused(grid, message):
+  with pytest.raises(ValueError, match=r"config.mesh \{'data': 1.*" + message):
+    sharding.check_batch_sharding(_mesh(grid()))
+
+
+def test_global_batch_has_the_explicit_global_shape():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  batch = sharding.global_batch(mesh, {"q": np.zeros((8, 3)), "d": np.arange(24).reshape(24, 1)})
+  assert batch["q"].shape == (8, 3) and batch["d"].shape == (24, 1)
+  assert batch["d"].sharding.spec == P(("data", "fsdp"), None)
+  np.testing.assert_array_equal(batch["d"], np.arange(24).reshape(24, 1))
+  with pytest.raises(ValueError, match=r"batch\['q'\]: 4 rows do not split evenly over .* 8"):
+    sharding.global_batch(mesh, {"q": np.zeros((4, 3))})
