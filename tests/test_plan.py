@@ -31,6 +31,7 @@ def test_plan_reports_memory_flops_and_params(plans):
       assert memory[key] > 0, (key, memory)
     assert result["flops_per_step"] > 0
     assert 0 < result["params_trainable"] <= result["params_total"]
+    assert result["slices"] == 1 and result["slice_of_data_index"] == [0] * result["mesh"]["data"]
   assert plans["mixed"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
   assert plans["data"]["params_total"] == plans["mixed"]["params_total"]
 
@@ -69,6 +70,15 @@ def test_cli_bad_mesh_fails():
   assert out.returncode != 0 and "--mesh" in out.stderr
 
 
+def test_cli_num_slices_needs_a_topology():
+  out = subprocess.run(
+      [sys.executable, "-m", "preflmr_jax.tools.plan", "--config", "configs/tiny.py",
+       "--mesh", "data=2", "--num_slices", "2"], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert out.returncode != 0 and "--num_slices needs --topology" in out.stderr
+
+
+# The TPU compile itself (one slice and two) runs in CI's jax[tpu] environment: .ci/run.
 def test_topology_compiles_for_tpu_or_says_what_to_install():
   out = subprocess.run(
       [sys.executable, "-m", "preflmr_jax.tools.plan", "--config", "configs/tiny.py",

@@ -1,10 +1,11 @@
 """Compile-only memory plan: lowers and compiles the real train step from shapes alone.
 
   python -m preflmr_jax.tools.plan --config configs/preflmr_vit_l.py --mesh data=1,fsdp=8,tensor=1 \
-      [--batch_size N] [--topology v5e:4x4]
+      [--batch_size N] [--topology v5e:4x4 [--num_slices 2]]
 
 Without --topology it simulates the mesh's devices on the CPU; with it, it compiles for a real TPU
-topology (needs `pip install -r requirements-tpu-plan.txt`). Nothing is allocated: parameters,
+topology (needs `pip install -r requirements-tpu-plan.txt`), of `--num_slices` slices joined by the
+data-center network (the mesh's `data` axis is split over them: `slice_of_data_index`). Nothing is allocated: parameters,
 optimiser state and the batch are ShapeDtypeStructs. Prints a table, then one JSON object as the
 last line of stdout (memory is per device).
 """
@@ -26,6 +27,7 @@ def define_flags():
   flags.DEFINE_string("mesh", None, "Mesh shape, e.g. data=1,fsdp=8,tensor=1.")
   flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 (needs libtpu).")
+  flags.DEFINE_integer("num_slices", 1, "With --topology: that many slices of it (multislice).")
 
 MESH_AXES = ("data", "fsdp", "tensor")  # = sharding.MESH_AXES (not imported: keeps jax unloaded)
 TPU_REQUIREMENTS = "pip install -r requirements-tpu-plan.txt"
@@ -45,8 +47,9 @@ def parse_mesh(text: str) -> dict[str, int]:
   return mesh
 
 
-def topology_devices(name: str):
-  """The devices of a TPU topology such as 'v5e:4x4' (compile-only; nothing runs on them)."""
+def topology_devices(name: str, num_slices: int = 1):
+  """The devices of `num_slices` slices of a TPU topology such as 'v5e:4x4' (compile-only; nothing
+  runs on them). Each device has its `slice_index` and the `process_index` of its host."""
   try:
     import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
@@ -57,7 +60,8 @@ def topology_devices(name: str):
   # Compile-only: several plans may run at once (libtpu otherwise locks /tmp/libtpu_lockfile).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+  return topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                      num_slices=num_slices).devices
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -94,6 +98,7 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
     raise ValueError(f"--mesh {dict(mesh_config)} needs {size} devices, {len(devices)} available")
   devices = devices[:size]
   mesh = sharding.make_mesh(mesh_config, devices)
+  sharding.check_batch_sharding(mesh)  # the hosts of a topology can feed the batch
   shape = dict(zip(sharding.MESH_AXES, mesh.devices.shape))
   shards = shape["data"] * shape["fsdp"]
   if config.batch_size % shards:
@@ -109,6 +114,8 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
       "mesh": shape,
       "devices": size,
       "platform": devices[0].platform,
+      "slices": sharding.num_slices(devices),
+      "slice_of_data_index": _slice_of_data_index(mesh),
       "device_kind": devices[0].device_kind,
       "global_batch": int(config.batch_size),
       "params_total": counts["total"],
@@ -116,6 +123,16 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
       "flops_per_step": _flops(compiled),
       "memory_per_device": _memory(compiled),
   }
+
+
+def _slice_of_data_index(mesh) -> list:
+  """For each index along `data`, the slice holding it (None if it spans slices): the check that
+  fsdp and tensor collectives stay within a slice."""
+  out = []
+  for row in mesh.devices:
+    slices = {getattr(d, "slice_index", 0) for d in row.flat}
+    out.append(slices.pop() if len(slices) == 1 else None)
+  return out
 
 
 def _table(result: dict) -> str:
@@ -126,7 +143,7 @@ def _table(result: dict) -> str:
     return f"{n:10d} B"
 
   rows = [("mesh", ",".join(f"{k}={v}" for k, v in result["mesh"].items())),
-          ("devices", f"{result['devices']} x {result['device_kind']}"),
+          ("devices", f"{result['devices']} x {result['device_kind']}, {result['slices']} slice(s)"),
           ("global batch", result["global_batch"]),
           ("params total", f"{result['params_total']:,}"),
           ("params trainable", f"{result['params_trainable']:,}"),
@@ -145,10 +162,13 @@ def main(argv):
   size = math.prod(mesh_config.values())
   import jax  # pylint: disable=g-import-not-at-top
   if flags.FLAGS.topology:
-    devices = topology_devices(flags.FLAGS.topology)
+    devices = topology_devices(flags.FLAGS.topology, flags.FLAGS.num_slices)
     if size != len(devices):
       raise app.UsageError(f"--mesh {mesh_config} has {size} devices; --topology="
-                           f"{flags.FLAGS.topology} has {len(devices)}")
+                           f"{flags.FLAGS.topology} x --num_slices={flags.FLAGS.num_slices} has "
+                           f"{len(devices)}")
+  elif flags.FLAGS.num_slices != 1:
+    raise app.UsageError("--num_slices needs --topology (CPU devices have no slices)")
   else:  # simulate the mesh's devices (must precede the first device query)
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", size)
