@@ -95,16 +95,16 @@ def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
 
 def _topology_grid(shape, devices, make) -> np.ndarray:
   """`make(allow_split_physical_axes)`, first keeping physical axes whole; otherwise (a shape the
-  topology cannot host, or devices without coordinates) `devices` in their order, with a warning."""
-  errors = []
+  topology cannot host, or devices whose coordinates do not form a box) `devices` in their order,
+  with a warning."""
   for split in (False, True):
     try:
       return make(split)
     except (ValueError, NotImplementedError, AssertionError) as e:
-      errors.append(str(e))
+      reason = str(e)
   logging.warning("config.mesh %s: no topology-aware device order (%s); using the plain device "
                   "order, so collectives may take slower links", dict(zip(MESH_AXES, shape)),
-                  errors[-1])
+                  reason)
   return np.asarray(devices).reshape(shape)
 
 
