@@ -67,25 +67,33 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
 
 
 def num_slices(devices: Sequence[Any]) -> int:
-  """TPU slices the devices span (devices without `slice_index`, e.g. CPU, are one slice)."""
+  """Slices the devices span: TPU slices, or GPU nodes (devices without `slice_index`, e.g. CPU,
+  are one slice)."""
   return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
   """Devices arranged as `shape` (data, fsdp, tensor) in a topology-aware order.
 
-  Across slices only the data-center network connects devices, so `data` (one gradient all-reduce
-  per step) is the axis split over slices; `fsdp` and `tensor` (collectives in every layer) stay
-  within a slice.
+  Across TPU slices (and GPU nodes, which JAX also gives a `slice_index`) only the slower network
+  connects devices, so `data` (one gradient all-reduce per step) is the axis split over slices;
+  `fsdp` and `tensor` (collectives in every layer) stay within a slice.
   """
   slices = num_slices(devices)
+  one_slice = lambda split: mesh_utils.create_device_mesh(shape, devices,
+                                                          allow_split_physical_axes=split)
   if slices == 1:
-    return _topology_grid(shape, devices, lambda split: mesh_utils.create_device_mesh(
-        shape, devices, allow_split_physical_axes=split))
+    return _topology_grid(shape, devices, one_slice)
   data, *inner = shape
   if data % slices:
-    raise ValueError(f"config.mesh.data={data} is not divisible by the {slices} slices the devices "
-                     "span: the data axis is split over slices, fsdp and tensor stay within one")
+    if devices[0].platform == "tpu":  # per-layer collectives over the data-center network: refused
+      raise ValueError(f"config.mesh.data={data} is not divisible by the {slices} slices the "
+                       "devices span: the data axis is split over slices, fsdp and tensor stay "
+                       "within one")
+    # GPU nodes (JAX's slices there) commonly run FSDP over their network: allowed, but said.
+    logging.warning("config.mesh.data=%d is not a multiple of the %d nodes: fsdp / tensor "
+                    "collectives cross nodes", data, slices)
+    return _topology_grid(shape, devices, one_slice)
   per_slice, across = (data // slices, *inner), (slices,) + (1,) * len(inner)
   # Slice-major device order: a plain reshape still keeps fsdp and tensor within a slice.
   by_slice = sorted(devices, key=lambda d: d.slice_index)

@@ -134,9 +134,16 @@ def test_data_axis_spans_slices_and_the_rest_stays_within_one(shape, warnings_lo
   assert not warnings_logged  # topology-aware, not the plain order
 
 
-def test_data_not_divisible_by_the_slices_names_the_key():
+def test_data_not_divisible_by_the_slices_names_the_key(warnings_logged):
   with pytest.raises(ValueError, match=r"config.mesh.data=1 is not divisible by the 2 slices"):
     sharding.device_grid((1, 32, 1), _v5e_4x4(num_slices=2))
+  # GPU nodes are slices too; FSDP across nodes is common there: a warning, JAX's order.
+  gpus = [dataclasses.replace(d, platform="gpu", device_kind="H100") for d in _v5e_4x4(2)]
+  grid = sharding.device_grid((1, 32, 1), gpus[::-1])
+  assert [d.id for d in grid.flat] == list(range(32))
+  assert len(warnings_logged) == 1 and "config.mesh.data=1 is not a multiple" in warnings_logged[0]
+  grid = sharding.device_grid((2, 16, 1), gpus)  # divisible: data over the nodes
+  assert [{d.slice_index for d in grid[i].flat} for i in range(2)] == [{0}, {1}]
 
 
 def test_fallback_to_the_plain_order_warns_and_keeps_slices_apart(warnings_logged):
