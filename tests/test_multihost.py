@@ -4,9 +4,11 @@ run multi-host end to end and compute what one process with the same 8 devices c
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(argv, tmp_path, tag):
+def _start_two_processes(argv, tmp_path, tag):
   port = _free_port()
   procs = []
   for i in range(2):
@@ -33,6 +35,10 @@ def _run_two_processes(argv, tmp_path, tag):
     procs.append((subprocess.Popen([sys.executable, "-m", *argv, "--config.distributed=True"],
                                    cwd=shell.REPO_ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT), log))
+  return procs
+
+
+def _wait(procs, tmp_path, tag):
   for i, (proc, log) in enumerate(procs):
     try:
       code = proc.wait(timeout=1200)
@@ -40,6 +46,10 @@ def _run_two_processes(argv, tmp_path, tag):
       log.close()
     assert code == 0, (tmp_path / f"{tag}{i}.log").read_text()[-4000:]
   return [(tmp_path / f"{tag}{i}.log").read_text() for i in range(2)]
+
+
+def _run_two_processes(argv, tmp_path, tag):
+  return _wait(_start_two_processes(argv, tmp_path, tag), tmp_path, tag)
 
 
 def _run_one_process(argv, tmp_path, tag):
@@ -91,3 +101,23 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
   assert [r["passage_ids"] for r in split] == [r["passage_ids"] for r in single]
   np.testing.assert_allclose([r["scores"] for r in split], [r["scores"] for r in single],
                              rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path):
+  workdir = tmp_path / "w"
+  procs = _start_two_processes(
+      ["preflmr_jax.main", f"--config={SMOKE}", f"--workdir={workdir}",
+       "--config.num_train_steps=100000", "--config.log_every_steps=1",
+       "--config.checkpoint_every_steps=100000"], tmp_path, "train")
+  deadline = time.monotonic() + 900
+  while not (workdir / "metrics.jsonl").exists() or len(_metrics(workdir)) < 3:
+    assert time.monotonic() < deadline and all(p.poll() is None for p, _ in procs), [
+        (tmp_path / f"train{i}.log").read_text()[-3000:] for i in range(2)]
+    time.sleep(1)
+  procs[1][0].send_signal(signal.SIGTERM)  # only the second host is preempted
+  logs = _wait(procs, tmp_path, "train")
+  steps = sorted(os.listdir(workdir / "checkpoints"))
+  assert len(steps) == 1 and 3 <= int(steps[0]) < 100000, steps
+  for log in logs:  # both hosts stopped at that step
+    assert f"preemption signal: saved step {steps[0]}, stopping" in log
