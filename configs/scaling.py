@@ -10,8 +10,8 @@ Parameters, FLOPs and memory per point: docs/scaling_grid.md.
 The whole grid as a sweep (one train -> eval job per point), then the scaling-law fit:
 
   python launch/sweep.py configs/scaling.py --backend tpu-vm --tpu NAME --zone ZONE \
-      --workdir_root /mnt/shared/sweeps --dry-run
-  python -m preflmr_jax.tools.scaling_law --sweep_dir /mnt/shared/sweeps/scaling
+      --workdir_root gs://my-bucket/sweeps --dry-run
+  python -m preflmr_jax.tools.scaling_law --sweep_dir gs://my-bucket/sweeps/scaling
 
 `configs/scaling.py:smoke` stands in for the grid on a CPU: three widths of the tiny model on the
 SAMPLE task, a few steps each (`python launch/sweep.py configs/scaling.py:smoke --backend local

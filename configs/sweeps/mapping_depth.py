@@ -3,9 +3,9 @@
 BERT-base with the stage-1 recipe (configs/sweeps/stage1_base.py).
 
   python launch/sweep.py configs/sweeps/mapping_depth.py --backend tpu-vm --tpu NAME --zone ZONE \
-      --workdir_root /mnt/shared/sweeps -- --config.tokenizer=... --config.data.data_dir=... \
+      --workdir_root gs://my-bucket/sweeps -- --config.tokenizer=... --config.data.data_dir=... \
       --config.data.tasks=...
-  python -m preflmr_jax.tools.scaling_law --sweep_dir /mnt/shared/sweeps/mapping_depth
+  python -m preflmr_jax.tools.scaling_law --sweep_dir gs://my-bucket/sweeps/mapping_depth
 
 `:smoke` is the CPU stand-in: the tiny model with 1, 2 and 4 mapping layers.
 """

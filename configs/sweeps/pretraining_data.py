@@ -5,9 +5,9 @@
 each subset), so compute grows with the data; warmup is a tenth of the steps, at most 500.
 
   python launch/sweep.py configs/sweeps/pretraining_data.py --backend tpu-vm --tpu NAME --zone ZONE \
-      --workdir_root /mnt/shared/sweeps -- --config.tokenizer=... --config.data.data_dir=... \
+      --workdir_root gs://my-bucket/sweeps -- --config.tokenizer=... --config.data.data_dir=... \
       --config.data.tasks=...
-  python -m preflmr_jax.tools.scaling_law --sweep_dir /mnt/shared/sweeps/pretraining_data
+  python -m preflmr_jax.tools.scaling_law --sweep_dir gs://my-bucket/sweeps/pretraining_data
 
 The fit's x axes are parameters (the same for every point here) and training compute, which for
 this sweep is proportional to the number of examples. `:smoke` is the CPU stand-in: 96, 384 and

@@ -2,9 +2,9 @@
 text fixed at BERT-base, stage-1 recipe (configs/sweeps/stage1_base.py).
 
   python launch/sweep.py configs/sweeps/vision_scaling.py --backend tpu-vm --tpu NAME --zone ZONE \
-      --workdir_root /mnt/shared/sweeps -- --config.tokenizer=... --config.data.data_dir=... \
+      --workdir_root gs://my-bucket/sweeps -- --config.tokenizer=... --config.data.data_dir=... \
       --config.data.tasks=...
-  python -m preflmr_jax.tools.scaling_law --sweep_dir /mnt/shared/sweeps/vision_scaling
+  python -m preflmr_jax.tools.scaling_law --sweep_dir gs://my-bucket/sweeps/vision_scaling
 
 `:smoke` is the CPU stand-in: the tiny model's vision tower at widths 16 / 32 / 64.
 """
