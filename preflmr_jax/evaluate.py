@@ -15,7 +15,7 @@ dataset's own instructions, Recall@K / PseudoRecall@K of `metrics.py`). Outputs 
 `results.md` (one row per task, the headline metric in bold) and `<task>_rankings.jsonl`
 (`{"question_id", "passage_ids", "scores"}` per query, best first; the trainer can mine hard
 negatives from it, `config.data.hard_negatives_dir`). Multi-host, every process runs this command;
-they share the work and process 0 writes.
+they share the work and process 0 writes. Every path may be a gs:// URL (storage.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Optional, Sequence
 
 import jax
@@ -32,8 +31,9 @@ from absl import app, flags, logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from preflmr_jax import (checkpointing, evaluation, metrics, pretrained, sharding,
-                         tokenization, train)
+from preflmr_jax import (checkpointing, evaluation, metrics, pretrained, sharding, storage,
+                         tokenization)
+from preflmr_jax import workdir as layout
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
@@ -49,10 +49,10 @@ class Restored:
   step: Optional[int]  # None for a published folder
 
 
-def _is_published(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and any(
-      name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json"))
-      for name in os.listdir(path))
+def _is_published(path: epath.Path) -> bool:
+  return (path / pretrained.CONFIG_FILE).is_file() and any(
+      p.name.startswith("model") and p.name.endswith((".safetensors", ".safetensors.index.json"))
+      for p in path.iterdir())
 
 
 def restore(config, checkpoint: str, step: Optional[int] = None,
@@ -60,41 +60,27 @@ def restore(config, checkpoint: str, step: Optional[int] = None,
   """Parameters (only, replicated on `mesh`, default `evaluation.eval_mesh()`) and tokenizers
   from a workdir / step folder / published folder."""
   replicated = NamedSharding(mesh or evaluation.eval_mesh(), P())
-  if not os.path.isdir(checkpoint):
-    raise FileNotFoundError(f"--checkpoint={checkpoint}: no such folder")
-  if _is_published(checkpoint):
-    model = pretrained.load_pretrained(checkpoint)
+  folder = storage.path(checkpoint, "--checkpoint")
+  storage.must_exist(folder, "--checkpoint")
+  with storage.errors("--checkpoint", folder):
+    published = _is_published(folder)
+  if published:
+    with storage.errors("--checkpoint", folder):
+      model = pretrained.load_pretrained(folder)
     query_tok, doc_tok = model.query_tokenizer, model.document_tokenizer
     if query_tok is None or doc_tok is None:  # a folder without tokenizers: the config's
       query_tok = doc_tok = tokenization.tokenizer_from_config(config.tokenizer)
     return Restored(model.config, jax.device_put(model.params, replicated), query_tok, doc_tok,
                     checkpoint, None)
   model_config = mc.PreFLMRConfig.from_dict(config.model)
-  step_dir = checkpointing.find_step_dir(epath.Path(checkpoint), step)
   # Whatever mesh the checkpoint was saved from.
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           preflmr.abstract_params(model_config))
-  params = checkpointing.restore_params(os.fspath(step_dir), abstract)
+  with storage.errors("--checkpoint", folder):
+    step_dir = checkpointing.find_step_dir(folder, step)
+    params = checkpointing.restore_params(step_dir, abstract)
   tok = tokenization.tokenizer_from_config(config.tokenizer)
   return Restored(model_config, params, tok, tok, checkpoint, int(step_dir.name))
-
-
-def _write_atomically(path: str, write) -> None:
-  """`write(binary file)` into a temporary file renamed to `path`: a half-written file is never
-  found under its name."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
-def _write_text(path: str, text: str) -> None:
-  _write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
@@ -116,6 +102,7 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
         cache_dir: Optional[str] = None, index: Optional[evaluation.IndexOptions] = None
         ) -> dict[str, dict[str, Any]]:
   """Evaluates `tasks` and writes results.json, results.md and <task>_rankings.jsonl to output."""
+  output = storage.path(output, "--output")
   if split not in m2kr.SPLITS:
     raise ValueError(f"--split={split!r}: expected one of {m2kr.SPLITS}")
   tasks = [m2kr.canonical_task(t) for t in tasks or
@@ -130,7 +117,7 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
           "train_flops": _train_flops(checkpoint, restored.step)}
   write = jax.process_index() == 0  # every process gets the same results
   if write:
-    os.makedirs(output, exist_ok=True)
+    storage.ensure_dir(output, "--output")
   results = {}
   evaluated = evaluation.evaluate_tasks(encoder, data_dir, tasks, split, ks, cache_dir=cache_dir,
                                         index=index)
@@ -138,12 +125,12 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
     result.update(checkpoint=restored.checkpoint, step=restored.step, split=split, **size)
     results[task] = result
     if write:
-      _write_text(os.path.join(output, f"{task}_rankings.jsonl"),
-                  "".join(json.dumps(r) + "\n" for r in rankings))
+      storage.write_text(layout.rankings_path(output, task),
+                         "".join(json.dumps(r) + "\n" for r in rankings))
     logging.info("%s/%s: %s", task, split, {k: v for k, v in result.items() if "@" in k})
   if write:
-    _write_text(os.path.join(output, "results.json"), json.dumps(results, indent=2) + "\n")
-    _write_text(os.path.join(output, "results.md"), markdown(results))
+    storage.write_text(layout.results_path(output), json.dumps(results, indent=2) + "\n")
+    storage.write_text(layout.results_table_path(output), markdown(results))
   return results
 
 
@@ -152,11 +139,13 @@ def _train_flops(checkpoint: str, step: Optional[int]) -> Optional[float]:
   from the workdir or a step folder) times the step; None for a published folder or an older run."""
   if step is None:
     return None
-  for folder in (checkpoint, os.path.join(checkpoint, os.pardir, os.pardir)):
-    path = os.path.join(folder, train.RUN_INFO)
-    if os.path.isfile(path):
-      with open(path) as f:
-        return float(json.load(f)["train_flops_per_step"]) * step
+  folder = storage.path(checkpoint, "--checkpoint")
+  # The workdir itself, or a step folder's (<workdir>/checkpoints/<step>).
+  in_workdir = folder.parent.name == layout.CHECKPOINTS
+  for candidate in (folder, folder.parent.parent) if in_workdir else (folder,):
+    info = layout.read_run_info(candidate)
+    if info is not None:
+      return float(info["train_flops_per_step"]) * step
   return None
 
 

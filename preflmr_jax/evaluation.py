@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from preflmr_jax import image_processing, metrics, search, sharding, tokenization
+from preflmr_jax import image_processing, metrics, search, sharding, storage, tokenization
 from preflmr_jax.data import m2kr
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
@@ -279,7 +279,7 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir=None) -> Corp
   if cache_dir:
     name = (f"{task}_{_fingerprint(encoder.params, encoder.config, passages)}_"
             f"{jax.process_index()}of{jax.process_count()}_b{encoder.batch_size}.npz")
-    path = epath.Path(cache_dir) / name
+    path = storage.path(cache_dir, "--embedding_cache") / name
   hit = bool(path and path.exists())
   if _allgather(np.asarray(hit)).all():  # every process reuses its share, or none does
     with path.open("rb") as f, np.load(f) as cached:
@@ -287,13 +287,9 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir=None) -> Corp
     logging.info("corpus embeddings of %s from the cache %s", task, path)
   else:
     local = _encode_own_passages(encoder, texts, task)
-    if path:
-      buffer = io.BytesIO()
-      np.savez(buffer, passages=local[0], tokens=local[1], lengths=local[2])
-      path.parent.mkdir(parents=True, exist_ok=True)
-      temporary = path.parent / f".tmp_{name}"  # renamed when complete: never read half-written
-      temporary.write_bytes(buffer.getvalue())
-      temporary.rename(path)
+    if path:  # never read half-written (a gs:// rename would be a copy)
+      storage.write_with(path, lambda f: np.savez(f, passages=local[0], tokens=local[1],
+                                                  lengths=local[2]))
   return Corpus(ids, texts, *local)
 
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import tempfile
 import zipfile
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -38,7 +36,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from preflmr_jax import late_interaction
+from preflmr_jax import late_interaction, storage
 
 __all__ = ["PlaidIndex", "build", "search", "decompress", "save", "load", "NBITS"]
 
@@ -425,28 +423,21 @@ def search(index: PlaidIndex, q, q_mask, k: int, nprobe: int = 4,
 # ---------------------------------------------------------------- save / load
 
 def save(index: PlaidIndex, path) -> None:
-  """Writes one uncompressed .npz (arrays + a JSON `meta`) atomically: temp file, then rename."""
-  path = os.fspath(path)
+  """Writes one uncompressed .npz (arrays + a JSON `meta`), local or gs://, never half-written
+  under its name (storage.write_with)."""
   meta = {"format": FORMAT, "version": VERSION, "nbits": index.nbits, "dim": index.dim,
           "num_centroids": index.num_centroids, "num_docs": index.num_docs,
           "num_tokens": int(index.codes.shape[0])}
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix=".tmp-" + os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:  # a file object: savez must not append ".npz" to the name
-      np.savez(f, meta=np.array(json.dumps(meta)),
-               **{name: getattr(index, name) for name in _ARRAYS})
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  # A file object: savez must not append ".npz" to the name.
+  storage.write_with(storage.path(path, "index path"), lambda f: np.savez(
+      f, meta=np.array(json.dumps(meta)), **{name: getattr(index, name) for name in _ARRAYS}))
 
 
 def load(path) -> PlaidIndex:
   """Reads a `save`d index; ValueError naming `path` if it is not a valid index of this version."""
-  path = os.fspath(path)
+  path = storage.path(path, "index path")
   try:
-    with np.load(path, allow_pickle=False) as z:
+    with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
       files = {name: z[name] for name in z.files}
   except FileNotFoundError:
     raise

@@ -5,7 +5,8 @@
   D, D_mask = model.encode_documents(input_ids, attention_mask)
   model.save_pretrained("/path/to/copy")                                      # same layout back
 
-Weights are read from safetensors only: unpickling a PyTorch `.bin` file can run arbitrary code.
+Folders may be local or gs:// URLs (storage.py). Weights are read from safetensors only: unpickling
+a PyTorch `.bin` file can run arbitrary code.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from preflmr_jax import conversion, tokenization
+from preflmr_jax import conversion, storage, tokenization
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models.preflmr import PreFLMR, abstract_params
 
@@ -62,8 +64,8 @@ def _to_hf(c, fields: Mapping[str, str]) -> dict[str, Any]:
   return {theirs: getattr(c, ours) for theirs, ours in fields.items()}
 
 
-def _fail(folder: str, key: str, msg: str):
-  raise ValueError(f"{os.path.join(folder, CONFIG_FILE)}: {key}: {msg}")
+def _fail(folder, key: str, msg: str):
+  raise ValueError(f"{epath.Path(folder) / CONFIG_FILE}: {key}: {msg}")
 
 
 # `FLMRConfig`'s defaults (what a key missing from config.json means to the official code).
@@ -90,7 +92,7 @@ def _tokenizer_length(tokenizer, key: str, default: int) -> int:
   return int(value) if value else default
 
 
-def model_config_from_hf(hf: Mapping[str, Any], folder: str, query_tokenizer=None,
+def model_config_from_hf(hf: Mapping[str, Any], folder: storage.PathLike, query_tokenizer=None,
                          document_tokenizer=None) -> mc.PreFLMRConfig:
   """Our `PreFLMRConfig` from a published `config.json` dict (missing keys mean FLMRConfig's defaults)."""
   hf = {**FLMR_DEFAULTS, **hf}
@@ -106,14 +108,15 @@ def model_config_from_hf(hf: Mapping[str, Any], folder: str, query_tokenizer=Non
           f"{base!r}: expected 'bert-base-uncased' or a local folder with a BERT {CONFIG_FILE}")
   if base in _BERT_BASE_NAMES:
     mapping = dataclasses.asdict(_HF_BERT_DEFAULTS)
-  else:  # a local folder holding a BERT config.json; relative paths are taken from the checkpoint
-    path = base if os.path.isabs(base) else os.path.join(folder, base)
-    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+  else:  # a folder holding a BERT config.json; relative paths are taken from the checkpoint
+    path = (epath.Path(base) if storage.is_remote(base) or os.path.isabs(base)
+            else epath.Path(folder) / base)
+    if not (path / CONFIG_FILE).is_file():
       _fail(folder, "transformer_mapping_config_base",
             f"{base!r} is neither 'bert-base-uncased' nor a local folder with a BERT {CONFIG_FILE} "
             "(models are never downloaded from a hub)")
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-      mapping = _from_hf(json.load(f), _BERT_FIELDS, _HF_BERT_DEFAULTS)
+    mapping = _from_hf(json.loads((path / CONFIG_FILE).read_text()), _BERT_FIELDS,
+                       _HF_BERT_DEFAULTS)
   layers = hf["transformer_mapping_num_hidden_layers"]
   if not isinstance(layers, int) or layers < 1:
     _fail(folder, "transformer_mapping_num_hidden_layers", f"{layers!r}: expected an int >= 1")
@@ -177,34 +180,36 @@ def hf_config_from_model(c: mc.PreFLMRConfig) -> dict[str, Any]:
   }
 
 
-def _load_file(path: str) -> dict[str, np.ndarray]:
+def _load_file(path: epath.Path) -> dict[str, np.ndarray]:
   """One safetensors file as NumPy arrays; bfloat16 tensors come back as ml_dtypes.bfloat16."""
   out = {}
-  try:
-    with safe_open(path, framework="flax") as f:  # the numpy reader refuses bfloat16
-      for key in f.keys():
-        out[key] = np.asarray(f.get_tensor(key))
-  except Exception as e:  # a truncated or foreign file: name it
-    raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+  # safetensors reads local files (memory-mapped): a gs:// file is copied to a temporary one.
+  with storage.local_copy(path) as local:
+    try:
+      with safe_open(local, framework="flax") as f:  # the numpy reader refuses bfloat16
+        for key in f.keys():
+          out[key] = np.asarray(f.get_tensor(key))
+    except Exception as e:  # a truncated or foreign file: name it
+      raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
   return out
 
 
-def read_safetensors(folder: str) -> dict[str, np.ndarray]:
+def read_safetensors(folder: storage.PathLike) -> dict[str, np.ndarray]:
   """All tensors of `model.safetensors` (or its sharded form); refuses pickle-based weights."""
-  single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX_FILE)
-  if os.path.isfile(single):
+  folder = epath.Path(folder)
+  single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX_FILE
+  if single.is_file():
     return _load_file(single)
-  if os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
+  if index.is_file():
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     state = {}
     for shard in shards:
-      state.update(_load_file(os.path.join(folder, shard)))
+      state.update(_load_file(folder / shard))
     return state
-  pickled = [n for n in ("pytorch_model.bin", "model.bin") if os.path.isfile(os.path.join(folder, n))]
+  pickled = [n for n in ("pytorch_model.bin", "model.bin") if (folder / n).is_file()]
   if pickled:
     raise ValueError(
-        f"{os.path.join(folder, pickled[0])}: refusing to read pickle-based weights (unpickling runs "
+        f"{folder / pickled[0]}: refusing to read pickle-based weights (unpickling runs "
         "arbitrary code). Convert once in a trusted environment, e.g. `python -c \"import torch; "
         "from safetensors.torch import save_file; save_file({k: v.contiguous() for k, v in "
         f"torch.load('{pickled[0]}', weights_only=True).items()}}, '{WEIGHTS_FILE}')\"`.")
@@ -262,61 +267,78 @@ class PretrainedPreFLMR:
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), self.params)
     return conversion.flax_to_torch(params, conversion.preflmr_rules(self.config))
 
-  def save_pretrained(self, path: str, overwrite: bool = False) -> None:
+  def _write_folder(self, folder: str) -> None:
+    """config.json, model.safetensors and the tokenizer folders into the local `folder`."""
+    hf = self.hf_config or hf_config_from_model(self.config)
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+      json.dump(hf, f, indent=2, sort_keys=True)
+    base = hf.get("transformer_mapping_config_base", _BERT_BASE_NAMES[0])
+    if base not in _BERT_BASE_NAMES and not os.path.isabs(base):  # a folder beside config.json
+      os.makedirs(os.path.join(folder, base))
+      with open(os.path.join(folder, base, CONFIG_FILE), "w") as f:
+        json.dump({"model_type": "bert", **_to_hf(self.config.mapping, _BERT_FIELDS)}, f, indent=2)
+    save_file(self.state_dict(), os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
+    for side, name in TOKENIZER_DIRS.items():
+      tok = getattr(self, f"{side}_tokenizer")
+      if tok is not None:
+        tok.save_pretrained(os.path.join(folder, name))
+
+  def save_pretrained(self, path: storage.PathLike, overwrite: bool = False) -> None:
     """Writes config.json, model.safetensors and tokenizer folders; the folder appears complete
-    or not at all (written to a temporary sibling, then renamed). An existing non-empty `path` is
-    replaced only with `overwrite=True` and only if it holds a checkpoint (a config.json)."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and os.listdir(path):
+    or not at all: locally written to a temporary sibling, then renamed; on gs:// written to a
+    local temporary folder, then uploaded with config.json last (readers require it). An existing
+    non-empty `path` is replaced only with `overwrite=True` and only if it holds a checkpoint (a
+    config.json); it is deleted first."""
+    dest = storage.path(path, "save_pretrained path")
+    remote = storage.is_remote(dest)
+    if not remote:
+      dest = epath.Path(os.path.abspath(dest))
+    if dest.is_dir() and any(dest.iterdir()):
       if not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
-      if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        raise FileExistsError(f"{path} does not hold a checkpoint ({CONFIG_FILE}); not replacing it")
-    parent = os.path.dirname(path)
+        raise FileExistsError(f"{dest} exists and is not empty; pass overwrite=True to replace it")
+      if not (dest / CONFIG_FILE).is_file():
+        raise FileExistsError(f"{dest} does not hold a checkpoint ({CONFIG_FILE}); not replacing it")
+    if remote:
+      with tempfile.TemporaryDirectory(prefix="preflmr_jax_save_") as tmp:
+        self._write_folder(tmp)
+        if dest.is_dir():
+          dest.rmtree()
+        storage.upload_dir(tmp, dest, last=(CONFIG_FILE,))
+      return
+    parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
     try:
-      hf = self.hf_config or hf_config_from_model(self.config)
-      with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-      base = hf.get("transformer_mapping_config_base", _BERT_BASE_NAMES[0])
-      if base not in _BERT_BASE_NAMES and not os.path.isabs(base):  # a folder beside config.json
-        os.makedirs(os.path.join(tmp, base))
-        with open(os.path.join(tmp, base, CONFIG_FILE), "w") as f:
-          json.dump({"model_type": "bert", **_to_hf(self.config.mapping, _BERT_FIELDS)}, f, indent=2)
-      save_file(self.state_dict(), os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-      for side, name in TOKENIZER_DIRS.items():
-        tok = getattr(self, f"{side}_tokenizer")
-        if tok is not None:
-          tok.save_pretrained(os.path.join(tmp, name))
-      if os.path.exists(path):
-        shutil.rmtree(path)
-      os.rename(tmp, path)
+      self._write_folder(tmp)
+      if dest.exists():
+        shutil.rmtree(dest)
+      os.rename(tmp, dest)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
 
 
-def load_pretrained(path: str, dtype: str = "float32") -> PretrainedPreFLMR:
-  """Reads a PreFLMR folder (DESIGN.md section 3). `dtype` is the parameter and compute dtype.
+def load_pretrained(path: storage.PathLike, dtype: str = "float32") -> PretrainedPreFLMR:
+  """Reads a PreFLMR folder (DESIGN.md section 3), local or gs://. `dtype` is the parameter and
+  compute dtype.
 
   A missing key, an unexpected key or a shape mismatch raises `conversion.ConversionError` naming
   the key.
   """
-  if not os.path.isdir(path):
+  path = storage.path(path, "PreFLMR folder")
+  if not path.is_dir():
     raise FileNotFoundError(f"{path}: not a folder (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  config_path = path / CONFIG_FILE
+  if not config_path.is_file():
     raise FileNotFoundError(f"{path}: no {CONFIG_FILE}")
-  with open(config_path) as f:
-    hf = json.load(f)
+  hf = json.loads(config_path.read_text())
   tokenizers = {}
   for side, name in TOKENIZER_DIRS.items():
-    folder = os.path.join(path, name)
-    tokenizers[side] = tokenization.load_bert_tokenizer(folder) if os.path.isdir(folder) else None
+    folder = path / name
+    tokenizers[side] = tokenization.load_bert_tokenizer(folder) if folder.is_dir() else None
   config = model_config_from_hf(hf, path, tokenizers["query"], tokenizers["document"])
   config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
   expected = _flat_shapes(abstract_params(config))

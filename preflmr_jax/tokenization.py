@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from preflmr_jax import storage
+
 if TYPE_CHECKING:
   import transformers
 
@@ -57,27 +59,30 @@ _TOKENIZER_FILE = "tokenizer.json"
 # ---------------------------------------------------------------------------
 
 
-def load_bert_tokenizer(path: str) -> "transformers.BertTokenizerFast":
-  """Loads an uncased BERT WordPiece tokenizer from a local folder (never the hub).
+def load_bert_tokenizer(path) -> "transformers.BertTokenizerFast":
+  """Loads an uncased BERT WordPiece tokenizer from a folder (never the hub).
 
   Args:
-    path: a folder holding `vocab.txt` and/or `tokenizer.json` (HF layout).
+    path: a folder holding `vocab.txt` and/or `tokenizer.json` (HF layout), local or gs:// (then
+      copied to a temporary local folder: transformers reads local files only).
 
   Returns:
     A fast tokenizer that lower-cases and strips accents like bert-base-uncased.
   """
-  path = os.fspath(path)
-  if not os.path.isdir(path):
+  folder = storage.path(path, "tokenizer folder")
+  path = os.fspath(folder)
+  if not folder.is_dir():
     raise FileNotFoundError(f"Tokenizer folder {path!r} does not exist.")
-  if not any(os.path.isfile(os.path.join(path, f)) for f in (_VOCAB_FILE, _TOKENIZER_FILE)):
+  if not any((folder / f).is_file() for f in (_VOCAB_FILE, _TOKENIZER_FILE)):
     # `from_pretrained` happily returns an empty-vocab tokenizer for such a folder.
     raise FileNotFoundError(
         f"Tokenizer folder {path!r} has neither {_VOCAB_FILE} nor {_TOKENIZER_FILE}.")
   import transformers  # Lazy: the jnp masks below must import without it.
   # `BertTokenizerFast(vocab_file=...)` gives an all-[UNK] tokenizer in transformers 5.x;
   # `from_pretrained(dir)` reads vocab.txt / tokenizer.json correctly.
-  tok = transformers.BertTokenizerFast.from_pretrained(
-      path, local_files_only=True, do_lower_case=True)
+  with storage.local_copy(folder) as local:
+    tok = transformers.BertTokenizerFast.from_pretrained(
+        local, local_files_only=True, do_lower_case=True)
   if tok.vocab_size == 0 or tok.mask_token_id is None or tok.pad_token_id is None:
     raise ValueError(f"Tokenizer in {path!r} has no usable BERT vocabulary.")
   return tok

@@ -3,7 +3,8 @@
   python -m preflmr_jax.main --config configs/tiny.py --workdir /tmp/preflmr_tiny
 
 `train_and_evaluate(config, workdir)` resumes from `workdir/checkpoints` when it holds a checkpoint.
-Outputs: TensorBoard events and `metrics.jsonl` (one JSON object per logged step) in `workdir`.
+Outputs: TensorBoard events and `metrics.jsonl` (one JSON object per logged step) in `workdir`, a
+local folder or a gs:// URL (layout: workdir.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -24,12 +24,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from preflmr_jax import checkpointing, data, losses, optimizer, pretrained, sharding, tokenization
+from preflmr_jax import (checkpointing, data, losses, optimizer, pretrained, sharding, storage,
+                         tensorboard_events, tokenization)
+from preflmr_jax import workdir as layout
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
-
-
-RUN_INFO = "run.json"  # in the workdir: run_info()
 
 
 @flax.struct.dataclass
@@ -229,28 +228,40 @@ def make_evaluator(config, setup: StepSetup, mesh, params, tokenizer):
 
 
 class MetricsLog:
-  """metrics.jsonl (one object per logged step) + clu writers (TensorBoard + logging) on process 0."""
+  """metrics.jsonl (one object per logged step; layout.MetricsFile) and TensorBoard scalars on
+  process 0, both through `storage` (local or gs://); clu's logging writer on every process."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir, resume_step: int):
     from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
     self._main = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self._main)
-    self._path = os.path.join(workdir, "metrics.jsonl")
+    writers = [metric_writers.LoggingWriter()]
+    if self._main:
+      writers.append(tensorboard_events.EventWriter(layout.tensorboard_dir(workdir)))
+    self.writer = metric_writers.AsyncMultiWriter(writers)
+    self._file = layout.MetricsFile(workdir, resume_step) if self._main else None
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     self.writer.write_scalars(step, scalars)
-    if self._main:
-      with open(self._path, "a") as f:
-        f.write(json.dumps({"step": step, **scalars}) + "\n")
+    if self._file:
+      self._file.write(step, scalars)
+
+  def flush(self) -> None:
+    """On object storage the logs are rewritten whole, every few seconds: also with checkpoints."""
+    self.writer.flush()
+    if self._file:
+      self._file.flush()
 
   def close(self) -> None:
     self.writer.flush()
     self.writer.close()
+    if self._file:
+      self._file.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics."""
   # ---------------------------------------------------------------------------------- setup
+  workdir = storage.path(workdir, "--workdir")
   validate(config)
   mesh = sharding.make_mesh(config.mesh)
   setup = setup_train_step(config, mesh)
@@ -259,13 +270,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
   tokenization.check_mask_ids(tokenizer, model_config.instruction_token_id,
                               model_config.skip_token_ids)
-  os.makedirs(workdir, exist_ok=True)
+  storage.ensure_dir(workdir, "--workdir")
 
   # ---------------------------------------------------------------- data and checkpoints
   train_iter = data.make_train_iterator(config, model_config, tokenizer,
                                         process_index=jax.process_index(),
                                         process_count=jax.process_count())
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpointing.Checkpointer(layout.checkpoints_dir(workdir),
                                     max_to_keep=config.keep_checkpoints,
                                     save_interval_steps=config.checkpoint_every_steps)
   preemption = checkpointing.PreemptionWatcher()
@@ -274,9 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     info = run_info(config, setup)
     logging.info("run: %s", info)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, RUN_INFO), "w") as f:
-        json.dump(info, f, indent=2)
-    start = ckpt.latest_step()
+      with storage.errors("--workdir", workdir):
+        storage.write_text(layout.run_info_path(workdir), json.dumps(info, indent=2))
+    with storage.errors("--workdir", workdir):
+      start = ckpt.latest_step()
     if start is None:  # created sharded: nothing is materialised on one host
       state = jax.jit(setup.init_state, static_argnums=0,
                       out_shardings=state_shardings)(config.seed)
@@ -285,8 +297,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = state.replace(params=loaded)
       start = 0
     else:
-      params, opt_state, meta = ckpt.restore(start, setup.abstract_state.params,
-                                             setup.abstract_state.opt_state)
+      with storage.errors("--workdir", workdir):
+        params, opt_state, meta = ckpt.restore(start, setup.abstract_state.params,
+                                               setup.abstract_state.opt_state)
       put = lambda x: jax.device_put(x, replicated)
       if np.shape(meta["rng"]) != setup.abstract_state.rng.shape:
         raise ValueError(f"{workdir}: checkpoint {start}'s dropout key has shape "
@@ -300,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("resumed from %s at step %d", workdir, start)
     evaluator = (make_evaluator(config, setup, mesh, state.params, tokenizer)
                  if config.eval_every_steps else None)
-    log = MetricsLog(workdir)
+    log = MetricsLog(workdir, start)
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
     report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                              writer=log.writer, every_steps=config.log_every_steps)
@@ -350,6 +363,7 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, 
       ckpt.save(step, state.params, state.opt_state,
                 {"step": step, "rng": np.asarray(state.rng).tolist(),
                  "data": train_iter.get_state()}, force=is_last or stop)
+      log.flush()  # the log never lags behind a checkpoint (object storage: see MetricsLog)
     if stop:
       logging.warning("preemption signal: saved step %d, stopping", step)
       break
@@ -374,9 +388,13 @@ def _initial_params(config, abstract_params):
   if config.init_from and config.init_params_from:
     raise ValueError("set at most one of config.init_from and config.init_params_from")
   if config.init_from:
-    loaded = pretrained.load_pretrained(config.init_from).params
+    folder = storage.path(config.init_from, "config.init_from")
+    with storage.errors("config.init_from", folder):
+      loaded = pretrained.load_pretrained(folder).params
   elif config.init_params_from:
-    loaded = checkpointing.restore_params(config.init_params_from, abstract_params)
+    folder = storage.path(config.init_params_from, "config.init_params_from")
+    with storage.errors("config.init_params_from", folder):
+      loaded = checkpointing.restore_params(folder, abstract_params)
   else:
     return None
   want = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), abstract_params)
@@ -387,5 +405,5 @@ def _initial_params(config, abstract_params):
   return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), loaded, abstract_params)
 
 
-__all__ = ["RUN_INFO", "StepSetup", "TrainState", "make_train_step", "run_info", "setup_train_step",
+__all__ = ["StepSetup", "TrainState", "make_train_step", "run_info", "setup_train_step",
            "train_and_evaluate", "validate"]

@@ -6,7 +6,7 @@
     url = f"gs://{gcs.bucket}/run"   # a fresh empty bucket per test
     gcs.names("run/")                # object names, read through google-cloud-storage
 
-The server runs once per session in a subprocess (in memory); the fixture sets
+The server runs once per session in a subprocess (in memory, see _SERVE); the fixture sets
 STORAGE_EMULATOR_HOST for the test (and the subprocesses it starts) and removes it after.
 """
 
@@ -24,6 +24,30 @@ import pytest
 from preflmr_jax import storage
 
 
+# gcp-storage-emulator leaves the x-goog-generation header out of object downloads; real GCS sends
+# it and tensorstore (Orbax's array writer) requires it: reading back an OCDBT manifest (a save of
+# many arrays) fails with "Malformed StorageGeneration". The server runs with the header added.
+_SERVE = """
+import sys
+from gcp_storage_emulator.handlers import objects
+
+_download = objects.download
+
+def download(request, response, storage, *args, **kwargs):
+    _download(request, response, storage, *args, **kwargs)
+    try:
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except Exception:  # not found: the response says so already
+        return
+    response["x-goog-generation"] = str(obj["generation"])
+    response["x-goog-metageneration"] = str(obj["metageneration"])
+
+objects.download = download  # before the server module binds its routes
+from gcp_storage_emulator.server import create_server
+create_server("127.0.0.1", int(sys.argv[1]), in_memory=True).run()
+"""
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -34,9 +58,8 @@ def _free_port() -> int:
 def gcs_server():
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}",
-       "--in-memory", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(port)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 60
   while True:
     try:

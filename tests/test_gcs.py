@@ -1,6 +1,7 @@
 """gs:// end to end against a real GCS emulator (tests/gcs.py): checkpoints (an interrupted save is
-never restored), the trainer into gs://BUCKET/run, a resume from it and the eval binary into
-gs://BUCKET/run/eval, and bad gs:// input as one-line errors naming the path."""
+never restored), TFDS data read from a bucket, the trainer into gs://BUCKET/run, a resume from it
+and the eval binary into gs://BUCKET/run/eval, and bad gs:// input as one-line errors naming the
+path."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gcs import gcs, gcs_server  # noqa: F401  (fixtures)
 from preflmr_jax import checkpointing, storage, workdir
+from preflmr_jax.data import m2kr
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,3 +60,92 @@ def test_checkpoints_on_gs_and_an_interrupted_save_is_never_restored(gcs, tmp_pa
     assert ckpt.latest_step() == 2
   jax.tree.map(np.testing.assert_array_equal, checkpointing.restore_params(run, abstract), trees[2])
   assert os.listdir(tmp_path) == []  # no local "gs:" folder
+
+
+def _sample_data_dir():
+  """The SAMPLE task's TFDS build (tests/conftest.py's cache)."""
+  from preflmr_jax import config_files  # pylint: disable=g-import-not-at-top
+  from preflmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.resolve_data_dir(config_files.load_config("configs/tiny.py", {}))
+
+
+def test_tfds_data_dir_on_gs_is_read_like_the_local_one(gcs):
+  """TFDS metadata through epath, the array_record files through array_record's own GCS reader."""
+  local = _sample_data_dir()
+  remote = storage.path(f"gs://{gcs.bucket}/tfds", "data_dir")
+  storage.upload_dir(local, remote)
+  for load in (m2kr.load_queries, m2kr.load_passages):
+    want, got = load(local, "SAMPLE", "test"), load(os.fspath(remote), "SAMPLE", "test")
+    assert len(got) == len(want) and got.path.startswith("gs://")
+    assert got.__getitems__([0, 5, len(got) - 1]) == want.__getitems__([0, 5, len(want) - 1])
+  with pytest.raises(m2kr.NotBuiltError, match="OKVQA queries are not built"):
+    m2kr.load_queries(os.fspath(remote), "OKVQA", "test")
+
+
+def _run(module, *args, env, cwd):
+  return subprocess.run([sys.executable, "-m", module, f"--config={ROOT}/configs/tiny.py", *args],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _env(one_device_env, gcs):
+  return dict(one_device_env, STORAGE_EMULATOR_HOST=gcs.url, PYTHONPATH=str(ROOT))
+
+
+def test_train_resume_and_evaluate_in_a_bucket(gcs, one_device_env, tmp_path):
+  """The pod path: workdir, eval output and embedding cache on gs:// (the data stays local here:
+  reading TFDS through the emulator is slow, and tested above)."""
+  env, run = _env(one_device_env, gcs), f"gs://{gcs.bucket}/run"
+  train_args = [f"--workdir={run}", "--config.log_every_steps=2", "--config.checkpoint_every_steps=2",
+                "--config.optimizer.warmup_steps=0"]
+  first = _run("preflmr_jax.main", *train_args, "--config.num_train_steps=2", env=env, cwd=tmp_path)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "run/checkpoints/2/commit_success.txt" in gcs.names("run/")
+  second = _run("preflmr_jax.main", *train_args, "--config.num_train_steps=4", env=env, cwd=tmp_path)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert f"resumed from {run} at step 2" in second.stderr
+
+  names = gcs.names("run/")
+  for step in (2, 4):
+    assert f"run/checkpoints/{step}/{checkpointing.COMMIT_FILE}" in names
+    assert any(n.startswith(f"run/checkpoints/{step}/params/") for n in names)
+  assert [json.loads(line)["step"] for line in gcs.read("run/metrics.jsonl").splitlines()] == [2, 4]
+  assert len([n for n in names if "/events.out.tfevents." in n]) == 2  # one per run start
+  info = json.loads(gcs.read("run/run.json"))
+  assert info["train_flops_per_step"] > 0 and info["devices"] == 1
+
+  out = _run("preflmr_jax.evaluate", f"--checkpoint={run}", f"--output={run}/eval",
+             "--tasks=SAMPLE", "--split=test", "--ks=1,5", "--batch_size=16",
+             f"--embedding_cache=gs://{gcs.bucket}/cache", env=env, cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads(gcs.read("run/eval/results.json"))["SAMPLE"]
+  assert results["step"] == 4 and results["num_queries"] > 0 and 0 <= results["Recall@1"] <= 1
+  assert results["train_flops"] == pytest.approx(4 * info["train_flops_per_step"])
+  rankings = gcs.read("run/eval/SAMPLE_rankings.jsonl").decode().splitlines()
+  assert len(rankings) == results["num_queries"]
+  assert b"| SAMPLE |" in gcs.read("run/eval/results.md")
+  assert len(gcs.names("cache/")) == 1
+  for folder in (tmp_path, ROOT):
+    assert not (folder / "gs:").exists()
+  assert os.listdir(tmp_path) == []
+
+
+def _last_line(completed) -> str:
+  return completed.stderr.strip().splitlines()[-1]
+
+
+def test_bad_gs_input_is_a_one_line_error_naming_the_path(gcs, one_device_env, tmp_path):
+  env = _env(one_device_env, gcs)
+  absent = f"gs://{gcs.bucket}-absent/run"
+  cases = [
+      (("preflmr_jax.main", f"--workdir={absent}"),
+       f"FileNotFoundError: --workdir={absent}: bucket gs://{gcs.bucket}-absent does not exist"),
+      (("preflmr_jax.evaluate", f"--checkpoint=gs://{gcs.bucket}/nothing",
+        f"--output=gs://{gcs.bucket}/out"),
+       f"FileNotFoundError: --checkpoint=gs://{gcs.bucket}/nothing: no such folder"),
+      (("preflmr_jax.main", "--workdir=gs://"),
+       "ValueError: --workdir=gs://: a gs:// URL needs a bucket (gs://BUCKET/...)"),
+  ]
+  for (module, *args), message in cases:
+    completed = _run(module, *args, env=env, cwd=tmp_path)
+    assert completed.returncode != 0 and _last_line(completed) == message, completed.stderr[-2000:]
+  assert gcs.names() == [] and os.listdir(tmp_path) == []  # nothing written, no local "gs:"

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -61,7 +62,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
+
+from preflmr_jax import storage
 
 _log = logging.getLogger(__name__)
 
@@ -739,15 +743,13 @@ def dataset_dir(data_dir: PathLike, task: str, kind: str) -> str:
 
 def _read_metadata(path: str) -> dict:
   try:
-    with open(os.path.join(path, "metadata.json")) as f:
-      return json.load(f)
+    return json.loads((epath.Path(path) / "metadata.json").read_text())
   except (OSError, ValueError):
     return {}
 
 
 def _built_counts(path: str) -> dict[str, int]:
-  with open(os.path.join(path, "dataset_info.json")) as f:
-    info = json.load(f)
+  info = json.loads((epath.Path(path) / "dataset_info.json").read_text())
   return {s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in info.get("splits", [])}
 
 
@@ -756,7 +758,7 @@ def _build_one(kind: str, task: str, plan: dict[str, list[str]], data_dir: PathL
                **builder_kwargs) -> dict[str, int]:
   """Builds (or reuses) one task's queries or passages; returns {split: count}."""
   path = dataset_dir(data_dir, task, kind)
-  if os.path.exists(os.path.join(path, "dataset_info.json")) and not overwrite:
+  if (epath.Path(path) / "dataset_info.json").exists() and not overwrite:
     built = _read_metadata(path).get("source_fingerprint")
     if built == fingerprint or not rebuild_changed:
       if built != fingerprint:
@@ -774,8 +776,26 @@ def _build_one(kind: str, task: str, plan: dict[str, list[str]], data_dir: PathL
     overwrite = True
   plan = dict(plan)
   attempt = BuildReport()
+  # Object storage has no rename (TFDS writes aside, then renames): build locally, then upload.
+  with (tempfile.TemporaryDirectory(prefix="m2kr_build_") if storage.is_remote(data_dir)
+        else contextlib.nullcontext(os.fspath(data_dir))) as build_dir:
+    counts = _build_into(build_dir, kind, task, plan, fingerprint, overwrite, attempt, report,
+                         path, **builder_kwargs)
+    if counts and build_dir != os.fspath(data_dir):
+      if epath.Path(path).exists():
+        epath.Path(path).rmtree()  # an overwritten build is deleted first
+      # dataset_info.json last: readers take a folder without it for not built.
+      storage.upload_dir(dataset_dir(build_dir, task, kind), epath.Path(path),
+                         last=("dataset_info.json",))
+  return counts
+
+
+def _build_into(build_dir: str, kind: str, task: str, plan: dict[str, list[str]],
+                fingerprint: str, overwrite: bool, attempt: BuildReport, report: BuildReport,
+                path: str, **builder_kwargs) -> dict[str, int]:
+  """Runs the TFDS build in the local `build_dir`, dropping splits that turn out empty."""
   while plan:
-    builder = _BUILDERS[kind](config=task, data_dir=os.fspath(data_dir),
+    builder = _BUILDERS[kind](config=task, data_dir=build_dir,
                               file_format="array_record", plan=plan, fingerprint=fingerprint,
                               **builder_kwargs)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
@@ -907,9 +927,9 @@ class Records(Sequence):
 
 def _load(data_dir: PathLike, task: str, kind: str, split: str) -> tfds.core.DatasetBuilder:
   task = canonical_task(task)
-  path = dataset_dir(data_dir, task, kind)
+  path = dataset_dir(storage.path(data_dir, "data_dir"), task, kind)
   hint = _PREPARE_HINT.format(task=task, data_dir=os.fspath(data_dir))
-  if not os.path.exists(os.path.join(path, "dataset_info.json")):
+  if not (epath.Path(path) / "dataset_info.json").exists():
     raise NotBuiltError(f"M2KR {task} {kind} are not built in data_dir={os.fspath(data_dir)!r} "
                         f"(no {path}): {hint}")
   builder = tfds.builder_from_directory(path)

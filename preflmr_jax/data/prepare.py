@@ -13,7 +13,9 @@ Re-running is safe: a task already built is kept as it is (TFDS does not rewrite
 version), and a note says when its source files (name, size, mtime) or options changed since.
 `--overwrite` rebuilds the tasks given; `--rebuild_changed` rebuilds only the changed ones.
 A build is written aside and renamed when complete, so an interrupted run leaves no partial
-dataset (an overwritten one is deleted first).
+dataset (an overwritten one is deleted first). `--data_dir` may be a gs:// URL: each dataset is
+built locally, then uploaded with its `dataset_info.json` last (what readers look for). `--source`
+and `--image_root` are local folders.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import sys
 from typing import Optional, Sequence, TextIO
 
+from preflmr_jax import storage
 from preflmr_jax.data import m2kr
 
 PUBLISHED_TASKS = tuple(t for t in m2kr.TASKS if t != "SAMPLE")
@@ -53,6 +56,16 @@ def run(source: str, image_root: Optional[str], tasks: Sequence[str], data_dir: 
         max_listed: int = 20) -> int:
   """The command: builds, prints the summary, writes the report; returns the exit code."""
   out = out or sys.stdout
+  try:
+    data_dir = storage.path(data_dir, "--data_dir")
+  except ValueError as e:
+    print(f"error: {e}", file=out)
+    return 2
+  for flag, folder in (("--source", source), ("--image_root", image_root)):
+    if folder is not None and storage.is_remote(folder):
+      print(f"error: {flag} {folder!r}: must be a local folder (copy it, or mount the bucket "
+            "with gcsfuse)", file=out)
+      return 2
   if not os.path.isdir(source):
     print(f"error: --source {source!r} is not a folder", file=out)
     return 2
@@ -67,6 +80,11 @@ def run(source: str, image_root: Optional[str], tasks: Sequence[str], data_dir: 
     return 2
   if image_root is None:
     print("warning: no --image_root: queries with an img_path will be skipped", file=out)
+  try:
+    storage.ensure_dir(data_dir, "--data_dir")
+  except OSError as e:
+    print(f"error: {e}", file=out)
+    return 2
   report = m2kr.build(source, image_root, names, data_dir, overwrite=overwrite,
                       rebuild_changed=rebuild_changed, max_image_side=max_image_side,
                       num_workers=num_workers)
@@ -83,14 +101,11 @@ def run(source: str, image_root: Optional[str], tasks: Sequence[str], data_dir: 
   _print_issues("skipped records", report.skipped, out, max_listed)
   _print_issues("converted records", report.converted, out, max_listed)
 
-  os.makedirs(data_dir, exist_ok=True)
-  path = os.path.join(data_dir, m2kr.REPORT_FILE)
+  path = data_dir / m2kr.REPORT_FILE
   payload = {"source": os.path.abspath(source),
              "image_root": None if image_root is None else os.path.abspath(image_root),
              "tasks": names, **report.to_json()}
-  with open(path + ".tmp", "w") as f:
-    json.dump(payload, f, indent=1)
-  os.replace(path + ".tmp", path)
+  storage.write_text(path, json.dumps(payload, indent=1))
   print(f"report: {path}", file=out)
   if not report.usable:
     print("error: no usable query split (see the notes above)", file=out)

@@ -7,21 +7,25 @@ Reads every `DIR/<point>/eval/results.json` (or the --results files), fits `y = 
 squares in log-log space per task, with y the headline metric (or `1 - metric` for --target=error)
 and x the parameter count or the training FLOPs, and writes `scaling_law.png`, `scaling_law.md` and
 `scaling_law.json` to --out (default: the sweep dir). Prints the markdown, then one JSON object (the
-fits) as the last line of stdout.
+fits) as the last line of stdout. Folders and files may be local or gs:// URLs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import pathlib
+import os
 from typing import Sequence
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 
-PATTERN = "*/eval/results.json"
+from preflmr_jax import storage, workdir
+
+PATTERN = f"*/{workdir.EVAL}/{workdir.RESULTS}"  # <sweep dir>/<point workdir>/eval/results.json
 X_AXES = {"params": "parameters", "train_flops": "training compute (FLOPs)"}
 TARGETS = ("metric", "error")
 
@@ -69,9 +73,9 @@ class TaskFit:
   dropped: list[str]  # "point: why", points left out of this fit
 
 
-def find_results(sweep_dir: str) -> list[pathlib.Path]:
+def find_results(sweep_dir: str) -> list[epath.Path]:
   """The sweep's results files, sorted; FileNotFoundError when there are none."""
-  root = pathlib.Path(sweep_dir)
+  root = storage.path(sweep_dir, "--sweep_dir")
   if not root.is_dir():
     raise FileNotFoundError(f"sweep dir {root} does not exist or is not a directory")
   paths = sorted(root.glob(PATTERN))
@@ -89,16 +93,16 @@ def _number(path, task, key, value, optional=False) -> float | None:
   return float(value)
 
 
-def load_results(paths: Sequence[str | pathlib.Path]) -> list[Point]:
+def load_results(paths: Sequence[str | os.PathLike]) -> list[Point]:
   """One Point per (results file, task); errors name the file and the problem."""
   if not paths:
     raise FileNotFoundError("no results files given")
   points, seen = [], {}
-  for path in map(pathlib.Path, paths):
+  for path in (storage.path(p, "--results") for p in paths):
     if not path.is_file():
       raise FileNotFoundError(f"{path}: results file not found")
     # The sweep layout is <point>/eval/results.json; a bare results.json is named by its folder.
-    name = path.parent.parent.name if path.parent.name == "eval" else path.parent.name
+    name = path.parent.parent.name if path.parent.name == workdir.EVAL else path.parent.name
     if name in seen:
       raise ValueError(f"{path}: point name {name!r} is also that of {seen[name]}")
     seen[name] = path
@@ -185,7 +189,7 @@ def fit_sweep(points: Sequence[Point], target: str = "metric") -> list[TaskFit]:
   return fits
 
 
-def plot(fits: Sequence[TaskFit], path: str | pathlib.Path) -> None:
+def plot(fits: Sequence[TaskFit], path: str | os.PathLike) -> None:
   """Log-log plot: one subplot per x axis, per task its points and fitted line."""
   # Lazy: the module (and its tests of the fits) need no matplotlib. Agg via its own canvas,
   # so no global pyplot state or display is touched.
@@ -214,7 +218,9 @@ def plot(fits: Sequence[TaskFit], path: str | pathlib.Path) -> None:
     ax.set_ylabel("headline metric" if series[0].target == "metric" else "1 - headline metric")
     ax.set_title(f"vs {label}")
     ax.legend(fontsize="small")
-  fig.savefig(path, dpi=120)
+  image = io.BytesIO()
+  fig.savefig(image, format="png", dpi=120)
+  storage.write_bytes(path, image.getvalue())
 
 
 def markdown(points: Sequence[Point], fits: Sequence[TaskFit]) -> str:
@@ -262,17 +268,17 @@ def main(argv):
     raise app.UsageError("give exactly one of --sweep_dir or --results")
   if not (FLAGS.out or FLAGS.sweep_dir):
     raise app.UsageError("--out is required with --results")
-  out = pathlib.Path(FLAGS.out or FLAGS.sweep_dir)
   try:
+    out = storage.path(FLAGS.out or FLAGS.sweep_dir, "--out")
     paths = find_results(FLAGS.sweep_dir) if FLAGS.sweep_dir else FLAGS.results
     points = load_results(paths)
     fits = fit_sweep(points, FLAGS.target)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
-  out.mkdir(parents=True, exist_ok=True)
+  storage.ensure_dir(out, "--out")
   text = markdown(points, fits)
-  (out / "scaling_law.md").write_text(text)
-  (out / "scaling_law.json").write_text(json.dumps(summary(fits), indent=1) + "\n")
+  storage.write_text(out / "scaling_law.md", text)
+  storage.write_text(out / "scaling_law.json", json.dumps(summary(fits), indent=1) + "\n")
   plot(fits, out / "scaling_law.png")
   print(text)
   print(json.dumps(summary(fits)))
