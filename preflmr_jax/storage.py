@@ -87,7 +87,7 @@ def path(p: PathLike, what: str) -> epath.Path:
       raise ValueError(f"{what}={text}: a gs:// URL needs a bucket (gs://BUCKET/...)")
     if not _BUCKET.fullmatch(bucket):
       raise ValueError(f"{what}={text}: {bucket!r} is not a valid bucket name")
-  elif re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", text):
+  elif re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
     raise ValueError(f"{what}={text}: only local paths and gs:// URLs are supported")
   else:
     text = os.path.expanduser(text)
@@ -95,6 +95,7 @@ def path(p: PathLike, what: str) -> epath.Path:
 
 
 def bucket_of(p: PathLike) -> Optional[str]:
+  """The bucket of a gs:// path; None for a local one."""
   return os.fspath(p)[len("gs://"):].split("/", 1)[0] if is_remote(p) else None
 
 
@@ -124,13 +125,14 @@ def _raised_by_us(e: BaseException) -> bool:
   return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("preflmr_jax")
 
 
-def endpoint() -> str:
+def _endpoint() -> str:
   return os.environ.get(EMULATOR_VAR) or "https://storage.googleapis.com"
 
 
 def describe(e: BaseException, what: str, p: PathLike) -> Optional[OSError]:
-  """A one-line error naming `what`=`p` for a storage failure `e`; None if `e` is not one."""
-  kind = _kind(e)
+  """A one-line error naming `what`=`p` for a failure `e` of object storage; None if `e` is not
+  one (local OSErrors name their file already)."""
+  kind = _kind(e) if is_remote(p) else None
   if kind is None:
     return None
   detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -141,7 +143,7 @@ def describe(e: BaseException, what: str, p: PathLike) -> Optional[OSError]:
     hint = ("" if os.environ.get(EMULATOR_VAR) else "; outside an emulator, give this machine "
             "credentials (`gcloud auth application-default login` or a service account)")
     return PermissionError(f"{where}: access denied or no credentials ({detail}){hint}")
-  return ConnectionError(f"{where}: cannot reach the storage endpoint {endpoint()} ({detail})")
+  return ConnectionError(f"{where}: cannot reach the storage endpoint {_endpoint()} ({detail})")
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ never restored), TFDS data read from a bucket, the trainer into gs://BUCKET/run,
 and the eval binary into gs://BUCKET/run/eval, and bad gs:// input as one-line errors naming the
 path."""
 
+import io
 import json
 import os
 import pathlib
@@ -80,6 +81,66 @@ def test_tfds_data_dir_on_gs_is_read_like_the_local_one(gcs):
     assert got.__getitems__([0, 5, len(got) - 1]) == want.__getitems__([0, 5, len(want) - 1])
   with pytest.raises(m2kr.NotBuiltError, match="OKVQA queries are not built"):
     m2kr.load_queries(os.fspath(remote), "OKVQA", "test")
+
+
+def test_prepare_writes_its_build_and_report_into_a_bucket(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  from preflmr_jax.data import prepare, sample  # pylint: disable=g-import-not-at-top
+  source = os.path.join(os.path.dirname(_sample_data_dir()), "source")
+  data_dir = f"gs://{gcs.bucket}/m2kr"
+  out = io.StringIO()
+  assert prepare.run(source, os.path.join(source, sample.IMAGES), ["SAMPLE"], data_dir,
+                     out=out) == 0, out.getvalue()
+  names = gcs.names("m2kr/")
+  assert f"m2kr/{m2kr.REPORT_FILE}" in names
+  for kind in ("queries", "passages"):
+    assert f"m2kr/m2kr_{kind}/SAMPLE/{m2kr.VERSION}/dataset_info.json" in names
+  assert json.loads(gcs.read(f"m2kr/{m2kr.REPORT_FILE}"))["usable"]
+  assert len(m2kr.load_queries(data_dir, "SAMPLE", "test")) == len(
+      m2kr.load_queries(_sample_data_dir(), "SAMPLE", "test"))
+  out = io.StringIO()
+  assert prepare.run(source, os.path.join(source, sample.IMAGES), ["SAMPLE"], data_dir, out=out) == 0
+  assert "reused" in out.getvalue()
+  out = io.StringIO()
+  assert prepare.run(f"gs://{gcs.bucket}/src", None, ["SAMPLE"], data_dir, out=out) == 2
+  assert "--source 'gs://" in out.getvalue() and "must be a local folder" in out.getvalue()
+  assert os.listdir(tmp_path) == []
+
+
+def test_published_folder_index_and_scaling_law_in_a_bucket(gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  import preflmr_jax  # pylint: disable=g-import-not-at-top
+  from preflmr_jax import config_files, index as plaid, tokenization  # pylint: disable=g-import-not-at-top
+  from preflmr_jax.models import model_config as mc, preflmr  # pylint: disable=g-import-not-at-top
+  from preflmr_jax.tools import scaling_law  # pylint: disable=g-import-not-at-top
+  bucket = f"gs://{gcs.bucket}"
+  # A published folder (weights, config, tokenizers) saved to and loaded from the bucket.
+  config = mc.PreFLMRConfig.from_dict(config_files.load_config("configs/tiny.py", {}).model)
+  params = preflmr.init_params(config, jax.random.key(0))
+  tok = tokenization.tiny_tokenizer()
+  preflmr_jax.PretrainedPreFLMR(config, params, query_tokenizer=tok,
+                                document_tokenizer=tok).save_pretrained(f"{bucket}/pub")
+  assert "pub/config.json" in gcs.names("pub/") and "pub/model.safetensors" in gcs.names("pub/")
+  loaded = preflmr_jax.load_pretrained(f"{bucket}/pub")
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, jax.device_get(params))
+  assert loaded.query_tokenizer.get_vocab() == tok.get_vocab()
+  with pytest.raises(FileExistsError, match="not empty"):
+    preflmr_jax.PretrainedPreFLMR(config, params).save_pretrained(f"{bucket}/pub")
+  # The PLAID index.
+  docs = np.random.default_rng(0).standard_normal((16, 4, 8)).astype(np.float32)
+  built = plaid.build([(docs, np.ones((16, 4), bool))], 4, 2)
+  plaid.save(built, f"{bucket}/corpus.plaid.npz")
+  np.testing.assert_array_equal(plaid.load(f"{bucket}/corpus.plaid.npz").codes, built.codes)
+  # Scaling-law inputs (a sweep of workdirs) and outputs.
+  for i, n in enumerate((1e4, 1e5, 1e6)):
+    storage.write_text(workdir.results_path(workdir.eval_dir(f"{bucket}/sweep/p{i}")), json.dumps(
+        {"SAMPLE": {"Recall@5": 0.01 * n**0.25, "headline": "Recall@5", "params": n}}))
+  points = scaling_law.load_results(scaling_law.find_results(f"{bucket}/sweep"))
+  assert [p.name for p in points] == ["p0", "p1", "p2"]
+  fits = scaling_law.fit_sweep(points, "metric")
+  scaling_law.plot(fits, f"{bucket}/sweep/scaling_law.png")
+  assert gcs.read("sweep/scaling_law.png").startswith(b"\x89PNG")
+  assert os.listdir(tmp_path) == []
 
 
 def _run(module, *args, env, cwd):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from launch import shell
+from preflmr_jax import workdir as layout
 
 SMOKE = "configs/scaling.py:smoke"
 
@@ -61,11 +62,12 @@ def _run_one_process(argv, tmp_path, tag):
 
 
 def _metrics(workdir):
-  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return layout.read_metrics(workdir)
 
 
 def _rankings(folder):
-  return [json.loads(line) for line in (folder / "SAMPLE_rankings.jsonl").read_text().splitlines()]
+  text = layout.rankings_path(folder, "SAMPLE").read_text()
+  return [json.loads(line) for line in text.splitlines()]
 
 
 @pytest.mark.slow

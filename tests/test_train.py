@@ -2,7 +2,6 @@
 learns the sample task, bad configs fail before compiling, non-finite steps never reach a
 checkpoint, SIGTERM saves and stops."""
 
-import json
 import os
 import pathlib
 import signal
@@ -16,6 +15,7 @@ import pytest
 
 import preflmr_jax
 from preflmr_jax import checkpointing, config_files, data, sharding, tokenization, train
+from preflmr_jax import workdir as layout
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -79,8 +79,7 @@ def test_dropout_prng_impl_rbg_trains_keeps_the_init_and_must_resume_with_rbg(tm
 
 
 def _read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  return layout.read_metrics(workdir)
 
 
 def _final_params(workdir, config, step=None):
