@@ -10,7 +10,6 @@ via `config.init_from`.
 from __future__ import annotations
 
 import json
-import os
 
 import flax.linen as nn
 import jax
@@ -20,7 +19,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from preflmr_jax import image_processing, late_interaction, pretrained, sharding, tokenization
+from preflmr_jax import (image_processing, late_interaction, pretrained, sharding, storage,
+                         tokenization)
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -104,10 +104,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> np.nda
   for i, (_, question, _) in enumerate(SAMPLE_QUERIES):
     print(f"{i:>2d} {question[:30]:<30s}" + "".join(f"{s:9.3f}" for s in scores[i]))
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "scores.json"), "w") as f:
-      json.dump({"queries": [q for _, q, _ in SAMPLE_QUERIES], "passages": list(SAMPLE_PASSAGES),
-                 "scores": scores.tolist()}, f, indent=2)
+    folder = storage.path(workdir, "--workdir")
+    storage.ensure_dir(folder, "--workdir")
+    storage.write_text(folder / "scores.json", json.dumps(
+        {"queries": [q for _, q, _ in SAMPLE_QUERIES], "passages": list(SAMPLE_PASSAGES),
+         "scores": scores.tolist()}, indent=2))
   return scores
 
 

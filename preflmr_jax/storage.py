@@ -1,6 +1,6 @@
 """The one place that knows about object storage: every user path is a local path or a gs:// URL.
 
-  folder = storage.path(flag_value, "--output")     # an epath.Path; "gs://" without a bucket refused
+  folder = storage.path(flag_value, "--output")     # an epath.Path; "gs://" (no bucket) refused
   storage.ensure_dir(folder, "--output")            # local: mkdir -p; gs://: the bucket must exist
   storage.write_text(folder / "results.json", text) # never half-written under its name
   with storage.errors("--checkpoint", folder):      # storage failures -> one line naming the path
@@ -29,7 +29,7 @@ PathLike = Union[str, os.PathLike]
 
 EMULATOR_VAR = "STORAGE_EMULATOR_HOST"
 
-# Bucket names: 3-222 characters of lowercase letters, digits, '-', '_' and '.' (GCS rules, loosely).
+# Bucket names: 3-222 lowercase letters, digits, '-', '_' and '.' (GCS's rules, loosely).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 # The variables `setup()` derives from EMULATOR_VAR, and what it last derived them from.
 _DERIVED = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",

@@ -166,11 +166,9 @@ def tiny_vocab() -> list[str]:
 
 def write_tiny_vocab(folder: str) -> str:
   """Writes `tiny_vocab()` to `folder/vocab.txt` (loadable by `load_bert_tokenizer`)."""
-  folder = os.fspath(folder)
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, _VOCAB_FILE), "w", encoding="utf-8") as f:
-    f.write("\n".join(_tiny_vocab()) + "\n")
-  return folder
+  storage.write_text(storage.path(folder, "vocab folder") / _VOCAB_FILE,
+                     "\n".join(_tiny_vocab()) + "\n")
+  return os.fspath(folder)
 
 
 def tiny_tokenizer() -> "transformers.BertTokenizerFast":

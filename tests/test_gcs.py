@@ -43,7 +43,7 @@ def test_checkpoints_on_gs_and_an_interrupted_save_is_never_restored(gcs, tmp_pa
       assert ckpt.save(step, tree, tree, {"step": step})
     ckpt.wait()
   names = gcs.names("run/checkpoints/")
-  assert {"run/checkpoints/1/commit_success.txt", "run/checkpoints/2/commit_success.txt"} <= set(names)
+  assert {f"run/checkpoints/{step}/commit_success.txt" for step in (1, 2)} <= set(names)
   assert any(n.startswith("run/checkpoints/2/params/") for n in names)
 
   gcs.delete(f"run/checkpoints/2/{checkpointing.COMMIT_FILE}")  # step 2's save never finished
@@ -99,7 +99,8 @@ def test_prepare_writes_its_build_and_report_into_a_bucket(gcs, tmp_path, monkey
   assert len(m2kr.load_queries(data_dir, "SAMPLE", "test")) == len(
       m2kr.load_queries(_sample_data_dir(), "SAMPLE", "test"))
   out = io.StringIO()
-  assert prepare.run(source, os.path.join(source, sample.IMAGES), ["SAMPLE"], data_dir, out=out) == 0
+  images = os.path.join(source, sample.IMAGES)
+  assert prepare.run(source, images, ["SAMPLE"], data_dir, out=out) == 0
   assert "reused" in out.getvalue()
   out = io.StringIO()
   assert prepare.run(f"gs://{gcs.bucket}/src", None, ["SAMPLE"], data_dir, out=out) == 2
@@ -110,7 +111,8 @@ def test_prepare_writes_its_build_and_report_into_a_bucket(gcs, tmp_path, monkey
 def test_published_folder_index_and_scaling_law_in_a_bucket(gcs, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   import preflmr_jax  # pylint: disable=g-import-not-at-top
-  from preflmr_jax import config_files, index as plaid, tokenization  # pylint: disable=g-import-not-at-top
+  from preflmr_jax import config_files, tokenization  # pylint: disable=g-import-not-at-top
+  from preflmr_jax import index as plaid  # pylint: disable=g-import-not-at-top
   from preflmr_jax.models import model_config as mc, preflmr  # pylint: disable=g-import-not-at-top
   from preflmr_jax.tools import scaling_law  # pylint: disable=g-import-not-at-top
   bucket = f"gs://{gcs.bucket}"
@@ -156,12 +158,14 @@ def test_train_resume_and_evaluate_in_a_bucket(gcs, one_device_env, tmp_path):
   """The pod path: workdir, eval output and embedding cache on gs:// (the data stays local here:
   reading TFDS through the emulator is slow, and tested above)."""
   env, run = _env(one_device_env, gcs), f"gs://{gcs.bucket}/run"
-  train_args = [f"--workdir={run}", "--config.log_every_steps=2", "--config.checkpoint_every_steps=2",
-                "--config.optimizer.warmup_steps=0"]
-  first = _run("preflmr_jax.main", *train_args, "--config.num_train_steps=2", env=env, cwd=tmp_path)
+  train_args = [f"--workdir={run}", "--config.log_every_steps=2",
+                "--config.checkpoint_every_steps=2", "--config.optimizer.warmup_steps=0"]
+  train = lambda steps: _run("preflmr_jax.main", *train_args, f"--config.num_train_steps={steps}",
+                             env=env, cwd=tmp_path)
+  first = train(2)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "run/checkpoints/2/commit_success.txt" in gcs.names("run/")
-  second = _run("preflmr_jax.main", *train_args, "--config.num_train_steps=4", env=env, cwd=tmp_path)
+  second = train(4)
   assert second.returncode == 0, second.stderr[-3000:]
   assert f"resumed from {run} at step 2" in second.stderr
 
