@@ -264,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = storage.path(workdir, "--workdir")
   validate(config)
   mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_sharding(mesh)  # each process can feed its own rows
   setup = setup_train_step(config, mesh)
   model_config, state_shardings = setup.model_config, setup.state_shardings
   replicated = state_shardings.step

@@ -39,7 +39,8 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from preflmr_jax import image_processing, tokenization
+from preflmr_jax import image_processing, storage, tokenization
+from preflmr_jax import workdir as layout
 from preflmr_jax import data as data_lib
 from preflmr_jax.data import instructions, m2kr
 
@@ -77,7 +78,7 @@ def resolve_data_dir(config) -> str:
   tasks = [t for t, _ in parse_tasks(config.data.tasks)]
   data_dir = config.data.get("data_dir") or ""
   if data_dir:
-    return os.path.expanduser(data_dir)
+    return os.fspath(storage.path(data_dir, "config.data.data_dir"))
   if tasks != ["SAMPLE"]:
     raise ValueError(f"config.data.data_dir is not set; build the tasks {tasks} with "
                      "python -m preflmr_jax.data.prepare (README, 'Preparing M2KR')")
@@ -325,12 +326,14 @@ def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, li
   `{"question_id", "passage_ids": [best first]}` per line), top `hard_negatives_depth` kept as
   corpus indices; None when the folder is unset or has no file for `task`."""
   folder = config.data.get("hard_negatives_dir") or ""
-  path = os.path.join(os.path.expanduser(folder), f"{task}_rankings.jsonl")
-  if not folder or not os.path.exists(path):
+  if not folder:
+    return None
+  path = layout.rankings_path(storage.path(folder, "config.data.hard_negatives_dir"), task)
+  if not path.exists():
     return None
   depth = int(config.data.get("hard_negatives_depth", 0)) or None
   mined, unknown = {}, 0
-  with open(path) as f:
+  with path.open() as f:
     for line_number, line in enumerate(f, 1):
       try:
         row = json.loads(line)
