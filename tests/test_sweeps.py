@@ -74,7 +74,10 @@ def test_sweeps_print_their_pod_commands(capsys):
   for name in SWEEPS:
     sweep.main([f"configs/sweeps/{name}.py", "--backend=tpu-vm", "--dry-run"])
   out = capsys.readouterr().out
-  assert out.count("gcloud compute tpus tpu-vm ssh") == 3 + 5 + 3
+  assert out.count("gcloud compute tpus tpu-vm ssh") == 3  # one detached job per sweep
+  for points, name in zip((3, 5, 3), SWEEPS):
+    assert f"# {points} points, one after another" in out
+    assert out.count(f"--config=configs/sweeps/{name}.py") >= 2 * points  # train and eval each
 
 
 @pytest.mark.slow
