@@ -117,6 +117,11 @@ def _kind(e: BaseException) -> Optional[str]:
   return None
 
 
+def is_access_failure(e: BaseException) -> bool:
+  """Denied or unreachable storage: a fault of access, not of the data, which a retry may cure."""
+  return _kind(e) in ("denied", "unreachable")
+
+
 def _raised_by_us(e: BaseException) -> bool:
   """Our own errors already name the path: only the libraries' are translated."""
   tb = e.__traceback__
