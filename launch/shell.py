@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from typing import Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _exit_codes():
+  """preflmr_jax/exit_codes.py of this checkout, loaded by path: importing the package would import
+  JAX, which the launchers do not need."""
+  spec = importlib.util.spec_from_file_location(
+      "_preflmr_exit_codes", os.path.join(REPO_ROOT, "preflmr_jax", "exit_codes.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# The trainer's status after a SIGTERM once its checkpoint is saved (also a shell's status for a
+# command ended by SIGTERM): the launchers rerun the command, which resumes from that step.
+PREEMPTED = _exit_codes().PREEMPTED
+MAX_RESTARTS = 3  # reruns after a preemption; a run preempted again and again is not endless
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +58,14 @@ def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return argv[:i], argv[i + 1:]
 
 
+def non_negative(text: str) -> int:
+  """argparse type: an integer >= 0 (e.g. `--max-restarts`)."""
+  value = int(text)
+  if value < 0:
+    raise ValueError(text)
+  return value
+
+
 def require(parser, args, names: Sequence[str], placeholders: bool = False) -> None:
   """Flags that must be given. With `placeholders` (a dry run), a missing one prints as its name in
   capitals (`--zone=ZONE`) so that the commands can be read before the values are known."""
@@ -54,14 +81,93 @@ def remote_script(*lines: str) -> str:
   return " && ".join(lines)
 
 
+def chain(argvs: Sequence[Sequence[str]]) -> str:
+  """A shell line that runs the commands in turn while each succeeds (`a && b`); its status is that
+  of the last one run, so a preempted train (`PREEMPTED`) skips the eval after it.
+
+  A SIGTERM to the shell running the line is passed on to the command then running, and the shell
+  waits for it: the shell may be all a scheduler signals (xpk's container passes SIGTERM to its
+  command's first process only) or be signalled with the trainer (SLURM's `--signal` reaches every
+  process of the step), and either way the trainer gets the signal and the time to save. (A trainer
+  signalled both ways gets SIGTERM twice, which it treats as once.) One command is left as it is:
+  a shell runs a lone command with exec, so the signal reaches it directly."""
+  if len(argvs) == 1:
+    return shlex.join(argvs[0])
+  # A trapped SIGTERM ends a `wait` early, with 143: wait again while the command is there. Once
+  # it is gone, asking again is not reliable (bash 5.2 may answer -1 for a command that ended
+  # while its `wait` was cut short), so the last answer stands: its status, or 143 when the
+  # signal came as it ended, which a restart sorts out. 127: the pid was not a child (taken again).
+  steps = [f'{{ {shlex.join(a)} & pid=$!; while :; do wait "$pid"; rc=$?; [ "$rc" -ne 127 ] && '
+           f'kill -0 "$pid" 2>/dev/null || break; done; [ "$rc" -ge 0 ] || rc={PREEMPTED}; '
+           f'(exit "$rc"); }}' for a in argvs]
+  return "trap 'kill -TERM \"$pid\" 2>/dev/null' TERM; " + " && ".join(steps)
+
+
+def restart_loop(command: str, max_restarts: int, before_restart: str = "") -> str:
+  """A shell command (one `{ ...; }` group) that runs `command` in a subshell and reruns it while it
+  exits with `PREEMPTED`, at most `max_restarts` times (after `before_restart`, if given); any
+  other status ends it. Each attempt is framed by `[preflmr] start <UTC time>` and `[preflmr] exit
+  status <n>`, and a restart, or the end of the restarts, is said. Its status is the last
+  attempt's."""
+  return ("{ restarts=0; while :; do "
+          'echo "[preflmr] start $(date -u +%FT%TZ)"; '
+          f"( {command} ); rc=$?; "
+          'echo "[preflmr] exit status $rc"; '
+          f'[ "$rc" -eq {PREEMPTED} ] || break; '
+          f'if [ "$restarts" -ge {max_restarts} ]; then '
+          f'echo "[preflmr] preempted; no restarts left (--max-restarts={max_restarts})"; '
+          "break; fi; "
+          "restarts=$((restarts + 1)); "
+          f'echo "[preflmr] preempted: restart $restarts of at most {max_restarts}"; '
+          + (f"{before_restart}; " if before_restart else "")
+          + 'done; (exit "$rc"); }')
+
+
+def is_preempted(returncode: int) -> bool:
+  """`PREEMPTED`, or ended by SIGTERM (Python's `subprocess` reports that as -15): either way
+  rerunning resumes from the newest complete checkpoint."""
+  return returncode in (PREEMPTED, -signal.SIGTERM)
+
+
+def _run(argv: Sequence[str], stdin: Optional[str]) -> int:
+  """Runs `argv` from the repository root; returns its exit status. A SIGTERM to this launcher
+  is passed on to it (the trainer saves and exits `PREEMPTED`), and the launcher waits for it."""
+  procs, signalled = [], []
+
+  def forward(*_):
+    signalled.append(True)
+    for proc in procs:
+      proc.send_signal(signal.SIGTERM)
+
+  main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+  previous = signal.signal(signal.SIGTERM, forward) if main_thread else None
+  try:
+    procs.append(subprocess.Popen(list(argv), stdin=None if stdin is None else subprocess.PIPE,
+                                  text=True, cwd=REPO_ROOT))
+    if signalled:  # before it started
+      procs[0].send_signal(signal.SIGTERM)
+    procs[0].communicate(stdin)
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+  return procs[0].returncode
+
+
 def execute(commands: Sequence[Command], dry_run: bool) -> None:
   """Prints each command; unless `dry_run`, runs it from the repository root and stops at the
-  first failure, naming it. `python` runs as this interpreter."""
+  first failure, naming it. `python` runs as this interpreter. A preempted command (`is_preempted`)
+  stops the rest too, is reported as preempted and ends this launcher with `PREEMPTED`, so that
+  whatever runs the launcher can tell it from a failure: rerunning resumes."""
   for cmd in commands:
     print(cmd, flush=True)
     if dry_run:
       continue
     argv = [sys.executable, *cmd.argv[1:]] if cmd.argv[0] == "python" else list(cmd.argv)
-    result = subprocess.run(argv, input=cmd.stdin, text=True, cwd=REPO_ROOT, check=False)
-    if result.returncode:
-      raise SystemExit(f"failed with exit status {result.returncode}: {shlex.join(cmd.argv)}")
+    code = _run(argv, cmd.stdin)
+    if is_preempted(code):
+      print(f"preempted (exit status {code}): {shlex.join(cmd.argv)}\nnothing after it ran; run "
+            "the same command again to resume from the newest complete checkpoint",
+            file=sys.stderr, flush=True)
+      raise SystemExit(PREEMPTED)
+    if code:
+      raise SystemExit(f"failed with exit status {code}: {shlex.join(cmd.argv)}")

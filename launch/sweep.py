@@ -21,6 +21,11 @@ results); `tpu-vm` runs them one after another on one pod, in one detached job (
 each point logs to its own ~/preflmr_logs/JOB.log); `xpk` and `slurm`
 queue one workload / batch job per point (launch/xpk.py, launch/gpu.py); `hosts` runs them one after
 another on a list of GPU hosts (launch/gpu.py). Multi-host backends add `--config.distributed=True`.
+
+A point's eval runs only after its training finished (exit status 0). A training run preempted
+(exit_codes.PREEMPTED, 143) is started again by the backend and resumes (the pod's loop, SLURM's
+requeue, xpk's restarts, each host's loop; `--max-restarts`), then evaluates. `local` stops the
+sweep at a preempted point, says so and exits with 143: rerunning the same sweep resumes it.
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ def launch(args: argparse.Namespace, extra: Sequence[str]) -> None:
   for i, point in enumerate(points):
     comment = f"point {i + 1}/{len(points)}: {point.name}"
     argvs = point_commands(point, f"{sweep_dir}/{point.name}", extra, eval_flags)
-    line = " && ".join(shlex.join(a) for a in argvs)
+    line = shell.chain(argvs)  # eval after a finished train; SIGTERM reaches the running one
     job = job_name(sweep, point.name, i, names)
     names.append(job)
     if args.backend == "local":
@@ -148,9 +153,18 @@ def launch(args: argparse.Namespace, extra: Sequence[str]) -> None:
     jobs.append((gpu.execute_together if args.backend == "hosts" else shell.execute, commands))
   if steps:
     jobs.append((shell.execute, tpu_vm.run(tpu_vm.pod_from_args(args), steps,
-                                           f"{len(steps)} points, one after another")))
-  for execute, commands in jobs:
-    execute(commands, args.dry_run)
+                                           f"{len(steps)} points, one after another",
+                                           args.max_restarts)))
+  for i, (execute, commands) in enumerate(jobs):
+    try:
+      execute(commands, args.dry_run)
+    except SystemExit as e:
+      if e.code == shell.PREEMPTED and args.backend == "local":
+        print(f"# the sweep stopped at point {i + 1}/{len(points)} ({points[i].name}), preempted: "
+              "run this sweep again to resume it (a finished point's training resumes at its "
+              "last step, with nothing left to train, and its eval runs again)", file=sys.stderr,
+              flush=True)
+      raise
   fit = shell.command(*fit_command(sweep_dir), comment="the scaling-law fit of the results")
   if args.fit and args.backend == "local":
     shell.execute([fit], args.dry_run)

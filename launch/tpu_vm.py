@@ -17,8 +17,10 @@ venv there with uv (TPU VM images ship an older Python) holding requirements.txt
 the same JAX version. `run` first frees the TPU (ends what an earlier `run` started and any process
 holding a TPU device, removes a stale libtpu lockfile), then starts the command on all workers at
 once (a multi-host JAX program), detached from the ssh session: it goes on when ssh ends, appending
-its output and exit status to ~/preflmr_logs/JOB.log on each worker. Workdirs must be visible to
-every worker: a gs:// bucket (or a gcsfuse / NFS mount).
+its output and exit status to ~/preflmr_logs/JOB.log on each worker. A run that exits with
+exit_codes.PREEMPTED (143: the trainer saved a step on SIGTERM) is started again on that worker, up
+to `--max-restarts` times, and resumes. Workdirs must be visible to every worker: a gs:// bucket (or
+a gcsfuse / NFS mount).
 """
 
 from __future__ import annotations
@@ -132,18 +134,27 @@ def log_path(job: str) -> str:
   return f"{LOGS}/{job}.log"
 
 
-def _step(job: str, command: str) -> str:
-  """`command` with its output, start time and exit status appended to the job's log."""
-  return (f'{{ echo "[preflmr] start $(date -u +%FT%TZ)"; ( {command} ); '
-          f'echo "[preflmr] exit status $?"; }} >> {log_path(job)} 2>&1')
+def _step(job: str, command: str, max_restarts: int) -> str:
+  """`command`, rerun while it is preempted (`shell.restart_loop`), with its output and each
+  attempt's start time and exit status appended to the job's log."""
+  # A run ended by SIGTERM before it could clean up may leave libtpu's lockfile (`FREE_TPU`).
+  return (f"{shell.restart_loop(command, max_restarts, 'sudo rm -f /tmp/libtpu_lockfile')} "
+          f">> {log_path(job)} 2>&1")
 
 
-def run(pod: Pod, steps: Sequence[tuple[str, str]], comment: str = "") -> list[shell.Command]:
+def run(pod: Pod, steps: Sequence[tuple[str, str]], comment: str = "",
+        max_restarts: int = shell.MAX_RESTARTS) -> list[shell.Command]:
   """Runs each (job, shell command line) of `steps` in turn on every worker, from the checkout, in
-  the venv, detached from ssh (setsid + nohup) so that it outlives the session; a failed step does
-  not stop the next. Frees the TPU first (`FREE_TPU`)."""
-  # `$$` of the detached shell is its process group (setsid): what the next run or `stop` kills.
-  detached = "; ".join([f"echo $$ > {RUN_PID}", *(_step(job, cmd) for job, cmd in steps),
+  the venv, detached from ssh (setsid + nohup) so that it outlives the session; a step that exits
+  with `shell.PREEMPTED` is run again, up to `max_restarts` times; a failed step does not stop the
+  next. Frees the TPU first (`FREE_TPU`).
+
+  Every worker reruns its own process: the trainer stops all processes at the same step on a
+  preemption notice, so all of them exit with `PREEMPTED` and start again together."""
+  # `$$` of the detached shell is its process group (setsid): what the next run or `stop` kills
+  # (SIGKILL to the whole group, restart loop included: nothing restarts).
+  detached = "; ".join([f"echo $$ > {RUN_PID}",
+                        *(_step(job, cmd, max_restarts) for job, cmd in steps),
                         f"rm -f {RUN_PID}"])
   script = shell.remote_script(
       f"cd {REMOTE_DIR}", f"source {VENV}/bin/activate", f"mkdir -p {LOGS}", *FREE_TPU,
@@ -178,6 +189,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--version", default="", help="TPU VM software version (default: the one "
                       "Google lists for the accelerator's generation).")
   parser.add_argument("--spot", action="store_true", help="Create spot (preemptible) capacity.")
+  parser.add_argument("--max-restarts", dest="max_restarts", type=shell.non_negative,
+                      default=shell.MAX_RESTARTS,
+                      help="run: times a preempted command (exit status 143) is started again on "
+                      "the pod.")
 
 
 def pod_from_args(args: argparse.Namespace) -> Pod:
@@ -201,7 +216,7 @@ def main(argv: Sequence[str]) -> None:
     if args.action == "run":
       if not command:
         parser.error("run needs the command after --")
-      commands = run(pod, [(args.job, shlex.join(command))])
+      commands = run(pod, [(args.job, shlex.join(command))], max_restarts=args.max_restarts)
     elif command:
       parser.error(f"{args.action} takes no command after --")
     elif args.action == "logs":

@@ -11,10 +11,12 @@ delete it. `--dry-run` prints the exact commands and runs nothing.
 The cluster comes from `xpk cluster create` (see xpk's README). `build` makes an image of this
 checkout with requirements.txt and jax[tpu] (launch/Dockerfile); xpk runs the command in it on
 every host of `--num-slices` slices. A failed workload is restarted up to `--max-restarts` times
-(xpk restarts on exit codes 42 and 127-255, e.g. a host killed; not on a Python error): the run
-resumes from its last checkpoint. Workdirs must be visible to every host: a gs:// bucket, or a
-bucket mounted through the GCS FUSE CSI driver by `xpk storage attach NAME --type=gcsfuse
---mount-point=/gcs/BUCKET ...`, named here with `--storage NAME`.
+(xpk restarts on exit codes 42 and 127-255: a preempted run, exit_codes.PREEMPTED = 143 after the
+trainer saved a step on SIGTERM, or a host killed; not a Python error, exit status 1): the run
+resumes from its last checkpoint. `--grace` is the pods' termination grace period, the time the
+trainer has from SIGTERM to its saved step. Workdirs must be visible to every host: a gs://
+bucket, or a bucket mounted through the GCS FUSE CSI driver by `xpk storage attach NAME
+--type=gcsfuse --mount-point=/gcs/BUCKET ...`, named here with `--storage NAME`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class Cluster:
   image: str = ""
   zone: str = ""
   project: str = ""
-  max_restarts: int = 3  # a few host failures are survived; a crash loop is not endless
+  max_restarts: int = shell.MAX_RESTARTS  # preemptions and host failures; not a crash loop
+  grace: int = 300  # seconds from SIGTERM to SIGKILL: the trainer's time to save (xpk's own: 30)
   storage: tuple[str, ...] = ()  # `xpk storage attach` names mounted into the workload
 
 
@@ -75,6 +78,7 @@ def run(cluster: Cluster, command: str, workload: str, comment: str = "") -> lis
                         f"--workload={check_workload_name(workload)}",
                         f"--tpu-type={cluster.tpu_type}", f"--num-slices={cluster.num_slices}",
                         f"--docker-image={cluster.image}", f"--max-restarts={cluster.max_restarts}",
+                        f"--termination-grace-period-seconds={cluster.grace}",
                         *(f"--storage={name}" for name in cluster.storage),
                         "--command", command, comment=comment)]
 
@@ -121,15 +125,19 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--image", default="", help="Image built by `launch/xpk.py build`.")
   parser.add_argument("--zone", default="")
   parser.add_argument("--project", default="")
-  parser.add_argument("--max-restarts", dest="max_restarts", type=int,
-                      default=Cluster.max_restarts, help="Restarts of a failed workload.")
+  parser.add_argument("--max-restarts", dest="max_restarts", type=shell.non_negative,
+                      default=Cluster.max_restarts, help="Restarts of a preempted (exit status "
+                      "143) or otherwise killed workload (xpk restarts on 42 and 127-255).")
+  parser.add_argument("--grace", type=shell.non_negative, default=Cluster.grace,
+                      help="Seconds a pod has from SIGTERM (preemption, deletion) to SIGKILL: more "
+                      "than a step and a checkpoint save take.")
   parser.add_argument("--storage", action="append", default=[], help="An `xpk storage attach` "
                       "name to mount (repeatable), e.g. a gcsfuse bucket for the workdir.")
 
 
 def cluster_from_args(args: argparse.Namespace) -> Cluster:
   return Cluster(args.cluster, args.tpu_type, args.num_slices, args.image, args.zone, args.project,
-                 args.max_restarts, tuple(args.storage))
+                 args.max_restarts, args.grace, tuple(args.storage))
 
 
 def main(argv: Sequence[str]) -> None:

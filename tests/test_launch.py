@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -40,9 +41,9 @@ CASES = {
     "tpu_vm_delete": (tpu_vm, ["delete", *TPU]),
     "xpk_build": (xpk, ["build", "--image=gcr.io/my-project/preflmr:v1", "--dry-run"]),
     "xpk_run": (xpk, ["run", *XPK, "--workload=tiny", "--", *TRAIN]),
-    "xpk_run_fuse": (xpk, ["run", *XPK, "--num-slices=2", "--max-restarts=0", "--storage=ckpt",
-                           "--workload=tiny", "--", *TRAIN[:4], "--workdir=/gcs/my-bucket/tiny",
-                           TRAIN[-1]]),
+    "xpk_run_fuse": (xpk, ["run", *XPK, "--num-slices=2", "--max-restarts=0", "--grace=60",
+                           "--storage=ckpt", "--workload=tiny", "--", *TRAIN[:4],
+                           "--workdir=/gcs/my-bucket/tiny", TRAIN[-1]]),
     "xpk_logs": (xpk, ["logs", *XPK, "--workload=tiny", "--slice=1", "--worker=2"]),
     "xpk_logs_all": (xpk, ["logs", *XPK, "--num-slices=2", "--workload=tiny", "--worker=all",
                            "--lines=-1"]),
@@ -51,11 +52,11 @@ CASES = {
                         "--dry-run", "--", *TRAIN]),
     "gpu_hosts": (gpu, ["hosts", "--hosts=gpu0,gpu1,gpu2", "--dry-run", "--", *TRAIN]),
     "sweep_local": (sweep, [*SWEEP, "--backend=local"]),
-    "sweep_tpu_vm": (sweep, [*SWEEP, "--backend=tpu-vm", *TPU, "--",
+    "sweep_tpu_vm": (sweep, [*SWEEP, "--backend=tpu-vm", *TPU, "--max-restarts=1", "--",
                              "--config.tokenizer=/mnt/shared/PreFLMR_ViT-L/query_tokenizer"]),
     "sweep_xpk": (sweep, [*SWEEP, "--backend=xpk", *XPK]),
-    "sweep_slurm": (sweep, [*SWEEP, "--backend=slurm", "--nodes=2",
-                            "--eval_flags=--split=valid --batch_size=128"]),
+    "sweep_slurm": (sweep, [*SWEEP, "--backend=slurm", "--nodes=2", "--max-restarts=5",
+                            "--grace=900", "--eval_flags=--split=valid --batch_size=128"]),
     "sweep_hosts": (sweep, [*SWEEP, "--backend=hosts", "--hosts=gpu0,gpu1"]),
     "sweep_tpu_vm_placeholders": (sweep, ["configs/scaling.py", "--backend=tpu-vm", "--dry-run"]),
 }
@@ -92,8 +93,7 @@ def test_scaling_sweep_prints_the_whole_grid(capsys, nothing_runs):
 
 def test_local_backend_runs_the_commands_in_order(monkeypatch, tmp_path):
   ran = []
-  monkeypatch.setattr(subprocess, "run", lambda argv, **kw: ran.append(argv) or
-                      subprocess.CompletedProcess(argv, 0))
+  monkeypatch.setattr(shell, "_run", lambda argv, stdin: ran.append(argv) or 0)
   sweep.main(["configs/scaling.py:smoke", f"--workdir_root={tmp_path}", "--fit"])
   assert [a[2] for a in ran] == ["preflmr_jax.main", "preflmr_jax.evaluate"] * 3 + [
       "preflmr_jax.tools.scaling_law"]
@@ -102,9 +102,36 @@ def test_local_backend_runs_the_commands_in_order(monkeypatch, tmp_path):
 
 
 def test_local_backend_stops_at_a_failure_naming_it(monkeypatch, tmp_path):
-  monkeypatch.setattr(subprocess, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 3))
+  monkeypatch.setattr(shell, "_run", lambda argv, stdin: 3)
   with pytest.raises(SystemExit, match="exit status 3: python -m preflmr_jax.main"):
     sweep.main(["configs/scaling.py:smoke", f"--workdir_root={tmp_path}"])
+
+
+@pytest.mark.parametrize("status", [shell.PREEMPTED, -signal.SIGTERM])
+def test_local_backend_reports_a_preempted_point_and_resumes_when_rerun(status, monkeypatch,
+                                                                        tmp_path, capsys):
+  """The second point's training is preempted: its eval and the third point do not run, the sweep
+  says so and exits with PREEMPTED (not a failure); the same sweep run again runs every point."""
+  ran, preempt = [], [3]  # the third command run: point 2's training
+
+  def run(argv, stdin):
+    ran.append(argv[2:4])
+    return status if len(ran) in preempt else 0
+
+  monkeypatch.setattr(shell, "_run", run)
+  argv = ["configs/scaling.py:smoke", f"--workdir_root={tmp_path}"]
+  with pytest.raises(SystemExit) as e:
+    sweep.main(argv)
+  assert e.value.code == shell.PREEMPTED
+  assert [a[0] for a in ran] == ["preflmr_jax.main", "preflmr_jax.evaluate", "preflmr_jax.main"]
+  err = capsys.readouterr().err
+  assert f"preempted (exit status {status}): python -m preflmr_jax.main" in err
+  assert "stopped at point 2/3 (smoke-32), preempted: run this sweep again" in err
+  assert "failed" not in err
+  ran.clear()
+  preempt.clear()
+  sweep.main(argv)
+  assert [a[0] for a in ran] == ["preflmr_jax.main", "preflmr_jax.evaluate"] * 3
 
 
 def _write_config(tmp_path, body):
@@ -209,47 +236,232 @@ def _wait_until_gone(group, seconds=10):
       time.sleep(0.05)
 
 
-def test_tpu_vm_run_detaches_and_a_new_run_frees_the_tpu(tmp_path):
-  """The generated worker scripts, run by bash here (a fake home, sudo as a no-op wrapper): `run`
-  returns at once and the command goes on; the next `run` (or `stop`) ends it first."""
-  (tmp_path / "preflmr_jax").mkdir()
-  (tmp_path / "preflmr_venv" / "bin").mkdir(parents=True)
-  (tmp_path / "preflmr_venv" / "bin" / "activate").write_text("")
-  (tmp_path / "bin").mkdir()
-  (tmp_path / "bin" / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
-  (tmp_path / "bin" / "sudo").chmod(0o755)
-  env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{tmp_path}/bin:{os.environ['PATH']}"}
-  pod = tpu_vm.Pod("t", "z")
-  pidfile = tmp_path / "run.pid"
+class _Worker:
+  """A TPU VM worker faked here: the generated worker scripts run by bash with a fake home (the
+  checkout, the venv, the logs) and sudo as a no-op wrapper."""
 
-  def worker(commands):
-    script = _remote(commands[0]).replace(tpu_vm.RUN_PID, str(pidfile))
-    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+  def __init__(self, home):
+    (home / "preflmr_jax").mkdir()
+    (home / "preflmr_venv" / "bin").mkdir(parents=True)
+    (home / "preflmr_venv" / "bin" / "activate").write_text("")
+    _executable(home / "bin" / "sudo", 'exec "$@"')
+    self.env = {**os.environ, "HOME": str(home), "PATH": f"{home}/bin:{os.environ['PATH']}"}
+    self.logs = home / "preflmr_logs"
+    self.pidfile = home / "run.pid"
+    self.groups = []  # process groups started: all killed at the end
+
+  def run(self, commands):
+    script = _remote(commands[0]).replace(tpu_vm.RUN_PID, str(self.pidfile))
+    return subprocess.run(["bash", "-c", script], env=self.env, capture_output=True, text=True,
                           timeout=60, check=True)
 
-  groups = []
-  try:
-    started = worker(tpu_vm.run(pod, [("a", "echo working; sleep 60"), ("b", "echo second")]))
-    assert "log: ~/preflmr_logs/a.log, ~/preflmr_logs/b.log" in started.stdout
-    logs = tmp_path / "preflmr_logs"
-    _wait_for(logs / "a.log", "working")
-    group = int(pidfile.read_text())
-    groups.append(group)
-    os.killpg(group, 0)  # still running after the "ssh session" ended
-    worker(tpu_vm.run(pod, [("c", "exit 3"), ("d", "sleep 60")]))  # ends the first run, then runs
-    _wait_until_gone(group)
-    assert "exit status" not in (logs / "a.log").read_text() and not (logs / "b.log").exists()
-    _wait_for(logs / "c.log", "[preflmr] exit status 3")
-    assert (logs / "c.log").read_text().startswith("[preflmr] start ")
-    _wait_for(logs / "d.log", "start")
-    groups.append(int(pidfile.read_text()))
-    worker(tpu_vm.stop(pod))
-    _wait_until_gone(groups[-1])
-  finally:  # nothing outlives the test
-    groups += [int(pidfile.read_text())] if pidfile.exists() else []
-    for group in groups:
-      with contextlib.suppress(ProcessLookupError):
+  def group(self):
+    """The process group of the detached run now running."""
+    self.groups.append(int(self.pidfile.read_text()))
+    return self.groups[-1]
+
+  def kill_all(self):
+    if self.pidfile.exists():
+      self.groups.append(int(self.pidfile.read_text()))
+    for group in self.groups:
+      with contextlib.suppress(ProcessLookupError, ValueError):
         os.killpg(group, signal.SIGKILL)
+
+
+@pytest.fixture
+def worker(tmp_path):
+  fake = _Worker(tmp_path)
+  try:
+    yield fake
+  finally:  # nothing outlives the test
+    fake.kill_all()
+
+
+def _executable(path, body):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(f"#!/bin/sh\n{body}\n")
+  path.chmod(0o755)
+
+
+def test_tpu_vm_run_detaches_and_a_new_run_frees_the_tpu(worker):
+  """`run` returns at once and the command goes on; the next `run` (or `stop`) ends it first."""
+  pod = tpu_vm.Pod("t", "z")
+  started = worker.run(tpu_vm.run(pod, [("a", "echo working; sleep 60"), ("b", "echo second")]))
+  assert "log: ~/preflmr_logs/a.log, ~/preflmr_logs/b.log" in started.stdout
+  logs = worker.logs
+  _wait_for(logs / "a.log", "working")
+  group = worker.group()
+  os.killpg(group, 0)  # still running after the "ssh session" ended
+  worker.run(tpu_vm.run(pod, [("c", "exit 3"), ("d", "sleep 60")]))  # ends the first run, then runs
+  _wait_until_gone(group)
+  assert "exit status" not in (logs / "a.log").read_text() and not (logs / "b.log").exists()
+  _wait_for(logs / "c.log", "[preflmr] exit status 3")
+  assert (logs / "c.log").read_text().startswith("[preflmr] start ")
+  assert "preempted" not in (logs / "c.log").read_text()  # a failure is not restarted
+  _wait_for(logs / "d.log", "start")
+  group = worker.group()
+  worker.run(tpu_vm.stop(pod))
+  _wait_until_gone(group)
+
+
+# ------------------------------------------------------------------ preemption and restarts
+
+def _attempts(tmp_path, statuses):
+  """A command line that counts its runs in a file and exits with `statuses[i]` on run i + 1 (the
+  last status from then on); and that file."""
+  counter = tmp_path / "attempts"
+  cases = "".join(f"{i + 1}) exit {code};; " for i, code in enumerate(statuses[:-1]))
+  script = (f"echo attempt >> {counter}; "
+            f"case $(($(wc -l < {counter}))) in {cases}*) exit {statuses[-1]};; esac")
+  return shlex.join(["sh", "-c", script]), counter
+
+
+def _runs(counter):
+  return counter.read_text().count("attempt") if counter.exists() else 0
+
+
+@pytest.mark.parametrize("statuses, max_restarts, runs", [
+    ([143, 143, 0], 3, 3),  # preempted twice, then it finishes: 0
+    ([1], 3, 1),  # a failure is not restarted
+    ([143], 2, 3),  # preempted every time: two restarts, then it ends preempted
+    ([143, 0], 0, 1),  # --max-restarts=0
+])
+def test_restart_loop_reruns_only_a_preempted_command(statuses, max_restarts, runs, tmp_path):
+  """The loop of the tpu-vm and hosts backends, in bash and in a POSIX sh (dash): the remote login
+  shell runs the hosts one."""
+  for sh in ("bash", "sh"):
+    command, counter = _attempts(tmp_path, statuses)
+    counter.unlink(missing_ok=True)
+    out = subprocess.run([sh, "-c", shell.restart_loop(command, max_restarts)], capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert _runs(counter) == runs, (sh, out.stdout, out.stderr)
+    assert out.returncode == statuses[min(runs, len(statuses)) - 1], sh
+    assert out.stdout.count("[preflmr] start ") == runs
+    for restart in range(1, runs):
+      assert f"[preflmr] preempted: restart {restart} of at most {max_restarts}" in out.stdout
+    assert ("no restarts left" in out.stdout) == (out.returncode == shell.PREEMPTED), sh
+
+
+def test_tpu_vm_run_restarts_a_preempted_command_on_the_worker(worker, tmp_path):
+  """Exit status 143 twice, then 0: three attempts, each in the job's log."""
+  command, counter = _attempts(tmp_path, [143, 143, 0])
+  worker.run(tpu_vm.run(tpu_vm.Pod("t", "z"), [("p", command)]))
+  _wait_for(worker.logs / "p.log", "[preflmr] exit status 0")
+  log = (worker.logs / "p.log").read_text()
+  assert _runs(counter) == 3
+  assert log.count("[preflmr] start ") == 3 and log.count("[preflmr] exit status 143") == 2
+  assert "restart 2 of at most 3" in log
+
+
+def test_hosts_restart_a_preempted_command_on_each_host(tmp_path):
+  command, counter = _attempts(tmp_path, [143, 0])
+  commands = gpu.host_commands(gpu.Hosts(("h0", "h1"), remote_dir=str(tmp_path)), command)
+  out = subprocess.run(["sh", "-c", commands[1].argv[2]], capture_output=True, text=True,
+                       timeout=30, check=False)  # what ssh h1 runs
+  assert out.returncode == 0 and _runs(counter) == 2
+  assert "restart 1 of at most 3" in out.stdout
+
+
+@pytest.mark.parametrize("codes, status, message", [
+    ((143, 143), shell.PREEMPTED, "preempted, no restarts left: "),
+    ((143, 1), 1, "failed: "),
+])
+def test_hosts_launcher_tells_preempted_from_failed(codes, status, message, capsys):
+  commands = [shell.command("sh", "-c", f"exit {code}") for code in codes]
+  with pytest.raises(SystemExit) as e:
+    gpu.execute_together(commands, dry_run=False)
+  assert e.value.code == status
+  assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("status, restart_count, requeue_ok, requeued", [
+    (143, None, True, True),  # the first run, preempted: requeued
+    (143, "2", True, True),
+    (143, "3", True, False),  # --max-restarts=3 used up
+    (143, None, False, False),  # SLURM refused the requeue (e.g. MaxBatchRequeue)
+    (1, None, True, False),  # a failure
+    (0, None, True, False),
+])
+def test_slurm_script_requeues_its_preempted_job(status, restart_count, requeue_ok, requeued,
+                                                  tmp_path):
+  """The sbatch script run here, srun and scontrol faked."""
+  requeues = tmp_path / "requeues"
+  _executable(tmp_path / "bin" / "srun", 'exec "$@"')
+  _executable(tmp_path / "bin" / "scontrol",
+              f'echo "$@" >> {requeues}; exit {0 if requeue_ok else 1}')
+  env = {**os.environ, "PATH": f"{tmp_path}/bin:{os.environ['PATH']}", "SLURM_JOB_ID": "1234"}
+  env.pop("SLURM_RESTART_COUNT", None)
+  if restart_count is not None:
+    env["SLURM_RESTART_COUNT"] = restart_count
+  script = gpu.sbatch_script(gpu.Slurm(), f"exit {status}", "job")
+  assert "#SBATCH --requeue\n#SBATCH --signal=TERM@300\n#SBATCH --open-mode=append\n" in script
+  out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                       timeout=30, check=False)
+  assert out.returncode == status, out.stderr
+  assert (requeues.read_text() if requeues.exists() else "") == (
+      "requeue 1234\n" if requeued or (status == 143 and not requeue_ok) else "")
+  assert f"[preflmr] exit status {status}" in out.stdout
+  assert ("requeue refused" in out.stdout) == (status == 143 and not requeue_ok)
+  assert ("no restarts left" in out.stdout) == (restart_count == "3")
+
+
+@pytest.mark.parametrize("signal_group", [False, True])
+def test_sweep_line_passes_sigterm_to_the_training_and_skips_its_eval(signal_group, tmp_path):
+  """A point's `train && eval` line: SIGTERM to the shell alone (xpk's container signals its
+  command's first process) or to every process (SLURM's --signal): the training gets it, saves and
+  exits with PREEMPTED, and the eval does not run."""
+  ready, saved, evaluated = tmp_path / "ready", tmp_path / "saved", tmp_path / "evaluated"
+  train = ["sh", "-c", f'trap "echo saved > {saved}; exit 143" TERM; echo ready > {ready}; '
+           "while :; do sleep 0.05; done"]
+  line = shell.chain([train, ["sh", "-c", f"echo evaluated > {evaluated}"]])
+  proc = subprocess.Popen(["bash", "-c", line], start_new_session=True)
+  try:
+    _wait_for(ready, "ready")
+    if signal_group:
+      os.killpg(proc.pid, signal.SIGTERM)
+    else:
+      proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == shell.PREEMPTED
+    assert saved.exists() and not evaluated.exists()
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("train_status, evaluated", [(0, True), (1, False), (143, False)])
+def test_sweep_line_evaluates_only_a_finished_training(train_status, evaluated, tmp_path):
+  marker = tmp_path / "evaluated"
+  line = shell.chain([["sh", "-c", f"exit {train_status}"], ["sh", "-c", f"echo > {marker}"]])
+  assert subprocess.run(["bash", "-c", line], timeout=30, check=False).returncode == train_status
+  assert marker.exists() == evaluated
+
+
+def test_launcher_passes_sigterm_on_and_reports_the_preemption(tmp_path):
+  """A local run whose launcher alone gets SIGTERM (a container's PID 1): the command gets it too,
+  and the launcher waits for it, says it was preempted and exits with PREEMPTED."""
+  ready = tmp_path / "ready"
+  command = ["sh", "-c", f'trap "exit 143" TERM; echo ready > {ready}; '
+             "while :; do sleep 0.05; done"]
+  code = f"from launch import shell; shell.execute([shell.command(*{command!r})], dry_run=False)"
+  launcher = subprocess.Popen([sys.executable, "-c", code], cwd=shell.REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+  try:
+    _wait_for(ready, "ready")
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=20)
+    assert launcher.returncode == shell.PREEMPTED, err
+    assert "preempted (exit status 143): sh -c" in err
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def test_the_launchers_restart_on_the_trainers_preemption_status():
+  from preflmr_jax import exit_codes  # pylint: disable=g-import-not-at-top
+  assert shell.PREEMPTED == exit_codes.PREEMPTED == 128 + signal.SIGTERM
+  # xpk restarts a workload whose container exits with 42 or 127-255 (xpk's get_restart_exit_codes)
+  assert 127 <= shell.PREEMPTED <= 255
 
 
 def test_scripts_run_from_the_repository_root_as_files():
