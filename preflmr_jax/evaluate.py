@@ -16,6 +16,10 @@ dataset's own instructions, Recall@K / PseudoRecall@K of `metrics.py`). Outputs 
 (`{"question_id", "passage_ids", "scores"}` per query, best first; the trainer can mine hard
 negatives from it, `config.data.hard_negatives_dir`). Multi-host, every process runs this command;
 they share the work and process 0 writes. Every path may be a gs:// URL (storage.py).
+
+Every task's data (built) and the output and cache folders (writable) are
+checked before the checkpoint is loaded; results.json and results.md are rewritten after each
+task, so a failure in a later task keeps the finished ones.
 """
 
 from __future__ import annotations
@@ -109,28 +113,32 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
            [t for t, _ in pipeline.parse_tasks(config.data.tasks)]]
   if not tasks:
     raise ValueError("no tasks to evaluate: pass --tasks or set config.data.tasks")
+  # What can fail without the model fails before it is loaded: every task's data, and the
+  # folders written to (process 0 writes the outputs, every process its embedding cache).
+  evaluation.check_tasks(data_dir, tasks, split)
+  write = jax.process_index() == 0  # every process gets the same results
+  if write:
+    storage.check_writable(output, "--output")
+  if cache_dir:
+    storage.check_writable(storage.path(cache_dir, "--embedding_cache"), "--embedding_cache")
   mesh = evaluation.eval_mesh()
   restored = restore(config, checkpoint, step, mesh)
   encoder = evaluation.Encoder(restored.model_config, restored.params, restored.query_tokenizer,
                                restored.document_tokenizer, mesh, batch_size)
   size = {"params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(restored.params)),
           "train_flops": _train_flops(checkpoint, restored.step)}
-  write = jax.process_index() == 0  # every process gets the same results
-  if write:
-    storage.ensure_dir(output, "--output")
   results = {}
-  evaluated = evaluation.evaluate_tasks(encoder, data_dir, tasks, split, ks, cache_dir=cache_dir,
-                                        index=index)
-  for task, (result, rankings) in evaluated.items():
+  for task in tasks:
+    result, rankings = evaluation.evaluate_task(encoder, data_dir, task, split, ks,
+                                                cache_dir=cache_dir, index=index)
     result.update(checkpoint=restored.checkpoint, step=restored.step, split=split, **size)
     results[task] = result
-    if write:
+    logging.info("%s/%s: %s", task, split, {k: v for k, v in result.items() if "@" in k})
+    if write:  # after each task: a later task's failure keeps the finished ones
       storage.write_text(layout.rankings_path(output, task),
                          "".join(json.dumps(r) + "\n" for r in rankings))
-    logging.info("%s/%s: %s", task, split, {k: v for k, v in result.items() if "@" in k})
-  if write:
-    storage.write_text(layout.results_path(output), json.dumps(results, indent=2) + "\n")
-    storage.write_text(layout.results_table_path(output), markdown(results))
+      storage.write_text(layout.results_path(output), json.dumps(results, indent=2) + "\n")
+      storage.write_text(layout.results_table_path(output), markdown(results))
   return results
 
 

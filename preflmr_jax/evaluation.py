@@ -430,15 +430,20 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
   return result, rankings
 
 
-def evaluate_tasks(encoder: Encoder, data_dir: str, tasks: Sequence[str], split: str,
-                   ks: Sequence[int], **kwargs) -> dict[str, tuple[dict[str, Any], list]]:
-  """{task: (metrics, rankings)}; every task's data is opened first, so that a task that is not
-  built fails before any work is done."""
+def check_tasks(data_dir: str, tasks: Sequence[str], split: str) -> None:
+  """Opens every task's queries and passages of `split`: a task or split that is not built fails
+  here, before any work is done."""
   for task in tasks:
     m2kr.load_passages(data_dir, task, split)
     m2kr.load_queries(data_dir, task, split)
+
+
+def evaluate_tasks(encoder: Encoder, data_dir: str, tasks: Sequence[str], split: str,
+                   ks: Sequence[int], **kwargs) -> dict[str, tuple[dict[str, Any], list]]:
+  """{task: (metrics, rankings)}; every task is checked first (`check_tasks`)."""
+  check_tasks(data_dir, tasks, split)
   return {task: evaluate_task(encoder, data_dir, task, split, ks, **kwargs) for task in tasks}
 
 
-__all__ = ["DOC_LENGTH_MULTIPLE", "Corpus", "Encoder", "IndexOptions", "encode_corpus",
-           "eval_mesh", "evaluate_task", "evaluate_tasks"]
+__all__ = ["DOC_LENGTH_MULTIPLE", "Corpus", "Encoder", "IndexOptions", "check_tasks",
+           "encode_corpus", "eval_mesh", "evaluate_task", "evaluate_tasks"]

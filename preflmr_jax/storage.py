@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from typing import BinaryIO, Callable, Iterator, Optional, Union
 
 from etils import epath
@@ -176,6 +177,21 @@ def ensure_dir(p: epath.Path, what: str) -> None:
       p.mkdir(parents=True, exist_ok=True)
 
 
+def check_writable(p: epath.Path, what: str) -> None:
+  """`ensure_dir`, then a probe file written and deleted there: an output that cannot be written
+  fails before any work rather than after it."""
+  probe = p / f".write_probe_{uuid.uuid4().hex}"
+  try:
+    ensure_dir(p, what)
+    with errors(what, p):
+      write_bytes(probe, b"")
+      probe.unlink()
+  except OSError as e:
+    if is_remote(p):  # `errors` named the path already
+      raise
+    raise OSError(f"{what}={p}: cannot write there ({e})") from None
+
+
 def must_exist(p: epath.Path, what: str, noun: str = "folder") -> None:
   """FileNotFoundError naming `what`=`p` when `p` (a `noun`) is absent, or its bucket is."""
   with errors(what, p):
@@ -189,15 +205,6 @@ def must_exist(p: epath.Path, what: str, noun: str = "folder") -> None:
 
 
 # ------------------------------------------------------------------------------------ writes
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's files are private (0600)
-
 
 def _upload(source: BinaryIO, dest: epath.Path) -> None:
   """Streams `source` into the object `dest`; on failure nothing is committed (an fsspec file
@@ -228,9 +235,10 @@ def write_with(p: PathLike, write: Callable[[BinaryIO], None]) -> None:
       _upload(tmp, p)
     return
   p.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.tmp")
+  tmp = os.path.join(p.parent, f".{p.name}.tmp{uuid.uuid4().hex}")
+  # Mode 0666 less the umask in force now, as open() creates files (mkstemp's are 0600).
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
-    os.fchmod(fd, _FILE_MODE)
     with os.fdopen(fd, "wb") as f:
       write(f)
     os.replace(tmp, p)
