@@ -17,7 +17,7 @@ dataset's own instructions, Recall@K / PseudoRecall@K of `metrics.py`). Outputs 
 negatives from it, `config.data.hard_negatives_dir`). Multi-host, every process runs this command;
 they share the work and process 0 writes. Every path may be a gs:// URL (storage.py).
 
-Every task's data (built) and the output and cache folders (writable) are
+Every task's data (built, its shards intact) and the output and cache folders (writable) are
 checked before the checkpoint is loaded; results.json and results.md are rewritten after each
 task, so a failure in a later task keeps the finished ones.
 """

@@ -26,7 +26,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
@@ -192,13 +191,21 @@ class DeviceCorpus:
   passage: np.ndarray
 
 
-def _fingerprint(params, model_config, passages) -> str:
-  """Changes with the parameters, the model config and the corpus build."""
+def _fingerprint(params, model_config, ids: Sequence[str], texts: Sequence[str]) -> str:
+  """Changes with the parameters, the model config and the passages themselves.
+
+  The passages are hashed as read (ids, texts, in order), not the build's files or metadata: a
+  rebuilt or repaired shard whose records changed gets a new key even when dataset_info.json,
+  the sizes and the counts are the same, and encode_corpus reads every passage anyway (hashing
+  them costs a fraction of that read)."""
   h = hashlib.blake2b(digest_size=16)
   for leaf in jax.tree.leaves(params):  # replicated (the eval binary): one copy is all of it
     h.update(np.ascontiguousarray(np.asarray(leaf.addressable_data(0))).tobytes())
   h.update(json.dumps(model_config.to_dict(), sort_keys=True, default=str).encode())
-  h.update((epath.Path(passages.path) / "dataset_info.json").read_bytes())
+  for column in (ids, texts):
+    h.update(np.asarray([len(x) for x in column], np.int64).tobytes())  # where each one ends
+    for rows in _batches(len(column), 8192):
+      h.update("".join(column[i] for i in rows).encode("utf-8"))
   return h.hexdigest()
 
 
@@ -268,7 +275,8 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir=None) -> Corp
 
   With `cache_dir`, each process stores the valid tokens of its passages packed
   (`<task>_<fingerprint>_<process>of<processes>_b<batch>.npz`) and reuses them while the
-  parameters, model config, corpus build, number of processes and batch size are unchanged.
+  parameters, model config, passages (their ids and texts), number of processes and batch size
+  are unchanged.
   """
   ids, texts = [], []
   for rows in _batches(len(passages), 8192):
@@ -277,7 +285,7 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir=None) -> Corp
     texts += [r["passage_content"] for r in records]
   path = None
   if cache_dir:
-    name = (f"{task}_{_fingerprint(encoder.params, encoder.config, passages)}_"
+    name = (f"{task}_{_fingerprint(encoder.params, encoder.config, ids, texts)}_"
             f"{jax.process_index()}of{jax.process_count()}_b{encoder.batch_size}.npz")
     path = storage.path(cache_dir, "--embedding_cache") / name
   hit = bool(path and path.exists())
@@ -431,8 +439,8 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
 
 
 def check_tasks(data_dir: str, tasks: Sequence[str], split: str) -> None:
-  """Opens every task's queries and passages of `split`: a task or split that is not built fails
-  here, before any work is done."""
+  """Opens every task's queries and passages of `split`: a task or split that is not built, or a
+  damaged shard (`m2kr.load_passages`), fails here, before any work is done."""
   for task in tasks:
     m2kr.load_passages(data_dir, task, split)
     m2kr.load_queries(data_dir, task, split)

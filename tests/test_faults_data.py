@@ -1,17 +1,28 @@
-"""Evaluation under faults, on copies of the SAMPLE build: the eval binary checks its tasks and
-outputs before any work, keeps each finished task, and writes files with the user's umask."""
+"""Data and evaluation under faults, on copies of the SAMPLE build: damaged shards and records are
+errors naming the file and the rebuild command, never passages "None"; the embedding cache follows
+the passages' content; the eval binary checks its tasks and outputs before any work, keeps each
+finished task, and writes files with the user's umask."""
 
+import glob
 import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 
+import jax
+import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 
 from preflmr_jax import config_files, evaluate, evaluation, tokenization
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
+
+REBUILD = "rebuild it: python -m preflmr_jax.data.prepare"
 
 
 def _config(**overrides):
@@ -28,6 +39,137 @@ def data_dir(built, tmp_path):
   """A copy of the SAMPLE build, to damage."""
   shutil.copytree(built, tmp_path / "tfds")
   return str(tmp_path / "tfds")
+
+
+def _shard(data_dir, kind, split):
+  return glob.glob(os.path.join(m2kr.dataset_dir(data_dir, "SAMPLE", kind),
+                                f"*-{split}.array_record-*"))[0]
+
+
+def _rewrite(data_dir, kind, split, change):
+  """Rewrites the split's shard with record i's bytes as `change(i, bytes, features)` returns
+  them, and records its size as the build does."""
+  folder = m2kr.dataset_dir(data_dir, "SAMPLE", kind)
+  features = tfds.builder_from_directory(folder).info.features
+  path = _shard(data_dir, kind, split)
+  reader = array_record_module.ArrayRecordReader(path)
+  raws = reader.read_all()
+  reader.close()
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")  # as TFDS writes them
+  for i, raw in enumerate(raws):
+    writer.write(change(i, raw, features))
+  writer.close()
+  with open(os.path.join(folder, "metadata.json")) as f:
+    metadata = json.load(f)
+  metadata["splits"][split]["shard_bytes"] = [os.path.getsize(path)]
+  with open(os.path.join(folder, "metadata.json"), "w") as f:
+    json.dump(metadata, f)
+  return path
+
+
+def _replace(record, **fields):
+  """A record's bytes -> its bytes with `fields` changed."""
+  def change(i, raw, features):
+    if i != record:
+      return raw
+    example = {k: v.decode() if isinstance(v, bytes) and k != "image" else v
+               for k, v in features.deserialize_example_np(raw).items()}
+    example.update(fields)
+    return features.serialize_example(example)
+  return change
+
+
+# ------------------------------------------------------------------ 6: damaged shards
+
+
+def test_a_record_without_its_text_is_an_error_not_none(data_dir):
+  def drop_text(i, raw, features):
+    if i != 3:
+      return raw
+    from tensorflow_datasets.core.example_serializer import tf_example_pb2  # pylint: disable=g-import-not-at-top
+    example = tf_example_pb2.Example()
+    example.features.feature["passage_id"].bytes_list.value.append(b"SAMPLE_p03")
+    return example.SerializeToString()
+  path = _rewrite(data_dir, "passages", "test_passages", drop_text)
+  passages = m2kr.load_passages(data_dir, "SAMPLE", "test")
+  with pytest.raises(m2kr.CorruptRecordError, match=rf"{path} record 3: no passage_content; "
+                                                    f"{REBUILD}"):
+    passages[3]
+
+
+def test_a_truncated_passages_shard_stops_the_eval_binary_naming_file_and_rebuild(data_dir,
+                                                                              tmp_path):
+  path = _shard(data_dir, "passages", "test_passages")
+  with open(path, "rb") as f:
+    whole = f.read()
+  with open(path, "wb") as f:
+    f.write(whole[:65536])  # at a block boundary: array_record reads it as zero records
+  out = subprocess.run(
+      [sys.executable, "-m", "preflmr_jax.evaluate", "--config", "configs/tiny.py",
+       "--checkpoint", str(tmp_path / "no_run"), "--tasks", "SAMPLE", "--split", "test",
+       "--data_dir", data_dir, "--output", str(tmp_path / "out"), "--embedding_cache", "off"],
+      cwd=config_files.REPO_ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"preflmr_jax.data.m2kr.DamagedBuildError: M2KR SAMPLE passages test_passages: {path}: "
+      f"65536 bytes, the build wrote {len(whole)}; the build is damaged: {REBUILD} --source DIR "
+      f"--image_root DIR --tasks SAMPLE --data_dir {data_dir} --overwrite"), out.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "out")  # nothing written
+  # A build from before shard sizes were recorded: the record count read from the file.
+  folder = m2kr.dataset_dir(data_dir, "SAMPLE", "passages")
+  with open(os.path.join(folder, "metadata.json")) as f:
+    metadata = json.load(f)
+  del metadata["splits"]["test_passages"]["shard_bytes"]
+  with open(os.path.join(folder, "metadata.json"), "w") as f:
+    json.dump(metadata, f)
+  with pytest.raises(m2kr.DamagedBuildError, match=rf"{path}: unreadable \(no record index\)"):
+    m2kr.load_passages(data_dir, "SAMPLE", "test")
+
+
+def _encoder():
+  """Random parameters on one device (drawn with numpy: faster than the model's initialisers)."""
+  model_config = mc.PreFLMRConfig.from_dict(_config().model)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: (0.02 * rng.standard_normal(x.shape)).astype(x.dtype),
+                        preflmr.abstract_params(model_config))
+  mesh = evaluation.eval_mesh(jax.devices()[:1])
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  tok = tokenization.tiny_tokenizer()
+  return evaluation.Encoder(model_config, params, tok, tok, mesh, batch_size=64)
+
+
+def test_the_embedding_cache_follows_the_passages_content(data_dir, tmp_path, monkeypatch):
+  old = os.umask(0o022)
+  try:
+    encoder, cache = _encoder(), tmp_path / "cache"
+    encoded = []
+    documents = encoder.encode_documents
+    monkeypatch.setattr(encoder, "encode_documents",
+                        lambda *a: encoded.append(1) or documents(*a))
+
+    def corpus():
+      encoded.clear()
+      result = evaluation.encode_corpus(encoder, m2kr.load_passages(data_dir, "SAMPLE", "test"),
+                                        "SAMPLE", str(cache))
+      return result, bool(encoded)
+
+    first, encoded_first = corpus()
+    assert encoded_first and len(os.listdir(cache)) == 1
+    assert corpus()[1] is False  # reused
+    entry = cache / os.listdir(cache)[0]
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o644  # the umask's, not 0600
+    # A rebuild whose passages 0 and 1 trade texts: dataset_info.json, sizes and counts as before.
+    info = os.path.join(m2kr.dataset_dir(data_dir, "SAMPLE", "passages"), "dataset_info.json")
+    info_before = open(info).read()
+    texts = [first.texts[1], first.texts[0]]
+    swap = [_replace(i, passage_content=texts[i]) for i in (0, 1)]
+    _rewrite(data_dir, "passages", "test_passages", lambda i, raw, f: swap[i](i, raw, f) if i < 2 else raw)
+    assert open(info).read() == info_before
+    second, encoded_second = corpus()
+    assert encoded_second and second.texts[:2] == texts and len(os.listdir(cache)) == 2
+  finally:
+    os.umask(old)
 
 
 # ------------------------------------------------------------------ 7: evaluation loses nothing

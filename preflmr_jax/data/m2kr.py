@@ -22,6 +22,12 @@ Query records: question_id, question, instruction (str), image (bytes of an enco
 PIL opens; b"" for text-only queries), pos_item_ids, answers (list[str]). Passage records:
 passage_id, passage_content (str).
 
+A damaged build is never read as data. Opening a split checks each shard file against the build:
+present, of the size recorded in metadata.json (`shard_bytes`), holding the record count of
+dataset_info.json; otherwise `DamagedBuildError`. A record whose chunk fails its hash, that does
+not decode, or that lacks a field raises `CorruptRecordError`. Both name the file (and record) and
+the prepare command that rebuilds the task.
+
 Bad input never becomes a wrong label silently. Each dropped or changed record is reported
 (task, split, id, file, row, reason) in the `BuildReport`:
   skipped:   missing or corrupt image file; a non-JPEG image over PIL's decompression-bomb
@@ -106,8 +112,8 @@ REPORT_FILE = "m2kr_prepare_report.json"
 # tests/test_m2kr.py); others are re-encoded at build time.
 _PIL_OK_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK"})
 _BATCH_ROWS = 256
-_PREPARE_HINT = ("run python -m preflmr_jax.data.prepare --source DIR --image_root DIR "
-                 "--tasks {task} --data_dir {data_dir}")
+_PREPARE = ("python -m preflmr_jax.data.prepare --source DIR --image_root DIR --tasks {task} "
+            "--data_dir {data_dir}")
 
 
 # ---------------------------------------------------------------------------
@@ -203,6 +209,21 @@ class _Skip(Exception):
 
 class NotBuiltError(FileNotFoundError):
   """A task or split that is not in data_dir."""
+
+
+class DamagedBuildError(ValueError):
+  """A built shard that does not match what the build wrote (missing, truncated, resized)."""
+
+
+class CorruptRecordError(ValueError):
+  """One built record that cannot be read or decoded: record `position` of the shard `file`."""
+
+  def __init__(self, task: str, file: str, position: int, reason: str, hint: str):
+    self.task, self.file, self.position, self.reason, self.hint = task, file, position, reason, hint
+    super().__init__(f"M2KR {task}: {file} record {position}: {reason}; {hint}")
+
+  def __reduce__(self):  # made in grain workers, unpickled in the main process
+    return type(self), (self.task, self.file, self.position, self.reason, self.hint)
 
 
 # ---------------------------------------------------------------------------
@@ -523,6 +544,14 @@ class _M2krBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         disable_shuffling=True,  # Source order: reproducible, and eval keeps the file order.
         metadata=tfds.core.MetadataDict(),
     )
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    super()._download_and_prepare(dl_manager, download_config)
+    # Each shard's size, checked when the build is opened (`_check_shards`); the files are still
+    # in TFDS's temporary folder here, so the sizes land in metadata.json with the rest.
+    for name, split in self.info.splits.items():
+      self.info.metadata["splits"][name]["shard_bytes"] = [
+          epath.Path(f).stat().length for f in split.filepaths]
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Local files only.
@@ -883,25 +912,52 @@ class Records(Sequence):
   """Random access to built records as plain Python values (str, bytes, list[str]).
 
   `len(records)`, `records[i]`, and `records.__getitems__(indices)` (batched reads, as grain
-  uses them). Picklable, for grain workers.
+  uses them). Picklable, for grain workers. A record that cannot be read (its chunk's hash does
+  not match) or decoded, or that lacks a field, raises `CorruptRecordError` naming its shard
+  file and position; `error(i, reason)` makes that error for record `i` (the input pipeline's
+  reason: an undecodable image).
   """
 
-  def __init__(self, source, text_keys: Sequence[str], list_keys: Sequence[str], path: str):
+  def __init__(self, source, text_keys: Sequence[str], list_keys: Sequence[str], path: str,
+               task: str, shards: Sequence[tuple[str, int]], hint: str):
     self._source = source
     self._text_keys = tuple(text_keys)
     self._list_keys = tuple(list_keys)
-    self.path = path
+    self.path, self.task, self._hint = path, task, hint
+    self._files = [f for f, _ in shards]
+    self._starts = np.cumsum([0] + [n for _, n in shards])[:-1].tolist()
 
   def __len__(self) -> int:
     return len(self._source)
 
-  def _convert(self, record: dict) -> dict:
-    out = dict(record)
-    for key in self._text_keys:
-      value = out[key]
-      out[key] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-    for key in self._list_keys:
-      out[key] = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in out[key]]
+  def where(self, index) -> tuple[str, int]:
+    """(shard file, position in it) of record `index`."""
+    i = self._index(index)
+    shard = bisect.bisect_right(self._starts, i) - 1
+    return self._files[shard], i - self._starts[shard]
+
+  def error(self, index, reason: str) -> CorruptRecordError:
+    """The error for record `index`, which does not decode for `reason`."""
+    return CorruptRecordError(self.task, *self.where(index), reason, self._hint)
+
+  def _convert(self, i: int, raw: bytes) -> dict:
+    if not raw:  # what array_record returns for a record it does not have
+      raise self.error(i, "empty record")
+    try:
+      out = self._source.dataset_info.features.deserialize_example_np(raw)
+    except Exception as e:  # pylint: disable=broad-except  (protobuf's DecodeError, TFDS's)
+      raise self.error(i, f"does not decode ({type(e).__name__}: {e})") from None
+    missing = [k for k, v in out.items() if v is None]
+    if missing:  # str(None) would be the text "None"
+      raise self.error(i, f"no {', '.join(sorted(missing))}")
+    try:
+      for key in self._text_keys:
+        value = out[key]
+        out[key] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+      for key in self._list_keys:
+        out[key] = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in out[key]]
+    except UnicodeDecodeError as e:
+      raise self.error(i, f"invalid UTF-8 ({e})") from None
     if "image" in out:
       out["image"] = bytes(out["image"])
     return out
@@ -915,20 +971,81 @@ class Records(Sequence):
       raise IndexError(f"record {index} out of range for {n} records ({self.path})")
     return i
 
+  def _read(self, indices: list[int]) -> list[bytes]:
+    # The bytes from array_record, decoded in `_convert`: a read error and a decode error are
+    # then told apart, and each is attributed to its record.
+    source = self._source.data_source
+    try:
+      return list(source.__getitems__(indices))
+    except RuntimeError:
+      pass  # one record is unreadable: read them one by one to name it
+    raws = []
+    for i in indices:
+      try:
+        raws.append(source[i])
+      except RuntimeError as e:
+        # Riegeli's data-loss errors ("Corrupted Riegeli/records file: chunk data hash mismatch")
+        # belong to the record; any other (an I/O failure) is raised as it is.
+        if "Corrupted" not in str(e):
+          raise
+        raise self.error(i, str(e).splitlines()[0]) from None
+    return raws
+
   def __getitem__(self, index):
     if isinstance(index, slice):
       return [self[i] for i in range(*index.indices(len(self)))]
-    return self._convert(self._source[self._index(index)])
+    i = self._index(index)
+    return self._convert(i, self._read([i])[0])
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-    records = self._source.__getitems__([self._index(i) for i in indices])
-    return [self._convert(r) for r in records]
+    indices = [self._index(i) for i in indices]
+    return [self._convert(i, raw) for i, raw in zip(indices, self._read(indices))]
 
 
-def _load(data_dir: PathLike, task: str, kind: str, split: str) -> tfds.core.DatasetBuilder:
+def _check_shards(builder: tfds.core.DatasetBuilder, split: str, what: str,
+                  rebuild: str) -> list[tuple[str, int]]:
+  """The split's (shard file, records), each checked against what the build wrote: present, of
+  the size recorded in metadata.json (builds that recorded it), holding the record count of
+  dataset_info.json. A shard truncated at a block boundary opens without an error as zero
+  records while TFDS still reports the recorded length: the count is read from each file's own
+  index (its footer, which array_record reads anyway to open it)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  info = builder.info.splits[split]
+  files = [os.fspath(f) for f in info.filepaths]
+  counts = [int(n) for n in info.shard_lengths]
+  sizes = (_read_metadata(os.fspath(builder.data_dir)).get("splits", {}).get(split, {})
+           .get("shard_bytes") or [None] * len(files))
+
+  def problem(k: int) -> Optional[str]:
+    path = epath.Path(files[k])
+    if not path.exists():
+      return "missing"
+    size = path.stat().length
+    if sizes[k] is not None and size != sizes[k]:
+      return f"{size} bytes, the build wrote {sizes[k]}"
+    try:
+      reader = array_record_module.ArrayRecordReader(files[k], "readahead_buffer_size:0")
+      found = reader.num_records()
+      reader.close()  # raises when the reader met an error on the way
+    except RuntimeError as e:
+      return f"unreadable ({(str(e).splitlines() or ['no record index'])[0]})"
+    if found != counts[k]:
+      return f"{found} records, the build wrote {counts[k]}"
+    return None
+
+  with concurrent.futures.ThreadPoolExecutor(min(16, len(files)) or 1) as pool:
+    for k, bad in enumerate(pool.map(problem, range(len(files)))):
+      if bad:
+        raise DamagedBuildError(f"{what}: {files[k]}: {bad}; the build is damaged: {rebuild}")
+  return list(zip(files, counts))
+
+
+def _load(data_dir: PathLike, task: str, kind: str, split: str, text_keys: Sequence[str],
+          list_keys: Sequence[str]) -> Records:
   task = canonical_task(task)
   path = dataset_dir(storage.path(data_dir, "data_dir"), task, kind)
-  hint = _PREPARE_HINT.format(task=task, data_dir=os.fspath(data_dir))
+  command = _PREPARE.format(task=task, data_dir=os.fspath(data_dir))
+  hint = f"run {command}"
   if not (epath.Path(path) / "dataset_info.json").exists():
     raise NotBuiltError(f"M2KR {task} {kind} are not built in data_dir={os.fspath(data_dir)!r} "
                         f"(no {path}): {hint}")
@@ -938,22 +1055,24 @@ def _load(data_dir: PathLike, task: str, kind: str, split: str) -> tfds.core.Dat
     raise NotBuiltError(f"M2KR {task} {kind} split {split!r} is not built in "
                         f"data_dir={os.fspath(data_dir)!r} (built: {built}; the source may lack "
                         f"it, or every record was skipped: see {REPORT_FILE}): {hint}")
-  return builder
+  rebuild = f"rebuild it: {command} --overwrite"
+  shards = _check_shards(builder, split, f"M2KR {task} {kind} {split}", rebuild)
+  return Records(builder.as_data_source(split=split), text_keys, list_keys,
+                 os.fspath(builder.data_dir), task, shards, rebuild)
 
 
 def load_queries(data_dir: PathLike, task: str, split: str) -> Records:
-  """The queries of `task`'s `split` ("train" / "valid" / "test"): records with `QUERY_KEYS`."""
+  """The queries of `task`'s `split` ("train" / "valid" / "test"): records with `QUERY_KEYS`.
+
+  Raises `NotBuiltError` for what is not built and `DamagedBuildError` for a shard that does not
+  match the build (both name the file and the prepare command)."""
   if split not in SPLITS:
     raise ValueError(f"unknown query split {split!r}; expected one of {SPLITS}")
-  builder = _load(data_dir, task, "queries", split)
-  return Records(builder.as_data_source(split=split),
-                 ("question_id", "question", "instruction"), ("pos_item_ids", "answers"),
-                 os.fspath(builder.data_dir))
+  return _load(data_dir, task, "queries", split, ("question_id", "question", "instruction"),
+               ("pos_item_ids", "answers"))
 
 
 def load_passages(data_dir: PathLike, task: str, split: str) -> Records:
-  """The passage corpus for query split `split` ("test" or "test_passages"): `PASSAGE_KEYS`."""
-  psplit = passage_split(split)
-  builder = _load(data_dir, task, "passages", psplit)
-  return Records(builder.as_data_source(split=psplit), PASSAGE_KEYS, (),
-                 os.fspath(builder.data_dir))
+  """The passage corpus for query split `split` ("test" or "test_passages"): `PASSAGE_KEYS`.
+  Errors as `load_queries`."""
+  return _load(data_dir, task, "passages", passage_split(split), PASSAGE_KEYS, ())
