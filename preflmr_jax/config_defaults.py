@@ -97,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Train on a fixed subset of about this many queries of the mixture (0: all); subsets of one
       # subset_seed are nested (the 10K one lies inside the 100K one).
       max_train_examples=0, subset_seed=0,
+      # Training records that do not decode (a corrupt shard chunk, an undecodable image) are
+      # replaced by their task's next record, each logged with a count per task and file; past
+      # this many in one process the run stops naming the last (0: stop at the first).
+      max_bad_records=100,
   ))
   config.init_from = ""  # a published PreFLMR folder (load_pretrained) to start from
   return config

@@ -1,10 +1,12 @@
-"""Data and evaluation under faults, on copies of the SAMPLE build: damaged shards and records are
-errors naming the file and the rebuild command, never passages "None"; the embedding cache follows
-the passages' content; the eval binary checks its tasks and outputs before any work, keeps each
-finished task, and writes files with the user's umask."""
+"""Data and evaluation under faults, on copies of the SAMPLE build: records that do not decode are
+replaced (the same stream for any number of processes) up to config.data.max_bad_records; damaged
+shards and records are errors naming the file and the rebuild command, never passages "None"; the
+embedding cache follows the passages' content; the eval binary checks its tasks and outputs before
+any work, keeps each finished task, and writes files with the user's umask."""
 
 import glob
 import json
+import logging
 import os
 import shutil
 import stat
@@ -17,7 +19,7 @@ import pytest
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
-from preflmr_jax import config_files, evaluate, evaluation, tokenization
+from preflmr_jax import config_files, data, evaluate, evaluation, tokenization
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
@@ -77,6 +79,86 @@ def _replace(record, **fields):
     example.update(fields)
     return features.serialize_example(example)
   return change
+
+
+# ------------------------------------------------------------------ 5: training records
+
+
+def _iterator(config, **kwargs):
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  return data.make_train_iterator(config, model_config, tokenization.tiny_tokenizer(), **kwargs)
+
+
+@pytest.fixture
+def damaged_train(data_dir):
+  """The training shard with two bad records in the second global batch of 8: one whose image PIL
+  cannot open, one whose bytes are no example at all. -> (data_dir, their indices, shard)."""
+  stream = pipeline._global_stream([("SAMPLE", 1.0)], [1536], _config().seed)
+  image, garbage = stream[8 + 2][1], stream[8 + 5][1]
+  bad_image = _replace(image, image=b"not an image")
+  path = _rewrite(data_dir, "queries", "train",
+                  lambda i, raw, f: b"\x08garbage" if i == garbage else bad_image(i, raw, f))
+  return data_dir, (image, garbage), path
+
+
+def test_records_that_do_not_decode_are_replaced_the_same_for_any_process_count(damaged_train,
+                                                                             caplog):
+  data_dir, bad, path = damaged_train
+  config = _config(**{"data.data_dir": data_dir, "batch_size": 8, "num_negatives": 1})
+  caplog.set_level(logging.WARNING)
+  it = _iterator(config)
+  whole = [next(it), next(it)]
+  it.close()  # no batches read ahead in the background
+  assert set(whole[1]) == set(data.BATCH_KEYS) and whole[1]["query_input_ids"].shape[0] == 8
+  # Each bad record's row holds the task's next record: its positive is that record's passage.
+  queries = m2kr.load_queries(data_dir, "SAMPLE", "train")
+  passages = m2kr.load_passages(data_dir, "SAMPLE", "train")
+  index = {passages[i]["passage_id"]: i for i in range(len(passages))}
+  for row, record in zip((2, 5), bad):
+    positive = whole[1]["doc_labels"][row * 2]
+    assert positive in [index[p] for p in queries[record + 1]["pos_item_ids"]]
+  logged = [r.getMessage() for r in caplog.records if "max_bad_records" in r.getMessage()]
+  assert len(logged) == 2 and all(path in m and "SAMPLE" in m for m in logged), logged
+  assert "undecodable image" in logged[0] and f"record {bad[0]}:" in logged[0]
+  assert f"record {bad[1]}:" in logged[1] and "2 of config.data.max_bad_records=100" in logged[1]
+  # Two processes make the same global batch; a resumed iterator continues with it.
+  halves = [_iterator(config, process_index=p, process_count=2) for p in range(2)]
+  for it in halves:
+    it.set_state({"source": "m2kr", "step": 1})
+  shares = [next(it) for it in halves]
+  for it in halves:
+    it.close()
+  for key, value in whole[1].items():
+    np.testing.assert_array_equal(np.concatenate([s[key] for s in shares]), value, err_msg=key)
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_past_max_bad_records_the_stop_names_task_file_and_the_key(damaged_train, limit):
+  data_dir, bad, path = damaged_train
+  config = _config(**{"data.data_dir": data_dir, "batch_size": 8, "num_negatives": 1,
+                      "data.max_bad_records": limit})
+  it = _iterator(config)
+  next(it)
+  with pytest.raises(ValueError) as error:
+    next(it)
+  it.close()
+  message = str(error.value)
+  assert f"{limit + 1} training records do not decode, over config.data.max_bad_records={limit}" \
+      in message and f"M2KR SAMPLE: {path} record {bad[limit]}" in message and REBUILD in message
+  assert "\n" not in message
+
+
+def test_a_corrupt_chunk_is_an_error_naming_its_record(data_dir):
+  path = _shard(data_dir, "passages", "test_passages")
+  with open(path, "r+b") as f:  # a byte of the 14th record's chunk (one record per chunk)
+    f.seek(3000)
+    byte = f.read(1)
+    f.seek(3000)
+    f.write(bytes([byte[0] ^ 0x40]))
+  passages = m2kr.load_passages(data_dir, "SAMPLE", "test")  # sizes and counts still match
+  with pytest.raises(m2kr.CorruptRecordError, match=rf"M2KR SAMPLE: {path} record 13: Corrupted"):
+    passages.__getitems__(range(len(passages)))
+  assert passages[12]["passage_id"] == "SAMPLE_p12"
 
 
 # ------------------------------------------------------------------ 6: damaged shards

@@ -17,6 +17,11 @@ concatenated corpora of the tasks.
 `config.data.max_train_examples=N` trains on a fixed subset of about N queries of the mixture (split
 by weight; `train_subset`): nested across N for one `config.data.subset_seed`.
 
+A record that does not decode (a corrupt chunk of its shard, an image that PIL cannot open) is
+replaced by its task's next record that does, the same on every host; each is logged with a count
+per task and shard file, and past `config.data.max_bad_records` of them (0: at the first) the run
+stops with one line naming the last record and its file.
+
 The iterator's state is the number of global batches taken (it goes into the checkpoint):
 restoring it continues the stream exactly, with any number of hosts or workers. Evaluation batches
 come from the `valid` split in order, with the dataset's own instructions.
@@ -24,6 +29,7 @@ come from the `valid` split in order, with the dataset's own instructions.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -111,6 +117,16 @@ class _Corpus:
     return cls(passages, index, offset)
 
 
+class _Undecodable(Exception):
+  """A record's content that cannot be made into an example (its image); the message is why."""
+
+
+# What PIL and image_processing raise for bytes that are no decodable image (as the builder's
+# `m2kr.load_image` catches).
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
+                 Image.DecompressionBombError)
+
+
 class _MakeExample(grain.transforms.RandomMap):
   """Record -> one query with its positive and negatives, tokenised, fixed shapes."""
 
@@ -162,11 +178,14 @@ class _MakeExample(grain.transforms.RandomMap):
     return negatives
 
   def _image(self, data: bytes) -> np.ndarray:
-    if data:
-      image = Image.open(io.BytesIO(data))
-    else:  # text-only query: a black image (DESIGN.md section 2)
+    if not data:  # text-only query: a black image (DESIGN.md section 2)
       image = Image.new("RGB", (self.image_size, self.image_size))
-    return image_processing.preprocess_images([image], self.image_size)[0]
+      return image_processing.preprocess_images([image], self.image_size)[0]
+    try:  # PIL decodes lazily: in preprocess_images
+      return image_processing.preprocess_images([Image.open(io.BytesIO(data))],
+                                                self.image_size)[0]
+    except _IMAGE_ERRORS as e:
+      raise _Undecodable(f"undecodable image ({type(e).__name__}: {e})") from None
 
   def random_map(self, record, rng: np.random.Generator) -> dict[str, np.ndarray]:
     positives = self._positives(record)
@@ -228,31 +247,95 @@ def _tagged(task: int, record: int) -> tuple[int, int]:
   return task, record
 
 
+# A host batch's entry that lists the records replaced in it (`m2kr.CorruptRecordError`s); the
+# iterator takes it out and counts them (`_BadRecords`).
+_BAD = "bad_records"
+
+
+def _too_many(error: m2kr.CorruptRecordError, count: int, limit: int) -> ValueError:
+  return ValueError(f"{count} training records do not decode, over "
+                    f"config.data.max_bad_records={limit} (0: stop at the first); the last: {error}")
+
+
+class _BadRecords:
+  """The records replaced in this process's batches, each counted once, per task and file; past
+  `config.data.max_bad_records` of them, a one-line stop naming the last one."""
+
+  def __init__(self, limit: int):
+    self.limit, self.seen, self.per_file = limit, set(), collections.Counter()
+
+  def add(self, errors: Sequence[m2kr.CorruptRecordError]) -> None:
+    for e in errors:
+      if (e.file, e.position) in self.seen:  # met again in a later epoch
+        continue
+      self.seen.add((e.file, e.position))
+      self.per_file[e.task, e.file] += 1
+      if len(self.seen) > self.limit:
+        raise _too_many(e, len(self.seen), self.limit)
+      logging.warning("m2kr: %s; replaced by the next record (%d so far in %s %s, %d of "
+                      "config.data.max_bad_records=%d)", e, self.per_file[e.task, e.file],
+                      e.task, e.file, len(self.seen), self.limit)
+
+
 class _HostRows(grain.transforms.MapWithIndex):
   """Global batch `step` of `(task, record)` pairs -> this host's rows, as examples.
 
   Host p reads and decodes rows [p * b, (p + 1) * b) only. Example g of the global stream
   (g = step * batch_size + row) draws from an RNG seeded by (seed, g), so the global batch is the
-  same whatever the number of hosts that materialise it.
+  same whatever the number of hosts that materialise it. A record that does not decode (its read,
+  or its image) is replaced by its task's next record r + 1, r + 2, ...: the substitute depends
+  on the record alone, so batches stay full and the same for any number of hosts or workers, and
+  a resumed run meets the same substitutes. The batch lists the records replaced (`_BAD`).
   """
 
-  def __init__(self, makers, records, seed: int, global_size: int, size: int, process_index: int):
+  def __init__(self, makers, records, seed: int, global_size: int, size: int, process_index: int,
+               max_bad_records: int):
     self.makers, self.records, self.seed = makers, records, seed
     self.global_size, self.size, self.first = global_size, size, process_index * size
+    self.max_bad_records = max_bad_records
 
-  def map_with_index(self, step: int, pairs) -> dict[str, np.ndarray]:
+  def _read(self, t: int, rows: Sequence[int]) -> list:
+    """Task t's records `rows`; an `m2kr.CorruptRecordError` in place of each that is bad."""
+    try:
+      return list(self.records[t].__getitems__(rows))
+    except m2kr.CorruptRecordError:
+      pass  # read them one by one: only the bad one is replaced
+    out = []
+    for r in rows:
+      try:
+        out.append(self.records[t][r])
+      except m2kr.CorruptRecordError as e:
+        out.append(e)
+    return out
+
+  def _example(self, t: int, r: int, record, g: int, bad: list) -> dict[str, np.ndarray]:
+    size = len(self.records[t])
+    for k in range(size):
+      if not isinstance(record, m2kr.CorruptRecordError):
+        try:
+          return self.makers[t].random_map(record, np.random.default_rng([self.seed, g]))
+        except _Undecodable as e:
+          record = self.records[t].error((r + k) % size, str(e))
+      bad.append(record)
+      if len(bad) > self.max_bad_records:  # the iterator would stop at this batch anyway
+        raise _too_many(record, len(bad), self.max_bad_records)
+      record = self._read(t, [(r + k + 1) % size])[0]
+    raise AssertionError("unreachable: more bad records than records")
+
+  def map_with_index(self, step: int, pairs) -> dict[str, Any]:
     tasks, rows = (np.asarray(a)[self.first:self.first + self.size] for a in pairs)
     records = [None] * len(rows)
     for t in np.unique(tasks):  # batched reads per task
       at = np.flatnonzero(tasks == t)
-      for i, r in zip(at, self.records[t].__getitems__([int(rows[i]) for i in at])):
+      for i, r in zip(at, self._read(int(t), [int(rows[i]) for i in at])):
         records[i] = r
-    examples = []
-    for row, (t, record) in enumerate(zip(tasks, records)):
+    examples, bad = [], []
+    for row, (t, r, record) in enumerate(zip(tasks, rows, records)):
       g = step * self.global_size + self.first + row
-      examples.append(self.makers[t].random_map(record, np.random.default_rng([self.seed, g])))
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    return _flatten_documents(batch)
+      examples.append(self._example(int(t), int(r), record, g, bad))
+    batch = _flatten_documents({k: np.stack([e[k] for e in examples]) for k in examples[0]})
+    batch[_BAD] = bad
+    return batch
 
 
 def _host_batches(config, model_config, tokenizer, split: str, *, train: bool,
@@ -282,8 +365,18 @@ def _host_batches(config, model_config, tokenizer, split: str, *, train: bool,
                  len(corpus.passages))
   stream = _global_stream(tasks, [len(r) for r in queries], seed if train else None)
   rows = _HostRows(makers, queries, _seed(seed, 0, 1 if train else 2), config.batch_size,
-                   data_lib.local_batch_size(config, process_count), process_index)
+                   data_lib.local_batch_size(config, process_count), process_index,
+                   max_bad_records(config))
   return stream.batch(config.batch_size, drop_remainder=True).map_with_index(rows)
+
+
+def max_bad_records(config) -> int:
+  """`config.data.max_bad_records`: how many records that do not decode a process replaces."""
+  limit = config.data.get("max_bad_records", 100)
+  if not isinstance(limit, int) or limit < 0:
+    raise ValueError(f"config.data.max_bad_records={limit!r} must be an integer >= 0 "
+                     "(0: stop at the first record that does not decode)")
+  return limit
 
 
 def subset_shares(tasks: Sequence[tuple[str, float]], total: int) -> list[int]:
@@ -319,6 +412,9 @@ class _Subset:
 
   def __getitems__(self, rows: Sequence[int]):
     return self._records.__getitems__([int(self._indices[i]) for i in rows])
+
+  def error(self, i: int, reason: str):
+    return self._records.error(int(self._indices[i]), reason)
 
 
 def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, list[int]]]:
@@ -369,6 +465,7 @@ class M2KRIterator:
       raise ValueError(f"config.data.num_workers={self._workers} must be >= 0")
     self._batches = _host_batches(config, model_config, tokenizer, "train", train=True,
                                   process_index=process_index, process_count=process_count)
+    self._bad = _BadRecords(max_bad_records(config))
     self._step, self._it = 0, None
 
   def _open(self):
@@ -387,6 +484,7 @@ class M2KRIterator:
     if self._it is None:  # opened lazily: set_state before the first batch starts no workers
       self._it = self._open()
     batch = next(self._it)
+    self._bad.add(batch.pop(_BAD))
     self._step += 1
     return batch
 
@@ -415,7 +513,11 @@ def eval_batches(config, model_config, tokenizer, num_batches: int, *, process_i
     tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
   batches = _host_batches(config, model_config, tokenizer, split, train=False,
                           process_index=process_index, process_count=process_count)
-  return [batches[i] for i in range(num_batches)]
+  bad, out = _BadRecords(max_bad_records(config)), []
+  for i in range(num_batches):
+    out.append(batches[i])
+    bad.add(out[-1].pop(_BAD))
+  return out
 
 
 __all__ = ["M2KRIterator", "cache_root", "eval_batches", "parse_tasks", "resolve_data_dir"]
