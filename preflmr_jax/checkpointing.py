@@ -1,8 +1,8 @@
 """Orbax checkpoints for training runs: async saves, keep-N, resume, preemption.
 
   ckpt = Checkpointer(workdir.checkpoints_dir(path), max_to_keep=3, save_interval_steps=1000)
-  if (step := ckpt.latest_step()) is not None:
-    params, opt_state, meta = ckpt.restore(step, abstract_params, abstract_opt_state)
+  if ckpt.latest_step() is not None:  # the newest step that restores, walking back past damage
+    step, params, opt_state, meta = ckpt.restore_latest(abstract_params, abstract_opt_state)
   ...
   ckpt.save(step, params, opt_state, {"step": step, "rng": [...], "data": it.get_state()})
   ckpt.close()                                       # waits for the last async save
@@ -13,6 +13,11 @@ Layout: `<workdir>/checkpoints/<step>/{params,opt_state,meta}` (workdir.py), thr
 items so that parameters can be restored alone. Arrays come back with the shardings of the abstract
 targets, so a run can resume on a different mesh than it saved from. Directories are local paths or
 gs:// URLs (storage.py).
+
+What survives faults (docs/reliability.md): a step counts only once its commit file is written
+(`_is_complete`, for resume and save alike); a step folder this run did not write (an interrupted
+save, or a damaged step resumed past) is cleared before that step is saved again; resume walks back
+from the newest complete step to the newest one that restores, logging each step it skips and why.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import signal
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -60,8 +66,20 @@ def _key_name(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+class CheckpointMismatchError(ValueError):
+  """The checkpoint is intact but holds other arrays than the model (a config change)."""
+
+
+class CheckpointDamagedError(RuntimeError):
+  """No complete step restores: each one's failure is in the message."""
+
+
+class CheckpointCorruptError(ValueError):
+  """An array reads back with other bits than were saved."""
+
+
 def _check_against_checkpoint(item_dir: epath.Path, abstract, item: str) -> None:
-  """Raises a ValueError naming the first array whose path or shape differs from the checkpoint.
+  """Raises CheckpointMismatchError naming the first array whose path or shape differs.
 
   Orbax's own error gives the two shapes but not which array they belong to.
   """
@@ -71,15 +89,70 @@ def _check_against_checkpoint(item_dir: epath.Path, abstract, item: str) -> None
   stored = {_key_name(p): tuple(m.shape) for p, m in leaves(stored_tree)}
   wanted = {_key_name(p): tuple(np.shape(x)) for p, x in leaves(abstract)}
   if missing := sorted(wanted.keys() - stored.keys()):
-    raise ValueError(f"{item}/{missing[0]} is not in the checkpoint "
-                     f"({len(missing)} missing; checkpoint {item_dir})")
+    raise CheckpointMismatchError(f"{item}/{missing[0]} is not in the checkpoint "
+                                  f"({len(missing)} missing; checkpoint {item_dir})")
   if extra := sorted(stored.keys() - wanted.keys()):
-    raise ValueError(f"{item}/{extra[0]} is in the checkpoint but not in the model "
-                     f"({len(extra)} such; checkpoint {item_dir})")
+    raise CheckpointMismatchError(f"{item}/{extra[0]} is in the checkpoint but not in the model "
+                                  f"({len(extra)} such; checkpoint {item_dir})")
   for name, shape in wanted.items():
     if stored[name] != shape:
-      raise ValueError(f"{item}/{name}: the checkpoint {item_dir} has shape {stored[name]}, "
-                       f"the model expects {shape}")
+      raise CheckpointMismatchError(f"{item}/{name}: the checkpoint {item_dir} has shape "
+                                    f"{stored[name]}, the model expects {shape}")
+
+
+# meta's key for the arrays' checksums: OCDBT files carry none, so a flipped bit would restore.
+CHECKSUMS = "checksums"
+
+
+@jax.jit
+def _checksums(tree):
+  """Per array, the wrapping uint32 sum of its elements' bit patterns: any one flipped bit
+  changes it. Computed where the arrays live; a few scalars come back."""
+  def one(x):
+    x = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jnp.sum(jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32), dtype=jnp.uint32)
+  return jax.tree.map(one, tree)
+
+
+def _checksum_table(tree) -> dict[str, int]:
+  return {_key_name(p): int(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(_checksums(tree)))}
+
+
+def _verify(tree, expected: dict[str, int] | None, item_dir: epath.Path) -> None:
+  """Raises CheckpointCorruptError naming the first array whose checksum differs from the one
+  recorded at save time (checkpoints saved without checksums are not checked)."""
+  if expected is None:
+    return
+  got = _checksum_table(tree)
+  for name, value in expected.items():
+    if got.get(name) != value:
+      raise CheckpointCorruptError(f"{item_dir}: array {name} differs from what was saved "
+                                   "(checksum mismatch)")
+
+
+def _why(e: BaseException) -> str:
+  """One line for a restore failure: its root cause (for TensorStore the one naming the file), as
+  the libraries' own messages run to many lines."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  first = (str(e).strip().splitlines() or [""])[0][:300]
+  return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _restore_failure_is_damage(e: BaseException) -> bool:
+  """Whether a failed restore means this step is damaged, so an older step should be tried.
+
+  A config mismatch would fail on every step, and a denied or unreachable store says nothing
+  about the data: walking back past either would resume from an older step for no reason.
+  """
+  return not isinstance(e, CheckpointMismatchError) and not storage.is_access_failure(e)
+
+
+def _all_agree(ok: bool) -> bool:
+  """True when every process says ok (each reads its own shards of a step, so one may fail)."""
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class Checkpointer:
@@ -87,8 +160,11 @@ class Checkpointer:
 
   def __init__(self, directory: storage.PathLike, *, max_to_keep: int = 3,
                save_interval_steps: int = 1, async_save: bool = True):
+    if max_to_keep < 1:  # Orbax would delete each checkpoint right after writing it
+      raise ValueError(f"max_to_keep={max_to_keep}: keep at least one checkpoint")
     self.directory = storage.path(directory, "checkpoint directory")
     self.save_interval_steps = save_interval_steps
+    self._saved: set[int] = set()  # steps this object wrote
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, create=True)
@@ -114,26 +190,46 @@ class Checkpointer:
       json.dumps(meta)  # fail here, not in Orbax's background thread
     except TypeError as e:
       raise TypeError(f"checkpoint meta must be JSON-serialisable: {e}") from e
-    if step in self._manager.all_steps():
+    if step in self._saved:
       return False
     if not force and step % self.save_interval_steps:
       return False
+    self._clear_stale(step)
+    meta = {**meta, CHECKSUMS: {"params": _checksum_table(params),
+                                "opt_state": _checksum_table(opt_state)}}
     # The interval is decided above: Orbax's own policy would also skip every step below a stray
     # step folder that it counts as complete.
     args = ocp.args.Composite(params=ocp.args.StandardSave(params),
                               opt_state=ocp.args.StandardSave(opt_state),
                               meta=ocp.args.JsonSave(meta))
-    return self._manager.save(step, args=args, force=True)
+    started = self._manager.save(step, args=args, force=True)
+    if started:
+      self._saved.add(step)
+    return started
 
-  def restore(self, step: int | None, abstract_params, abstract_opt_state):
-    """Returns (params, opt_state, meta) of `step` (None: the latest complete one).
+  def _clear_stale(self, step: int) -> None:
+    """Removes a `step` folder this object did not write, so that the step is written anew.
+
+    A run that reaches a step again resumed from an older one, so a folder already there is
+    incomplete (an interrupted save) or was skipped as damaged; Orbax would keep it and skip the
+    save.
+    """
+    step_dir = self.directory / str(step)
+    exists = int(multihost_utils.broadcast_one_to_all(np.int32(step_dir.exists())))
+    if not exists:
+      return
+    if jax.process_index() == 0:
+      logging.warning("replacing %s, left by an earlier attempt (%s)", step_dir,
+                      "complete but not restored" if _is_complete(step_dir) else "incomplete")
+      step_dir.rmtree(missing_ok=True)
+    multihost_utils.sync_global_devices(f"preflmr_jax:cleared_step_{step}")
+    self._manager.reload()
+
+  def restore(self, step: int, abstract_params, abstract_opt_state):
+    """Returns (params, opt_state, meta) of complete step `step`.
 
     The abstract trees hold `jax.ShapeDtypeStruct`s with shardings; arrays come back sharded so.
     """
-    if step is None:
-      step = self.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
     step_dir = self.directory / str(step)
     if not _is_complete(step_dir):
       raise FileNotFoundError(f"no complete checkpoint for step {step} in {self.directory} "
@@ -144,7 +240,42 @@ class Checkpointer:
         params=ocp.args.StandardRestore(abstract_params),
         opt_state=ocp.args.StandardRestore(abstract_opt_state),
         meta=ocp.args.JsonRestore()))
-    return out.params, out.opt_state, out.meta
+    meta = dict(out.meta)
+    checksums = meta.pop(CHECKSUMS, {})
+    _verify(out.params, checksums.get("params"), step_dir / "params")
+    _verify(out.opt_state, checksums.get("opt_state"), step_dir / "opt_state")
+    return out.params, out.opt_state, meta
+
+  def restore_latest(self, abstract_params, abstract_opt_state):
+    """(step, params, opt_state, meta) of the newest complete step that restores.
+
+    A damaged step (a truncated or missing array file, unreadable metadata) is logged and skipped
+    for the one before it; a config mismatch or a storage access failure is raised at once.
+    """
+    steps = [int(s) for s in multihost_utils.broadcast_one_to_all(
+        np.asarray(self.all_steps() or [-1], np.int64)) if s >= 0]
+    skipped = []
+    for step in reversed(steps):
+      error = None
+      try:
+        out = self.restore(step, abstract_params, abstract_opt_state)
+      except Exception as e:  # pylint: disable=broad-except
+        if not _restore_failure_is_damage(e):
+          raise
+        error = e
+      if _all_agree(error is None):
+        for s, why in skipped:
+          logging.warning("resumed from step %d, not %d: %s", step, s, why)
+        return (step, *out)
+      why = _why(error) if error else "another process could not read it"
+      logging.warning("checkpoint step %d in %s does not restore (%s); trying the one before",
+                      step, self.directory, why)
+      skipped.append((step, why))
+    if not skipped:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    raise CheckpointDamagedError(
+        f"no checkpoint in {self.directory} restores: " +
+        "; ".join(f"step {s}: {why}" for s, why in skipped))
 
   def wait(self) -> None:
     """Blocks until every started save is committed."""
@@ -180,16 +311,52 @@ def find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
   return directory / str(step)
 
 
+def first_nonfinite(tree) -> str | None:
+  """The path of the first floating-point array holding a NaN or an infinity, or None."""
+  flags = jax.tree.map(lambda x: jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact)
+                       else jnp.bool_(True), tree)
+  for path, ok in jax.tree_util.tree_leaves_with_path(jax.device_get(flags)):
+    if not ok:
+      return _key_name(path)
+  return None
+
+
 def restore_params(path: storage.PathLike, abstract_params, step: int | None = None):
   """Restores the params item alone (opt_state is never read), sharded like `abstract_params`.
 
   `path` is a run's workdir, its `checkpoints` directory or one step's folder; step=None picks the
-  latest complete step.
+  latest complete step. A step that does not restore, or holds NaN / infinite parameters, is an
+  error naming it: this never falls back to another step than the one asked for.
   """
-  item_dir = find_step_dir(storage.path(path, "checkpoint"), step) / "params"
-  _check_against_checkpoint(item_dir, abstract_params, "params")
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(item_dir, abstract_params)
+  step_dir = find_step_dir(storage.path(path, "checkpoint"), step)
+  item_dir = step_dir / "params"
+  try:
+    _check_against_checkpoint(item_dir, abstract_params, "params")
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(item_dir, abstract_params)
+    meta_file = step_dir / "meta" / "metadata"
+    recorded = json.loads(meta_file.read_text()).get(CHECKSUMS, {}) if meta_file.exists() else {}
+    _verify(params, recorded.get("params"), item_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    if not _restore_failure_is_damage(e):
+      raise
+    raise CheckpointDamagedError(
+        f"checkpoint {step_dir} does not restore ({_why(e)}); complete steps: "
+        f"{_complete_steps(step_dir.parent)}") from e
+  if (bad := first_nonfinite(params)) is not None:
+    raise FloatingPointError(f"checkpoint {step_dir} holds non-finite parameters (first: {bad})")
+  return params
+
+
+class Preempted(Exception):
+  """Training stopped on a preemption notice; `step` is the step it saved (None: it stopped
+  before taking a step, with nothing new to save). `python -m preflmr_jax.main` exits with
+  `exit_codes.PREEMPTED`."""
+
+  def __init__(self, step: int | None):
+    self.step = step
+    super().__init__(f"preempted: saved step {step}, rerun to resume" if step is not None else
+                     "preempted before the first step: nothing new to save, rerun to resume")
 
 
 class PreemptionWatcher:
@@ -218,6 +385,13 @@ class PreemptionWatcher:
     if self._multihost and not self._stop:
       self._stop = ocp.multihost.reached_preemption(step)
     return self._stop
+
+  def stop_before_start(self, step: int | None = None) -> None:
+    """Raises Preempted(None) if a notice came during set-up. `step` (the step training resumes
+    from, the same on every host) lets several processes agree; without it only this process's
+    own signal is seen, which is all there is with one process."""
+    if (self._stop if step is None else self.should_stop(step)):
+      raise Preempted(None)
 
   def close(self) -> None:
     if self._installed:

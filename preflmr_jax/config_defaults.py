@@ -29,6 +29,12 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+def require(ok: bool, key: str, value, why: str) -> None:
+  """The one shape of a config error: `config.<key>=<value>: <why>`."""
+  if not ok:
+    raise ValueError(f"config.{key}={value!r}: {why}")
+
+
 def model_dict(*, text: str = "base", vision: str = "B/32", mapping_layers: int = 1,
                **overrides) -> dict:
   """`config.model` for named text / vision shapes; the mapping network copies the text width (its
@@ -58,7 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
-  config.nan_policy = "stop"  # "stop": fail on a non-finite loss/gradient; "skip": drop the update
+  # A step whose loss, gradient or updated state is not finite is never applied. "stop": fail at the
+  # next log / checkpoint step; "skip": drop it and go on, up to max_nonfinite_steps, then fail.
+  config.nan_policy = "stop"
+  config.max_nonfinite_steps = 100
   # Dropout randomness: "threefry2x32" (jax's default) or "rbg" / "unsafe_rbg" (the backend's
   # bit generator, far cheaper on GPU/TPU; train.DROPOUT_PRNG_IMPLS).
   config.dropout_prng_impl = "threefry2x32"

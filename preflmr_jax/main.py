@@ -3,14 +3,17 @@
   python -m preflmr_jax.main --config configs/tiny.py --workdir /tmp/preflmr_tiny [--config.key=value]
 
 Running it again on the same workdir resumes from the last complete checkpoint (raise
-`--config.num_train_steps` to train further).
+`--config.num_train_steps` to train further). Exit status: 0 finished, 143 preempted (SIGTERM:
+the current step is saved; rerun to resume), 1 failed (exit_codes.py).
 """
+
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from preflmr_jax import sharding, train
+from preflmr_jax import checkpointing, exit_codes, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
@@ -25,7 +28,11 @@ def main(argv):
     sharding.initialize_distributed()
   logging.info("JAX process %d/%d, %d local devices, %d in all", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  train.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except checkpointing.Preempted as e:  # a scheduler restarts on this status, not on a failure
+    logging.warning("%s", e)
+    sys.exit(exit_codes.PREEMPTED)
 
 
 if __name__ == "__main__":

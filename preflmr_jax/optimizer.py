@@ -40,6 +40,8 @@ import jax
 import numpy as np
 import optax
 
+from preflmr_jax.config_defaults import require
+
 LABELS = ("mapping", "rest", "frozen")
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -87,32 +89,31 @@ def param_labels(params: Any, freeze_patterns: Sequence[str] | str) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def _require(ok: bool, key: str, value, why: str) -> None:
-  if not ok:
-    raise ValueError(f"config.{key}={value!r}: {why}")
-
-
 def validate(opt_cfg, num_train_steps: int) -> None:
   """Checks `config.optimizer` and `config.num_train_steps` up front, naming the bad key."""
-  _require(isinstance(num_train_steps, int) and num_train_steps >= 1, "num_train_steps",
-           num_train_steps, "must be a positive integer")
-  _require(opt_cfg.schedule in SCHEDULES, "optimizer.schedule", opt_cfg.schedule,
-           f"must be one of {SCHEDULES}")
+  require(isinstance(num_train_steps, int) and num_train_steps >= 1, "num_train_steps",
+          num_train_steps, "must be a positive integer")
+  require(opt_cfg.schedule in SCHEDULES, "optimizer.schedule", opt_cfg.schedule,
+          f"must be one of {SCHEDULES}")
   for key in ("learning_rate", "mapping_learning_rate", "weight_decay", "grad_clip_norm"):
-    _require(opt_cfg[key] >= 0, f"optimizer.{key}", opt_cfg[key], "must be >= 0")
+    # Finite in float32, where the update is computed: 1e39 is infinite there.
+    value = opt_cfg[key]
+    with np.errstate(over="ignore"):
+      finite = bool(np.isfinite(np.float32(value)))
+    require(value >= 0 and finite, f"optimizer.{key}", value, "must be >= 0 and finite in float32")
   warmup = opt_cfg.warmup_steps
-  _require(isinstance(warmup, int) and 0 <= warmup <= num_train_steps, "optimizer.warmup_steps",
-           warmup, f"must be an integer in [0, config.num_train_steps={num_train_steps}]")
-  _require(0 <= opt_cfg.end_fraction <= 1, "optimizer.end_fraction", opt_cfg.end_fraction,
-           "must be in [0, 1]")
+  require(isinstance(warmup, int) and 0 <= warmup <= num_train_steps, "optimizer.warmup_steps",
+          warmup, f"must be an integer in [0, config.num_train_steps={num_train_steps}]")
+  require(0 <= opt_cfg.end_fraction <= 1, "optimizer.end_fraction", opt_cfg.end_fraction,
+          "must be in [0, 1]")
   for key in ("b1", "b2"):
-    _require(0 <= opt_cfg[key] < 1, f"optimizer.{key}", opt_cfg[key], "must be in [0, 1)")
-  _require(opt_cfg.eps > 0, "optimizer.eps", opt_cfg.eps, "must be > 0")
+    require(0 <= opt_cfg[key] < 1, f"optimizer.{key}", opt_cfg[key], "must be in [0, 1)")
+  require(opt_cfg.eps > 0, "optimizer.eps", opt_cfg.eps, "must be > 0")
   k = opt_cfg.grad_accum_steps
-  _require(isinstance(k, int) and k >= 1, "optimizer.grad_accum_steps", k,
-           "must be an integer >= 1")
-  _require(num_train_steps % k == 0, "optimizer.grad_accum_steps", k,
-           f"must divide config.num_train_steps={num_train_steps} (no partial last update)")
+  require(isinstance(k, int) and k >= 1, "optimizer.grad_accum_steps", k,
+          "must be an integer >= 1")
+  require(num_train_steps % k == 0, "optimizer.grad_accum_steps", k,
+          f"must divide config.num_train_steps={num_train_steps} (no partial last update)")
 
 
 def learning_rate_schedule(peak: float, opt_cfg, num_train_steps: int) -> optax.Schedule:
@@ -168,8 +169,8 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, Any]:
   opt = config.optimizer
   validate(opt, config.num_train_steps)
   labels = param_labels(params, config.freeze)
-  _require(any(label != "frozen" for label in jax.tree.leaves(labels)), "freeze", config.freeze,
-           "freezes every parameter")
+  require(any(label != "frozen" for label in jax.tree.leaves(labels)), "freeze", config.freeze,
+          "freezes every parameter")
 
   # Inside the trainable branch frozen positions are MaskedNodes; the labels must have that shape.
   inner_labels = jax.tree.map(lambda l: optax.MaskedNode() if l == "frozen" else l, labels)

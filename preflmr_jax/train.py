@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import os
 import time
 from typing import Any, Callable
 
@@ -27,6 +29,7 @@ from absl import logging
 from preflmr_jax import (checkpointing, data, losses, optimizer, pretrained, sharding, storage,
                          tensorboard_events, tokenization)
 from preflmr_jax import workdir as layout
+from preflmr_jax.config_defaults import require
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -47,8 +50,22 @@ class TrainState:
 DROPOUT_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Config checks that must fail before anything is compiled, naming the key."""
+  for key, low in (("num_train_steps", 1), ("log_every_steps", 1), ("checkpoint_every_steps", 1),
+                   ("keep_checkpoints", 1), ("batch_size", 1), ("num_negatives", 0),
+                   ("eval_every_steps", 0), ("eval_max_queries", 1), ("score_chunk_size", 0),
+                   ("max_nonfinite_steps", 0)):
+    require(_is_int(config[key]) and config[key] >= low, key, config[key],
+            f"must be an integer >= {low}" + (" (0: off)" if key in (
+                "eval_every_steps", "score_chunk_size") else ""))
+  # jax.random.key takes a uint32 seed on every backend.
+  require(_is_int(config.seed) and 0 <= config.seed < 2**32, "seed", config.seed,
+          "must be an integer in [0, 2**32)")
   mesh_shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, jax.device_count())))
   shards = mesh_shape["data"] * mesh_shape["fsdp"]
   if config.batch_size % shards:
@@ -57,24 +74,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
-  if config.num_negatives < 0:
-    raise ValueError(f"config.num_negatives={config.num_negatives} must be >= 0")
-  if config.dropout_prng_impl not in DROPOUT_PRNG_IMPLS:
-    raise ValueError(f"config.dropout_prng_impl={config.dropout_prng_impl!r} is not one of "
-                     f"{DROPOUT_PRNG_IMPLS}")
-  if config.nan_policy not in ("stop", "skip"):
-    raise ValueError(f"config.nan_policy={config.nan_policy!r} must be 'stop' or 'skip'")
-  for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps"):
-    if config[key] < 1:
-      raise ValueError(f"config.{key}={config[key]} must be >= 1")
-  if config.eval_every_steps < 0:
-    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} must be >= 0 (0: off)")
+  require(config.dropout_prng_impl in DROPOUT_PRNG_IMPLS, "dropout_prng_impl",
+          config.dropout_prng_impl, f"must be one of {DROPOUT_PRNG_IMPLS}")
+  require(config.nan_policy in ("stop", "skip"), "nan_policy", config.nan_policy,
+          "must be 'stop' or 'skip'")
+  require(all(_is_int(k) and k >= 1 for k in config.eval_ks), "eval_ks", config.eval_ks,
+          "must be positive integers")
   if config.eval_every_steps and config.data.source != "m2kr":
     raise ValueError("config.eval_every_steps needs config.data.source='m2kr' (it evaluates the "
                      f"tasks' {config.eval_split} split), got {config.data.source!r}")
+  optimizer.validate(config.optimizer, config.num_train_steps)
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  # One process's share of a global batch is built in host memory: a batch that cannot fit would
+  # fail inside numpy or grain, far from the key that set it.
+  batch_bytes = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize
+                    for v in data.batch_spec(config, model_config).values())
+  host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  require(batch_bytes / jax.process_count() < host_bytes / 2, "batch_size", config.batch_size,
+          f"one process's share of a batch takes {batch_bytes / jax.process_count() / 2**30:.1f} "
+          f"GiB of host memory; this host has {host_bytes / 2**30:.0f} GiB")
   # Each device scores its queries against every document of the global batch; unchunked, XLA
   # keeps all their token scores (e.g. 103 GiB per v5e chip for ViT-L at 4096 queries).
-  model_config = mc.PreFLMRConfig.from_dict(config.model)
   docs = config.batch_size * (1 + config.num_negatives)
   per_chunk = config.score_chunk_size or docs
   score_bytes = (config.batch_size // shards) * min(per_chunk, docs) * 4 * (
@@ -110,8 +130,12 @@ def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, la
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # A non-finite loss or gradient leaves params and optimiser state untouched.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A step whose loss, gradient or update is not finite (an overflowing learning rate or decay
+    # turns a finite gradient into an infinite update) leaves params and optimiser state untouched.
+    # A finite update norm bounds every entry by sqrt(float max), so params of any sane size stay
+    # finite; checking the new params themselves instead makes the step compile 10x slower.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     state = state.replace(
         step=state.step + 1, params=keep(params, state.params),
@@ -259,10 +283,20 @@ class MetricsLog:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics."""
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics.
+
+  Raises `checkpointing.Preempted` after a preemption notice (SIGTERM): at the next step boundary
+  once that step is saved, or at once, with nothing new to save, before the first step.
+  """
+  # A notice during set-up (data, compilation, restore) stops the run before it takes a step.
+  with checkpointing.PreemptionWatcher() as preemption:
+    return _train(config, storage.path(workdir, "--workdir"), preemption)
+
+
+def _train(config, workdir, preemption) -> dict[str, float]:
   # ---------------------------------------------------------------------------------- setup
-  workdir = storage.path(workdir, "--workdir")
   validate(config)
+  _check_init_sources(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_sharding(mesh)  # each process can feed its own rows
   setup = setup_train_step(config, mesh)
@@ -280,57 +314,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpointing.Checkpointer(layout.checkpoints_dir(workdir),
                                     max_to_keep=config.keep_checkpoints,
                                     save_interval_steps=config.checkpoint_every_steps)
-  preemption = checkpointing.PreemptionWatcher()
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    info = run_info(config, setup)
-    logging.info("run: %s", info)
-    if jax.process_index() == 0:
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+      info = run_info(config, setup)
+      logging.info("run: %s", info)
+      if jax.process_index() == 0:
+        with storage.errors("--workdir", workdir):
+          storage.write_text(layout.run_info_path(workdir), json.dumps(info, indent=2))
       with storage.errors("--workdir", workdir):
-        storage.write_text(layout.run_info_path(workdir), json.dumps(info, indent=2))
-    with storage.errors("--workdir", workdir):
-      start = ckpt.latest_step()
-    if start is None:  # created sharded: nothing is materialised on one host
-      state = jax.jit(setup.init_state, static_argnums=0,
-                      out_shardings=state_shardings)(config.seed)
-      loaded = _initial_params(config, setup.abstract_state.params)
-      if loaded is not None:
-        state = state.replace(params=loaded)
-      start = 0
-    else:
-      with storage.errors("--workdir", workdir):
-        params, opt_state, meta = ckpt.restore(start, setup.abstract_state.params,
-                                               setup.abstract_state.opt_state)
-      put = lambda x: jax.device_put(x, replicated)
-      if np.shape(meta["rng"]) != setup.abstract_state.rng.shape:
-        raise ValueError(f"{workdir}: checkpoint {start}'s dropout key has shape "
-                         f"{np.shape(meta['rng'])}, config.dropout_prng_impl="
-                         f"{config.dropout_prng_impl!r} needs {setup.abstract_state.rng.shape}: "
-                         "resume with the impl the run started with")
-      state = TrainState(step=put(jnp.int32(start)), params=params, opt_state=opt_state,
-                         rng=put(np.asarray(meta["rng"], np.uint32)),
-                         nonfinite_steps=put(jnp.int32(0)), first_nonfinite_step=put(jnp.int32(-1)))
-      train_iter.set_state(meta["data"])
-      logging.info("resumed from %s at step %d", workdir, start)
-    evaluator = (make_evaluator(config, setup, mesh, state.params, tokenizer)
-                 if config.eval_every_steps else None)
-    log = MetricsLog(workdir, start)
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-    report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                             writer=log.writer, every_steps=config.log_every_steps)
-
-    # ---------------------------------------------------------------------------- loop
-    try:
-      last = _loop(config, mesh, state, start, setup.train_step, train_iter, ckpt, preemption,
-                   log, report, evaluator)
-    finally:  # also on errors: commit the saves in flight (all of them precede the error)
-      ckpt.wait()
-      ckpt.close()
-      preemption.close()
-      log.close()
-      if hasattr(train_iter, "close"):  # grain worker processes
-        train_iter.close()
-  return last
+        resume = ckpt.latest_step() is not None
+      preemption.stop_before_start()
+      if not resume:  # created sharded: nothing is materialised on one host
+        state = jax.jit(setup.init_state, static_argnums=0,
+                        out_shardings=state_shardings)(config.seed)
+        loaded = _initial_params(config, setup.abstract_state.params)
+        if loaded is not None:
+          state = state.replace(params=loaded)
+        start = 0
+      else:
+        with storage.errors("--workdir", workdir):
+          start, params, opt_state, meta = ckpt.restore_latest(setup.abstract_state.params,
+                                                               setup.abstract_state.opt_state)
+        put = lambda x: jax.device_put(x, replicated)
+        if np.shape(meta["rng"]) != setup.abstract_state.rng.shape:
+          raise ValueError(f"{workdir}: checkpoint {start}'s dropout key has shape "
+                           f"{np.shape(meta['rng'])}, config.dropout_prng_impl="
+                           f"{config.dropout_prng_impl!r} needs {setup.abstract_state.rng.shape}: "
+                           "resume with the impl the run started with")
+        state = TrainState(
+            step=put(jnp.int32(start)), params=params, opt_state=opt_state,
+            rng=put(np.asarray(meta["rng"], np.uint32)),
+            nonfinite_steps=put(jnp.int32(meta.get("nonfinite_steps", 0))),
+            first_nonfinite_step=put(jnp.int32(meta.get("first_nonfinite_step", -1))))
+        train_iter.set_state(meta["data"])
+        logging.info("resumed from %s at step %d", workdir, start)
+      evaluator = (make_evaluator(config, setup, mesh, state.params, tokenizer)
+                   if config.eval_every_steps else None)
+      log = MetricsLog(workdir, start)
+      from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+      report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                               writer=log.writer,
+                                               every_steps=config.log_every_steps)
+      try:
+        preemption.stop_before_start(start)
+        return _loop(config, mesh, state, start, setup.train_step, train_iter, ckpt, preemption,
+                     log, report, evaluator)
+      finally:
+        log.close()
+  finally:  # also on errors: commit the saves in flight (all of them precede the error)
+    ckpt.wait()
+    ckpt.close()
+    if hasattr(train_iter, "close"):  # grain worker processes
+      train_iter.close()
 
 
 def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, log, report,
@@ -363,31 +398,52 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, 
       _check_finite(state, config)
       ckpt.save(step, state.params, state.opt_state,
                 {"step": step, "rng": np.asarray(state.rng).tolist(),
-                 "data": train_iter.get_state()}, force=is_last or stop)
+                 "data": train_iter.get_state(),
+                 "nonfinite_steps": int(state.nonfinite_steps),
+                 "first_nonfinite_step": int(state.first_nonfinite_step)}, force=is_last or stop)
       log.flush()  # the log never lags behind a checkpoint (object storage: see MetricsLog)
     if stop:
-      logging.warning("preemption signal: saved step %d, stopping", step)
-      break
+      raise checkpointing.Preempted(step)
   return last
 
 
 def _check_finite(state: TrainState, config) -> None:
   bad = int(state.nonfinite_steps)
+  first = int(state.first_nonfinite_step) + 1
   if bad and config.nan_policy == "stop":
     raise FloatingPointError(
-        f"non-finite loss or gradient at step {int(state.first_nonfinite_step) + 1} (and "
-        f"{bad - 1} later steps); its update was not applied and no checkpoint was written after "
-        "it. Lower the learning rate, check the data, or set config.nan_policy='skip'.")
+        f"non-finite loss, gradient or update at step {first} (and {bad - 1} later steps); it was "
+        "not applied and no checkpoint was written after it. Lower the learning rate, check the "
+        "data, or set config.nan_policy='skip'.")
+  if bad > config.max_nonfinite_steps:
+    raise FloatingPointError(
+        f"{bad} non-finite steps skipped (first: step {first}), more than "
+        f"config.max_nonfinite_steps={config.max_nonfinite_steps}; no checkpoint holds them.")
   if bad:
-    logging.warning("%d non-finite steps skipped so far (first: step %d)", bad,
-                    int(state.first_nonfinite_step) + 1)
+    logging.warning("%d non-finite steps skipped so far (first: step %d)", bad, first)
+
+
+def _check_init_sources(config) -> None:
+  """The folder to start from exists, checked before anything compiles."""
+  if config.init_from and config.init_params_from:
+    raise ValueError("set at most one of config.init_from and config.init_params_from")
+  if config.init_from:
+    folder = storage.path(config.init_from, "config.init_from")
+    storage.must_exist(folder, "config.init_from")
+    with storage.errors("config.init_from", folder):
+      if not (folder / pretrained.CONFIG_FILE).exists():
+        raise FileNotFoundError(f"config.init_from={folder}: not a published PreFLMR folder (no "
+                                f"{pretrained.CONFIG_FILE})")
+  elif config.init_params_from:
+    folder = storage.path(config.init_params_from, "config.init_params_from")
+    storage.must_exist(folder, "config.init_params_from")
+    with storage.errors("config.init_params_from", folder):
+      checkpointing.find_step_dir(folder, None)
 
 
 def _initial_params(config, abstract_params):
   """Params from `config.init_from` (a published PreFLMR folder) or `config.init_params_from`
   (another run), placed with `abstract_params`' shardings; None when neither is set."""
-  if config.init_from and config.init_params_from:
-    raise ValueError("set at most one of config.init_from and config.init_params_from")
   if config.init_from:
     folder = storage.path(config.init_from, "config.init_from")
     with storage.errors("config.init_from", folder):

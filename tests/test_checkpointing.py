@@ -68,7 +68,7 @@ def test_round_trip_onto_same_and_other_sharding(tmp_path):
     assert ckpt.latest_step() == 5
 
     abstract = _abstract(params, mesh), _abstract(opt_state, mesh)
-    got_params, got_opt, meta = ckpt.restore(None, *abstract)
+    got_params, got_opt, meta = ckpt.restore_latest(*abstract)[1:]
     _assert_same(got_params, params)
     _assert_same(got_opt, opt_state)
     assert meta == dict(META, step=5)
@@ -145,7 +145,7 @@ def test_async_save_is_listed_only_once_committed(tmp_path, monkeypatch):
     assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
     with Checkpointer(str(tmp_path)) as reader:
       assert reader.latest_step() == 1
-      assert reader.restore(None, *abstract)[2]["step"] == 1
+      assert reader.restore_latest(*abstract)[3]["step"] == 1
     assert restore_params(str(tmp_path), abstract[0]) is not None
     release.set()
     ckpt.wait()
@@ -170,7 +170,7 @@ def test_interrupted_saves_are_never_restored(tmp_path):
   abstract = _abstract(params, mesh), _abstract(opt_state, mesh)
   with Checkpointer(str(directory)) as ckpt:
     assert ckpt.latest_step() == 2 and ckpt.all_steps() == [1, 2]
-    got_params, _, meta = ckpt.restore(None, *abstract)
+    got_params, _, meta = ckpt.restore_latest(*abstract)[1:]
     assert meta["step"] == 2
     _assert_same(got_params, params)
     with pytest.raises(FileNotFoundError, match="step 4"):
@@ -221,7 +221,7 @@ def test_missing_checkpoints_name_the_path(tmp_path):
   with Checkpointer(str(empty)) as ckpt:
     assert empty.is_dir() and ckpt.latest_step() is None and ckpt.all_steps() == []
     with pytest.raises(FileNotFoundError, match=str(empty)):
-      ckpt.restore(None, _abstract(params, mesh), _abstract(opt_state, mesh))
+      ckpt.restore_latest(_abstract(params, mesh), _abstract(opt_state, mesh))
   for path in (tmp_path / "run", tmp_path / "nowhere"):
     with pytest.raises(FileNotFoundError, match=str(path)):
       restore_params(str(path), _abstract(params, mesh))

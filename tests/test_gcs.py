@@ -50,7 +50,7 @@ def test_checkpoints_on_gs_and_an_interrupted_save_is_never_restored(gcs, tmp_pa
   abstract = _abstract(trees[1])
   with checkpointing.Checkpointer(workdir.checkpoints_dir(run)) as ckpt:
     assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
-    params, _, meta = ckpt.restore(None, abstract, abstract)
+    _, params, _, meta = ckpt.restore_latest(abstract, abstract)
     assert meta == {"step": 1}
     jax.tree.map(np.testing.assert_array_equal, params, trees[1])
     with pytest.raises(FileNotFoundError, match="no complete checkpoint for step 2"):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from launch import shell
+from preflmr_jax import exit_codes
 from preflmr_jax import workdir as layout
 
 SMOKE = "configs/scaling.py:smoke"
@@ -39,13 +40,13 @@ def _start_two_processes(argv, tmp_path, tag):
   return procs
 
 
-def _wait(procs, tmp_path, tag):
+def _wait(procs, tmp_path, tag, status=0):
   for i, (proc, log) in enumerate(procs):
     try:
       code = proc.wait(timeout=1200)
     finally:
       log.close()
-    assert code == 0, (tmp_path / f"{tag}{i}.log").read_text()[-4000:]
+    assert code == status, (tmp_path / f"{tag}{i}.log").read_text()[-4000:]
   return [(tmp_path / f"{tag}{i}.log").read_text() for i in range(2)]
 
 
@@ -118,8 +119,8 @@ def test_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path):
         (tmp_path / f"train{i}.log").read_text()[-3000:] for i in range(2)]
     time.sleep(1)
   procs[1][0].send_signal(signal.SIGTERM)  # only the second host is preempted
-  logs = _wait(procs, tmp_path, "train")
+  logs = _wait(procs, tmp_path, "train", status=exit_codes.PREEMPTED)
   steps = sorted(os.listdir(workdir / "checkpoints"))
   assert len(steps) == 1 and 3 <= int(steps[0]) < 100000, steps
   for log in logs:  # both hosts stopped at that step
-    assert f"preemption signal: saved step {steps[0]}, stopping" in log
+    assert f"preempted: saved step {steps[0]}, rerun to resume" in log

@@ -169,7 +169,7 @@ def test_nonfinite_steps_never_reach_a_checkpoint(tmp_path, monkeypatch, policy)
   config = short_run(num_train_steps=4, log_every_steps=1, checkpoint_every_steps=2,
                      nan_policy=policy)
   if policy == "stop":
-    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 3"):
+    with pytest.raises(FloatingPointError, match="non-finite loss, gradient or update at step 3"):
       train.train_and_evaluate(config, str(tmp_path))
     ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
     assert ckpt.latest_step() == 2
@@ -207,7 +207,8 @@ def test_sigterm_saves_the_current_step_and_stops_then_resumes_exactly(tmp_path,
   handler = signal.getsignal(signal.SIGTERM)
   with monkeypatch.context() as m:
     m.setattr(data, "make_train_iterator", lambda *a, **k: _SigtermAt(make(*a, **k), 3))
-    train.train_and_evaluate(short_run(**base), str(tmp_path / "preempted"))
+    with pytest.raises(checkpointing.Preempted, match="saved step 3"):
+      train.train_and_evaluate(short_run(**base), str(tmp_path / "preempted"))
   assert signal.getsignal(signal.SIGTERM) == handler  # the trainer's handler is gone again
   ckpt = checkpointing.Checkpointer(str(tmp_path / "preempted" / "checkpoints"))
   assert ckpt.all_steps() == [3]  # saved off-interval at the preempted step, then stopped

@@ -97,6 +97,20 @@ class PreFLMRConfig:
       if not ok:
         raise ValueError(f"config.model.{key}: {msg}")
 
+    def positive_ints(obj, prefix, names):
+      for name in names:
+        value = getattr(obj, name)
+        check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+              prefix + name, f"must be a positive integer, got {value!r}")
+
+    positive_ints(self, "", ("dim", "query_maxlen", "doc_maxlen", "mapping_prefix_length",
+                             "mapping_cross_attention_length"))
+    for name, sub in (("text", self.text), ("vision", self.vision), ("mapping", self.mapping)):
+      positive_ints(sub, f"{name}.", [f.name for f in dataclasses.fields(sub) if f.type == "int"])
+      for f in dataclasses.fields(sub):
+        if f.name.endswith("dropout_rate"):
+          check(0 <= getattr(sub, f.name) < 1, f"{name}.{f.name}",
+                f"must be in [0, 1), got {getattr(sub, f.name)!r}")
     for name, sub in (("text", self.text), ("vision", self.vision), ("mapping", self.mapping)):
       check(sub.hidden_size % sub.num_heads == 0, f"{name}.hidden_size",
             f"{sub.hidden_size} is not divisible by num_heads={sub.num_heads}")
