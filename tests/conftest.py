@@ -1,6 +1,6 @@
 """Test setup: every test sees 8 simulated CPU devices (set before JAX initialises), and the SAMPLE
 M2KR task that the tiny config trains on is written and built once per session in a temporary cache
-(never the user's ~/.cache)."""
+(never the user's ~/.cache), which also holds XLA's compilation cache."""
 
 import os
 import tempfile
@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _CACHE = tempfile.TemporaryDirectory(prefix="preflmr_jax_test_cache_")
 os.environ["XDG_CACHE_HOME"] = _CACHE.name  # subprocesses (python -m ...) inherit it
+# Many tests compile the same tiny train step, in this process and in subprocesses: XLA's persistent
+# cache compiles each program once per session.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_CACHE.name, "jax_compilation_cache")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
