@@ -10,10 +10,12 @@ state, replicated on every device. The work is `evaluation.evaluate_task` per ta
 queries encoded over every device of every process, search sharded over the devices, the
 dataset's own instructions, Recall@K / PseudoRecall@K of `metrics.py`). Outputs in OUT:
 `results.json` (`{task: {"Recall@5": ..., "PseudoRecall@5": ..., "headline": ...,
-"num_queries": ..., "num_passages": ..., "checkpoint": ..., "step": ..., "params": ...,
+"num_queries": ..., "num_passages": ..., "queries_without_positive_in_corpus": ...
+(kept: Recall misses), "checkpoint": ..., "step": ..., "params": ...,
 "train_flops": ...}}`; training compute from the run's `run.json`, null for a published folder),
 `results.md` (one row per task, the headline metric in bold) and `<task>_rankings.jsonl`
-(`{"question_id", "passage_ids", "scores"}` per query, best first; the trainer can mine hard
+(`{"question_id", "passage_ids", "scores"}` per query, best first, shorter than the largest K
+when the compressed index finds fewer candidates; the trainer can mine hard
 negatives from it, `config.data.hard_negatives_dir`). Multi-host, every process runs this command;
 they share the work and process 0 writes. Every path may be a gs:// URL (storage.py).
 

@@ -374,7 +374,8 @@ def _index_search(options: IndexOptions, corpus: Corpus, k: int) -> Callable:
   def find(q):
     scores, top = plaid.search(built, np.asarray(q), None, k, options.nprobe,
                                options.candidates or None)
-    return np.asarray(scores), corpus.passages[np.asarray(top)]
+    top = np.asarray(top)  # -1 past the candidates found: stays -1, never a passage
+    return np.asarray(scores), np.where(top >= 0, corpus.passages[top], -1)
   return find
 
 
@@ -419,9 +420,10 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
       seconds["index"] += time.perf_counter() - start
       overlap += [len(set(a) & set(b)) / k for a, b in zip(exact_top[:len(rows)], top)]
     for r, s, i in zip(records, scores, top):
+      found = [(j, x) for j, x in zip(i, s) if j >= 0]  # a shorter ranking: the rest are misses
       rankings.append({"question_id": r["question_id"],
-                       "passage_ids": [corpus.ids[j] for j in i],
-                       "scores": [float(x) for x in s]})
+                       "passage_ids": [corpus.ids[j] for j, _ in found],
+                       "scores": [float(x) for _, x in found]})
       positives.append(r["pos_item_ids"])
       answers.append(r["answers"])
   has_answers = any(answers)
@@ -429,8 +431,12 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
                                 answers=answers if has_answers else None,
                                 passage_text=dict(zip(corpus.ids, corpus.texts))
                                 if has_answers else None)
+  in_corpus = set(corpus.ids)
   result.update(headline=metrics.HEADLINE[task], num_queries=num_queries,
-                num_passages=len(passages), exact_search_seconds=seconds["exact"])
+                num_passages=len(passages), exact_search_seconds=seconds["exact"],
+                # Kept and counted as misses, as in the official evaluation.
+                queries_without_positive_in_corpus=sum(
+                    in_corpus.isdisjoint(p) for p in positives))
   if indexed:
     result.update({"index": dataclasses.asdict(index), f"IndexRecallVsExact@{k}":
                    float(np.mean(overlap)), "index_search_seconds": seconds["index"],

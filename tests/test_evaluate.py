@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import preflmr_jax
 from preflmr_jax import config_files, evaluate, evaluation, metrics, train
-from preflmr_jax.data import m2kr, pipeline
+from preflmr_jax.data import m2kr, pipeline, sample
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -188,6 +190,59 @@ def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir,
   assert evaluation.IndexOptions.parse("nbits=2,nprobe=2") == evaluation.IndexOptions(nbits=2, nprobe=2)
   with pytest.raises(ValueError, match="--index='bits=2'"):
     evaluation.IndexOptions.parse("bits=2")
+
+
+def test_an_index_ranking_shorter_than_k_invents_no_passage(workdir, data_dir, tmp_path):
+  """One of 1024 centroids probed per query token finds fewer than k=64 candidates: the missing
+  ranks stay missing (misses for the metrics), never the corpus's last passage at score -inf."""
+  options = evaluation.IndexOptions(nbits=8, centroids=1024, nprobe=1)
+  out = tmp_path / "i"
+  result = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(out), ks=(1, 64),
+                        index=options)["SAMPLE"]
+
+  def no_constants(name):
+    raise AssertionError(f"rankings hold {name}")
+  rankings = [json.loads(line, parse_constant=no_constants)
+              for line in (out / "SAMPLE_rankings.jsonl").read_text().splitlines()]
+  assert min(len(r["passage_ids"]) for r in rankings) < 64  # the case under test happens
+  for r in rankings:
+    assert len(set(r["passage_ids"])) == len(r["passage_ids"]) == len(r["scores"])
+    assert all(np.isfinite(r["scores"]))
+  positives = {r["question_id"]: r["pos_item_ids"]
+               for r in m2kr.load_queries(data_dir, "SAMPLE", "test")}
+  recall = metrics.recall_at_k([r["passage_ids"] for r in rankings],
+                               [positives[r["question_id"]] for r in rankings], (64,))[64]
+  assert result["Recall@64"] == pytest.approx(recall)
+
+
+def test_queries_whose_positives_are_not_in_the_corpus_are_evaluated_as_misses(workdir, tmp_path):
+  """The official evaluation keeps such queries (Recall misses, the same denominator as the paper);
+  only training drops them."""
+  source = sample.write_sample(str(tmp_path / "src"),
+                               queries_per_class={"train": 1, "valid": 1, "test": 1})
+  for split, orphans in (("train", 1), ("test", 2)):
+    path = os.path.join(source, "SAMPLE_data", f"{split}-00000-of-00001.parquet")
+    rows = pq.read_table(path).to_pylist()
+    for row in rows[:orphans]:
+      row["pos_item_ids"] = ["not-in-the-corpus"]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+  data_dir = str(tmp_path / "built")
+  report = m2kr.build(source, os.path.join(source, sample.IMAGES), ["SAMPLE"], data_dir)
+  assert [i.reason for i in report.skipped] == [
+      "no positive in train_passages: ['not-in-the-corpus']"]
+  assert [n.reason for n in report.notes] == [
+      "2 queries have no positive in test_passages: kept, each counts as a Recall miss"]
+  test = m2kr.load_queries(data_dir, "SAMPLE", "test")
+  assert len(test) == len(rows) and test[0]["pos_item_ids"] == ["not-in-the-corpus"]
+
+  out = tmp_path / "out"
+  result = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(out),
+                        ks=(1, 64))["SAMPLE"]
+  assert result["num_queries"] == len(rows) and result["queries_without_positive_in_corpus"] == 2
+  rankings = [json.loads(line) for line in (out / "SAMPLE_rankings.jsonl").read_text().splitlines()]
+  hits = [bool(set(r["passage_ids"]) & set(q["pos_item_ids"])) for r, q in zip(rankings, test)]
+  assert not hits[0] and not hits[1] and all(hits[2:])  # all 64 passages ranked: the rest hit
+  assert result["Recall@64"] == pytest.approx(np.mean(hits))
 
 
 def test_corpus_streamed_from_host_gives_the_same_rankings(workdir, data_dir):

@@ -488,7 +488,9 @@ def test_prepare_command_line(tmp_path):
        "--tasks=MSMARCO", f"--data_dir={data_dir}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-  assert re.search(r"MSMARCO\s+queries\s+valid\s+1\s+written", run.stdout), run.stdout
-  assert "MSMARCO/valid 'm2'" in run.stdout and "MSMARCO/valid 'm1'" in run.stdout
+  # m2's positive is not in the corpus: an evaluation split keeps it (a Recall miss), with a note.
+  assert re.search(r"MSMARCO\s+queries\s+valid\s+2\s+written", run.stdout), run.stdout
+  assert "1 queries have no positive in valid_passages: kept" in run.stdout
+  assert "MSMARCO/valid 'm1'" in run.stdout and "MSMARCO/valid 'm2'" not in run.stdout
   assert [r["question_id"] for r in m2kr.load_queries(str(data_dir), "MSMARCO", "valid")] == [
-      "m1"]
+      "m1", "m2"]

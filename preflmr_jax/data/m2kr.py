@@ -31,11 +31,13 @@ the prepare command that rebuilds the task.
 Bad input never becomes a wrong label silently. Each dropped or changed record is reported
 (task, split, id, file, row, reason) in the `BuildReport`:
   skipped:   missing or corrupt image file; a non-JPEG image over PIL's decompression-bomb
-             limit; neither question nor image; no positive left in the split's corpus;
+             limit; neither question nor image; no positive left in the split's corpus
+             (train only: evaluation splits keep such queries, as the official evaluation
+             does, and their count is a split-level note);
              duplicated question_id (the first is kept); duplicated passage_id (the first is
              kept, whether the content is identical or not); invalid UTF-8 or a missing id /
              passage text.
-  converted: written with a change: positives absent from the corpus dropped; an image
+  converted: written with a change: positives absent from the corpus dropped (train); an image
              re-encoded as PNG, downscaled (Lanczos, aspect kept: longest side over
              max_image_side, or more pixels than PIL.Image.MAX_IMAGE_PIXELS) and/or turned
              to 8 bit (16-bit / 32-bit / float / LAB / HSV modes, which `image_processing`
@@ -94,6 +96,7 @@ TASKS = {
     "SAMPLE": "SAMPLE",
 }
 SPLITS = ("train", "valid", "test")
+TRAIN_SPLIT = "train"
 PASSAGE_SPLITS = {split: f"{split}_passages" for split in SPLITS}
 
 QUERY_KEYS = ("question_id", "question", "instruction", "image", "pos_item_ids", "answers")
@@ -104,7 +107,8 @@ QUERY_COLUMNS = ("question_id", "question", "instruction", "img_path", "pos_item
 OPTIONAL_QUERY_COLUMNS = ("answers",)
 PASSAGE_COLUMNS = ("passage_id", "passage_content")
 
-VERSION = "1.0.0"
+# 1.1.0: evaluation splits keep queries whose positives are not in their corpus (1.0.0 dropped them).
+VERSION = "1.1.0"
 DEFAULT_MAX_IMAGE_SIDE = 2048
 REPORT_FILE = "m2kr_prepare_report.json"
 
@@ -651,10 +655,14 @@ class M2krQueries(_M2krBuilder):
       raise _Skip("neither a question nor an image")
     found = scan.contains(positives)
     missing = [p for p, ok in zip(positives, found) if not ok]
-    positives = [p for p, ok in zip(positives, found) if ok]
-    if not positives:
-      raise _Skip(f"no positive in {passage_split(split)}: {missing}" if missing
-                  else "no pos_item_ids")
+    if split == TRAIN_SPLIT:  # nothing to learn from a positive the corpus lacks
+      positives = [p for p, ok in zip(positives, found) if ok]
+      if not positives:
+        raise _Skip(f"no positive in {passage_split(split)}: {missing}" if missing
+                    else "no pos_item_ids")
+    elif not positives:
+      raise _Skip("no pos_item_ids")
+    # Evaluation keeps its queries as published: a positive outside the corpus is a Recall miss.
     example = {"question_id": qid, "question": question, "instruction": instruction,
                "pos_item_ids": positives, "answers": answers}
     if not img_path:
@@ -666,7 +674,7 @@ class M2krQueries(_M2krBuilder):
   def _generate_examples(self, split, files):
     scan = self._scan_for(passage_split(split))
     seen: dict[str, tuple[str, int]] = {}
-    count = 0
+    count = unmatched = 0
     pool = concurrent.futures.ThreadPoolExecutor(self._num_workers)
     try:
       for path in files:
@@ -692,13 +700,18 @@ class M2krQueries(_M2krBuilder):
             image_bytes, note = image
             if note:
               self._issue("converted", split, qid, image_path, note, row)
-            if missing:
+            if missing and split == TRAIN_SPLIT:
               self._issue("converted", split, qid, path,
                           f"dropped positives not in {passage_split(split)}: {missing}", row)
+            unmatched += len(missing) == len(example["pos_item_ids"])
             count += 1
             yield qid, {**example, "image": image_bytes}
     finally:
       pool.shutdown(cancel_futures=True)
+    if unmatched and split != TRAIN_SPLIT:
+      self._issue("notes", split, "", files[0] if files else "",
+                  f"{unmatched} queries have no positive in {passage_split(split)}: kept, each "
+                  "counts as a Recall miss")
     self._finish_split(split, files, count)
 
   def _image(self, path: Optional[str]) -> tuple[Optional[tuple[bytes, Optional[str]]],
