@@ -80,8 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_steps=0,
       end_fraction=0.0,
       b1=0.9, b2=0.999, eps=1e-8,
-      weight_decay=0.0,  # AdamW; never applied to biases and LayerNorm
-      grad_clip_norm=1.0,  # global norm; 0 disables
+      weight_decay=0.0,  # AdamW
+      decay_params="no_bias_norm",  # or "all" (the official AdamW's): optimizer.DECAY_PARAMS
+      grad_clip_norm=1.0,  # global norm; 0 disables (the official training does not clip)
       grad_accum_steps=1,
   ))
   # Regexes over "/"-joined parameter paths (e.g. "vision/layer_3/mlp/wi/kernel"); matched
@@ -94,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_max_queries = 256
   config.eval_ks = (1, 5, 10)
   config.mask_duplicate_positives = True  # losses.contrastive_loss; False: the reference exactly
+  # "global": every query against every document of the global batch; "per_device": only the
+  # documents on its own device, as the official training (DDP, no gathering) computes.
+  config.in_batch_negatives = "global"
   # Data (preflmr_jax/data/): "m2kr" reads TFDS builds (python -m preflmr_jax.data.prepare) of
   # `tasks` ("OVEN=2,OKVQA=1": weighted mixture) under `data_dir`; "synthetic" is for tests.
   config.data = ml_collections.ConfigDict(dict(

@@ -3,6 +3,7 @@
 Documents are ordered [pos_0, neg_0_1..neg_0_n, pos_1, ...]; every query is scored against all
 B(1+n) documents of the batch (with global, sharded arrays under jit that is the *global* batch: XLA
 gathers what each device needs), and the target of query i is document i(1+n). Temperature 1.
+`groups` gives the official training's per-device scope instead (config.in_batch_negatives).
 
 With `doc_labels` (one passage id per document), another copy of query i's positive elsewhere in the
 batch (another query's positive or negative: common when many queries share a passage, as in OVEN)
@@ -21,16 +22,33 @@ from preflmr_jax import late_interaction
 
 
 def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negatives: int,
-                     chunk_size: int = 0, doc_labels: Optional[jax.Array] = None
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     chunk_size: int = 0, doc_labels: Optional[jax.Array] = None,
+                     groups: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Returns (mean cross-entropy, metrics). `chunk_size` > 0 scores documents chunk by chunk so that
   at most that many documents' token scores are live at once (same numbers). `doc_labels` int
-  `[documents]`: duplicates of a query's positive are masked out of its softmax."""
+  `[documents]`: duplicates of a query's positive are masked out of its softmax.
+
+  `groups` > 1 splits the batch into that many equal consecutive blocks of queries with their
+  documents, scores each block only against its own documents and averages the blocks' losses
+  and metrics: with one block per device, the official training's per-device in-batch negatives.
+  """
   batch, docs = q.shape[0], d.shape[0]
   group = 1 + num_negatives
   if docs != batch * group:
     raise ValueError(f"{docs} documents for {batch} queries; expected batch * (1 + num_negatives) = "
                      f"{batch * group} (config.num_negatives={num_negatives})")
+  if batch % groups:
+    raise ValueError(f"{batch} queries do not split into {groups} groups of in-batch negatives")
+  one = lambda q, d, d_mask, labels: _loss(q, d, d_mask, group, chunk_size, labels)
+  if groups == 1:
+    return one(q, d, d_mask, doc_labels)
+  split = lambda x: None if x is None else x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+  losses, metrics = jax.vmap(one)(split(q), split(d), split(d_mask), split(doc_labels))
+  return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+
+
+def _loss(q, d, d_mask, group: int, chunk_size: int, doc_labels):
+  batch, docs = q.shape[0], d.shape[0]
   if chunk_size > 0:
     scores = late_interaction.maxsim_chunked(q, d, d_mask, chunk_size)
   else:

@@ -13,7 +13,8 @@ The transformation, outermost first:
     trainable: MultiSteps(k)                             (only when grad_accum_steps > 1)
                  clip_by_global_norm                     (over the trainable gradients only)
                  multi_transform by mapping / rest
-                   AdamW(schedule), weight decay masked off biases and LayerNorm scales
+                   AdamW(schedule), weight decay on every parameter or, by default, masked
+                   off biases and LayerNorm scales (`decay_params`)
 
 Freezing is the outermost split so that no inner transformation ever sees a frozen leaf: the
 accumulator, the clipping norm and Adam's moments all cover trainable parameters only (the frozen
@@ -47,7 +48,10 @@ SCHEDULES = ("linear", "cosine", "constant")
 
 # Top-level groups of the mapping structures (models/preflmr.py).
 _MAPPING = re.compile(r"(vision_projection|mapping_input|mapping_output|mapping_layer_\d+)(/|$)")
-# Biases and LayerNorm scales take no weight decay.
+# Which parameters take weight decay (`config.optimizer.decay_params`): "all" as the official
+# training's AdamW (transformers' and PyTorch's apply it to every parameter), or "no_bias_norm":
+# none on biases and LayerNorm scales.
+DECAY_PARAMS = ("no_bias_norm", "all")
 _NO_DECAY = ("/bias", "/scale")
 
 
@@ -109,6 +113,8 @@ def validate(opt_cfg, num_train_steps: int) -> None:
   for key in ("b1", "b2"):
     require(0 <= opt_cfg[key] < 1, f"optimizer.{key}", opt_cfg[key], "must be in [0, 1)")
   require(opt_cfg.eps > 0, "optimizer.eps", opt_cfg.eps, "must be > 0")
+  require(opt_cfg.decay_params in DECAY_PARAMS, "optimizer.decay_params", opt_cfg.decay_params,
+          f"must be one of {DECAY_PARAMS}")
   k = opt_cfg.grad_accum_steps
   require(isinstance(k, int) and k >= 1, "optimizer.grad_accum_steps", k,
           "must be an integer >= 1")
@@ -157,7 +163,8 @@ def _adamw(peak: float, opt_cfg, num_train_steps: int) -> optax.GradientTransfor
   lr = schedule if k == 1 else (lambda count: schedule(count * k))
   kw = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
   if opt_cfg.weight_decay > 0:
-    return optax.adamw(lr, weight_decay=opt_cfg.weight_decay, mask=_decay_mask, **kw)
+    mask = None if opt_cfg.decay_params == "all" else _decay_mask
+    return optax.adamw(lr, weight_decay=opt_cfg.weight_decay, mask=mask, **kw)
   return optax.adam(lr, **kw)
 
 

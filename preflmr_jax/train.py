@@ -48,6 +48,9 @@ class TrainState:
 # jax.random implementations for the dropout stream (parameters always initialise with the
 # default threefry): "rbg" / "unsafe_rbg" use the backend's bit generator, far cheaper on GPU/TPU.
 DROPOUT_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+# Whose documents a query is scored against: the global batch's, or only those on its own device
+# (the official training: DDP without gathering).
+IN_BATCH_NEGATIVES = ("global", "per_device")
 
 
 def _is_int(value) -> bool:
@@ -78,6 +81,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
           config.dropout_prng_impl, f"must be one of {DROPOUT_PRNG_IMPLS}")
   require(config.nan_policy in ("stop", "skip"), "nan_policy", config.nan_policy,
           "must be 'stop' or 'skip'")
+  require(config.in_batch_negatives in IN_BATCH_NEGATIVES, "in_batch_negatives",
+          config.in_batch_negatives, f"must be one of {IN_BATCH_NEGATIVES}")
   require(all(_is_int(k) and k >= 1 for k in config.eval_ks), "eval_ks", config.eval_ks,
           "must be positive integers")
   if config.eval_every_steps and config.data.source != "m2kr":
@@ -105,8 +110,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, labels,
-                    config: ml_collections.ConfigDict):
+                    config: ml_collections.ConfigDict, negative_groups: int = 1):
   """(state, batch) -> (state, metrics). Pure; the caller jits it with shardings and donation.
+
+  `negative_groups` (losses.contrastive_loss's `groups`): 1 scores every query against the whole
+  global batch; the number of batch shards gives per-device in-batch negatives.
 
   `labels` (optimizer.param_labels) marks frozen parameters: no gradient flows into them, which
   saves their backward pass and keeps them out of the logged gradient norm.
@@ -121,7 +129,7 @@ def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, la
         deterministic=False, rngs={"dropout": rng})
     doc_labels = batch["doc_labels"] if config.mask_duplicate_positives else None
     return losses.contrastive_loss(q, d, d_mask, config.num_negatives, config.score_chunk_size,
-                                   doc_labels=doc_labels)
+                                   doc_labels=doc_labels, groups=negative_groups)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(
@@ -207,7 +215,9 @@ def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                             sharding=sharding.batch_sharding(mesh, v.ndim))
                     for k, v in data.batch_spec(config, model_config).items()}
-  train_step = jax.jit(make_train_step(model, tx, labels, config), donate_argnums=0,
+  groups = (mesh.shape["data"] * mesh.shape["fsdp"] if config.in_batch_negatives == "per_device"
+            else 1)  # the batch's shards (sharding.batch_sharding)
+  train_step = jax.jit(make_train_step(model, tx, labels, config, groups), donate_argnums=0,
                        out_shardings=(state_shardings, replicated))
   return StepSetup(model_config=model_config, model=model, rules=rules, tx=tx, labels=labels,
                    state_shardings=state_shardings, abstract_state=abstract_state,

@@ -83,6 +83,28 @@ def test_global_batch_sharded_equals_single_device():
   assert set(metrics) == {"loss", "accuracy", "positive_score", "negative_score"}
 
 
+def test_per_device_negatives_average_each_devices_own_loss():
+  """groups=8 on an 8-device mesh: each device's queries against its own documents only, the
+  official DDP training's loss: the mean of the 8 losses computed separately, values and grads."""
+  q, d, mask = _data(batch=16, n=2)
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  spec = lambda x: NamedSharding(mesh, P(("data", "fsdp"), *[None] * (x.ndim - 1)))
+  f = lambda q, d: losses.contrastive_loss(q, d, jax.device_put(mask, spec(mask)), 2, groups=8)[0]
+  with jax.set_mesh(mesh):
+    loss, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(
+        *(jax.device_put(x, spec(x)) for x in (q, d)))
+  per_device = [(q[2 * i:2 * i + 2], d[6 * i:6 * i + 6], mask[6 * i:6 * i + 6]) for i in range(8)]
+  np.testing.assert_allclose(loss, np.mean([_reference(*x, 2)[0] for x in per_device]), rtol=1e-5)
+  mean = lambda q, d: sum(losses.contrastive_loss(q[2 * i:2 * i + 2], d[6 * i:6 * i + 6],
+                                                  mask[6 * i:6 * i + 6], 2)[0]
+                          for i in range(8)) / 8
+  for a, b in zip(grads, jax.grad(mean, argnums=(0, 1))(q, d)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert not np.isclose(loss, _reference(q, d, mask, 2)[0])  # not the global batch's loss
+  with pytest.raises(ValueError, match="16 queries do not split into 3 groups"):
+    losses.contrastive_loss(q, d, mask, 2, groups=3)
+
+
 def test_wrong_document_count_names_num_negatives():
   q, d, mask = _data(n=2)
   with pytest.raises(ValueError, match="num_negatives"):

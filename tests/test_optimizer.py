@@ -129,7 +129,15 @@ def test_stage_presets():
     config = config_files.load_config(f"configs/{stage}.py:vit_l")
     assert config.model.output == "full" and config.freeze == ("vision",)
     assert config.model.vision.hidden_size == 1024
-    assert config.optimizer.learning_rate == config.optimizer.mapping_learning_rate == 1e-5
+  # The official training's settings (configs/stage1.py `published`; docs/recipe.md).
+  for stage in ("stage1", "stage2", "stage3"):
+    config = config_files.load_config(f"configs/{stage}.py:vit_l")
+    opt = config.optimizer
+    assert (opt.learning_rate, opt.mapping_learning_rate, opt.schedule, opt.warmup_steps) == (
+        1e-5, 1e-4, "constant", 0)
+    assert (opt.weight_decay, opt.grad_clip_norm, opt.eps) == (0.0, 0.0, 1e-8)
+    assert config.in_batch_negatives == "per_device" and config.num_negatives == 4
+  assert config_files.load_config("configs/stage2.py:vit_l").data.tasks == "E-VQA"
   with pytest.raises(ValueError, match="unknown model shape 'vit_h'"):
     config_files.load_config("configs/stage2.py:vit_h")
 
@@ -276,20 +284,23 @@ def test_schedule_counts_train_loop_steps_under_accumulation(small_params):
 
 # --------------------------------------------------------- weight decay, clipping, accumulation
 
-def test_no_weight_decay_on_biases_and_layernorm(small_params):
+@pytest.mark.parametrize("decay_params,decayed", [
+    ("no_bias_norm", {"kernel", "embedding"}), ("all", {"kernel", "embedding", "bias", "scale"})])
+def test_weight_decay_reaches_the_chosen_parameters(small_params, decay_params, decayed):
   lr, wd = 1e-2, 0.5
-  config = tiny_config(weight_decay=wd, learning_rate=lr, mapping_learning_rate=lr)
+  config = tiny_config(weight_decay=wd, learning_rate=lr, mapping_learning_rate=lr,
+                       decay_params=decay_params)
   tx, labels = optimizer.make_optimizer(config, small_params)
   (params,), _ = run(tx, small_params, [jax.tree.map(np.zeros_like, small_params)])
   after = dict(path_items(params))
   kinds = set()
   for (path, before), (_, label) in zip(path_items(small_params), path_items(labels)):
-    if label == "frozen" or path.endswith(("/bias", "/scale")):
+    if label == "frozen" or path.rsplit("/", 1)[1] not in decayed:
       assert np.array_equal(after[path], before), path
-    else:  # kernels and embeddings shrink: p - lr * wd * p
+    else:  # shrinks: p - lr * wd * p
       np.testing.assert_allclose(after[path], before * (1 - lr * wd), rtol=1e-6, err_msg=path)
       kinds.add(path.rsplit("/", 1)[1])
-  assert kinds == {"kernel", "embedding"}
+  assert kinds == decayed
 
 
 def first_moment_norm(state) -> float:
@@ -343,6 +354,7 @@ def test_gradient_accumulation_equals_mean_gradient(small_params):
     ("b2", 1.0),
     ("eps", 0.0),
     ("weight_decay", -0.1),
+    ("decay_params", "biases"),
     ("grad_clip_norm", -1.0),
     ("grad_accum_steps", 0),
     ("grad_accum_steps", 5),  # does not divide num_train_steps=12

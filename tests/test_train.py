@@ -65,6 +65,22 @@ def test_sharded_train_step_equals_single_device():
                  ref_params)
 
 
+@pytest.mark.parametrize("scope,groups", [("global", 1), ("per_device", 8)])
+def test_in_batch_negatives_scope_reaches_the_loss(monkeypatch, scope, groups):
+  """per_device hands the loss one group per batch shard (the loss's own test checks that this is
+  the mean of the per-device losses); global, one group."""
+  seen = []
+  loss = train.losses.contrastive_loss
+  monkeypatch.setattr(train.losses, "contrastive_loss",
+                      lambda *a, groups=1, **k: seen.append(groups) or loss(*a, groups=groups, **k))
+  config = load_config(in_batch_negatives=scope)
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  setup = train.setup_train_step(config, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    setup.train_step.trace(setup.abstract_state, setup.abstract_batch)
+  assert seen == [groups]
+
+
 def test_dropout_prng_impl_rbg_trains_keeps_the_init_and_must_resume_with_rbg(tmp_path):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   init = lambda c: jax.jit(train.setup_train_step(c, mesh).init_state, static_argnums=0)(0)
@@ -133,6 +149,7 @@ def test_tiny_config_learns_the_sample_task(tmp_path, source):
     ({"logical_axis_rules": (("embedd", "fsdp"),)}, "config.logical_axis_rules: unknown logical"),
     ({"freeze": ("visoin",)}, "config.freeze"),
     ({"nan_policy": "ignore"}, "config.nan_policy"),
+    ({"in_batch_negatives": "local"}, "config.in_batch_negatives=.local.: must be one of"),
     ({"dropout_prng_impl": "philox"}, "config.dropout_prng_impl"),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, overrides, message):
