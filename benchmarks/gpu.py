@@ -167,9 +167,12 @@ def make_batch(config, mc, queries, query_tokens, doc_tokens, seed=0):
   q_ids[:, 4] = mc.instruction_token_id  # the instruction's ":" (text is masked up to there)
   d_ids, d_mask = ids_and_mask(spec["doc_input_ids"].shape, min(doc_tokens, mc.doc_maxlen),
                                D_MARK, 0)
+  positives = np.full(spec["positive_labels"].shape, -1, np.int32)
+  positives[:, 0] = np.arange(len(positives)) * (spec["doc_labels"].shape[0] // len(positives))
   known = dict(query_input_ids=q_ids, query_attention_mask=q_mask, doc_input_ids=d_ids,
                doc_attention_mask=d_mask, pixel_values=rng.standard_normal(
-                   spec["pixel_values"].shape, dtype=np.float32))
+                   spec["pixel_values"].shape, dtype=np.float32),
+               positive_labels=positives)  # each query's own positive: document i * (1 + n)
   batch = {}
   for key, s in spec.items():
     # Other keys (e.g. doc_labels) get the row index: every document a distinct passage.

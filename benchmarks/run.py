@@ -360,6 +360,9 @@ def synthetic_batch(config, mc, mesh) -> dict:
       value = np.ones(spec.shape)
     elif key == "pixel_values":
       value = rng.standard_normal(spec.shape)
+    elif key == "positive_labels":  # each query's own positive only: document i * (1 + n)
+      value = np.full(spec.shape, -1)
+      value[:, 0] = np.arange(spec.shape[0]) * (1 + config.num_negatives)
     else:  # doc_labels: every document a distinct passage
       value = np.arange(spec.shape[0])
     batch[key] = jax.device_put(value.astype(spec.dtype),

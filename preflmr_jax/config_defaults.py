@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
       # replaced by their task's next record, each logged with a count per task and file; past
       # this many in one process the run stops naming the last (0: stop at the first).
       max_bad_records=100,
+      # Positives of a query listed in its batch row (data.batch_spec): the loss leaves each of
+      # them out of the query's negatives when it appears elsewhere in the batch.
+      max_positives=16,
   ))
   config.init_from = ""  # a published PreFLMR folder (load_pretrained) to start from
   return config

@@ -7,8 +7,9 @@ gathers what each device needs), and the target of query i is document i(1+n). T
 
 With `doc_labels` (one passage id per document), another copy of query i's positive elsewhere in the
 batch (another query's positive or negative: common when many queries share a passage, as in OVEN)
-is left out of query i's softmax instead of being pushed down as a negative. Without them (or with
-no duplicates) the loss is exactly the reference's.
+is left out of query i's softmax instead of being pushed down as a negative; with
+`positive_labels`, so is any other positive of query i (multi-positive tasks such as OKVQA).
+Without them (or with no duplicates) the loss is exactly the reference's.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from preflmr_jax import late_interaction
 
 def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negatives: int,
                      chunk_size: int = 0, doc_labels: Optional[jax.Array] = None,
-                     groups: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     groups: int = 1, positive_labels: Optional[jax.Array] = None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Returns (mean cross-entropy, metrics). `chunk_size` > 0 scores documents chunk by chunk so that
   at most that many documents' token scores are live at once (same numbers). `doc_labels` int
-  `[documents]`: duplicates of a query's positive are masked out of its softmax.
+  `[documents]`: copies of a query's positive are masked out of its softmax; with
+  `positive_labels` int `[queries, P]` (-1 pads), copies of any of its positives.
 
   `groups` > 1 splits the batch into that many equal consecutive blocks of queries with their
   documents, scores each block only against its own documents and averages the blocks' losses
@@ -39,15 +42,16 @@ def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negative
                      f"{batch * group} (config.num_negatives={num_negatives})")
   if batch % groups:
     raise ValueError(f"{batch} queries do not split into {groups} groups of in-batch negatives")
-  one = lambda q, d, d_mask, labels: _loss(q, d, d_mask, group, chunk_size, labels)
+  one = lambda *args: _loss(*args, group=group, chunk_size=chunk_size)
   if groups == 1:
-    return one(q, d, d_mask, doc_labels)
+    return one(q, d, d_mask, doc_labels, positive_labels)
   split = lambda x: None if x is None else x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-  losses, metrics = jax.vmap(one)(split(q), split(d), split(d_mask), split(doc_labels))
+  losses, metrics = jax.vmap(one)(split(q), split(d), split(d_mask), split(doc_labels),
+                                  split(positive_labels))
   return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
 
 
-def _loss(q, d, d_mask, group: int, chunk_size: int, doc_labels):
+def _loss(q, d, d_mask, doc_labels, positive_labels, *, group: int, chunk_size: int):
   batch, docs = q.shape[0], d.shape[0]
   if chunk_size > 0:
     scores = late_interaction.maxsim_chunked(q, d, d_mask, chunk_size)
@@ -56,7 +60,8 @@ def _loss(q, d, d_mask, group: int, chunk_size: int, doc_labels):
   targets = jnp.arange(batch) * group
   positive = jax.nn.one_hot(targets, docs, dtype=bool)
   if doc_labels is not None:
-    duplicate = (doc_labels[None, :] == doc_labels[targets][:, None]) & ~positive
+    own = doc_labels[targets][:, None] if positive_labels is None else positive_labels
+    duplicate = jnp.any(doc_labels[None, :, None] == own[:, None, :], axis=-1) & ~positive
     scores = jnp.where(duplicate, -jnp.inf, scores)
     metrics_mask = ~duplicate
   else:

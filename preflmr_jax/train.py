@@ -127,9 +127,11 @@ def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, la
         {"params": params}, batch["query_input_ids"], batch["query_attention_mask"],
         batch["pixel_values"], batch["doc_input_ids"], batch["doc_attention_mask"],
         deterministic=False, rngs={"dropout": rng})
-    doc_labels = batch["doc_labels"] if config.mask_duplicate_positives else None
-    return losses.contrastive_loss(q, d, d_mask, config.num_negatives, config.score_chunk_size,
-                                   doc_labels=doc_labels, groups=negative_groups)
+    mask = config.mask_duplicate_positives
+    return losses.contrastive_loss(
+        q, d, d_mask, config.num_negatives, config.score_chunk_size,
+        doc_labels=batch["doc_labels"] if mask else None, groups=negative_groups,
+        positive_labels=batch["positive_labels"] if mask else None)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import preflmr_jax
-from preflmr_jax import config_files, evaluate, evaluation, metrics, train
+from preflmr_jax import config_files, data, evaluate, evaluation, metrics, tokenization, train
 from preflmr_jax.data import m2kr, pipeline, sample
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
@@ -243,6 +243,36 @@ def test_queries_whose_positives_are_not_in_the_corpus_are_evaluated_as_misses(w
   hits = [bool(set(r["passage_ids"]) & set(q["pos_item_ids"])) for r, q in zip(rankings, test)]
   assert not hits[0] and not hits[1] and all(hits[2:])  # all 64 passages ranked: the rest hit
   assert result["Recall@64"] == pytest.approx(np.mean(hits))
+
+
+def test_rankings_of_the_train_split_become_a_runs_hard_negatives(workdir, data_dir, tmp_path):
+  """The loop of docs/recipe.md: the eval binary ranks the train split, a run draws its negatives
+  from each query's top 5 there (never a positive), and trains."""
+  mined = tmp_path / "mined"
+  evaluate.run(_config(), workdir, ["SAMPLE"], "train", data_dir, str(mined), ks=(1, 5))
+  top = {}  # a positive passage -> the top 5 of the queries that have it
+  records = m2kr.load_queries(data_dir, "SAMPLE", "train")
+  ranked = {json.loads(line)["question_id"]: json.loads(line)["passage_ids"][:5]
+            for line in (mined / "SAMPLE_rankings.jsonl").read_text().splitlines()}
+  assert len(ranked) == len(records)
+  passages = m2kr.load_passages(data_dir, "SAMPLE", "train")
+  index = {passages[i]["passage_id"]: i for i in range(len(passages))}
+  for r in records:
+    top.setdefault(index[r["pos_item_ids"][0]], set()).update(
+        index[p] for p in ranked[r["question_id"]])
+  config = _config(num_negatives=2, num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2,
+                   **{"data.hard_negatives_dir": str(mined), "data.hard_negatives_depth": 5,
+                      "optimizer.warmup_steps": 0})
+  it = data.make_train_iterator(config, mc.PreFLMRConfig.from_dict(config.model),
+                                tokenization.tiny_tokenizer(), 0, 1)
+  for _ in range(4):
+    batch = next(it)
+    for (positive, *negatives), positives in zip(
+        batch["doc_labels"].reshape(-1, 3).tolist(), batch["positive_labels"].tolist()):
+      assert set(negatives) <= top[positive] and not set(negatives) & set(positives)
+  it.close()
+  metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(metrics["loss"])
 
 
 def test_corpus_streamed_from_host_gives_the_same_rankings(workdir, data_dir):

@@ -59,6 +59,34 @@ def test_duplicates_of_a_positive_leave_its_softmax():
   np.testing.assert_allclose(distinct, losses.contrastive_loss(q, d, mask, n)[0], rtol=1e-6)
 
 
+def test_every_positive_of_a_query_leaves_its_softmax():
+  """Query 0 has positives 7 (sampled) and 9, found at 2 (query 1's positive) and 5 (query 2's
+  negative); query 1's positive 9 is also at 5; query 2 (positives 5 and 7) meets 7 at 0."""
+  n = 1
+  q, d, mask = _data(batch=3, n=n)
+  q = q * 0.05  # scores of similar size: every masked entry moves the loss
+  labels = np.array([7, 1, 9, 2, 5, 9])
+  positives = np.array([[7, 9], [9, -1], [5, 7]])
+  loss, _ = losses.contrastive_loss(q, d, mask, n, doc_labels=labels, positive_labels=positives)
+  _, scores, targets = _reference(q, d, mask, n)
+
+  def expected(masked):
+    keep = np.array([[(i, j) not in masked for j in range(6)] for i in range(3)])
+    logz = [np.log(np.exp(row[k]).sum()) for row, k in zip(scores, keep)]
+    return np.mean(logz - scores[np.arange(3), targets])
+  masked = {(0, 2), (0, 5), (1, 5), (2, 0)}
+  np.testing.assert_allclose(loss, expected(masked), rtol=1e-6)
+  for entry in masked:  # none of them is left in by accident
+    assert abs(loss - expected(masked - {entry})) > 1e-3
+  # Per-device groups split the positives with their queries.
+  grouped, _ = losses.contrastive_loss(q[:2], d[:4], mask[:4], n, doc_labels=labels[:4],
+                                       positive_labels=positives[:2], groups=2)
+  halves = [losses.contrastive_loss(q[i:i + 1], d[2 * i:2 * i + 2], mask[2 * i:2 * i + 2], n,
+                                    doc_labels=labels[2 * i:2 * i + 2],
+                                    positive_labels=positives[i:i + 1])[0] for i in range(2)]
+  np.testing.assert_allclose(grouped, np.mean(halves), rtol=1e-6)
+
+
 def test_chunked_equals_unchunked_with_gradients():
   q, d, mask = _data()
   f = lambda q, d, c: losses.contrastive_loss(q, d, mask, 2, chunk_size=c)[0]

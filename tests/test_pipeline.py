@@ -5,6 +5,8 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -13,15 +15,30 @@ from preflmr_jax.data import instructions, m2kr, pipeline, sample
 from preflmr_jax.models import model_config as mc
 
 
+def _copy_task(source, name, passage_id, positives):
+  """SAMPLE's folders as task `name`, passage ids renamed by `passage_id`, each query's positives
+  given by `positives(its positive)`."""
+  for kind, column in (("data", "pos_item_ids"), ("passages", "passage_id")):
+    shutil.copytree(source / f"SAMPLE_{kind}", source / f"{name}_{kind}")
+    for path in (source / f"{name}_{kind}").glob("*.parquet"):
+      rows = pq.read_table(path).to_pylist()
+      for row in rows:
+        row[column] = ([passage_id(p) for p in positives(row[column][0])] if kind == "data"
+                       else passage_id(row[column]))
+      pq.write_table(pa.Table.from_pylist(rows), path)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  """SAMPLE, plus an "OVEN" that is a copy of it (a second task, VQA instructions)."""
+  """SAMPLE, plus copies of it as other tasks: "OVEN" with its own passage ids (VQA instructions)
+  and "KVQA" sharing SAMPLE's ids, each query with two positives (its own and the next passage)."""
   root = tmp_path_factory.mktemp("m2kr")
   sample.write_sample(str(root / "source"))
-  for kind in ("data", "passages"):
-    shutil.copytree(root / "source" / f"SAMPLE_{kind}", root / "source" / f"OVEN_{kind}")
-  report = m2kr.build(str(root / "source"), str(root / "source" / "images"), ["SAMPLE", "OVEN"],
-                      str(root / "tfds"))
+  _copy_task(root / "source", "OVEN", lambda p: f"OVEN_{p}", lambda p: [p])
+  _copy_task(root / "source", "KVQA", lambda p: p,
+             lambda p: [p, f"{p[:-2]}{(int(p[-2:]) + 1) % 64:02d}"])
+  report = m2kr.build(str(root / "source"), str(root / "source" / "images"),
+                      ["SAMPLE", "OVEN", "KVQA"], str(root / "tfds"))
   assert report.usable, report.to_json()
   return str(root / "tfds")
 
@@ -139,12 +156,38 @@ def test_negatives_are_never_a_positive_of_their_query(data_dir):
     assert labels.min() >= 0 and labels.max() < len(passages)
 
 
+def test_a_passage_that_several_tasks_hold_has_one_label(data_dir):
+  """KVQA's corpus holds SAMPLE's passage ids: the same labels, so the loss can tell a copy of a
+  positive across tasks; OVEN's own ids get new labels."""
+  label_of = {}
+  corpora = {t: pipeline._Corpus.load(data_dir, t, "train", label_of)
+             for t in ("SAMPLE", "KVQA", "OVEN")}
+  np.testing.assert_array_equal(corpora["SAMPLE"].labels, np.arange(64))
+  kvqa = corpora["KVQA"]
+  np.testing.assert_array_equal(
+      kvqa.labels, [corpora["SAMPLE"].index[p] for p in kvqa.index])  # by id, not by position
+  np.testing.assert_array_equal(corpora["OVEN"].labels, np.arange(64, 128))
+  config = _config(data_dir, **{"data.tasks": "SAMPLE,KVQA,OVEN", "batch_size": 16})
+  for batch in _take(_iterator(config, process_index=0, process_count=1), 4):
+    assert 0 <= batch["doc_labels"].min() and batch["doc_labels"].max() < 128
+
+
+def test_positive_labels_list_every_positive_of_the_query(data_dir):
+  config = _config(data_dir, num_negatives=2, **{"data.tasks": "KVQA", "data.max_positives": 3})
+  for batch in _take(_iterator(config, process_index=0, process_count=1), 4):
+    rows, docs = batch["positive_labels"], batch["doc_labels"].reshape(config.batch_size, 3)
+    assert rows.shape == (config.batch_size, 3) and (rows[:, 2] == -1).all()
+    np.testing.assert_array_equal(rows[:, 1], (rows[:, 0] + 1) % 64)  # its own, then the next
+    for row, (positive, *negatives) in zip(rows.tolist(), docs.tolist()):
+      assert positive in row and not set(negatives) & set(row)
+
+
 def test_mixture_follows_the_weights(data_dir):
   config = _config(data_dir, **{"data.tasks": "SAMPLE=3,OVEN=1", "batch_size": 32})
   n_sample = len(m2kr.load_passages(data_dir, "SAMPLE", "train"))
   labels = np.concatenate([b["doc_labels"][::2] for b in
                            _take(_iterator(config, process_index=0, process_count=1), 25)])
-  share = np.mean(labels < n_sample)  # OVEN's passages follow SAMPLE's in the label space
+  share = np.mean(labels < n_sample)  # OVEN's passage ids, not SAMPLE's, follow in label space
   assert abs(share - 0.75) < 0.05, share
 
 
@@ -174,7 +217,7 @@ def test_state_of_another_source_is_refused(data_dir):
 def test_training_draws_templates_evaluation_keeps_the_dataset_instruction(data_dir):
   config = _config(data_dir)
   model_config = mc.PreFLMRConfig.from_dict(config.model)
-  corpus = pipeline._Corpus.load(data_dir, "OVEN", "train", 0)
+  corpus = pipeline._Corpus.load(data_dir, "OVEN", "train")
   tok = tokenization.tiny_tokenizer()
   train = pipeline._MakeExample("OVEN", corpus, 1, tok, model_config, own_instructions=False)
   evaluation = pipeline._MakeExample("OVEN", corpus, 1, tok, model_config, own_instructions=True)
@@ -183,7 +226,7 @@ def test_training_draws_templates_evaluation_keeps_the_dataset_instruction(data_
   seen = set()
   for seed in range(40):
     record = {"question_id": "q", "question": "what?", "instruction": "Own:", "image": b"",
-              "pos_item_ids": ["SAMPLE_p03"], "answers": []}
+              "pos_item_ids": ["OVEN_SAMPLE_p03"], "answers": []}
     ids = train.random_map(record, np.random.default_rng(seed))["query_input_ids"]
     seen.add(tuple(ids.tolist()))
   assert len(seen) > 3  # the instruction varies across examples
@@ -192,7 +235,7 @@ def test_training_draws_templates_evaluation_keeps_the_dataset_instruction(data_
 def test_text_only_query_gets_a_black_image(data_dir):
   config = _config(data_dir)
   model_config = mc.PreFLMRConfig.from_dict(config.model)
-  corpus = pipeline._Corpus.load(data_dir, "SAMPLE", "train", 0)
+  corpus = pipeline._Corpus.load(data_dir, "SAMPLE", "train")
   make = pipeline._MakeExample("SAMPLE", corpus, 1, tokenization.tiny_tokenizer(), model_config,
                                own_instructions=True)
   record = {"question_id": "q", "question": "what?", "instruction": "Own:", "image": b"",
@@ -243,8 +286,8 @@ def test_mined_hard_negatives_are_drawn_first_never_a_positive(data_dir, tmp_pat
   with open(tmp_path / "SAMPLE_rankings.jsonl", "w") as f:
     for i in range(len(records)):
       r = records[i]
-      # Its positive first (must be skipped), then passages 10 and 11, then an unknown id.
-      ranking = r["pos_item_ids"] + [pid[10], pid[11], "not-a-passage"]
+      # Its positive first (must be skipped), then passages 10 and 11.
+      ranking = r["pos_item_ids"] + [pid[10], pid[11]]
       f.write(json.dumps({"question_id": r["question_id"], "passage_ids": ranking}) + "\n")
   config = _config(data_dir, num_negatives=3,
                    **{"data.hard_negatives_dir": str(tmp_path), "data.hard_negatives_depth": 3})
@@ -259,4 +302,10 @@ def test_malformed_rankings_name_the_line(data_dir, tmp_path):
   (tmp_path / "SAMPLE_rankings.jsonl").write_text('{"question_id": "a", "passage_ids": []}\nnope\n')
   config = _config(data_dir, **{"data.hard_negatives_dir": str(tmp_path)})
   with pytest.raises(ValueError, match="SAMPLE_rankings.jsonl:2: not a rankings line"):
+    _iterator(config, process_index=0, process_count=1)
+  (tmp_path / "SAMPLE_rankings.jsonl").write_text(
+      '{"question_id": "a", "passage_ids": ["SAMPLE_p01"]}\n'
+      '{"question_id": "b", "passage_ids": ["SAMPLE_p02", "OVEN_SAMPLE_p02"]}\n')
+  with pytest.raises(ValueError, match=r"SAMPLE_rankings.jsonl:2: passage_ids holds "
+                     r"\['OVEN_SAMPLE_p02'\], not in SAMPLE's train corpus"):
     _iterator(config, process_index=0, process_count=1)

@@ -12,8 +12,10 @@ Batch: a dict of NumPy arrays, this host's share of the global batch
                                 padding="max_length"
   doc_attention_mask    int32   [b * (1 + n), doc_maxlen]
   doc_labels            int32   [b * (1 + n)]              which passage each document is (equal
-                                labels: the same passage), so that the loss can leave a copy of a
-                                query's positive out of its negatives
+                                labels: the same passage)
+  positive_labels       int32   [b, config.data.max_positives]  the labels of each query's
+                                positives (its first max_positives; -1 pads), so that the loss can
+                                leave any of them found elsewhere in the batch out of its negatives
 
 Documents are ordered `[pos_0, neg_0_1 .. neg_0_n, pos_1, neg_1_1 .., ...]`: query i's positive is
 document `i * (1 + n)` (DESIGN.md section 2, "Loss"). A negative is never of its query's positive
@@ -43,7 +45,7 @@ import numpy as np
 SOURCES = ("m2kr", "synthetic")
 
 BATCH_KEYS = ("query_input_ids", "query_attention_mask", "pixel_values", "doc_input_ids",
-              "doc_attention_mask", "doc_labels")
+              "doc_attention_mask", "doc_labels", "positive_labels")
 
 
 def local_batch_size(config, process_count: int) -> int:
@@ -63,6 +65,14 @@ def num_negatives(config) -> int:
   return int(n)
 
 
+def max_positives(config) -> int:
+  """`config.data.max_positives`: how many of a query's positives its batch row lists."""
+  p = config.data.get("max_positives", 1)
+  if not isinstance(p, (int, np.integer)) or isinstance(p, bool) or p < 1:
+    raise ValueError(f"config.data.max_positives={p!r} must be an integer >= 1")
+  return int(p)
+
+
 def batch_spec(config, model_config, num_queries: Optional[int] = None
                ) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a batch of `num_queries` queries (default: the global batch).
@@ -80,6 +90,7 @@ def batch_spec(config, model_config, num_queries: Optional[int] = None
       "doc_input_ids": jax.ShapeDtypeStruct((d, ld), np.int32),
       "doc_attention_mask": jax.ShapeDtypeStruct((d, ld), np.int32),
       "doc_labels": jax.ShapeDtypeStruct((d,), np.int32),
+      "positive_labels": jax.ShapeDtypeStruct((b, max_positives(config)), np.int32),
   }
 
 

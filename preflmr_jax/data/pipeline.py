@@ -11,8 +11,9 @@ negatives when `config.data.hard_negatives_dir` holds the task's `<task>_ranking
 random from the task's passage corpus; never one of its positives), with an RNG seeded by (seed,
 its index in the global stream), then is tokenised and its image preprocessed (a black image for
 text-only queries). With `config.data.num_workers > 0` batches are produced in worker processes.
-Batches follow the interface of `preflmr_jax.data`; `doc_labels` is a passage's index in the
-concatenated corpora of the tasks.
+Batches follow the interface of `preflmr_jax.data`; labels (`doc_labels`, `positive_labels`)
+number the passage ids of the tasks' corpora, so a passage that several tasks hold (by id) has
+one label.
 
 `config.data.max_train_examples=N` trains on a fixed subset of about N queries of the mixture (split
 by weight; `train_subset`): nested across N for one `config.data.subset_seed`.
@@ -105,16 +106,22 @@ class _Corpus:
   """A task's passages with an id -> index map (built once, in the main process)."""
   passages: Any
   index: dict[str, int]
-  offset: int  # of this corpus in the concatenated `doc_labels` space
+  labels: np.ndarray  # int32 [passages]: each passage's label, one per passage id across tasks
 
   @classmethod
-  def load(cls, data_dir: str, task: str, split: str, offset: int) -> "_Corpus":
+  def load(cls, data_dir: str, task: str, split: str,
+           label_of: Optional[dict[str, int]] = None) -> "_Corpus":
+    """`label_of` (passage id -> label), shared by the tasks of a mixture, gives a passage that
+    several tasks' corpora hold the same label in each; new ids get the next labels."""
     passages = m2kr.load_passages(data_dir, task, split)
     index, chunk = {}, 8192
     for start in range(0, len(passages), chunk):  # batched reads: ~10x faster than one by one
       records = passages.__getitems__(range(start, min(start + chunk, len(passages))))
       index.update((r["passage_id"], start + i) for i, r in enumerate(records))
-    return cls(passages, index, offset)
+    label_of = {} if label_of is None else label_of
+    labels = np.fromiter((label_of.setdefault(p, len(label_of)) for p in index), np.int32,
+                         len(index))
+    return cls(passages, index, labels)
 
 
 class _Undecodable(Exception):
@@ -131,8 +138,10 @@ class _MakeExample(grain.transforms.RandomMap):
   """Record -> one query with its positive and negatives, tokenised, fixed shapes."""
 
   def __init__(self, task: str, corpus: _Corpus, num_negatives: int, tokenizer, model_config,
-               own_instructions: bool, hard_negatives: Optional[dict[str, list[int]]] = None):
+               own_instructions: bool, hard_negatives: Optional[dict[str, list[int]]] = None,
+               max_positives: int = 1):
     self.task, self.corpus, self.n = task, corpus, num_negatives
+    self.max_positives = max_positives
     self.hard_negatives = hard_negatives or {}
     self.templates = None if own_instructions else instructions.training_instructions(task)
     self.tokenizer, self.model_config = tokenizer, model_config
@@ -203,8 +212,14 @@ class _MakeExample(grain.transforms.RandomMap):
         "pixel_values": self._image(record["image"]),
         "doc_input_ids": doc["input_ids"],
         "doc_attention_mask": doc["attention_mask"],
-        "doc_labels": np.asarray(docs, np.int32) + self.corpus.offset,
+        "doc_labels": self.corpus.labels[docs],
+        "positive_labels": _pad(self.corpus.labels[positives][:self.max_positives],
+                                self.max_positives),
     }
+
+
+def _pad(labels: np.ndarray, size: int) -> np.ndarray:
+  return np.concatenate([labels, np.full(size - len(labels), -1, np.int32)])
 
 
 def _flatten_documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -344,10 +359,9 @@ def _host_batches(config, model_config, tokenizer, split: str, *, train: bool,
   data_dir = resolve_data_dir(config)
   tasks = parse_tasks(config.data.tasks)
   seed = int(config.seed)
-  corpora, offset = [], 0
-  for task, _ in tasks:
-    corpora.append(_Corpus.load(data_dir, task, split, offset))
-    offset += len(corpora[-1].passages)
+  label_of = {}
+  corpora = [_Corpus.load(data_dir, task, split, label_of) for task, _ in tasks]
+  del label_of  # each corpus keeps its labels array
   queries = [m2kr.load_queries(data_dir, task, split) for task, _ in tasks]
   limit = int(config.data.get("max_train_examples", 0) or 0)
   if train and limit:
@@ -360,7 +374,7 @@ def _host_batches(config, model_config, tokenizer, split: str, *, train: bool,
     makers.append(_MakeExample(task, corpus, data_lib.num_negatives(config), tokenizer,
                                model_config, own_instructions=not train,
                                hard_negatives=_hard_negatives(config, task, corpus) if train
-                               else None))
+                               else None, max_positives=data_lib.max_positives(config)))
     logging.info("m2kr %s/%s: %d queries, %d passages", task, split, len(records),
                  len(corpus.passages))
   stream = _global_stream(tasks, [len(r) for r in queries], seed if train else None)
@@ -428,19 +442,23 @@ def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, li
   if not path.exists():
     return None
   depth = int(config.data.get("hard_negatives_depth", 0)) or None
-  mined, unknown = {}, 0
+  mined = {}
   with path.open() as f:
     for line_number, line in enumerate(f, 1):
       try:
         row = json.loads(line)
-        ids = row["passage_ids"][:depth]
-        mined[str(row["question_id"])] = [corpus.index[i] for i in ids if i in corpus.index]
-        unknown += sum(i not in corpus.index for i in ids)
+        ids = [str(i) for i in row["passage_ids"][:depth]]
+        qid = str(row["question_id"])
       except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}:{line_number}: not a rankings line ({e!r}); expected "
                          '{"question_id": ..., "passage_ids": [...]}') from None
-  if unknown:
-    logging.warning("%s: %d passage ids are not in %s's corpus; ignored", path, unknown, task)
+      unknown = [i for i in ids if i not in corpus.index]
+      if unknown:  # rankings of another split or build would train on the wrong passages
+        raise ValueError(
+            f"{path}:{line_number}: passage_ids holds {unknown[:3]}, not in {task}'s train "
+            "corpus: mine from the eval binary's rankings of this build's train split "
+            "(python -m preflmr_jax.evaluate ... --split=train)")
+      mined[qid] = [corpus.index[i] for i in ids]
   logging.info("%s: hard negatives for %d queries", path, len(mined))
   return mined
 

@@ -214,6 +214,7 @@ class SyntheticIterator:
     self.batch_size = data_lib.local_batch_size(config, process_count)
     self.global_batch_size = config.batch_size
     self.num_negatives = data_lib.num_negatives(config)
+    self.max_positives = data_lib.max_positives(config)  # one per query here
     if config.batch_size * (1 + self.num_negatives) > NUM_CLASSES:
       raise ValueError(
           f"config.batch_size={config.batch_size} with config.num_negatives={self.num_negatives} "
@@ -292,6 +293,8 @@ class SyntheticIterator:
         "doc_input_ids": self._corpus["input_ids"][docs],
         "doc_attention_mask": self._corpus["attention_mask"][docs],
         "doc_labels": docs.astype(np.int32),
+        "positive_labels": np.pad(classes[:, :1].astype(np.int32),
+                                  ((0, 0), (0, self.max_positives - 1)), constant_values=-1),
     }
 
 
