@@ -111,8 +111,8 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
   output = storage.path(output, "--output")
   if split not in m2kr.SPLITS:
     raise ValueError(f"--split={split!r}: expected one of {m2kr.SPLITS}")
-  tasks = [m2kr.canonical_task(t) for t in tasks or
-           [t for t, _ in pipeline.parse_tasks(config.data.tasks)]]
+  tasks = [m2kr.canonical_task(t, data_dir) for t in tasks or
+           [t for t, _ in pipeline.parse_tasks(config.data.tasks, data_dir)]]
   if not tasks:
     raise ValueError("no tasks to evaluate: pass --tasks or set config.data.tasks")
   # What can fail without the model fails before it is loaded: every task's data, and the

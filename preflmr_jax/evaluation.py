@@ -427,12 +427,14 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
       positives.append(r["pos_item_ids"])
       answers.append(r["answers"])
   has_answers = any(answers)
+  headline = m2kr.task_headline(data_dir, task)
   result = metrics.task_metrics(task, [r["passage_ids"] for r in rankings], positives, ks,
+                                headline=headline,
                                 answers=answers if has_answers else None,
                                 passage_text=dict(zip(corpus.ids, corpus.texts))
                                 if has_answers else None)
   in_corpus = set(corpus.ids)
-  result.update(headline=metrics.HEADLINE[task], num_queries=num_queries,
+  result.update(headline=headline, num_queries=num_queries,
                 num_passages=len(passages), exact_search_seconds=seconds["exact"],
                 # Kept and counted as misses, as in the official evaluation.
                 queries_without_positive_in_corpus=sum(

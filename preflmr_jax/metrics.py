@@ -144,22 +144,25 @@ def task_metrics(task: str,
                  positives: Sequence[Collection[Hashable]],
                  ks: Iterable[int] = (1, 5, 10),
                  answers: Optional[Sequence[Sequence[str]]] = None,
-                 passage_text: Optional[Mapping[Hashable, str] | Sequence[str]] = None
-                 ) -> dict[str, float]:
+                 passage_text: Optional[Mapping[Hashable, str] | Sequence[str]] = None,
+                 headline: Optional[str] = None) -> dict[str, float]:
   """{"Recall@K": ..., "PseudoRecall@K": ...} for every K in `ks`, plus the task's headline.
 
   Recall@K is always computed. PseudoRecall@K needs `answers` and `passage_text` (both or neither);
   they are required for the tasks whose headline is PseudoRecall (OKVQA, Infoseek, E-VQA). The
-  headline's K is added to `ks`, so `result[HEADLINE[task]]` always exists.
+  headline's K is added to `ks`, so `result[headline]` always exists. `headline` (e.g.
+  "Recall@5") is `HEADLINE[task]` by default; a user's task gives its own.
   """
-  if task not in HEADLINE:
-    raise ValueError(f"unknown M2KR task {task!r}; known tasks: {sorted(HEADLINE)}")
+  headline = headline or HEADLINE.get(task)
+  if headline is None:
+    raise ValueError(f"unknown M2KR task {task!r} and no headline given; known tasks: "
+                     f"{sorted(HEADLINE)}")
   ks = _check_ks(ks)
-  headline_name, headline_k = HEADLINE[task].split("@")
+  headline_name, headline_k = headline.split("@")
   if (answers is None) != (passage_text is None):
     raise ValueError("PseudoRecall needs both answers and passage_text (got only one)")
   if headline_name == "PseudoRecall" and answers is None:
-    raise ValueError(f"task {task}: the headline {HEADLINE[task]} needs answers and passage_text")
+    raise ValueError(f"task {task}: the headline {headline} needs answers and passage_text")
 
   out = {}
   recall_ks = ks + [int(headline_k)] if headline_name == "Recall" else ks

@@ -248,7 +248,7 @@ def make_evaluator(config, setup: StepSetup, mesh, params, tokenizer):
   from preflmr_jax import evaluation  # pylint: disable=g-import-not-at-top
   from preflmr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   data_dir = pipeline.resolve_data_dir(config)
-  tasks = [task for task, _ in pipeline.parse_tasks(config.data.tasks)]
+  tasks = [task for task, _ in pipeline.parse_tasks(config.data.tasks, data_dir)]
   encoder = evaluation.Encoder(setup.model_config, params, tokenizer, tokenizer, mesh,
                                batch_size=max(config.batch_size, jax.device_count()),
                                rules=setup.rules)

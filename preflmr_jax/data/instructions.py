@@ -46,6 +46,12 @@ TASK_TYPES = {
 }
 
 
-def training_instructions(task: str) -> Optional[tuple[str, ...]]:
-  """The templates a training example of `task` draws from; None: use the record's own."""
-  return TASK_TYPES.get(task)
+# By the type a user's task declares (`tasks.TYPES`); "text": the dataset's own instruction.
+BY_TYPE = {"vqa": VQA, "caption": CAPTION, "image_to_document": IMAGE_TO_DOCUMENT, "text": None}
+
+
+def training_instructions(task: str, task_type: Optional[str] = None
+                          ) -> Optional[tuple[str, ...]]:
+  """The templates a training example of `task` draws from; None: use the record's own. A user's
+  task (`task_type` given) draws its type's list."""
+  return BY_TYPE[task_type] if task_type is not None else TASK_TYPES.get(task)

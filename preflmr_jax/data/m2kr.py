@@ -73,7 +73,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from preflmr_jax import storage
+from preflmr_jax import metrics, storage
+from preflmr_jax.data import tasks as tasks_lib
 
 _log = logging.getLogger(__name__)
 
@@ -125,13 +126,34 @@ _PREPARE = ("python -m preflmr_jax.data.prepare --source DIR --image_root DIR --
 # ---------------------------------------------------------------------------
 
 
-def canonical_task(name: str) -> str:
-  """The `TASKS` key for a task name or folder prefix, any case ("evqa", "E-VQA", "cc")."""
+def canonical_task(name: str, data_dir: Optional[PathLike] = None) -> str:
+  """The `TASKS` key for a task name or folder prefix, any case ("evqa", "E-VQA", "cc"), or the
+  name of a user's task described in `data_dir` (`tasks.py`)."""
   wanted = name.strip().lower()
   for task, prefix in TASKS.items():
     if wanted in (task.lower(), prefix.lower()):
       return task
-  raise ValueError(f"unknown M2KR task {name!r}; expected one of {sorted(TASKS)}")
+  if data_dir is not None and tasks_lib.described(data_dir, name.strip()) is not None:
+    return name.strip()
+  where = f" nor described in {os.fspath(data_dir)}" if data_dir is not None else ""
+  raise ValueError(f"unknown M2KR task {name!r}: not one of {sorted(TASKS)}{where}; a task of "
+                   "your own needs a <NAME>_task.json in the source folder (or prepare's "
+                   "--task_type and --headline) when it is prepared")
+
+
+def _prefix(task: str) -> str:
+  """The source folders' prefix of a canonical task (a user's task: its name)."""
+  return TASKS.get(task, task)
+
+
+def task_headline(data_dir: PathLike, task: str) -> str:
+  """The metric results put first for `task`: the published one, or its description's."""
+  return metrics.HEADLINE[task] if task in TASKS else tasks_lib.described(data_dir, task)["headline"]
+
+
+def task_type(data_dir: PathLike, task: str) -> Optional[str]:
+  """A user's task's type (`tasks.TYPES`); None for a published task (typed by name)."""
+  return None if task in TASKS else tasks_lib.described(data_dir, task)["type"]
 
 
 def passage_split(split: str) -> str:
@@ -150,7 +172,7 @@ _FOLDER = {"queries": "data", "passages": "passages"}
 def source_files(source_dir: PathLike, task: str, kind: str, split: str) -> list[str]:
   """Sorted parquet files of one split: `<PREFIX>_data/<split>-*.parquet` (kind "queries") or
   `<PREFIX>_passages/<split>-*.parquet` (kind "passages", split "X_passages")."""
-  folder = os.path.join(os.fspath(source_dir), f"{TASKS[task]}_{_FOLDER[kind]}")
+  folder = os.path.join(os.fspath(source_dir), f"{_prefix(task)}_{_FOLDER[kind]}")
   files = glob.glob(os.path.join(glob.escape(folder), f"{split}-*.parquet"))
   # The HF parquet converter's layout, <folder>/<split>/*.parquet, is accepted too.
   files += glob.glob(os.path.join(glob.escape(folder), split, "*.parquet"))
@@ -517,7 +539,7 @@ def _scan_passages(files: Sequence[str]) -> _PassageScan:
 # ---------------------------------------------------------------------------
 
 _CONFIGS = [tfds.core.BuilderConfig(name=task, description=f"M2KR {task} "
-                                    f"({TASKS[task]}_data / {TASKS[task]}_passages)")
+                                    f"({_prefix(task)}_data / {_prefix(task)}_passages)")
             for task in TASKS]
 
 
@@ -741,7 +763,7 @@ def _plan(source_dir: PathLike, task: str, kind: str, report: BuildReport
   for split in splits:
     files = source_files(source_dir, task, kind, split)
     if not files:
-      pattern = os.path.join(f"{TASKS[task]}_{_FOLDER[kind]}", f"{split}-*.parquet")
+      pattern = os.path.join(f"{_prefix(task)}_{_FOLDER[kind]}", f"{split}-*.parquet")
       _note(report, task, split, os.path.join(os.fspath(source_dir), pattern),
             f"no {kind} files for split {split!r}: skipped")
       continue
@@ -780,7 +802,8 @@ def _fingerprint(plan: dict[str, list[str]], source_dir: PathLike, options: dict
 
 def dataset_dir(data_dir: PathLike, task: str, kind: str) -> str:
   """Where the built `kind` ("queries" / "passages") of `task` lives."""
-  return os.path.join(os.fspath(data_dir), _BUILDERS[kind].name, canonical_task(task), VERSION)
+  return os.path.join(os.fspath(data_dir), _BUILDERS[kind].name, canonical_task(task, data_dir),
+                      VERSION)
 
 
 def _read_metadata(path: str) -> dict:
@@ -837,7 +860,9 @@ def _build_into(build_dir: str, kind: str, task: str, plan: dict[str, list[str]]
                 path: str, **builder_kwargs) -> dict[str, int]:
   """Runs the TFDS build in the local `build_dir`, dropping splits that turn out empty."""
   while plan:
-    builder = _BUILDERS[kind](config=task, data_dir=build_dir,
+    config = task if task in TASKS else tfds.core.BuilderConfig(  # a user's task
+        name=task, description=f"{task} ({task}_data / {task}_passages)")
+    builder = _BUILDERS[kind](config=config, data_dir=build_dir,
                               file_format="array_record", plan=plan, fingerprint=fingerprint,
                               **builder_kwargs)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
@@ -882,8 +907,8 @@ def build(source_dir: PathLike, image_root: Optional[PathLike], tasks: Iterable[
   report = BuildReport()
   options = {"max_image_side": max_image_side, "version": VERSION}
   for name in tasks:
-    task = canonical_task(name)
-    folders = [os.path.join(os.fspath(source_dir), f"{TASKS[task]}_{f}") for f in _FOLDER.values()]
+    task = canonical_task(name, data_dir)
+    folders = [os.path.join(os.fspath(source_dir), f"{_prefix(task)}_{f}") for f in _FOLDER.values()]
     if not any(os.path.isdir(f) for f in folders):
       _note(report, task, "*", " / ".join(folders), "task not in the source folder: skipped")
       continue
@@ -1055,7 +1080,7 @@ def _check_shards(builder: tfds.core.DatasetBuilder, split: str, what: str,
 
 def _load(data_dir: PathLike, task: str, kind: str, split: str, text_keys: Sequence[str],
           list_keys: Sequence[str]) -> Records:
-  task = canonical_task(task)
+  task = canonical_task(task, data_dir)
   path = dataset_dir(storage.path(data_dir, "data_dir"), task, kind)
   command = _PREPARE.format(task=task, data_dir=os.fspath(data_dir))
   hint = f"run {command}"

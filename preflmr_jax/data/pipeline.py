@@ -54,13 +54,14 @@ from preflmr_jax.data import instructions, m2kr
 SOURCE = "m2kr"
 
 
-def parse_tasks(spec: str) -> list[tuple[str, float]]:
-  """"OVEN=2,OKVQA" -> [("OVEN", 2.0), ("OKVQA", 1.0)]; errors name config.data.tasks."""
+def parse_tasks(spec: str, data_dir: Optional[str] = None) -> list[tuple[str, float]]:
+  """"OVEN=2,OKVQA" -> [("OVEN", 2.0), ("OKVQA", 1.0)]; errors name config.data.tasks. With
+  `data_dir`, the tasks of a user's own described there are known too (`tasks.py`)."""
   tasks = []
   for part in filter(None, (p.strip() for p in str(spec or "").split(","))):
     name, eq, weight = part.partition("=")
     try:
-      task = m2kr.canonical_task(name)
+      task = m2kr.canonical_task(name, data_dir)
       w = float(weight) if eq else 1.0
     except ValueError as e:
       raise ValueError(f"config.data.tasks={spec!r}: {e}") from None
@@ -82,8 +83,8 @@ def cache_root() -> str:
 
 def resolve_data_dir(config) -> str:
   """`config.data.data_dir`; for the SAMPLE task with none set, builds the sample on first use."""
-  tasks = [t for t, _ in parse_tasks(config.data.tasks)]
   data_dir = config.data.get("data_dir") or ""
+  tasks = [t for t, _ in parse_tasks(config.data.tasks, data_dir or None)]
   if data_dir:
     return os.fspath(storage.path(data_dir, "config.data.data_dir"))
   if tasks != ["SAMPLE"]:
@@ -139,11 +140,12 @@ class _MakeExample(grain.transforms.RandomMap):
 
   def __init__(self, task: str, corpus: _Corpus, num_negatives: int, tokenizer, model_config,
                own_instructions: bool, hard_negatives: Optional[dict[str, list[int]]] = None,
-               max_positives: int = 1):
+               max_positives: int = 1, task_type: Optional[str] = None):
     self.task, self.corpus, self.n = task, corpus, num_negatives
     self.max_positives = max_positives
     self.hard_negatives = hard_negatives or {}
-    self.templates = None if own_instructions else instructions.training_instructions(task)
+    self.templates = (None if own_instructions
+                      else instructions.training_instructions(task, task_type))
     self.tokenizer, self.model_config = tokenizer, model_config
     self.image_size = model_config.vision.image_size
     self._per_thread = {}
@@ -357,7 +359,7 @@ def _host_batches(config, model_config, tokenizer, split: str, *, train: bool,
                   process_index: int, process_count: int) -> grain.MapDataset:
   """This host's rows of every global batch of `split`: element s is step s's share."""
   data_dir = resolve_data_dir(config)
-  tasks = parse_tasks(config.data.tasks)
+  tasks = parse_tasks(config.data.tasks, data_dir)
   seed = int(config.seed)
   label_of = {}
   corpora = [_Corpus.load(data_dir, task, split, label_of) for task, _ in tasks]
@@ -374,7 +376,8 @@ def _host_batches(config, model_config, tokenizer, split: str, *, train: bool,
     makers.append(_MakeExample(task, corpus, data_lib.num_negatives(config), tokenizer,
                                model_config, own_instructions=not train,
                                hard_negatives=_hard_negatives(config, task, corpus) if train
-                               else None, max_positives=data_lib.max_positives(config)))
+                               else None, max_positives=data_lib.max_positives(config),
+                               task_type=m2kr.task_type(data_dir, task)))
     logging.info("m2kr %s/%s: %d queries, %d passages", task, split, len(records),
                  len(corpus.passages))
   stream = _global_stream(tasks, [len(r) for r in queries], seed if train else None)

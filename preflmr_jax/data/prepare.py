@@ -4,7 +4,9 @@
       --tasks OVEN,OKVQA --data_dir /data/m2kr_tfds
 
 `--source` holds `<PREFIX>_data/` and `<PREFIX>_passages/` per task (`m2kr.TASKS`: task names
-or folder prefixes, any case; `--tasks all` for the ten published tasks). Prints what was
+or folder prefixes, any case; `--tasks all` for the ten published tasks). A task of your own
+(any other name) is described by `<NAME>_task.json` in `--source` or by `--task_type` and
+`--headline` (`tasks.py`). Prints what was
 written (task, split, count) and what was skipped or converted (record ids and reasons; long
 lists cut short), and writes the full report to `<data_dir>/m2kr_prepare_report.json`. Exits
 non-zero only when no query split with records remains.
@@ -28,6 +30,7 @@ from typing import Optional, Sequence, TextIO
 
 from preflmr_jax import storage
 from preflmr_jax.data import m2kr
+from preflmr_jax.data import tasks as tasks_lib
 
 PUBLISHED_TASKS = tuple(t for t in m2kr.TASKS if t != "SAMPLE")
 
@@ -49,11 +52,28 @@ def _print_issues(title: str, issues: Sequence[m2kr.Issue], out: TextIO, max_lis
     print(f"  ... and {len(issues) - max_listed} more (all in the report file)", file=out)
 
 
+def describe(source: str, name: str, task_type: Optional[str], headline: Optional[str]) -> dict:
+  """A user's task's description: `<NAME>_task.json` in `source`, with the flags' values over
+  its fields; a ValueError naming the file or flag and the field."""
+  file = tasks_lib.source_file(source, tasks_lib.check_name(name))
+  description = tasks_lib.read(file) if file.exists() else {}
+  flags = {k: v for k, v in (("type", task_type), ("headline", headline)) if v}
+  if not description and not flags:
+    raise ValueError(f"unknown task {name!r}: not one of the published M2KR tasks "
+                     f"{list(PUBLISHED_TASKS)}; to prepare a task of your own, describe it in "
+                     f"{file} ({{\"type\": ..., \"headline\": ...}}) or with --task_type and "
+                     "--headline (tasks.py)")
+  where = " and ".join(([str(file)] if description else []) +
+                       (["--task_type / --headline"] if flags else []))
+  return tasks_lib.check({**description, **flags}, where)
+
+
 def run(source: str, image_root: Optional[str], tasks: Sequence[str], data_dir: str, *,
         overwrite: bool = False, rebuild_changed: bool = False,
         max_image_side: Optional[int] = m2kr.DEFAULT_MAX_IMAGE_SIDE,
         num_workers: Optional[int] = None, out: Optional[TextIO] = None,
-        max_listed: int = 20) -> int:
+        max_listed: int = 20, task_type: Optional[str] = None,
+        headline: Optional[str] = None) -> int:
   """The command: builds, prints the summary, writes the report; returns the exit code."""
   out = out or sys.stdout
   try:
@@ -72,9 +92,15 @@ def run(source: str, image_root: Optional[str], tasks: Sequence[str], data_dir: 
   if image_root is not None and not os.path.isdir(image_root):
     print(f"error: --image_root {image_root!r} is not a folder", file=out)
     return 2
-  names = PUBLISHED_TASKS if [t.lower() for t in tasks] == ["all"] else tasks
+  names = list(PUBLISHED_TASKS if [t.lower() for t in tasks] == ["all"] else tasks)
+  described = {}
   try:
-    names = [m2kr.canonical_task(t) for t in names]
+    for i, name in enumerate(names):
+      try:
+        names[i] = m2kr.canonical_task(name)
+      except ValueError:  # a task of the user's own: it needs a description
+        described[name.strip()] = describe(source, name.strip(), task_type, headline)
+        names[i] = name.strip()
   except ValueError as e:
     print(f"error: {e}", file=out)
     return 2
@@ -82,6 +108,8 @@ def run(source: str, image_root: Optional[str], tasks: Sequence[str], data_dir: 
     print("warning: no --image_root: queries with an img_path will be skipped", file=out)
   try:
     storage.ensure_dir(data_dir, "--data_dir")
+    for name, description in described.items():
+      tasks_lib.write(data_dir, name, description)
   except OSError as e:
     print(f"error: {e}", file=out)
     return 2
@@ -119,7 +147,7 @@ def main(argv):
   f = flags.FLAGS
   sys.exit(run(f.source, f.image_root, f.tasks, f.data_dir, overwrite=f.overwrite,
                rebuild_changed=f.rebuild_changed, max_image_side=f.max_image_side or None,
-               num_workers=f.num_workers))
+               num_workers=f.num_workers, task_type=f.task_type, headline=f.headline))
 
 
 if __name__ == "__main__":
@@ -135,6 +163,10 @@ if __name__ == "__main__":
   flags.DEFINE_integer("max_image_side", m2kr.DEFAULT_MAX_IMAGE_SIDE,
                        "Downscale longer images to this side (0: no limit).")
   flags.DEFINE_integer("num_workers", None, "Image-checking threads (default min(8, CPUs)).")
+  flags.DEFINE_enum("task_type", None, list(tasks_lib.TYPES),
+                    "For a task of your own (not a published name): its type.")
+  flags.DEFINE_string("headline", None, "For a task of your own: its headline metric, "
+                      "Recall@K or PseudoRecall@K.")
   for _name in ("source", "tasks", "data_dir"):
     flags.mark_flag_as_required(_name)
   app.run(main)
