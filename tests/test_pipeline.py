@@ -15,13 +15,14 @@ from preflmr_jax.data import instructions, m2kr, pipeline, sample
 from preflmr_jax.models import model_config as mc
 
 
-def _copy_task(source, name, passage_id, positives):
+def _copy_task(source, name, passage_id, positives, every=1):
   """SAMPLE's folders as task `name`, passage ids renamed by `passage_id`, each query's positives
-  given by `positives(its positive)`."""
+  given by `positives(its positive)`, every `every`-th query kept."""
   for kind, column in (("data", "pos_item_ids"), ("passages", "passage_id")):
     shutil.copytree(source / f"SAMPLE_{kind}", source / f"{name}_{kind}")
     for path in (source / f"{name}_{kind}").glob("*.parquet"):
       rows = pq.read_table(path).to_pylist()
+      rows = rows[::every] if kind == "data" else rows
       for row in rows:
         row[column] = ([passage_id(p) for p in positives(row[column][0])] if kind == "data"
                        else passage_id(row[column]))
@@ -31,12 +32,13 @@ def _copy_task(source, name, passage_id, positives):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """SAMPLE, plus copies of it as other tasks: "OVEN" with its own passage ids (VQA instructions)
-  and "KVQA" sharing SAMPLE's ids, each query with two positives (its own and the next passage)."""
+  and "KVQA" sharing SAMPLE's ids, half its queries, each with two positives (its own and the next
+  passage)."""
   root = tmp_path_factory.mktemp("m2kr")
   sample.write_sample(str(root / "source"))
   _copy_task(root / "source", "OVEN", lambda p: f"OVEN_{p}", lambda p: [p])
   _copy_task(root / "source", "KVQA", lambda p: p,
-             lambda p: [p, f"{p[:-2]}{(int(p[-2:]) + 1) % 64:02d}"])
+             lambda p: [p, f"{p[:-2]}{(int(p[-2:]) + 1) % 64:02d}"], every=2)
   report = m2kr.build(str(root / "source"), str(root / "source" / "images"),
                       ["SAMPLE", "OVEN", "KVQA"], str(root / "tfds"))
   assert report.usable, report.to_json()
@@ -182,6 +184,21 @@ def test_positive_labels_list_every_positive_of_the_query(data_dir):
       assert positive in row and not set(negatives) & set(row)
 
 
+def test_a_mixture_by_size_multiples_weighs_each_task_by_its_queries(data_dir):
+  """"SAMPLE*1,KVQA*1" concatenates the two (official configs' form): 128 + 64 queries, so 2/3
+  of the examples are SAMPLE's; "SAMPLE,KVQA" weighs them equally. KVQA rows list 2 positives."""
+  def sample_share(tasks):
+    config = _config(data_dir, **{"data.tasks": tasks, "batch_size": 32})
+    rows = np.concatenate([b["positive_labels"] for b in
+                           _take(_iterator(config, process_index=0, process_count=1), 25)])
+    return np.mean(rows[:, 1] == -1)
+  assert abs(sample_share("SAMPLE*1,KVQA*1") - 2 / 3) < 0.05
+  assert abs(sample_share("SAMPLE,KVQA") - 1 / 2) < 0.05
+  assert pipeline.sized("WIT*0.15,OVEN") and not pipeline.sized("WIT=0.15,OVEN")
+  with pytest.raises(ValueError, match="mixes weights .TASK=w. and multiples"):
+    pipeline.parse_tasks("SAMPLE*2,KVQA=1")
+
+
 def test_mixture_follows_the_weights(data_dir):
   config = _config(data_dir, **{"data.tasks": "SAMPLE=3,OVEN=1", "batch_size": 32})
   n_sample = len(m2kr.load_passages(data_dir, "SAMPLE", "train"))
@@ -262,6 +279,7 @@ def test_eval_batches_are_fixed_and_use_the_valid_split(data_dir):
     ({"data.tasks": ""}, ValueError, "config.data.tasks is empty"),
     ({"data.tasks": "OVEN,NOPE"}, ValueError, "config.data.tasks='OVEN,NOPE'.*unknown M2KR task"),
     ({"data.tasks": "OVEN=0"}, ValueError, "weight of OVEN must be positive"),
+    ({"data.tasks": "OVEN*-1"}, ValueError, "weight of OVEN must be positive"),
     ({"data.tasks": "OVEN,oven"}, ValueError, "OVEN given twice"),
     ({"num_negatives": 64}, ValueError, "config.num_negatives=64: SAMPLE's corpus has only 64"),
     ({"data.tasks": "OKVQA"}, FileNotFoundError, "OKVQA.*not built.*preflmr_jax.data.prepare"),

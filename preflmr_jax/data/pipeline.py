@@ -56,15 +56,25 @@ SOURCE = "m2kr"
 
 def parse_tasks(spec: str, data_dir: Optional[str] = None) -> list[tuple[str, float]]:
   """"OVEN=2,OKVQA" -> [("OVEN", 2.0), ("OKVQA", 1.0)]; errors name config.data.tasks. With
-  `data_dir`, the tasks of a user's own described there are known too (`tasks.py`)."""
-  tasks = []
+  `data_dir`, the tasks of a user's own described there are known too (`tasks.py`).
+
+  "WIT*0.15,OKVQA*40,OVEN" weighs each task by that multiple of its number of queries (a bare
+  name: once), which is how the official configs mix tasks (concatenating each dataset's
+  fraction or copies); `sized(spec)` tells the two forms apart, which do not mix.
+  """
+  tasks, forms = [], set()
   for part in filter(None, (p.strip() for p in str(spec or "").split(","))):
-    name, eq, weight = part.partition("=")
+    sep = "*" if "*" in part else "="
+    name, given, weight = part.partition(sep)
+    forms.add(sep if given else None)
     try:
       task = m2kr.canonical_task(name, data_dir)
-      w = float(weight) if eq else 1.0
+      w = float(weight) if given else 1.0
     except ValueError as e:
       raise ValueError(f"config.data.tasks={spec!r}: {e}") from None
+    if forms >= {"*", "="}:
+      raise ValueError(f"config.data.tasks={spec!r}: mixes weights (TASK=w) and multiples of "
+                       "the task's size (TASK*f); use one form")
     if not w > 0 or not np.isfinite(w):
       raise ValueError(f"config.data.tasks={spec!r}: weight of {task} must be positive, got {w}")
     if task in dict(tasks):
@@ -73,6 +83,11 @@ def parse_tasks(spec: str, data_dir: Optional[str] = None) -> list[tuple[str, fl
   if not tasks:
     raise ValueError("config.data.tasks is empty; e.g. 'OVEN=1,OKVQA=1'")
   return tasks
+
+
+def sized(spec: str) -> bool:
+  """Whether `config.data.tasks` weighs tasks by multiples of their sizes ("WIT*0.15,...")."""
+  return "*" in str(spec or "")
 
 
 def cache_root() -> str:
@@ -365,6 +380,8 @@ def _host_batches(config, model_config, tokenizer, split: str, *, train: bool,
   corpora = [_Corpus.load(data_dir, task, split, label_of) for task, _ in tasks]
   del label_of  # each corpus keeps its labels array
   queries = [m2kr.load_queries(data_dir, task, split) for task, _ in tasks]
+  if sized(config.data.tasks):
+    tasks = [(task, f * len(records)) for (task, f), records in zip(tasks, queries)]
   limit = int(config.data.get("max_train_examples", 0) or 0)
   if train and limit:
     queries = [_Subset(records, train_subset(len(records), task, share,
