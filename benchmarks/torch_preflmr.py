@@ -1,6 +1,6 @@
 """A PyTorch PreFLMR of any shape, assembled from `transformers` modules, and our params from it.
 
-The reference side of `benchmarks/run.py`'s encoding rows: the same recipe (DESIGN.md section 2)
+The reference side of `benchmarks/run.py`'s encoding rows: the same recipe
 as the tiny oracle in tests/test_pretrained.py, written for any `PreFLMRConfig` and vectorised
 (no per-row Python), with the BERT encoders and the CLIP tower on PyTorch's fused (sdpa)
 attention. The mapping layer keeps eager attention: it is a decoder `BertLayer` (HF needs
@@ -58,7 +58,7 @@ class TorchPreFLMR(torch.nn.Module):
       model.set_attn_implementation(attention)
 
   def published_state_dict(self) -> dict[str, np.ndarray]:
-    """The weights as NumPy arrays under the published PreFLMR names (DESIGN.md section 3)."""
+    """The weights as NumPy arrays under the published PreFLMR names."""
     sd = lambda m, prefix: {f"{prefix}.{k}": v for k, v in oracles.state_dict_numpy(m).items()}
     state = {**sd(self.qbert, "query_text_encoder.bert_model"),
              **sd(self.cbert, "context_text_encoder.bert_model"),

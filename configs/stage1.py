@@ -18,7 +18,7 @@ def apply(config):
   """The stage-1 recipe on any model config (also used by the sweeps in configs/sweeps/)."""
   config.model.output = "mapping_only"
   config.freeze = ("query_text", "document_text", "query_head", "document_head", "vision")
-  config.optimizer.mapping_learning_rate = 1e-4  # DESIGN.md section 2
+  config.optimizer.mapping_learning_rate = 1e-4  # the official configs' (docs/recipe.md)
   return config
 
 

@@ -1,4 +1,4 @@
-"""PreFLMR training stage 2: intermediate KB-VQA training (E-VQA in the paper; DESIGN.md section 2).
+"""PreFLMR training stage 2: intermediate KB-VQA training (E-VQA in the paper; docs/recipe.md).
 
   python -m preflmr_jax.main --config configs/stage2.py:<shape> --workdir DIR
 

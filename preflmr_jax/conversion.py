@@ -110,7 +110,7 @@ def table_rules(table, flax_prefix: str = "", torch_prefix: str = "") -> list[Ru
 
 
 def preflmr_rules(config: PreFLMRConfig) -> list[Rule]:
-  """The published PreFLMR checkpoint (DESIGN.md section 3)."""
+  """The published PreFLMR checkpoint."""
   text = bert_table(config.text.num_layers)
   vision = clip_table(config.vision.num_layers)
   rules = _prefixed(text, "query_text", ["query_text_encoder.bert_model",

@@ -1,4 +1,4 @@
-"""The PreFLMR training loss: in-batch contrastive cross-entropy over MaxSim scores (DESIGN.md section 2).
+"""The PreFLMR training loss: in-batch contrastive cross-entropy over MaxSim scores.
 
 Documents are ordered [pos_0, neg_0_1..neg_0_n, pos_1, ...]; every query is scored against all
 B(1+n) documents of the batch (with global, sharded arrays under jit that is the *global* batch: XLA

@@ -1,4 +1,4 @@
-"""M2KR retrieval metrics (DESIGN.md section 4): Recall@K and PseudoRecall@K.
+"""M2KR retrieval metrics: Recall@K and PseudoRecall@K.
 
 Rankings are per-query sequences of passage ids, best first (e.g. `search.exact_search` indices
 mapped to `passage_id`s). Both metrics score each query 0 or 1 and average over queries.

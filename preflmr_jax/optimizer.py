@@ -1,6 +1,6 @@
 """AdamW with two learning rates, freezing by config, clipping and gradient accumulation (optax).
 
-Every parameter gets one label (DESIGN.md section 2, "Training stages"):
+Every parameter gets one label (docs/recipe.md):
   "mapping"  the vision MLP, the mapping network and their input / output linears
              (`config.optimizer.mapping_learning_rate`);
   "rest"     everything else that trains (`config.optimizer.learning_rate`);

@@ -322,7 +322,7 @@ class PretrainedPreFLMR:
 
 
 def load_pretrained(path: storage.PathLike, dtype: str = "float32") -> PretrainedPreFLMR:
-  """Reads a PreFLMR folder (DESIGN.md section 3), local or gs://. `dtype` is the parameter and
+  """Reads a PreFLMR folder, local or gs://. `dtype` is the parameter and
   compute dtype.
 
   A missing key, an unexpected key or a shape mismatch raises `conversion.ConversionError` naming

@@ -1,7 +1,7 @@
 """PreFLMR query / document tokenisation and the late-interaction token masks.
 
 Host side (numpy, HF tokenizers): `QueryTokenizer` and `DocumentTokenizer` reproduce the
-published FLMR tokenizers (DESIGN.md section 2):
+published FLMR tokenizers:
 
   query:    [CLS] [Q] instruction: question [SEP] [MASK] ... [MASK]   (always max_length)
   document: [CLS] [D] passage [SEP] [PAD] ... [PAD]

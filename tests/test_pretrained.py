@@ -1,6 +1,6 @@
 """End to end: a tiny checkpoint in the published layout, built from the PyTorch oracles, loaded with
 `load_pretrained`; embeddings, masks and scores against a reference computed here from the PyTorch
-modules following DESIGN.md section 2."""
+modules following the official recipe."""
 
 import json
 import os

@@ -18,7 +18,7 @@ Batch: a dict of NumPy arrays, this host's share of the global batch
                                 leave any of them found elsewhere in the batch out of its negatives
 
 Documents are ordered `[pos_0, neg_0_1 .. neg_0_n, pos_1, neg_1_1 .., ...]`: query i's positive is
-document `i * (1 + n)` (DESIGN.md section 2, "Loss"). A negative is never of its query's positive
+document `i * (1 + n)` (`losses.py`). A negative is never of its query's positive
 class/passage. Lengths and `image_size` come from the model config (`PreFLMRConfig`).
 
 Iterator protocol (as grain's `DatasetIterator`):

@@ -1,4 +1,4 @@
-"""The published PreFLMR instruction templates, per task type (DESIGN.md section 2).
+"""The published PreFLMR instruction templates, per task type.
 
 Training draws one at random per example (the official M2KR training configs' `add_instruction`
 lists); evaluation uses the dataset's own `instruction` column. Tasks without a list (CC3M, MSMARCO,

@@ -1,6 +1,6 @@
 """M2KR as TFDS datasets: builders from the published parquet export, and random-access reading.
 
-Input (DESIGN.md section 4), per task, under a source folder, with images under an image root:
+Input, per task, under a source folder, with images under an image root:
 
   <PREFIX>_data/{train,valid,test}-*.parquet
       question_id, question, instruction, img_path, pos_item_ids [, answers] (more are ignored)

@@ -204,7 +204,7 @@ class _MakeExample(grain.transforms.RandomMap):
     return negatives
 
   def _image(self, data: bytes) -> np.ndarray:
-    if not data:  # text-only query: a black image (DESIGN.md section 2)
+    if not data:  # text-only query: a black image
       image = Image.new("RGB", (self.image_size, self.image_size))
       return image_processing.preprocess_images([image], self.image_size)[0]
     try:  # PIL decodes lazily: in preprocess_images

@@ -2,7 +2,7 @@
 
   python -m preflmr_jax.data.sample --out /tmp/m2kr_sample [--data_dir /tmp/m2kr_tfds]
 
-writes, in the published layout (DESIGN.md section 4):
+writes, in the published layout:
 
   OUT/SAMPLE_data/{train,valid,test}-00000-of-00001.parquet
   OUT/SAMPLE_passages/{train,valid,test}_passages-00000-of-00001.parquet

@@ -60,7 +60,7 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PreFLMRConfig:
-  """The whole PreFLMR model (DESIGN.md section 2)."""
+  """The whole PreFLMR model."""
 
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()

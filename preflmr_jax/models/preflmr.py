@@ -1,4 +1,4 @@
-"""The PreFLMR assembly (DESIGN.md section 2): query and document encoders producing per-token
+"""The PreFLMR assembly: query and document encoders producing per-token
 128-d embeddings for late interaction.
 
 Query:    [text (query_maxlen); vision MLP (mapping_prefix_length); mapping network (patches)]
