@@ -143,7 +143,7 @@ def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, la
     # A step whose loss, gradient or update is not finite (an overflowing learning rate or decay
     # turns a finite gradient into an infinite update) leaves params and optimiser state untouched.
     # A finite update norm bounds every entry by sqrt(float max), so params of any sane size stay
-    # finite; checking the new params themselves instead makes the step compile 10x slower.
+    # finite; checking the new params themselves instead compiles far slower.
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optax.tree.norm(updates)))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
