@@ -226,14 +226,15 @@ def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
                    abstract_batch=abstract_batch, init_state=init_state, train_step=train_step)
 
 
-def run_info(config: ml_collections.ConfigDict, setup: StepSetup) -> dict[str, Any]:
+def run_info(config: ml_collections.ConfigDict, setup: StepSetup,
+             lowered: jax.stages.Lowered) -> dict[str, Any]:
   """Size and compute of a run (`workdir/run.json`; the eval binary and the scaling-law tool read
-  it). Call under `jax.set_mesh` + the logical rules: it lowers the train step, which jit reuses.
+  it), from the train step as `lowered` for `setup`'s abstract state and batch.
 
   FLOPs are XLA's cost analysis of the whole step before partitioning (all devices together, no
   rematerialisation counted), i.e. the model's arithmetic rather than what a mesh adds.
   """
-  cost = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).cost_analysis()
+  cost = lowered.cost_analysis()
   flops = float((cost or {}).get("flops", 0.0))
   counts = optimizer.count_trainable(setup.abstract_state.params, setup.labels)
   return {"params_total": int(counts["total"]), "params_trainable": int(counts["trainable"]),
@@ -328,7 +329,9 @@ def _train(config, workdir, preemption) -> dict[str, float]:
                                     save_interval_steps=config.checkpoint_every_steps)
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-      info = run_info(config, setup)
+      # Lowered once: the cost analysis and the executable the loop runs share one trace.
+      lowered = setup.train_step.lower(setup.abstract_state, setup.abstract_batch)
+      info = run_info(config, setup, lowered)
       logging.info("run: %s", info)
       if jax.process_index() == 0:
         with storage.errors("--workdir", workdir):
@@ -367,9 +370,12 @@ def _train(config, workdir, preemption) -> dict[str, float]:
       report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                writer=log.writer,
                                                every_steps=config.log_every_steps)
+      tick = time.perf_counter()
+      train_step = lowered.compile()
+      logging.info("train step compiled in %.1f s", time.perf_counter() - tick)
       try:
         preemption.stop_before_start(start)
-        return _loop(config, mesh, state, start, setup.train_step, train_iter, ckpt, preemption,
+        return _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption,
                      log, report, evaluator)
       finally:
         log.close()
