@@ -1,10 +1,11 @@
 """The CPU benchmarks in one run: PreFLMR encoding, MaxSim and train steps against PyTorch / ColBERT
 and against this machine's matmul limit.
 
-  python benchmarks/run.py [--quick] [--json] [--results PATH (default benchmarks/RESULTS.md)]
+  python benchmarks/run.py [--quick] [--json] [--results PATH | --write-results]
                           [--skip encode,maxsim,train,ViT-B,ViT-L,tiny]
 
-Prints one table and writes it, with the machine and versions, to --results; with --json the last
+Prints one table; --results PATH writes it, with the machine and versions, to PATH, and
+--write-results to the committed benchmarks/RESULTS.md (a full run only: never --quick). With --json the last
 stdout line is one JSON object: every row, and the headline figures, each the worst (smallest)
 over the rows measured: encoder_speedup_vs_pytorch and encoder_fraction_of_matmul over the query
 and document rows, maxsim_fraction_of_matmul and maxsim_speedup_vs_colbert over the
@@ -62,6 +63,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing the package
 sys.path.insert(0, HERE)  # the other benchmark modules
+COMMITTED_RESULTS = os.path.join(HERE, "RESULTS.md")
 
 import encoders  # noqa: E402  (CPU info, interleaved timing, matmul limit, token batches)
 import gpu as gpu_bench  # noqa: E402  (analytic FLOPs, timed compile)
@@ -540,11 +542,17 @@ def main():
   parser.add_argument("--quick", action="store_true",
                       help="ViT-B only, small batches, fewer repeats (a few minutes on 2 cores)")
   parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-  parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"),
-                      help="markdown file to write (overwritten)")
+  where = parser.add_mutually_exclusive_group()
+  where.add_argument("--results", help="markdown file to write the results to (overwritten)")
+  where.add_argument("--write-results", action="store_true",
+                     help=f"overwrite the committed {os.path.relpath(COMMITTED_RESULTS)}")
   parser.add_argument("--skip", default="", help=f"comma list of sections ({', '.join(SECTIONS)})"
                       " and shapes (ViT-B, ViT-L, tiny) to leave out, e.g. while iterating")
   args = parser.parse_args()
+  if args.write_results and (args.quick or args.skip):
+    parser.error("--write-results records a full run: drop --quick and --skip, or write "
+                 "elsewhere with --results PATH")
+  results_path = COMMITTED_RESULTS if args.write_results else args.results
   settings = QUICK if args.quick else FULL
   skip = set(filter(None, args.skip.split(",")))
   known = set(SECTIONS) | {row[0] for row in settings.encode + settings.train}
@@ -580,10 +588,11 @@ def main():
   r["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
   table = markdown_table(table_rows(r))
   print("\n" + table + "\n")
-  os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-  with open(args.results, "w") as f:
-    f.write(markdown(r, table))
-  print(f"wrote {args.results} ({r['elapsed_s']:.0f} s)")
+  if results_path:
+    os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+    with open(results_path, "w") as f:
+      f.write(markdown(r, table))
+    print(f"wrote {results_path} ({r['elapsed_s']:.0f} s)")
   if args.json:
     print(json.dumps(headline(r), default=str))
 

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Every CPU benchmark, written to benchmarks/RESULTS.md (overwritten) and echoed to the terminal:
-# benchmarks/run.py (encoding vs PyTorch, MaxSim vs the matmul limit and colbert-ai, train steps),
-# then the input pipeline and search. Run on an otherwise idle machine: load from other processes
-# skews the timings. GPU figures come from benchmarks/gpu.py (RESULTS_GPU.md).
-#   bash benchmarks/run_all.sh
+# Every CPU benchmark, echoed to the terminal: benchmarks/run.py (encoding vs PyTorch, MaxSim vs
+# the matmul limit and colbert-ai, train steps), then the input pipeline and search. With
+# --write-results they also replace the committed benchmarks/RESULTS.md; otherwise they go to a
+# temporary file. Run on an otherwise idle machine: load from other processes skews the timings.
+# GPU figures come from benchmarks/gpu.py (RESULTS_GPU.md).
+#   bash benchmarks/run_all.sh [--write-results]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=benchmarks/RESULTS.md
+case "${1:-}" in
+  --write-results) out=benchmarks/RESULTS.md ;;
+  "") out=$(mktemp --suffix=.md) ;;
+  *) echo "usage: bash benchmarks/run_all.sh [--write-results]" >&2; exit 2 ;;
+esac
 
 status=0
 python benchmarks/run.py --results "$out" || status=1

@@ -32,6 +32,15 @@ def test_run_quick_without_the_release_shapes(tmp_path, one_device_env):
   assert text.startswith("# Benchmark results") and "maxsim_chunked(" in text
 
 
+def test_quick_runs_never_rewrite_the_committed_results(one_device_env):
+  committed = ROOT / "benchmarks" / "RESULTS.md"
+  before = committed.read_bytes()
+  out = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--write-results"], cwd=ROOT,
+                       env=one_device_env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "--write-results records a full run" in out.stderr, out.stderr
+  assert committed.read_bytes() == before
+
+
 @pytest.mark.slow
 def test_gpu_script_on_cpu_with_tiny_shapes(tmp_path, one_device_env):
   env = {**one_device_env, "JAX_PLATFORMS": "cpu"}
