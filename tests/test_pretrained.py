@@ -69,7 +69,7 @@ class Oracle(torch.nn.Module):
     ids_t = torch.from_numpy(ids).long()
     hidden = self.qbert(input_ids=ids_t, attention_mask=torch.from_numpy(mask).long())[0]
     keep = np.ones(ids.shape, np.float32)
-    for b, row in enumerate(ids):  # DESIGN section 2: zero 2..first ":" inclusive
+    for b, row in enumerate(ids):  # zero the instruction: positions 2..first ":" inclusive
       colons = np.flatnonzero(row == colon_id)
       if len(colons):
         keep[b, 2:colons[0] + 1] = 0
