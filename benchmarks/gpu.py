@@ -41,8 +41,6 @@ import traceback
 START = time.perf_counter()
 # The largest train rows need more than JAX's default 75% of device memory (nothing else runs).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without installing the package
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
