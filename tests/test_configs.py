@@ -81,3 +81,42 @@ def test_count_params_cli_prints_json_last():
   counts = json.loads(out.strip().splitlines()[-1])
   assert counts["total"] == 326725504
   assert set(counts) >= {"total", "vision", "query_text", "document_text", "mapping", "heads"}
+
+
+# ------------------------------------------------------------------------- config arguments
+
+def _parse(arg):
+  return config_files.parse_arg(arg, where="configs/x.py", stage=0, shape="tiny", lr=0.1,
+                                smoke=False).to_dict()
+
+
+@pytest.mark.parametrize("arg,expected", [
+    (None, dict(stage=0, shape="tiny", lr=0.1, smoke=False)),
+    ("", dict(stage=0, shape="tiny", lr=0.1, smoke=False)),
+    ("2,vit_l", dict(stage=2, shape="vit_l", lr=0.1, smoke=False)),  # positional, in spec order
+    ("shape=vit_b,3", dict(stage=3, shape="vit_b", lr=0.1, smoke=False)),  # skips set keys
+    ("stage=1, lr=1e-3", dict(stage=1, shape="tiny", lr=1e-3, smoke=False)),
+    ("smoke", dict(stage=0, shape="tiny", lr=0.1, smoke=True)),  # a bool key's bare name
+    ("smoke=False,2", dict(stage=2, shape="tiny", lr=0.1, smoke=False)),
+])
+def test_parse_arg_forms(arg, expected):
+  assert _parse(arg) == expected
+
+
+@pytest.mark.parametrize("arg,why", [
+    ("shap=vit_l", "unknown key 'shap'"),
+    ("1,tiny,0.5,true,x", "'x' is one positional item too many"),
+    ("2,stage=3", "stage is set twice"),
+    ("smoke,smoke", "smoke is set twice"),
+    ("stage=two", "stage='two' is not of type int"),
+    ("1.5", "stage='1.5' is not of type int"),
+    ("lr=fast", "lr='fast' is not of type float"),
+    ("smoke=maybe", "smoke='maybe' is not of type bool"),
+])
+def test_parse_arg_errors_are_one_line_naming_the_file_and_keys(arg, why):
+  with pytest.raises(ValueError) as e:
+    _parse(arg)
+  message = str(e.value)
+  assert "\n" not in message and message.startswith(f"configs/x.py: argument {arg!r}: {why}; ")
+  assert message.endswith("keys in order: stage: int = 0, shape: str = 'tiny', lr: float = 0.1, "
+                          "smoke: bool = False")
