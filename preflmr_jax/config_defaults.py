@@ -153,7 +153,8 @@ def tiny_config(width: int = 32, vision_width: int = 0, *,
       text="tiny", vision="tiny", query_maxlen=32, doc_maxlen=64, mapping_prefix_length=4, dim=16,
       mapping_cross_attention_length=32, instruction_token_id=colon_id,
       skip_token_ids=punctuation_ids)
-  for tower, w in (("text", width), ("mapping", width), ("vision", vision_width)):  # mapping reads text
+  # The mapping network reads the text encoder's states: it takes the text width.
+  for tower, w in (("text", width), ("mapping", width), ("vision", vision_width)):
     config.model[tower].update(hidden_size=w, intermediate_size=2 * w)
   config.tokenizer = "tiny"
   config.data.tasks = "SAMPLE"
@@ -189,7 +190,8 @@ SCALING_TEXT = ("base", "large", "800m")
 
 def scaling_config(vision: str = "B", text: str = "base", *,
                    where: str) -> ml_collections.ConfigDict:
-  """A scaling-grid point: both text encoders take the `text` shape, the mapping network its width."""
+  """A scaling-grid point: both text encoders take the `text` shape, the mapping network its
+  width."""
   if vision not in SCALING_VISION:
     raise ValueError(f"{where}: vision={vision!r} is not one of {list(SCALING_VISION)}")
   if text not in SCALING_TEXT:

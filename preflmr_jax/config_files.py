@@ -52,7 +52,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 def load_config(spec: str, overrides: Optional[Mapping[str, Any]] = None
                 ) -> ml_collections.ConfigDict:
-  """`"configs/stage.py:2,vit_l"` -> that file's `get_config("2,vit_l")`, then `overrides` applied."""
+  """`"configs/stage.py:2,vit_l"` -> that file's `get_config("2,vit_l")`, then `overrides`
+  applied."""
   path, _, arg = spec.partition(":")
   config = load_module(path).get_config(*([arg] if arg else []))
   return apply_overrides(config, overrides or {})
@@ -72,9 +73,10 @@ def parse_arg(arg: Optional[str], *, where: str, **spec) -> ml_collections.Confi
     parse_arg("2,vit_l", where="configs/stage.py", stage=0, shape="tiny")  # stage=2, shape="vit_l"
 
   `spec` gives each key's default, whose type (int, float, str, bool) is the key's. Items are
-  comma-separated: `key=value` sets that key, a bool key's bare name sets it True, and any other bare
-  item fills the next key not yet set, in spec order. An unknown key, a positional item too many, a
-  key set twice or a value not of its key's type fails in one line naming `where` and the keys.
+  comma-separated: `key=value` sets that key, a bool key's bare name sets it True, and any other
+  bare item fills the next key not yet set, in spec order. An unknown key, a positional item too
+  many, a key set twice or a value not of its key's type fails in one line naming `where` and the
+  keys.
   """
   keys = ", ".join(f"{k}: {type(v).__name__} = {v!r}" for k, v in spec.items())
 

@@ -170,7 +170,8 @@ def test_stage_configs_apply_the_recipe_to_the_shape(stage, shape):
 
 def test_stage_recipe_facts():
   assert recipe.OUTPUT == {1: "mapping_only", 2: "full", 3: "full"}
-  assert recipe.FREEZE[1] == ("query_text", "document_text", "query_head", "document_head", "vision")
+  assert recipe.FREEZE[1] == (
+      "query_text", "document_text", "query_head", "document_head", "vision")
   assert recipe.FREEZE[2] == recipe.FREEZE[3] == ("vision",)
   assert recipe.TASKS[2] == "E-VQA"
   assert recipe.TASKS[1].split(",") == [f"{t}*1" for t in
