@@ -15,7 +15,7 @@ small batches, fewer repeats, a 128-token doc_maxlen in the ViT-B train step. Ro
 - matmul: a 2048^3 fp32 matmul, jnp and torch; the faster is the machine's practical limit, and
   every "% of matmul" below is a GFLOP/s over it.
 - encode: examples/s of `PreFLMR.encode_queries` / `encode_documents` (jitted, as
-  evaluation.Encoder runs them) for the ViT-B and ViT-L release shapes (configs/preflmr_vit_*.py),
+  evaluation.Encoder runs them) for the ViT-B and ViT-L release shapes (configs/release.py),
   vs `torch_reference.TorchPreFLMR` (HF transformers modules, sdpa attention) holding the same random
   weights, on the same batch; ours/torch is the ratio of median times over interleaved repeats.
   Documents are padded to doc_maxlen (512) on both sides; their encoder (BERT-base) is the same
@@ -82,7 +82,7 @@ from preflmr_jax.models import preflmr  # noqa: E402
 from preflmr_jax.testing import torch_reference  # noqa: E402
 
 SECTIONS = ("encode", "maxsim", "train")  # the matmul limit always runs
-VIT_B, VIT_L, TINY = "configs/preflmr_vit_b.py", "configs/preflmr_vit_l.py", "configs/tiny.py"
+VIT_B, VIT_L, TINY = "configs/release.py:vit_b", "configs/release.py:vit_l", "configs/tiny.py"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,5 +34,5 @@ def test_demo_bad_config_value_names_the_key():
   assert "config.model.vision.image_size" in run.stderr
   run = _demo("--config", "configs/tiny.py", "--config.mesh.data=3", devices=8)
   assert run.returncode != 0 and "config.mesh" in run.stderr
-  run = _demo("--config", "configs/preflmr_vit_b.py")  # no vocab folder given, none downloaded
+  run = _demo("--config", "configs/release.py:vit_b")  # no vocab folder given, none downloaded
   assert run.returncode != 0 and "config.tokenizer is not set" in run.stderr

@@ -135,9 +135,9 @@ def test_local_backend_reports_a_preempted_point_and_resumes_when_rerun(status, 
 
 def _write_config(tmp_path, body):
   path = tmp_path / "my_sweep.py"
-  path.write_text("from preflmr_jax import config_files\n\n"
+  path.write_text("from preflmr_jax import config_defaults\n\n"
                   "def get_config(arg=None):\n"
-                  "  return config_files.load_config('configs/tiny.py')\n\n" + body)
+                  "  return config_defaults.tiny_config()\n\n" + body)
   return str(path)
 
 

@@ -107,7 +107,7 @@ def test_resume_is_exact(trained_workdir, tmp_path, short_run):
 
 
 def test_stage1_freezes_everything_but_the_mapping_structures(tmp_path, short_run):
-  config = short_run("configs/stage1.py", num_train_steps=3, log_every_steps=1,
+  config = short_run("configs/stage.py:1", num_train_steps=3, log_every_steps=1,
                      checkpoint_every_steps=1)
   train.train_and_evaluate(config, str(tmp_path))
   first, last = (_final_params(tmp_path, config, step) for step in (1, 3))
