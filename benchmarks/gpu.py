@@ -4,7 +4,7 @@
   python benchmarks/gpu.py --json /tmp/gpu.json --md /tmp/gpu.md           # more rows
   JAX_PLATFORMS=cpu python benchmarks/gpu.py --tiny --json /tmp/g.json --md /tmp/g.md  # CPU smoke
 
-Train: the trainer's own step (`train.setup_train_step`) for configs/preflmr_vit_l.py (vision
+Train: the trainer's own step (`train.setup_train_step`) for configs/release.py:vit_l (vision
 frozen, AdamW) in bf16 compute with fp32 master weights, on random batches padded like real ones
 (queries ~20 real tokens, documents ~180 of doc_maxlen). Rows are QUERIES:VARIANT; a variant is a
 set of config overrides (VARIANTS: the reference recipe `base`; `rbg` dropout bits; `cudnn` fused
@@ -41,8 +41,6 @@ import traceback
 START = time.perf_counter()
 # The largest train rows need more than JAX's default 75% of device memory (nothing else runs).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without installing the package
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -582,7 +580,7 @@ def main():
   parser.add_argument("--tiny", action="store_true", help="configs/tiny.py shapes, for a CPU run")
   parser.add_argument("--json", help="write every number to this file")
   parser.add_argument("--md", help="write markdown tables to this file (for RESULTS.md)")
-  parser.add_argument("--config", help="config file[:arg] (default configs/preflmr_vit_l.py)")
+  parser.add_argument("--config", help="config file[:arg] (default configs/release.py:vit_l)")
   parser.add_argument("--train_rows", help=f"QUERIES:VARIANT,... with VARIANT in {list(VARIANTS)} "
                       f"(default {DEFAULT_ROWS}; without --quick also {MORE_ROWS})")
   parser.add_argument("--steps", type=int, help="timed train steps per row")
@@ -596,7 +594,7 @@ def main():
   parser.add_argument("--compile_cache", help="persistent compile cache folder (faster reruns)")
   args = parser.parse_args()
   quick, tiny = args.quick, args.tiny
-  args.config = args.config or ("configs/tiny.py" if tiny else "configs/preflmr_vit_l.py")
+  args.config = args.config or ("configs/tiny.py" if tiny else "configs/release.py:vit_l")
   default_rows = (("8:base,8:cudnn" if quick else "8:base,8:cudnn,16:remat") if tiny else
                   DEFAULT_ROWS + ("" if quick else "," + MORE_ROWS))
   rows = []
@@ -618,15 +616,15 @@ def main():
       f"{args.config}: {bench.mc.query_length} query tokens, doc_maxlen {bench.mc.doc_maxlen}")
   if r["platform"] == "cpu" and not tiny:
     log("warning: full-size shapes on CPU are very slow; use --tiny")
-  if args.config == "configs/preflmr_vit_l.py":
+  if args.config == "configs/release.py:vit_l":
     try:  # stage 3 differs from the release-shape config in learning rates only, if at all
-      s3 = config_files.load_config("configs/stage3.py:vit_l")
+      s3 = config_files.load_config("configs/stage.py:3,vit_l")
       r["stage3_same_step"] = (tuple(s3.freeze) == tuple(bench.config.freeze)
                                and s3.model.output == bench.mc.output)
-      log(f"configs/stage3.py:vit_l trains the same groups with the same output: "
+      log(f"configs/stage.py:3,vit_l trains the same groups with the same output: "
           f"{r['stage3_same_step']}{' (not run separately)' if r['stage3_same_step'] else ''}")
     except Exception as e:  # pylint: disable=broad-except
-      log(f"could not compare with configs/stage3.py:vit_l: {type(e).__name__}: {e}")
+      log(f"could not compare with configs/stage.py:3,vit_l: {type(e).__name__}: {e}")
 
   # Cheap sections first; train before encode: it is the main result if time runs out.
   if "copy" not in skip:

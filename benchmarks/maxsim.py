@@ -12,7 +12,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -20,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from preflmr_jax.late_interaction import (  # noqa: E402
     chunk_sizes, default_tile_bytes, maxsim, maxsim_chunked)
 

@@ -11,11 +11,9 @@ The baseline is 0 workers (everything in the main process); the ratio column is 
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from preflmr_jax import config_files, data, tokenization  # noqa: E402
 from preflmr_jax.data import sample  # noqa: E402
 from preflmr_jax.models import model_config as mc  # noqa: E402

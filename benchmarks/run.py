@@ -15,8 +15,8 @@ small batches, fewer repeats, a 128-token doc_maxlen in the ViT-B train step. Ro
 - matmul: a 2048^3 fp32 matmul, jnp and torch; the faster is the machine's practical limit, and
   every "% of matmul" below is a GFLOP/s over it.
 - encode: examples/s of `PreFLMR.encode_queries` / `encode_documents` (jitted, as
-  evaluation.Encoder runs them) for the ViT-B and ViT-L release shapes (configs/preflmr_vit_*.py),
-  vs `torch_preflmr.TorchPreFLMR` (HF transformers modules, sdpa attention) holding the same random
+  evaluation.Encoder runs them) for the ViT-B and ViT-L release shapes (configs/release.py),
+  vs `torch_reference.TorchPreFLMR` (HF transformers modules, sdpa attention) holding the same random
   weights, on the same batch; ours/torch is the ratio of median times over interleaved repeats.
   Documents are padded to doc_maxlen (512) on both sides; their encoder (BERT-base) is the same
   in both releases, so it is measured once. FLOPs: analytic, 2 per multiply-add of every matmul
@@ -61,14 +61,11 @@ START = time.perf_counter()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing the package
-sys.path.insert(0, HERE)  # the other benchmark modules
 COMMITTED_RESULTS = os.path.join(HERE, "RESULTS.md")
 
 import encoders  # noqa: E402  (CPU info, interleaved timing, matmul limit, token batches)
 import gpu as gpu_bench  # noqa: E402  (analytic FLOPs, timed compile)
 import maxsim as maxsim_bench  # noqa: E402  (MaxSim inputs)
-import torch_preflmr  # noqa: E402  (the PyTorch reference model)
 
 import flax  # noqa: E402
 import flax.linen as nn  # noqa: E402
@@ -82,9 +79,10 @@ from preflmr_jax import (  # noqa: E402
     config_files, data, evaluation, late_interaction, sharding, train)
 from preflmr_jax.models import model_config as mc_lib  # noqa: E402
 from preflmr_jax.models import preflmr  # noqa: E402
+from preflmr_jax.testing import torch_reference  # noqa: E402
 
 SECTIONS = ("encode", "maxsim", "train")  # the matmul limit always runs
-VIT_B, VIT_L, TINY = "configs/preflmr_vit_b.py", "configs/preflmr_vit_l.py", "configs/tiny.py"
+VIT_B, VIT_L, TINY = "configs/release.py:vit_b", "configs/release.py:vit_l", "configs/tiny.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +206,8 @@ def encode_section(settings: Settings, limit: float, skip: set) -> list[dict]:
     mc = mc_lib.PreFLMRConfig.from_dict(config_files.load_config(path).model)
     log(f"encode {name}: building the PyTorch model and converting its weights")
     start = time.perf_counter()
-    reference = torch_preflmr.TorchPreFLMR(mc)
-    params = torch_preflmr.flax_params(reference, mc)
+    reference = torch_reference.TorchPreFLMR(mc)
+    params = torch_reference.flax_params(reference, mc)
     log(f"  built in {time.perf_counter() - start:.0f} s")
     rng = np.random.default_rng(0)
     cases = [("queries", query_inputs(rng, mc, n_queries), reference.queries)]

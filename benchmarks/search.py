@@ -24,7 +24,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import threading
 import time
 
@@ -33,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from preflmr_jax import index as plaid  # noqa: E402
 from preflmr_jax import late_interaction  # noqa: E402
 from preflmr_jax.late_interaction import maxsim, maxsim_chunked  # noqa: E402

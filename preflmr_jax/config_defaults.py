@@ -2,12 +2,17 @@
 
 Configs are `ml_collections.ConfigDict`s; every tool takes `--config path/to/config.py[:arg]` and
 `--config.key=value` overrides. `config.model` becomes a `PreFLMRConfig` (models/model_config.py).
+The model shapes the config files share are built here: the release shapes (configs/release.py),
+the tiny CPU model (configs/tiny.py), the scaling grid (configs/scaling.py) and the stage-1 sweeps'
+base (configs/sweeps/). Builders that take a config file's argument name that file (`where`) in
+their errors.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from preflmr_jax import recipe, tokenization
 from preflmr_jax.models import model_config as mc
 
 # Logical axis -> mesh axis. Parameters shard their model width over `fsdp` and their heads / FFN /
@@ -119,4 +124,121 @@ def base_config() -> ml_collections.ConfigDict:
       max_positives=16,
   ))
   config.init_from = ""  # a published PreFLMR folder (load_pretrained) to start from
+  return config
+
+
+# The PreFLMR releases by name: each one's vision tower (model_config.vision_shape); both text
+# encoders are BERT-base. Parameter counts: configs/release.py.
+RELEASE_SHAPES = {"vit_b": "B/32", "vit_l": "L/14", "vit_g": "bigG/14"}
+
+
+def release_config(shape: str) -> ml_collections.ConfigDict:
+  """A PreFLMR release's shape (`RELEASE_SHAPES`), with the base settings."""
+  config = base_config()
+  config.model = model_dict(text="base", vision=RELEASE_SHAPES[shape])
+  return config
+
+
+def tiny_config(width: int = 32, vision_width: int = 0, *,
+                where: str = "configs/tiny.py") -> ml_collections.ConfigDict:
+  """The tiny CPU model (configs/tiny.py): every tower `width` wide (FFN 2x, 4 heads), the vision
+  tower `vision_width` (0: `width`), trained from scratch on SAMPLE with the built-in tiny vocab."""
+  vision_width = vision_width or width
+  for key, value in (("width", width), ("vision_width", vision_width)):
+    if value <= 0 or value % 4:  # 4 heads of equal width
+      raise ValueError(f"{where}: {key}={value} is not a positive multiple of 4")
+  config = base_config()
+  colon_id, punctuation_ids = tokenization.mask_token_ids(tokenization.tiny_tokenizer())
+  config.model = model_dict(
+      text="tiny", vision="tiny", query_maxlen=32, doc_maxlen=64, mapping_prefix_length=4, dim=16,
+      mapping_cross_attention_length=32, instruction_token_id=colon_id,
+      skip_token_ids=punctuation_ids)
+  # The mapping network reads the text encoder's states: it takes the text width.
+  for tower, w in (("text", width), ("mapping", width), ("vision", vision_width)):
+    config.model[tower].update(hidden_size=w, intermediate_size=2 * w)
+  config.tokenizer = "tiny"
+  config.data.tasks = "SAMPLE"
+  config.data.num_workers = 0
+  # Trains from scratch: in-batch recall@1 from chance (1/16) to > 0.9 in ~1500 steps (~1 min on 2
+  # CPU cores).
+  config.num_train_steps = 1500
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 500
+  config.freeze = ()
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.mapping_learning_rate = 1e-3
+  config.optimizer.warmup_steps = 50
+  return config
+
+
+def smoke_config(width: int = 32, vision_width: int = 0, *,
+                 where: str) -> ml_collections.ConfigDict:
+  """`tiny_config` trained briefly on SAMPLE: the CPU stand-in for a scaling-grid point
+  (configs/scaling.py:smoke) and for the stage-1 sweeps' points."""
+  config = tiny_config(width, vision_width, where=where)
+  config.num_train_steps = 200
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 200
+  config.optimizer.warmup_steps = 20
+  return config
+
+
+# The paper's scaling grid (configs/scaling.py; docs/scaling_grid.md): vision tower x text encoders.
+SCALING_VISION = {"B": "B/32", "L": "L/14", "400m": "400m"}
+SCALING_TEXT = ("base", "large", "800m")
+
+
+def scaling_config(vision: str = "B", text: str = "base", *,
+                   where: str) -> ml_collections.ConfigDict:
+  """A scaling-grid point: both text encoders take the `text` shape, the mapping network its
+  width."""
+  if vision not in SCALING_VISION:
+    raise ValueError(f"{where}: vision={vision!r} is not one of {list(SCALING_VISION)}")
+  if text not in SCALING_TEXT:
+    raise ValueError(f"{where}: text={text!r} is not one of {list(SCALING_TEXT)}")
+  config = base_config()
+  config.model = model_dict(text=text, vision=SCALING_VISION[vision])
+  return config
+
+
+# The stage-1 sweeps' argument (configs/sweeps/*.py; a config_files.parse_arg spec): a scaling-grid
+# point, or `smoke` (the tiny model `width` wide, its vision tower `vision_width`) as its CPU
+# stand-in.
+STAGE1_SWEEP_ARG = dict(vision="B", text="base", smoke=False, width=32, vision_width=0)
+
+
+def stage1_sweep_config(arg: ml_collections.ConfigDict, *,
+                        where: str) -> ml_collections.ConfigDict:
+  """The fixed part of the paper's stage-1 sweeps (configs/sweeps/): a scaling-grid model trained
+  with the stage-1 recipe (recipe.apply: only the mapping structures train; vision and text
+  encoders frozen) and the run settings below. A sweep file's argument (`STAGE1_SWEEP_ARG`):
+
+    --config configs/sweeps/vision_scaling.py:vision=L,text=base        # a pod-scale point
+    --config configs/sweeps/vision_scaling.py:smoke[,width=N][,vision_width=M]   # its CPU stand-in
+
+  Pod-scale runs are sized for a v5e-16 (16 GiB per chip; docs/scaling_grid.md and each sweep's
+  plan in the README): global batch 256 in bf16 with fp32 master weights, the batch sharded over
+  `fsdp`, 10,000 steps. These run settings are ours, not the paper's. The data come from the
+  command line: `--config.tokenizer=.../query_tokenizer --config.data.data_dir=...
+  --config.data.tasks=...`. The smoke stand-in is `smoke_config` (the tiny model at those widths,
+  200 steps on SAMPLE), with the stage-1 model but nothing frozen (its random encoders could not
+  serve frozen).
+  """
+  if arg.smoke:
+    config = smoke_config(arg.width, arg.vision_width, where=where)
+  else:
+    config = scaling_config(arg.vision, arg.text, where=where)
+    config.model.dtype = "bfloat16"
+    config.batch_size = 256
+    config.mesh.update(data=1, fsdp=-1)
+    config.num_train_steps = 10_000
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 1000
+    config.optimizer.warmup_steps = 500
+  config = recipe.apply(config, 1)
+  if arg.smoke:
+    # Stage 1 freezes pre-trained encoders; the tiny ones are random, so frozen they leave nothing
+    # to learn (recall stays at chance). The smoke run keeps the stage-1 model (mapping-only
+    # output) and trains all of it.
+    config.freeze = ()
   return config

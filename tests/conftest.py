@@ -1,9 +1,21 @@
-"""Test setup: every test sees 8 simulated CPU devices (set before JAX initialises), and the SAMPLE
-M2KR task that the tiny config trains on is written and built once per session in a temporary cache
-(never the user's ~/.cache), which also holds XLA's compilation cache."""
+"""Test setup and the fixtures the test files share.
+
+Every test sees 8 simulated CPU devices (set before JAX initialises). A temporary cache (never the
+user's ~/.cache) holds the SAMPLE M2KR task that the tiny config trains on, written and built once
+per session, and XLA's compilation cache, so that the many tests (and their subprocesses) compiling
+the same tiny train step compile it once.
+
+Fixtures: `tiny_config` / `short_run` (configs), `sample_data_dir`, `trained_workdir` (a tiny run,
+trained once per session), `one_device_env` and `cli` (subprocesses), `gcs_server` / `gcs` (a GCS
+emulator and a fresh bucket).
+"""
 
 import os
+import pathlib
+import subprocess
+import sys
 import tempfile
+import uuid
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -13,12 +25,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _CACHE = tempfile.TemporaryDirectory(prefix="preflmr_jax_test_cache_")
 os.environ["XDG_CACHE_HOME"] = _CACHE.name  # subprocesses (python -m ...) inherit it
-# Many tests compile the same tiny train step, in this process and in subprocesses: XLA's persistent
-# cache compiles each program once per session.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_CACHE.name, "jax_compilation_cache")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
+
+from preflmr_jax import config_files, storage, train  # noqa: E402
+from preflmr_jax.data import pipeline  # noqa: E402
+from preflmr_jax.testing import gcs_emulator  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = "configs/tiny.py"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,10 +43,93 @@ def _eight_devices():
   assert jax.device_count() == 8, jax.devices()
 
 
-@pytest.fixture
+# ------------------------------------------------------------------------------------ configs
+
+def _load(spec=TINY, **overrides):
+  return config_files.load_config(spec, overrides)
+
+
+def _short(spec=TINY, **overrides):
+  return _load(spec, **{"optimizer.warmup_steps": 0, "optimizer.schedule": "constant",
+                        "log_every_steps": 1, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """tiny_config(spec="configs/tiny.py", **{"dotted.key": value}) -> that config, overridden."""
+  return _load
+
+
+@pytest.fixture(scope="session")
+def short_run():
+  """Like `tiny_config`, for a run of a few steps: no warmup (it would outlast the run), a
+  constant learning rate (a decaying one depends on the run's length), metrics every step."""
+  return _short
+
+
+# --------------------------------------------------------------------------- data and a run
+
+@pytest.fixture(scope="session")
+def sample_data_dir():
+  """The SAMPLE task's TFDS builds (in the session cache)."""
+  return pipeline.resolve_data_dir(_load())
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A tiny run of 6 steps with checkpoints at 2, 4 and 6 (`short_run`). Shared: copy it before
+  changing anything in it."""
+  path = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(_short(num_train_steps=6, checkpoint_every_steps=2), str(path))
+  return path
+
+
+# ------------------------------------------------------------------------------ subprocesses
+
+@pytest.fixture(scope="session")
 def one_device_env():
   """The environment for a subprocess that runs on one CPU device: end-to-end runs compile quicker
   than on the 8 simulated ones."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
   return env
+
+
+@pytest.fixture(scope="session")
+def cli(one_device_env):
+  """cli("preflmr_jax.main", "--config=...", ..., env=None, cwd=ROOT, timeout=900) ->
+  CompletedProcess of `python -m <module> <args>` on one device (text, output captured); `env`
+  adds to or overrides the variables."""
+  def run(module, *args, env=None, cwd=ROOT, timeout=900):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
+                          env={**one_device_env, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+  return run
+
+
+# ------------------------------------------------------------------------------------- GCS
+
+@pytest.fixture(scope="session")
+def gcs_server():
+  """The URL of a GCS emulator that runs for the whole session."""
+  with gcs_emulator.serve() as url:
+    yield url
+
+
+@pytest.fixture
+def gcs(gcs_server):
+  """A fresh bucket on the emulator; STORAGE_EMULATOR_HOST points at it for this test (and the
+  subprocesses it starts)."""
+  before = os.environ.get(storage.EMULATOR_VAR)
+  os.environ[storage.EMULATOR_VAR] = gcs_server
+  storage.setup()
+  bucket = gcs_emulator.Bucket(gcs_server, f"test-{uuid.uuid4().hex[:12]}")
+  bucket.create()
+  try:
+    yield bucket
+  finally:
+    if before is None:
+      os.environ.pop(storage.EMULATOR_VAR, None)
+    else:
+      os.environ[storage.EMULATOR_VAR] = before
+    storage.setup()

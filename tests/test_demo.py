@@ -1,26 +1,14 @@
 """The sample encode-and-score demo on the tiny config, end to end in a subprocess."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 
 from preflmr_jax import demo
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-
-def _demo(*args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.run([sys.executable, "-m", "preflmr_jax.demo", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
-
-
-def test_demo_tiny_prints_and_writes_scores(tmp_path):
-  run = _demo("--config", "configs/tiny.py", "--workdir", str(tmp_path))
+def test_demo_tiny_prints_and_writes_scores(tmp_path, cli):
+  run = cli("preflmr_jax.demo", "--config", "configs/tiny.py", "--workdir", str(tmp_path))
   assert run.returncode == 0, run.stderr[-3000:]
   assert "MaxSim scores" in run.stdout
   with open(tmp_path / "scores.json") as f:
@@ -32,9 +20,10 @@ def test_demo_tiny_prints_and_writes_scores(tmp_path):
   assert (np.abs(scores) <= 32 + 4 + 16).all()
 
 
-def test_demo_runs_on_a_mesh_with_overrides(tmp_path):
-  run = _demo("--config", "configs/tiny.py", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-              "--config.model.text.num_layers=1", "--workdir", str(tmp_path), devices=8)
+def test_demo_runs_on_a_mesh_with_overrides(tmp_path, cli):
+  run = cli("preflmr_jax.demo", "--config", "configs/tiny.py", "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=2", "--config.model.text.num_layers=1", "--workdir", tmp_path,
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert run.returncode == 0, run.stderr[-3000:]
   assert "'fsdp': 2" in run.stdout and "'tensor': 2" in run.stdout
 
@@ -45,5 +34,5 @@ def test_demo_bad_config_value_names_the_key():
   assert "config.model.vision.image_size" in run.stderr
   run = _demo("--config", "configs/tiny.py", "--config.mesh.data=3", devices=8)
   assert run.returncode != 0 and "config.mesh" in run.stderr
-  run = _demo("--config", "configs/preflmr_vit_b.py")  # no vocab folder given, none downloaded
+  run = _demo("--config", "configs/release.py:vit_b")  # no vocab folder given, none downloaded
   assert run.returncode != 0 and "config.tokenizer is not set" in run.stderr

@@ -12,12 +12,12 @@ import transformers
 from safetensors.numpy import load_file
 from transformers.models.bert.modeling_bert import BertLayer as HFBertLayer
 
-import oracles
 from preflmr_jax import conversion
 from preflmr_jax.models import layers
 from preflmr_jax.models.bert import BertLayer, BertModel
 from preflmr_jax.models.clip import ClipVisionModel
 from preflmr_jax.models.model_config import TextConfig, VisionConfig
+from preflmr_jax.testing import torch_reference
 
 TINY_TEXT = TextConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
                        max_position_embeddings=64)
@@ -25,17 +25,17 @@ TINY_TEXT = TextConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4,
 
 def _bert_params(config, torch_model):
   ids = jnp.zeros((1, 8), jnp.int32)
-  shapes = oracles.abstract_shapes(BertModel(config), ids)
+  shapes = torch_reference.abstract_shapes(BertModel(config), ids)
   rules = conversion.table_rules(conversion.bert_table(config.num_layers))
-  return conversion.torch_to_flax(oracles.state_dict_numpy(torch_model), rules, shapes)
+  return conversion.torch_to_flax(torch_reference.state_dict_numpy(torch_model), rules, shapes)
 
 
 def _compare_bert(config, torch_model, ids, mask, atol):
   params = _bert_params(config, torch_model)
   ours, pooled = BertModel(config).apply({"params": params}, ids, mask)
   with torch.no_grad():
-    ref = torch_model(input_ids=oracles.to_torch(ids).long(),
-                      attention_mask=oracles.to_torch(mask).long())
+    ref = torch_model(input_ids=torch_reference.to_torch(ids).long(),
+                      attention_mask=torch_reference.to_torch(mask).long())
   valid = np.asarray(mask, bool)
   # Rows of padded positions are compared too: PreFLMR keeps the [MASK]-padding outputs.
   np.testing.assert_allclose(ours, ref.last_hidden_state.numpy(), atol=atol, rtol=0)
@@ -44,7 +44,7 @@ def _compare_bert(config, torch_model, ids, mask, atol):
 
 
 def test_bert_tiny_random_matches_transformers():
-  model = oracles.randomize_(transformers.BertModel(oracles.hf_bert_config(TINY_TEXT)))
+  model = torch_reference.randomize_(transformers.BertModel(torch_reference.hf_bert_config(TINY_TEXT)))
   rng = np.random.default_rng(0)
   ids = rng.integers(0, TINY_TEXT.vocab_size, (3, 12)).astype(np.int32)
   mask = np.ones_like(ids)
@@ -80,7 +80,7 @@ def test_bert_real_minilm_weights_match_transformers():
 
 
 def test_bert_bf16_compute_fp32_params_close():
-  model = oracles.randomize_(transformers.BertModel(oracles.hf_bert_config(TINY_TEXT)), std=0.05)
+  model = torch_reference.randomize_(transformers.BertModel(torch_reference.hf_bert_config(TINY_TEXT)), std=0.05)
   params = _bert_params(TINY_TEXT, model)
   ids = np.arange(24, dtype=np.int32).reshape(2, 12) % TINY_TEXT.vocab_size
   full, _ = BertModel(TINY_TEXT).apply({"params": params}, ids)
@@ -140,16 +140,16 @@ def test_bert_remat_same_values_and_grads(remat):
 def test_clip_vision_matches_transformers_every_hidden_state(act):
   config = VisionConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48,
                         patch_size=8, image_size=32, hidden_act=act)
-  model = oracles.randomize_(transformers.CLIPVisionModel(oracles.hf_clip_config(config)), std=0.1)
+  model = torch_reference.randomize_(transformers.CLIPVisionModel(torch_reference.hf_clip_config(config)), std=0.1)
   pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  shapes = oracles.abstract_shapes(ClipVisionModel(config), pixels)
+  shapes = torch_reference.abstract_shapes(ClipVisionModel(config), pixels)
   rules = conversion.table_rules(conversion.clip_table(config.num_layers))
   state = {k.removeprefix("vision_model."): v
-           for k, v in oracles.clip_state_dict_published(model).items()}
+           for k, v in torch_reference.clip_state_dict_published(model).items()}
   params = conversion.torch_to_flax(state, rules, shapes)
   hidden, pooled = ClipVisionModel(config).apply({"params": params}, pixels)
   with torch.no_grad():
-    ref = model(pixel_values=oracles.nchw(pixels), output_hidden_states=True)
+    ref = model(pixel_values=torch_reference.nchw(pixels), output_hidden_states=True)
   assert len(hidden) == len(ref.hidden_states) == config.num_layers + 1
   for ours, theirs in zip(hidden, ref.hidden_states):
     np.testing.assert_allclose(ours, theirs.numpy(), atol=2e-5, rtol=0)
@@ -165,17 +165,17 @@ def test_clip_rejects_wrong_pixel_shape():
 
 
 def test_mapping_layer_matches_transformers_cross_attention_layer():
-  hf_config = oracles.hf_bert_config(TINY_TEXT, is_decoder=True, add_cross_attention=True)
-  layer = oracles.randomize_(HFBertLayer(hf_config, layer_idx=0), std=0.2)
+  hf_config = torch_reference.hf_bert_config(TINY_TEXT, is_decoder=True, add_cross_attention=True)
+  layer = torch_reference.randomize_(HFBertLayer(hf_config, layer_idx=0), std=0.2)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 9, 32)).astype(np.float32)  # mapped patch tokens
   enc = rng.normal(size=(2, 6, 32)).astype(np.float32)  # query encoder hidden states
   module = BertLayer(TINY_TEXT, cross_attention=True)
-  shapes = oracles.abstract_shapes(module, x, None, True, enc)
+  shapes = torch_reference.abstract_shapes(module, x, None, True, enc)
   rules = conversion.table_rules(conversion.bert_layer_table(cross_attention=True))
-  params = conversion.torch_to_flax(oracles.state_dict_numpy(layer), rules, shapes)
+  params = conversion.torch_to_flax(torch_reference.state_dict_numpy(layer), rules, shapes)
   ours = module.apply({"params": params}, x, None, True, enc)
   with torch.no_grad():
-    ref = layer(oracles.to_torch(x), encoder_hidden_states=oracles.to_torch(enc))
+    ref = layer(torch_reference.to_torch(x), encoder_hidden_states=torch_reference.to_torch(enc))
   ref = ref[0] if isinstance(ref, tuple) else ref
   np.testing.assert_allclose(ours, ref.numpy(), atol=2e-5, rtol=0)

@@ -3,8 +3,6 @@ folder, outputs consistent with the metrics' definitions, clear errors."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -12,14 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import preflmr_jax
-from preflmr_jax import config_files, data, evaluate, evaluation, metrics, tokenization, train
-from preflmr_jax.data import m2kr, pipeline, sample
+from preflmr_jax import data, evaluate, evaluation, metrics, tokenization, train
+from preflmr_jax.data import m2kr, sample
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
-
-
-def _config(**overrides):
-  return config_files.load_config("configs/tiny.py", overrides)
 
 
 def _encoder(restored, batch_size):
@@ -27,27 +21,24 @@ def _encoder(restored, batch_size):
                             restored.document_tokenizer, evaluation.eval_mesh(), batch_size)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(_config(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=1,
-                                   **{"optimizer.warmup_steps": 0}), str(path))
-  return str(path)
+@pytest.fixture
+def workdir(trained_workdir):
+  return str(trained_workdir)  # the session's tiny run: 6 steps (tests/conftest.py)
 
 
-@pytest.fixture(scope="module")
-def data_dir():
-  return pipeline.resolve_data_dir(_config())  # the SAMPLE build (tests/conftest.py's cache)
+@pytest.fixture
+def data_dir(sample_data_dir):
+  return sample_data_dir
 
 
-def test_workdir_checkpoint_end_to_end(workdir, data_dir, tmp_path):
-  results = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path),
+def test_workdir_checkpoint_end_to_end(workdir, data_dir, tmp_path, tiny_config):
+  results = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path),
                          ks=(1, 5), batch_size=16)
   r = results["SAMPLE"]
   queries = m2kr.load_queries(data_dir, "SAMPLE", "test")
   passages = m2kr.load_passages(data_dir, "SAMPLE", "test")
   assert r["num_queries"] == len(queries) and r["num_passages"] == len(passages)
-  assert r["step"] == 2 and r["checkpoint"] == workdir and r["headline"] == "Recall@1"
+  assert r["step"] == 6 and r["checkpoint"] == workdir and r["headline"] == "Recall@1"
   assert json.load(open(tmp_path / "results.json")) == results
   lines = [json.loads(l) for l in open(tmp_path / "SAMPLE_rankings.jsonl")]
   assert [l["question_id"] for l in lines] == [queries[i]["question_id"]
@@ -67,9 +58,9 @@ def test_workdir_checkpoint_end_to_end(workdir, data_dir, tmp_path):
   assert f"**{r['Recall@1']:.4f}**" in table and "| SAMPLE |" in table
 
 
-def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path):
+def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path, tiny_config):
   """Top-1 scores equal MaxSim of the encoders' outputs computed directly (no search)."""
-  restored = evaluate.restore(_config(), workdir)
+  restored = evaluate.restore(tiny_config(), workdir)
   encoder = _encoder(restored, 8)
   passages = m2kr.load_passages(data_dir, "SAMPLE", "test")
   queries = m2kr.load_queries(data_dir, "SAMPLE", "test")
@@ -84,7 +75,7 @@ def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path):
   q, _ = encoder.queries(*zip(*[(queries[i]["question"], queries[i]["instruction"],
                                  queries[i]["image"]) for i in range(4)]))
   scores = np.asarray(preflmr_jax.maxsim(q, d, d_mask))
-  evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path), ks=(1,),
+  evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path), ks=(1,),
                batch_size=16)
   lines = [json.loads(l) for l in open(tmp_path / "SAMPLE_rankings.jsonl")][:4]
   ids = [passages[i]["passage_id"] for i in range(len(passages))]
@@ -93,11 +84,12 @@ def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path):
     np.testing.assert_allclose(l["scores"][0], row.max(), rtol=1e-5)
 
 
-def test_corpus_encoded_in_length_buckets_equals_full_padding(workdir, data_dir, monkeypatch):
+def test_corpus_encoded_in_length_buckets_equals_full_padding(workdir, data_dir, monkeypatch,
+                                                              tiny_config):
   """encode_corpus sorts documents by length and pads each batch only to a multiple of
   DOC_LENGTH_MULTIPLE; every passage's packed tokens equal it encoded alone at doc_maxlen."""
   monkeypatch.setattr(evaluation, "DOC_LENGTH_MULTIPLE", 8)  # tiny doc_maxlen is 64
-  restored = evaluate.restore(_config(), workdir)
+  restored = evaluate.restore(tiny_config(), workdir)
   encoder = _encoder(restored, 8)
   widths, documents = [], encoder.encode_documents
   encoder.encode_documents = lambda t, w: widths.append(w) or documents(t, w)
@@ -118,47 +110,45 @@ def test_corpus_encoded_in_length_buckets_equals_full_padding(workdir, data_dir,
                                atol=1e-5)
 
 
-def test_published_folder(workdir, data_dir, tmp_path):
-  restored = evaluate.restore(_config(), workdir)
+def test_published_folder(workdir, data_dir, tmp_path, tiny_config):
+  restored = evaluate.restore(tiny_config(), workdir)
   folder = str(tmp_path / "published")
   preflmr_jax.PretrainedPreFLMR(restored.model_config, restored.params).save_pretrained(folder)
-  a = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "a"), ks=(1,))
-  b = evaluate.run(_config(), folder, ["SAMPLE"], "test", data_dir, str(tmp_path / "b"), ks=(1,))
+  a = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "a"), ks=(1,))
+  b = evaluate.run(tiny_config(), folder, ["SAMPLE"], "test", data_dir, str(tmp_path / "b"), ks=(1,))
   assert b["SAMPLE"]["step"] is None
   assert a["SAMPLE"]["Recall@1"] == b["SAMPLE"]["Recall@1"]
 
 
-def test_checkpoint_of_another_config_names_the_parameter(workdir, data_dir, tmp_path):
-  other = _config(**{"model.dim": 8})
+def test_checkpoint_of_another_config_names_the_parameter(workdir, data_dir, tmp_path, tiny_config):
+  other = tiny_config(**{"model.dim": 8})
   with pytest.raises(ValueError, match=r"document_head/kernel: the checkpoint .* has shape \(32, 16\), the model expects \(32, 8\)"):
     evaluate.run(other, workdir, ["SAMPLE"], "test", data_dir, str(tmp_path))
 
 
-def test_missing_split_or_checkpoint_is_a_clear_error(workdir, data_dir, tmp_path):
+def test_missing_split_or_checkpoint_is_a_clear_error(workdir, data_dir, tmp_path, tiny_config):
   with pytest.raises(ValueError, match="--split='dev'"):
-    evaluate.run(_config(), workdir, ["SAMPLE"], "dev", data_dir, str(tmp_path))
+    evaluate.run(tiny_config(), workdir, ["SAMPLE"], "dev", data_dir, str(tmp_path))
   with pytest.raises(FileNotFoundError, match="OKVQA.*not built"):
-    evaluate.run(_config(), workdir, ["OKVQA"], "test", data_dir, str(tmp_path))
+    evaluate.run(tiny_config(), workdir, ["OKVQA"], "test", data_dir, str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no such folder"):
-    evaluate.run(_config(), str(tmp_path / "nope"), ["SAMPLE"], "test", data_dir, str(tmp_path))
+    evaluate.run(tiny_config(), str(tmp_path / "nope"), ["SAMPLE"], "test", data_dir, str(tmp_path))
 
 
-def test_binary(workdir, data_dir, tmp_path):
-  out = subprocess.run(
-      [sys.executable, "-m", "preflmr_jax.evaluate", "--config", "configs/tiny.py",
-       "--checkpoint", workdir, "--tasks", "SAMPLE", "--split", "test", "--data_dir", data_dir,
-       "--output", str(tmp_path), "--ks", "1,5"],
-      cwd=config_files.REPO_ROOT, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+def test_binary(workdir, data_dir, tmp_path, cli):
+  out = cli("preflmr_jax.evaluate", "--config", "configs/tiny.py", "--checkpoint", workdir,
+            "--tasks", "SAMPLE", "--split", "test", "--data_dir", data_dir, "--output", tmp_path,
+            "--ks", "1,5", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   assert out.returncode == 0, out.stderr[-3000:]
   assert "| SAMPLE |" in out.stdout
   results = json.load(open(tmp_path / "results.json"))
   assert set(results["SAMPLE"]) >= {"Recall@1", "Recall@5", "PseudoRecall@5", "num_queries"}
 
 
-def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, monkeypatch):
+def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, monkeypatch,
+                                                   tiny_config):
   cache = str(tmp_path / "cache")
-  first = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "a"),
+  first = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "a"),
                        ks=(1, 5), cache_dir=cache)
   assert len(os.listdir(cache)) == 1
 
@@ -166,22 +156,23 @@ def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, 
     raise AssertionError("the corpus was encoded again")
   with monkeypatch.context() as m:
     m.setattr(evaluation.Encoder, "encode_documents", no_encoding)
-    again = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "b"),
+    again = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "b"),
                          ks=(1, 5), cache_dir=cache)
   assert again["SAMPLE"]["Recall@5"] == first["SAMPLE"]["Recall@5"]
   assert open(tmp_path / "a" / "SAMPLE_rankings.jsonl").read() == open(
       tmp_path / "b" / "SAMPLE_rankings.jsonl").read()
   # Another checkpoint (step 1 of the same run): other parameters, a new cache entry.
-  evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "c"), ks=(1,),
+  evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "c"), ks=(1,),
                step=1, cache_dir=cache)
   assert len(os.listdir(cache)) == 2
 
 
-def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir, tmp_path):
+def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir, tmp_path,
+                                                              tiny_config):
   options = evaluation.IndexOptions(nbits=8, centroids=32, nprobe=8)
-  exact = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "e"),
+  exact = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "e"),
                        ks=(1, 5))["SAMPLE"]
-  indexed = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "i"),
+  indexed = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "i"),
                          ks=(1, 5), index=options)["SAMPLE"]
   assert indexed["index"] == {"nbits": 8, "centroids": 32, "nprobe": 8, "candidates": 0}
   assert indexed["IndexRecallVsExact@5"] >= 0.9  # 8 bits: nearly lossless
@@ -192,12 +183,13 @@ def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir,
     evaluation.IndexOptions.parse("bits=2")
 
 
-def test_an_index_ranking_shorter_than_k_invents_no_passage(workdir, data_dir, tmp_path):
+def test_an_index_ranking_shorter_than_k_invents_no_passage(workdir, data_dir, tmp_path,
+                                                            tiny_config):
   """One of 1024 centroids probed per query token finds fewer than k=64 candidates: the missing
   ranks stay missing (misses for the metrics), never the corpus's last passage at score -inf."""
   options = evaluation.IndexOptions(nbits=8, centroids=1024, nprobe=1)
   out = tmp_path / "i"
-  result = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(out), ks=(1, 64),
+  result = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(out), ks=(1, 64),
                         index=options)["SAMPLE"]
 
   def no_constants(name):
@@ -215,7 +207,8 @@ def test_an_index_ranking_shorter_than_k_invents_no_passage(workdir, data_dir, t
   assert result["Recall@64"] == pytest.approx(recall)
 
 
-def test_queries_whose_positives_are_not_in_the_corpus_are_evaluated_as_misses(workdir, tmp_path):
+def test_queries_whose_positives_are_not_in_the_corpus_are_evaluated_as_misses(workdir, tmp_path,
+                                                                               tiny_config):
   """The official evaluation keeps such queries (Recall misses, the same denominator as the paper);
   only training drops them."""
   source = sample.write_sample(str(tmp_path / "src"),
@@ -236,7 +229,7 @@ def test_queries_whose_positives_are_not_in_the_corpus_are_evaluated_as_misses(w
   assert len(test) == len(rows) and test[0]["pos_item_ids"] == ["not-in-the-corpus"]
 
   out = tmp_path / "out"
-  result = evaluate.run(_config(), workdir, ["SAMPLE"], "test", data_dir, str(out),
+  result = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(out),
                         ks=(1, 64))["SAMPLE"]
   assert result["num_queries"] == len(rows) and result["queries_without_positive_in_corpus"] == 2
   rankings = [json.loads(line) for line in (out / "SAMPLE_rankings.jsonl").read_text().splitlines()]
@@ -245,11 +238,12 @@ def test_queries_whose_positives_are_not_in_the_corpus_are_evaluated_as_misses(w
   assert result["Recall@64"] == pytest.approx(np.mean(hits))
 
 
-def test_rankings_of_the_train_split_become_a_runs_hard_negatives(workdir, data_dir, tmp_path):
+def test_rankings_of_the_train_split_become_a_runs_hard_negatives(workdir, data_dir, tmp_path,
+                                                                  tiny_config):
   """The loop of docs/recipe.md: the eval binary ranks the train split, a run draws its negatives
   from each query's top 5 there (never a positive), and trains."""
   mined = tmp_path / "mined"
-  evaluate.run(_config(), workdir, ["SAMPLE"], "train", data_dir, str(mined), ks=(1, 5))
+  evaluate.run(tiny_config(), workdir, ["SAMPLE"], "train", data_dir, str(mined), ks=(1, 5))
   top = {}  # a positive passage -> the top 5 of the queries that have it
   records = m2kr.load_queries(data_dir, "SAMPLE", "train")
   ranked = {json.loads(line)["question_id"]: json.loads(line)["passage_ids"][:5]
@@ -260,7 +254,7 @@ def test_rankings_of_the_train_split_become_a_runs_hard_negatives(workdir, data_
   for r in records:
     top.setdefault(index[r["pos_item_ids"][0]], set()).update(
         index[p] for p in ranked[r["question_id"]])
-  config = _config(num_negatives=2, num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2,
+  config = tiny_config(num_negatives=2, num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2,
                    **{"data.hard_negatives_dir": str(mined), "data.hard_negatives_depth": 5,
                       "optimizer.warmup_steps": 0})
   it = data.make_train_iterator(config, mc.PreFLMRConfig.from_dict(config.model),
@@ -275,8 +269,8 @@ def test_rankings_of_the_train_split_become_a_runs_hard_negatives(workdir, data_
   assert np.isfinite(metrics["loss"])
 
 
-def test_corpus_streamed_from_host_gives_the_same_rankings(workdir, data_dir):
-  encoder = _encoder(evaluate.restore(_config(), workdir), 16)
+def test_corpus_streamed_from_host_gives_the_same_rankings(workdir, data_dir, tiny_config):
+  encoder = _encoder(evaluate.restore(tiny_config(), workdir), 16)
   on_device, a = evaluation.evaluate_task(encoder, data_dir, "SAMPLE", "test", (1, 5), chunk_size=16)
   streamed, b = evaluation.evaluate_task(encoder, data_dir, "SAMPLE", "test", (1, 5), chunk_size=16,
                                        device_corpus_bytes=0)

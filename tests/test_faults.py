@@ -13,11 +13,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from preflmr_jax import checkpointing, config_files, data, exit_codes, train
+from preflmr_jax import checkpointing, data, exit_codes, train
 from preflmr_jax import workdir as layout
 from preflmr_jax.checkpointing import Checkpointer, restore_params
 from preflmr_jax.models import model_config as mc
@@ -26,15 +25,8 @@ from preflmr_jax.models import preflmr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(**overrides):
-  """The tiny config for a few steps, constant learning rate (a decay would depend on the length)."""
-  return config_files.load_config("configs/tiny.py", {
-      "optimizer.warmup_steps": 0, "optimizer.schedule": "constant", "log_every_steps": 1,
-      **overrides})
-
-
-def _params(workdir, step=None):
-  abstract = preflmr.abstract_params(mc.PreFLMRConfig.from_dict(_config().model))
+def _params(workdir, config, step=None):
+  abstract = preflmr.abstract_params(mc.PreFLMRConfig.from_dict(config.model))
   return restore_params(str(workdir), abstract, step=step)
 
 
@@ -144,48 +136,41 @@ def test_keep_zero_checkpoints_is_refused(tmp_path):
     Checkpointer(tmp_path, max_to_keep=0)
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-  """6 steps, checkpoints at 2, 4 and 6, undisturbed."""
-  workdir = tmp_path_factory.mktemp("straight")
-  train.train_and_evaluate(_config(num_train_steps=6, checkpoint_every_steps=2), str(workdir))
-  return workdir
-
-
-def test_resume_walks_back_past_a_half_written_and_a_damaged_step(straight_run, tmp_path, caplog):
+def test_resume_walks_back_past_a_half_written_and_a_damaged_step(trained_workdir, tmp_path, caplog,
+                                                                  short_run):
   """Step 6 lost its commit file (an interrupted save on object storage), step 4 an array file:
   the run resumes from step 2, writes 4 and 6 again and ends exactly where the straight run did."""
   workdir = tmp_path / "w"
-  shutil.copytree(straight_run, workdir)
+  shutil.copytree(trained_workdir, workdir)
   steps = workdir / "checkpoints"
   (steps / "6" / checkpointing.COMMIT_FILE).unlink()
   _truncate(steps / "4")
-  train.train_and_evaluate(_config(num_train_steps=6, checkpoint_every_steps=2), str(workdir))
+  train.train_and_evaluate(short_run(num_train_steps=6, checkpoint_every_steps=2), str(workdir))
   assert "resumed from step 2, not 4" in caplog.text
   with Checkpointer(steps) as ckpt:
     assert ckpt.all_steps() == [2, 4, 6]
   assert [m["step"] for m in layout.read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
-               _params(workdir), _params(straight_run))
+               _params(workdir, short_run()), _params(trained_workdir, short_run()))
 
 
 # ------------------------------------------------------------------------ non-finite updates
 
-def test_an_overflowing_update_is_never_applied_nor_saved(tmp_path):
+def test_an_overflowing_update_is_never_applied_nor_saved(tmp_path, short_run):
   """A learning rate finite in float32 whose update is not (lr * (1 + decay * p) overflows): the
   loss and gradient of step 1 are finite, its result is not."""
   overflow = {"optimizer.learning_rate": 3e38, "optimizer.mapping_learning_rate": 3e38,
               "optimizer.weight_decay": 10.0}
-  config = _config(num_train_steps=2, checkpoint_every_steps=1, **overflow)
+  config = short_run(num_train_steps=2, checkpoint_every_steps=1, **overflow)
   with pytest.raises(FloatingPointError, match="non-finite loss, gradient or update at step 1"):
     train.train_and_evaluate(config, str(tmp_path / "stop"))
   assert not glob.glob(str(tmp_path / "stop" / "checkpoints" / "[0-9]*"))
-  config = _config(num_train_steps=3, checkpoint_every_steps=1, nan_policy="skip",
+  config = short_run(num_train_steps=3, checkpoint_every_steps=1, nan_policy="skip",
                    max_nonfinite_steps=1, **overflow)
   with pytest.raises(FloatingPointError, match="2 non-finite steps skipped .first: step 1., more "
                      "than config.max_nonfinite_steps=1"):
     train.train_and_evaluate(config, str(tmp_path / "skip"))
-  params = _params(tmp_path / "skip")  # step 1, skipped: the initial parameters, all finite
+  params = _params(tmp_path / "skip", config)  # step 1, skipped: the initial parameters, all finite
   assert checkpointing.first_nonfinite(params) is None
 
 
@@ -202,13 +187,13 @@ class _SigtermWhileBuilding:
     return self.make(*args, **kwargs)
 
 
-def test_sigterm_during_set_up_stops_before_the_first_step(tmp_path, monkeypatch):
+def test_sigterm_during_set_up_stops_before_the_first_step(tmp_path, monkeypatch, short_run):
   monkeypatch.setattr(data, "make_train_iterator", _SigtermWhileBuilding(data.make_train_iterator))
   calls = []
   setup = train.setup_train_step
   monkeypatch.setattr(train, "setup_train_step", lambda *a: calls.append(1) or setup(*a))
   with pytest.raises(checkpointing.Preempted, match="before the first step"):
-    train.train_and_evaluate(_config(num_train_steps=4), str(tmp_path))
+    train.train_and_evaluate(short_run(num_train_steps=4), str(tmp_path))
   assert calls and not (tmp_path / "metrics.jsonl").exists()
   assert not glob.glob(str(tmp_path / "checkpoints" / "[0-9]*"))
 
@@ -250,14 +235,16 @@ def test_main_exits_143_on_sigterm_and_a_rerun_finishes(tmp_path, one_device_env
     ({"init_from": "/nonexistent/preflmr"}, "config.init_from=/nonexistent/preflmr: no such folder"),
     ({"init_params_from": "/nonexistent/run"}, "config.init_params_from=/nonexistent/run"),
 ])
-def test_bad_values_fail_before_compiling_naming_the_key(tmp_path, monkeypatch, overrides, message):
+def test_bad_values_fail_before_compiling_naming_the_key(tmp_path, monkeypatch, overrides, message,
+                                                         short_run):
   monkeypatch.setattr(train, "setup_train_step", lambda *a: pytest.fail("got to set-up"))
   with pytest.raises((ValueError, FileNotFoundError), match=message):
-    train.train_and_evaluate(_config(**overrides), str(tmp_path))
+    train.train_and_evaluate(short_run(**overrides), str(tmp_path))
 
 
-def test_init_from_a_folder_that_is_not_published_is_refused_up_front(tmp_path, monkeypatch):
+def test_init_from_a_folder_that_is_not_published_is_refused_up_front(tmp_path, monkeypatch,
+                                                                      short_run):
   monkeypatch.setattr(train, "setup_train_step", lambda *a: pytest.fail("got to set-up"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="not a published PreFLMR folder"):
-    train.train_and_evaluate(_config(init_from=str(tmp_path / "empty")), str(tmp_path / "w"))
+    train.train_and_evaluate(short_run(init_from=str(tmp_path / "empty")), str(tmp_path / "w"))

@@ -27,19 +27,10 @@ from preflmr_jax.models import preflmr
 REBUILD = "rebuild it: python -m preflmr_jax.data.prepare"
 
 
-def _config(**overrides):
-  return config_files.load_config("configs/tiny.py", overrides)
-
-
-@pytest.fixture(scope="module")
-def built():
-  return pipeline.resolve_data_dir(_config())  # the SAMPLE build (tests/conftest.py's cache)
-
-
 @pytest.fixture
-def data_dir(built, tmp_path):
+def data_dir(sample_data_dir, tmp_path):
   """A copy of the SAMPLE build, to damage."""
-  shutil.copytree(built, tmp_path / "tfds")
+  shutil.copytree(sample_data_dir, tmp_path / "tfds")
   return str(tmp_path / "tfds")
 
 
@@ -90,10 +81,10 @@ def _iterator(config, **kwargs):
 
 
 @pytest.fixture
-def damaged_train(data_dir):
+def damaged_train(data_dir, tiny_config):
   """The training shard with two bad records in the second global batch of 8: one whose image PIL
   cannot open, one whose bytes are no example at all. -> (data_dir, their indices, shard)."""
-  stream = pipeline._global_stream([("SAMPLE", 1.0)], [1536], _config().seed)
+  stream = pipeline._global_stream([("SAMPLE", 1.0)], [1536], tiny_config().seed)
   image, garbage = stream[8 + 2][1], stream[8 + 5][1]
   bad_image = _replace(image, image=b"not an image")
   path = _rewrite(data_dir, "queries", "train",
@@ -102,9 +93,9 @@ def damaged_train(data_dir):
 
 
 def test_records_that_do_not_decode_are_replaced_the_same_for_any_process_count(damaged_train,
-                                                                             caplog):
+                                                                             caplog, tiny_config):
   data_dir, bad, path = damaged_train
-  config = _config(**{"data.data_dir": data_dir, "batch_size": 8, "num_negatives": 1})
+  config = tiny_config(**{"data.data_dir": data_dir, "batch_size": 8, "num_negatives": 1})
   caplog.set_level(logging.WARNING)
   it = _iterator(config)
   whole = [next(it), next(it)]
@@ -133,9 +124,10 @@ def test_records_that_do_not_decode_are_replaced_the_same_for_any_process_count(
 
 
 @pytest.mark.parametrize("limit", [0, 1])
-def test_past_max_bad_records_the_stop_names_task_file_and_the_key(damaged_train, limit):
+def test_past_max_bad_records_the_stop_names_task_file_and_the_key(damaged_train, limit,
+                                                                   tiny_config):
   data_dir, bad, path = damaged_train
-  config = _config(**{"data.data_dir": data_dir, "batch_size": 8, "num_negatives": 1,
+  config = tiny_config(**{"data.data_dir": data_dir, "batch_size": 8, "num_negatives": 1,
                       "data.max_bad_records": limit})
   it = _iterator(config)
   next(it)
@@ -209,9 +201,9 @@ def test_a_truncated_passages_shard_stops_the_eval_binary_naming_file_and_rebuil
     m2kr.load_passages(data_dir, "SAMPLE", "test")
 
 
-def _encoder():
+def _encoder(config):
   """Random parameters on one device (drawn with numpy: faster than the model's initialisers)."""
-  model_config = mc.PreFLMRConfig.from_dict(_config().model)
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: (0.02 * rng.standard_normal(x.shape)).astype(x.dtype),
                         preflmr.abstract_params(model_config))
@@ -221,10 +213,11 @@ def _encoder():
   return evaluation.Encoder(model_config, params, tok, tok, mesh, batch_size=64)
 
 
-def test_the_embedding_cache_follows_the_passages_content(data_dir, tmp_path, monkeypatch):
+def test_the_embedding_cache_follows_the_passages_content(data_dir, tmp_path, monkeypatch,
+                                                          tiny_config):
   old = os.umask(0o022)
   try:
-    encoder, cache = _encoder(), tmp_path / "cache"
+    encoder, cache = _encoder(tiny_config()), tmp_path / "cache"
     encoded = []
     documents = encoder.encode_documents
     monkeypatch.setattr(encoder, "encode_documents",
@@ -267,24 +260,25 @@ def two_tasks(data_dir):
 
 
 def test_tasks_and_output_are_checked_before_the_checkpoint_is_loaded(two_tasks, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, tiny_config):
   def restore(*args, **kwargs):
     raise AssertionError("the checkpoint was loaded")
   monkeypatch.setattr(evaluate, "restore", restore)
   out = str(tmp_path / "out")
   with pytest.raises(m2kr.NotBuiltError, match="OKVQA passages are not built"):
-    evaluate.run(_config(), "ckpt", ["SAMPLE", "OKVQA"], "test", two_tasks, out)
+    evaluate.run(tiny_config(), "ckpt", ["SAMPLE", "OKVQA"], "test", two_tasks, out)
   (tmp_path / "file").write_text("")
   for flag, kwargs in (("--output", {"output": str(tmp_path / "file" / "out")}),
                        ("--embedding_cache", {"output": out,
                                               "cache_dir": str(tmp_path / "file" / "cache")})):
     with pytest.raises(OSError, match=rf"^{flag}={tmp_path}/file/\w+: cannot write there"):
-      evaluate.run(_config(), "ckpt", ["SAMPLE", "OVEN"], "test", two_tasks, **kwargs)
+      evaluate.run(tiny_config(), "ckpt", ["SAMPLE", "OVEN"], "test", two_tasks, **kwargs)
   assert os.listdir(out) == []  # the probe is gone
 
 
-def test_results_are_written_after_each_task_with_the_umask(two_tasks, tmp_path, monkeypatch):
-  model_config = mc.PreFLMRConfig.from_dict(_config().model)
+def test_results_are_written_after_each_task_with_the_umask(two_tasks, tmp_path, monkeypatch,
+                                                            tiny_config):
+  model_config = mc.PreFLMRConfig.from_dict(tiny_config().model)
   tok = tokenization.tiny_tokenizer()
   monkeypatch.setattr(evaluate, "restore", lambda config, checkpoint, step, mesh: evaluate.Restored(
       model_config, preflmr.abstract_params(model_config), tok, tok, checkpoint, 7))
@@ -299,7 +293,7 @@ def test_results_are_written_after_each_task_with_the_umask(two_tasks, tmp_path,
   old = os.umask(0o022)
   try:
     with pytest.raises(RuntimeError, match="OVEN crashed"):
-      evaluate.run(_config(), "ckpt", ["SAMPLE", "OVEN"], "test", two_tasks, str(out))
+      evaluate.run(tiny_config(), "ckpt", ["SAMPLE", "OVEN"], "test", two_tasks, str(out))
   finally:
     os.umask(old)
   results = json.loads((out / "results.json").read_text())

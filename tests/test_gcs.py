@@ -7,8 +7,6 @@ import io
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,6 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gcs import gcs, gcs_server  # noqa: F401  (fixtures)
 from preflmr_jax import checkpointing, storage, workdir
 from preflmr_jax.data import m2kr
 
@@ -145,23 +142,22 @@ def test_published_folder_index_and_scaling_law_in_a_bucket(gcs, tmp_path, monke
   assert os.listdir(tmp_path) == []
 
 
-def _run(module, *args, env, cwd):
-  return subprocess.run([sys.executable, "-m", module, f"--config={ROOT}/configs/tiny.py", *args],
-                        cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+@pytest.fixture
+def run_in(cli, gcs, tmp_path):
+  """The tiny config's `python -m <module>` against the emulator, from an empty folder (which
+  must stay empty: nothing meant for gs:// lands on the local disk)."""
+  return lambda module, *args: cli(module, f"--config={ROOT}/configs/tiny.py", *args,
+                                   env={storage.EMULATOR_VAR: gcs.url}, cwd=tmp_path)
 
 
-def _env(one_device_env, gcs):
-  return dict(one_device_env, STORAGE_EMULATOR_HOST=gcs.url, PYTHONPATH=str(ROOT))
-
-
-def test_train_resume_and_evaluate_in_a_bucket(gcs, one_device_env, tmp_path):
+def test_train_resume_and_evaluate_in_a_bucket(gcs, run_in, tmp_path):
   """The pod path: workdir, eval output and embedding cache on gs:// (the data stays local here:
   reading TFDS through the emulator is slow, and tested above)."""
-  env, run = _env(one_device_env, gcs), f"gs://{gcs.bucket}/run"
+  run = f"gs://{gcs.bucket}/run"
   train_args = [f"--workdir={run}", "--config.log_every_steps=2",
                 "--config.checkpoint_every_steps=2", "--config.optimizer.warmup_steps=0"]
-  train = lambda steps: _run("preflmr_jax.main", *train_args, f"--config.num_train_steps={steps}",
-                             env=env, cwd=tmp_path)
+  train = lambda steps: run_in("preflmr_jax.main", *train_args,
+                               f"--config.num_train_steps={steps}")
   first = train(2)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "run/checkpoints/2/commit_success.txt" in gcs.names("run/")
@@ -178,9 +174,9 @@ def test_train_resume_and_evaluate_in_a_bucket(gcs, one_device_env, tmp_path):
   info = json.loads(gcs.read("run/run.json"))
   assert info["train_flops_per_step"] > 0 and info["devices"] == 1
 
-  out = _run("preflmr_jax.evaluate", f"--checkpoint={run}", f"--output={run}/eval",
-             "--tasks=SAMPLE", "--split=test", "--ks=1,5", "--batch_size=16",
-             f"--embedding_cache=gs://{gcs.bucket}/cache", env=env, cwd=tmp_path)
+  out = run_in("preflmr_jax.evaluate", f"--checkpoint={run}", f"--output={run}/eval",
+               "--tasks=SAMPLE", "--split=test", "--ks=1,5", "--batch_size=16",
+               f"--embedding_cache=gs://{gcs.bucket}/cache")
   assert out.returncode == 0, out.stderr[-3000:]
   results = json.loads(gcs.read("run/eval/results.json"))["SAMPLE"]
   assert results["step"] == 4 and results["num_queries"] > 0 and 0 <= results["Recall@1"] <= 1
@@ -198,8 +194,7 @@ def _last_line(completed) -> str:
   return completed.stderr.strip().splitlines()[-1]
 
 
-def test_bad_gs_input_is_a_one_line_error_naming_the_path(gcs, one_device_env, tmp_path):
-  env = _env(one_device_env, gcs)
+def test_bad_gs_input_is_a_one_line_error_naming_the_path(gcs, run_in, tmp_path):
   absent = f"gs://{gcs.bucket}-absent/run"
   cases = [
       (("preflmr_jax.main", f"--workdir={absent}"),
@@ -211,6 +206,6 @@ def test_bad_gs_input_is_a_one_line_error_naming_the_path(gcs, one_device_env, t
        "ValueError: --workdir=gs://: a gs:// URL needs a bucket (gs://BUCKET/...)"),
   ]
   for (module, *args), message in cases:
-    completed = _run(module, *args, env=env, cwd=tmp_path)
+    completed = run_in(module, *args)
     assert completed.returncode != 0 and _last_line(completed) == message, completed.stderr[-2000:]
   assert gcs.names() == [] and os.listdir(tmp_path) == []  # nothing written, no local "gs:"

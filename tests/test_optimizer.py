@@ -99,14 +99,14 @@ def state_elements(state) -> int:
 @functools.lru_cache
 def stage_params(shape):
   """Abstract params of a stage preset's model shape (the same tree for every stage)."""
-  return abstract(config_files.load_config(f"configs/stage2.py:{shape}"))
+  return abstract(config_files.load_config(f"configs/stage.py:2,{shape}"))
 
 
 @pytest.mark.parametrize("shape", ["tiny", "vit_b"])
 def test_stage_labels(shape):
   labels = {}
-  for stage in ("stage1", "stage2", "stage3"):
-    freeze = config_files.load_config(f"configs/{stage}.py:{shape}").freeze
+  for stage in (1, 2, 3):
+    freeze = config_files.load_config(f"configs/stage.py:{stage},{shape}").freeze
     labels[stage] = dict(path_items(optimizer.param_labels(stage_params(shape), freeze)))
   for stage, by_path in labels.items():
     assert all(l == "frozen" for p, l in by_path.items() if p.startswith("vision/")), stage
@@ -114,32 +114,32 @@ def test_stage_labels(shape):
       if path.split("/")[0] in MAPPING_GROUPS:  # never caught by the "vision" pattern
         assert label == "mapping", (stage, path)
   # Stage 1 trains exactly the mapping structures.
-  assert {p for p, l in labels["stage1"].items() if l != "frozen"} == {
-      p for p in labels["stage1"] if p.split("/")[0] in MAPPING_GROUPS}
-  for stage in ("stage2", "stage3"):
+  assert {p for p, l in labels[1].items() if l != "frozen"} == {
+      p for p in labels[1] if p.split("/")[0] in MAPPING_GROUPS}
+  for stage in (2, 3):
     assert {p.split("/")[0] for p, l in labels[stage].items() if l == "rest"} == {
         "query_text", "document_text", "query_head", "document_head"}
 
 
 def test_stage_presets():
-  stage1 = config_files.load_config("configs/stage1.py")
+  stage1 = config_files.load_config("configs/stage.py:1")
   assert stage1.model.output == "mapping_only" and stage1.tokenizer == "tiny"
   assert stage1.optimizer.mapping_learning_rate == 1e-4
-  for stage in ("stage2", "stage3"):
-    config = config_files.load_config(f"configs/{stage}.py:vit_l")
+  for stage in (2, 3):
+    config = config_files.load_config(f"configs/stage.py:{stage},vit_l")
     assert config.model.output == "full" and config.freeze == ("vision",)
     assert config.model.vision.hidden_size == 1024
-  # The official training's settings (configs/stage1.py `published`; docs/recipe.md).
-  for stage in ("stage1", "stage2", "stage3"):
-    config = config_files.load_config(f"configs/{stage}.py:vit_l")
+  # The official training's settings (recipe.published; docs/recipe.md).
+  for stage in (1, 2, 3):
+    config = config_files.load_config(f"configs/stage.py:{stage},vit_l")
     opt = config.optimizer
     assert (opt.learning_rate, opt.mapping_learning_rate, opt.schedule, opt.warmup_steps) == (
         1e-5, 1e-4, "constant", 0)
     assert (opt.weight_decay, opt.grad_clip_norm, opt.eps) == (0.0, 0.0, 1e-8)
     assert config.in_batch_negatives == "per_device" and config.num_negatives == 4
-  assert config_files.load_config("configs/stage2.py:vit_l").data.tasks == "E-VQA"
-  with pytest.raises(ValueError, match="unknown model shape 'vit_h'"):
-    config_files.load_config("configs/stage2.py:vit_h")
+  assert config_files.load_config("configs/stage.py:2,vit_l").data.tasks == "E-VQA"
+  with pytest.raises(ValueError, match="configs/stage.py: shape='vit_h' is not one of"):
+    config_files.load_config("configs/stage.py:2,vit_h")
 
 
 def test_freeze_patterns_match_from_the_start_at_a_path_boundary(tiny_params):
@@ -158,7 +158,7 @@ def test_freeze_patterns_match_from_the_start_at_a_path_boundary(tiny_params):
 
 
 def test_count_trainable():
-  config = config_files.load_config("configs/stage1.py:vit_b")
+  config = config_files.load_config("configs/stage.py:1,vit_b")
   params = stage_params("vit_b")
   counts = optimizer.count_trainable(params, optimizer.param_labels(params, config.freeze))
   assert counts["total"] == 326725504  # the ViT-B release (tests/test_configs.py)
@@ -203,7 +203,7 @@ def test_frozen_params_have_no_optimiser_state(tiny_params, accum):
 
 
 def test_stage1_state_covers_the_mapping_structures_only():
-  config = config_files.load_config("configs/stage1.py")
+  config = config_files.load_config("configs/stage.py:1")
   params = stage_params("tiny")
   tx, labels = optimizer.make_optimizer(config, params)
   counts = optimizer.count_trainable(params, labels)

@@ -1,6 +1,6 @@
-"""End to end: a tiny checkpoint in the published layout, built from the PyTorch oracles, loaded with
-`load_pretrained`; embeddings, masks and scores against a reference computed here from the PyTorch
-modules following the official recipe."""
+"""End to end: a tiny checkpoint in the published layout, written from the PyTorch reference PreFLMR
+(preflmr_jax/testing/torch_reference.py: transformers modules and the official recipe), loaded
+with `load_pretrained`; embeddings, masks and scores against that reference."""
 
 import json
 import os
@@ -10,17 +10,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
-import transformers
 from PIL import Image
 from safetensors.flax import save_file as save_flax
 from safetensors.numpy import load_file, save_file
-from transformers.models.bert.modeling_bert import BertLayer as HFBertLayer
 
-import oracles
 import preflmr_jax
 from preflmr_jax import conversion, image_processing, tokenization
-from preflmr_jax.models.model_config import TextConfig, VisionConfig
+from preflmr_jax.models.model_config import PreFLMRConfig, TextConfig, VisionConfig
+from preflmr_jax.testing import torch_reference
 
 TEXT = TextConfig(vocab_size=tokenization.TINY_VOCAB_SIZE, hidden_size=32, num_layers=2, num_heads=4,
                   intermediate_size=37, max_position_embeddings=64)
@@ -30,67 +27,25 @@ VISION = VisionConfig(hidden_size=24, num_layers=3, num_heads=4, intermediate_si
 DIM, PREFIX, QLEN, CROSS = 16, 4, 16, 12
 
 
-class Oracle(torch.nn.Module):
-  """The PyTorch modules of a PreFLMR checkpoint and the section-2 recipe over them."""
+def reference_config() -> PreFLMRConfig:
+  colon, punct = tokenization.mask_token_ids(tokenization.tiny_tokenizer())
+  return PreFLMRConfig(text=TEXT, vision=VISION, mapping=MAPPING, dim=DIM, query_maxlen=QLEN,
+                       doc_maxlen=48, mapping_prefix_length=PREFIX,
+                       mapping_cross_attention_length=CROSS,
+                       instruction_token_id=colon, skip_token_ids=punct)
 
-  def __init__(self):
-    super().__init__()
-    self.qbert = transformers.BertModel(oracles.hf_bert_config(TEXT))
-    self.cbert = transformers.BertModel(oracles.hf_bert_config(TEXT))
-    self.qlin = torch.nn.Linear(TEXT.hidden_size, DIM, bias=False)
-    self.clin = torch.nn.Linear(TEXT.hidden_size, DIM, bias=False)
-    self.clip = transformers.CLIPVisionModel(oracles.hf_clip_config(VISION))
-    self.mlp = torch.nn.Sequential(torch.nn.Linear(VISION.hidden_size, DIM * PREFIX // 2),
-                                   torch.nn.Tanh(), torch.nn.Linear(DIM * PREFIX // 2, DIM * PREFIX))
-    self.map_in = torch.nn.Linear(VISION.hidden_size, MAPPING.hidden_size)
-    self.map_layer = HFBertLayer(
-        oracles.hf_bert_config(MAPPING, is_decoder=True, add_cross_attention=True), layer_idx=0)
-    self.map_out = torch.nn.Linear(MAPPING.hidden_size, DIM)
-    oracles.randomize_(self, std=0.2)
 
-  def published_state_dict(self):
-    sd = lambda m, prefix: {f"{prefix}.{k}": v for k, v in oracles.state_dict_numpy(m).items()}
-    state = {**sd(self.qbert, "query_text_encoder.bert_model"),
-             **sd(self.cbert, "context_text_encoder.bert_model"),
-             **sd(self.qlin, "query_text_encoder_linear"),
-             **sd(self.clin, "context_text_encoder_linear"),
-             **sd(self.mlp, "context_vision_projection.model"),
-             **sd(self.map_in, "transformer_mapping_input_linear"),
-             **sd(self.map_layer, "transformer_mapping_network.layer.0"),
-             **sd(self.map_out, "transformer_mapping_output_linear")}
-    for k, v in oracles.clip_state_dict_published(self.clip).items():
-      state[f"context_vision_encoder.vision_model.{k}"] = v
-    # A buffer that older checkpoints carry: ignored on load.
-    state["query_text_encoder.bert_model.embeddings.position_ids"] = np.arange(64)[None]
-    return state
+def encode_queries(reference, ids, mask, pixels, output=None):
+  q, q_mask = reference.queries(torch_reference.to_torch(ids).long(),
+                                torch_reference.to_torch(mask).long(), torch_reference.nchw(pixels),
+                                output)
+  return q.numpy(), q_mask.numpy()
 
-  @torch.no_grad()
-  def queries(self, ids, mask, pixels, colon_id, text=True):
-    ids_t = torch.from_numpy(ids).long()
-    hidden = self.qbert(input_ids=ids_t, attention_mask=torch.from_numpy(mask).long())[0]
-    keep = np.ones(ids.shape, np.float32)
-    for b, row in enumerate(ids):  # zero the instruction: positions 2..first ":" inclusive
-      colons = np.flatnonzero(row == colon_id)
-      if len(colons):
-        keep[b, 2:colons[0] + 1] = 0
-    text_tokens = self.qlin(hidden) * torch.from_numpy(keep)[..., None]
-    vis = self.clip(pixel_values=oracles.nchw(pixels), output_hidden_states=True)
-    prefix = self.mlp(vis.last_hidden_state[:, 0]).view(len(ids), PREFIX, DIM)
-    m = self.map_in(vis.hidden_states[-2][:, 1:])
-    m = self.map_layer(m, encoder_hidden_states=hidden[:, :CROSS])
-    m = self.map_out(m[0] if isinstance(m, tuple) else m)
-    parts = ([text_tokens] if text else []) + [prefix, m]
-    q = torch.nn.functional.normalize(torch.cat(parts, 1), p=2, dim=2)
-    q_mask = np.concatenate(([keep] if text else []) + [np.ones((len(ids), PREFIX + m.shape[1]))], 1)
-    return q.numpy(), q_mask
 
-  @torch.no_grad()
-  def documents(self, ids, mask, punctuation_ids):
-    hidden = self.cbert(input_ids=torch.from_numpy(ids).long(),
-                        attention_mask=torch.from_numpy(mask).long())[0]
-    keep = ((ids != 0) & ~np.isin(ids, punctuation_ids)).astype(np.float32)
-    d = self.clin(hidden) * torch.from_numpy(keep)[..., None]
-    return torch.nn.functional.normalize(d, p=2, dim=2).numpy(), keep
+def encode_documents(reference, ids, mask):
+  d, d_mask = reference.documents(torch_reference.to_torch(ids).long(),
+                                  torch_reference.to_torch(mask).long())
+  return d.numpy(), d_mask.numpy()
 
 
 def naive_maxsim(q, d, d_mask):
@@ -108,11 +63,11 @@ def write_checkpoint(folder, oracle, text_output=True):
   mapping_dir = os.path.join(folder, "mapping_config")
   os.makedirs(mapping_dir)
   with open(os.path.join(mapping_dir, "config.json"), "w") as f:
-    json.dump(oracles.hf_bert_config(MAPPING).to_dict(), f)
+    json.dump(torch_reference.hf_bert_config(MAPPING).to_dict(), f)
   hf = {
       "architectures": ["FLMRModelForRetrieval"], "model_type": "flmr", "dim": DIM,
-      "text_config": oracles.hf_bert_config(TEXT).to_dict(),
-      "vision_config": oracles.hf_clip_config(VISION).to_dict(),
+      "text_config": torch_reference.hf_bert_config(TEXT).to_dict(),
+      "vision_config": torch_reference.hf_clip_config(VISION).to_dict(),
       "mapping_network_prefix_length": PREFIX, "transformer_mapping_num_hidden_layers": 1,
       "transformer_mapping_config_base": "mapping_config",
       "transformer_mapping_cross_attention_length": CROSS, "query_maxlen": QLEN,
@@ -124,7 +79,10 @@ def write_checkpoint(folder, oracle, text_output=True):
   }
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(hf, f)
-  save_file(oracle.published_state_dict(), os.path.join(folder, "model.safetensors"))
+  state = oracle.published_state_dict()
+  # A buffer that older checkpoints carry: ignored on load.
+  state["query_text_encoder.bert_model.embeddings.position_ids"] = np.arange(64)[None]
+  save_file(state, os.path.join(folder, "model.safetensors"))
   tok = tokenization.tiny_tokenizer()
   tok.save_pretrained(os.path.join(folder, "query_tokenizer"))
   tok.save_pretrained(os.path.join(folder, "context_tokenizer"))
@@ -133,7 +91,7 @@ def write_checkpoint(folder, oracle, text_output=True):
 
 @pytest.fixture(scope="module")
 def oracle():
-  return Oracle().eval()
+  return torch_reference.TorchPreFLMR(reference_config(), attention="eager", std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +121,8 @@ def test_load_pretrained_matches_pytorch_reference(checkpoint, oracle):
   assert model.config.instruction_token_id == colon and model.config.skip_token_ids == punct
   q, q_mask = model.encode_queries(queries["input_ids"], queries["attention_mask"], pixels)
   d, d_mask = model.encode_documents(docs["input_ids"], docs["attention_mask"])
-  q_ref, q_mask_ref = oracle.queries(queries["input_ids"], queries["attention_mask"], pixels, colon)
-  d_ref, d_mask_ref = oracle.documents(docs["input_ids"], docs["attention_mask"], punct)
+  q_ref, q_mask_ref = encode_queries(oracle, queries["input_ids"], queries["attention_mask"], pixels)
+  d_ref, d_mask_ref = encode_documents(oracle, docs["input_ids"], docs["attention_mask"])
 
   assert q.shape == (3, QLEN + PREFIX + VISION.num_patches, DIM)
   np.testing.assert_allclose(q, q_ref, atol=1e-5, rtol=0)
@@ -183,8 +141,8 @@ def test_stage1_output_is_vision_tokens_only(tmp_path, oracle):
   assert model.config.output == "mapping_only"
   queries, pixels, _, colon, _ = _inputs()
   q, q_mask = model.encode_queries(queries["input_ids"], queries["attention_mask"], pixels)
-  q_ref, q_mask_ref = oracle.queries(queries["input_ids"], queries["attention_mask"], pixels, colon,
-                                     text=False)
+  q_ref, q_mask_ref = encode_queries(oracle, queries["input_ids"], queries["attention_mask"], pixels,
+                                     output="mapping_only")
   assert q.shape[1] == PREFIX + VISION.num_patches
   np.testing.assert_allclose(q, q_ref, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(q_mask, q_mask_ref)

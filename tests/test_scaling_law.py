@@ -2,16 +2,12 @@
 
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from preflmr_jax.tools import scaling_law
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARAMS = [1e4, 3e4, 1e5, 3e5, 1e6, 1e7]
 
 
@@ -160,14 +156,9 @@ def test_empty_or_missing_dir(tmp_path):
     scaling_law.load_results([tmp_path / "nope.json"])
 
 
-def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "preflmr_jax.tools.scaling_law", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
-
-
-def test_cli_writes_outputs_and_prints_json_last(tmp_path):
+def test_cli_writes_outputs_and_prints_json_last(tmp_path, cli):
   sweep, out = _sweep(tmp_path / "sweep"), tmp_path / "out"
-  run = _cli("--sweep_dir", str(sweep), "--out", str(out), "--target", "error")
+  run = cli("preflmr_jax.tools.scaling_law", "--sweep_dir", str(sweep), "--out", str(out), "--target", "error")
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(run.stdout.strip().splitlines()[-1])
   assert result["target"] == "error"
@@ -179,12 +170,12 @@ def test_cli_writes_outputs_and_prints_json_last(tmp_path):
 
   # Explicit files instead of a sweep dir.
   files = ",".join(str(p) for p in scaling_law.find_results(sweep))
-  run = _cli("--results", files, "--out", str(tmp_path / "out2"))
+  run = cli("preflmr_jax.tools.scaling_law", "--results", files, "--out", str(tmp_path / "out2"))
   assert run.returncode == 0, run.stderr[-3000:]
   assert len(json.loads(run.stdout.strip().splitlines()[-1])["fits"]) == 4
 
 
-def test_cli_empty_dir_fails_with_message(tmp_path):
-  run = _cli("--sweep_dir", str(tmp_path))
+def test_cli_empty_dir_fails_with_message(tmp_path, cli):
+  run = cli("preflmr_jax.tools.scaling_law", "--sweep_dir", str(tmp_path))
   assert run.returncode != 0
   assert "no results files found" in run.stderr and "*/eval/results.json" in run.stderr

@@ -7,7 +7,6 @@ import stat
 import pytest
 from etils import epath
 
-from gcs import gcs, gcs_server  # noqa: F401  (fixtures)
 from preflmr_jax import storage
 
 

@@ -5,8 +5,6 @@ checkpoint, SIGTERM saves and stops."""
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -14,22 +12,12 @@ import numpy as np
 import pytest
 
 import preflmr_jax
-from preflmr_jax import checkpointing, config_files, data, sharding, tokenization, train
+from preflmr_jax import checkpointing, data, sharding, tokenization, train
 from preflmr_jax import workdir as layout
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(spec="configs/tiny.py", **overrides):
-  return config_files.load_config(spec, overrides)
-
-
-def short_run(spec="configs/tiny.py", **overrides):
-  """A few-step run: no warmup (it would outlast the run) and a constant schedule."""
-  return load_config(spec, **{"optimizer.warmup_steps": 0, "optimizer.schedule": "constant",
-                              **overrides})
 
 
 def _step_on_mesh(config, mesh_config, steps=2):
@@ -47,10 +35,10 @@ def _step_on_mesh(config, mesh_config, steps=2):
   return losses, jax.device_get(state.params)
 
 
-def test_sharded_train_step_equals_single_device():
+def test_sharded_train_step_equals_single_device(tiny_config):
   # Adam's first steps are ~lr * sign(g): rounding noise in a near-zero gradient would flip whole
   # updates. A large eps makes the update ~linear in g, so the comparison is well conditioned.
-  config = load_config(**{"optimizer.learning_rate": 1e-2, "optimizer.mapping_learning_rate": 1e-2,
+  config = tiny_config(**{"optimizer.learning_rate": 1e-2, "optimizer.mapping_learning_rate": 1e-2,
                           "optimizer.eps": 1.0, "optimizer.warmup_steps": 0,
                           "optimizer.schedule": "constant"})
   ref_losses, ref_params = _step_on_mesh(config, {"data": 1, "fsdp": 1, "tensor": 1})
@@ -66,14 +54,14 @@ def test_sharded_train_step_equals_single_device():
 
 
 @pytest.mark.parametrize("scope,groups", [("global", 1), ("per_device", 8)])
-def test_in_batch_negatives_scope_reaches_the_loss(monkeypatch, scope, groups):
+def test_in_batch_negatives_scope_reaches_the_loss(monkeypatch, scope, groups, tiny_config):
   """per_device hands the loss one group per batch shard (the loss's own test checks that this is
   the mean of the per-device losses); global, one group."""
   seen = []
   loss = train.losses.contrastive_loss
   monkeypatch.setattr(train.losses, "contrastive_loss",
                       lambda *a, groups=1, **k: seen.append(groups) or loss(*a, groups=groups, **k))
-  config = load_config(in_batch_negatives=scope)
+  config = tiny_config(in_batch_negatives=scope)
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
   setup = train.setup_train_step(config, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
@@ -81,7 +69,7 @@ def test_in_batch_negatives_scope_reaches_the_loss(monkeypatch, scope, groups):
   assert seen == [groups]
 
 
-def test_dropout_prng_impl_rbg_trains_keeps_the_init_and_must_resume_with_rbg(tmp_path):
+def test_dropout_prng_impl_rbg_trains_keeps_the_init_and_must_resume_with_rbg(tmp_path, short_run):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   init = lambda c: jax.jit(train.setup_train_step(c, mesh).init_state, static_argnums=0)(0)
   rbg = init(short_run(dropout_prng_impl="rbg"))
@@ -104,21 +92,22 @@ def _final_params(workdir, config, step=None):
   return checkpointing.restore_params(str(workdir), abstract, step=step)
 
 
-def test_resume_is_exact(tmp_path):
-  # A constant schedule: a decaying one depends on num_train_steps, which the first leg changes.
-  base = {"num_train_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 3}
-  train.train_and_evaluate(short_run(**base), str(tmp_path / "straight"))
-  train.train_and_evaluate(short_run(**{**base, "num_train_steps": 4}), str(tmp_path / "resumed"))
-  train.train_and_evaluate(short_run(**base), str(tmp_path / "resumed"))
-  straight, resumed = (_final_params(tmp_path / w, load_config()) for w in ("straight", "resumed"))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), resumed, straight)
-  a, b = _read_metrics(tmp_path / "straight"), _read_metrics(tmp_path / "resumed")
+def test_resume_is_exact(trained_workdir, tmp_path, short_run):
+  """Stopped after step 3 (saved off the 2-step interval, as the last step), then resumed to step
+  6: the same parameters and losses as the straight 6-step run."""
+  base = {"num_train_steps": 6, "checkpoint_every_steps": 2}
+  train.train_and_evaluate(short_run(**{**base, "num_train_steps": 3}), str(tmp_path))
+  train.train_and_evaluate(short_run(**base), str(tmp_path))
+  config = short_run(**base)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+               _final_params(tmp_path, config), _final_params(trained_workdir, config))
+  a, b = _read_metrics(trained_workdir), _read_metrics(tmp_path)
   assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-5)
 
 
-def test_stage1_freezes_everything_but_the_mapping_structures(tmp_path):
-  config = short_run("configs/stage1.py", num_train_steps=3, log_every_steps=1,
+def test_stage1_freezes_everything_but_the_mapping_structures(tmp_path, short_run):
+  config = short_run("configs/stage.py:1", num_train_steps=3, log_every_steps=1,
                      checkpoint_every_steps=1)
   train.train_and_evaluate(config, str(tmp_path))
   first, last = (_final_params(tmp_path, config, step) for step in (1, 3))
@@ -132,9 +121,9 @@ def test_stage1_freezes_everything_but_the_mapping_structures(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["m2kr", "synthetic"])
-def test_tiny_config_learns_the_sample_task(tmp_path, source):
+def test_tiny_config_learns_the_sample_task(tmp_path, source, tiny_config):
   """Through the TFDS builds + grain (the SAMPLE task) and through the in-memory generator."""
-  config = load_config(**{"data.source": source})
+  config = tiny_config(**{"data.source": source})
   summary = train.train_and_evaluate(config, str(tmp_path))
   metrics = _read_metrics(tmp_path)
   chance = 1 / (1 + config.num_negatives) / config.batch_size
@@ -152,7 +141,7 @@ def test_tiny_config_learns_the_sample_task(tmp_path, source):
     ({"in_batch_negatives": "local"}, "config.in_batch_negatives=.local.: must be one of"),
     ({"dropout_prng_impl": "philox"}, "config.dropout_prng_impl"),
 ])
-def test_bad_configs_fail_before_compiling(tmp_path, overrides, message):
+def test_bad_configs_fail_before_compiling(tmp_path, overrides, message, short_run):
   config = short_run(**overrides)
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
@@ -180,7 +169,7 @@ class _NaNAfter:
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nonfinite_steps_never_reach_a_checkpoint(tmp_path, monkeypatch, policy):
+def test_nonfinite_steps_never_reach_a_checkpoint(tmp_path, monkeypatch, policy, short_run):
   make = data.make_train_iterator
   monkeypatch.setattr(data, "make_train_iterator", lambda *a, **k: _NaNAfter(make(*a, **k), 3))
   config = short_run(num_train_steps=4, log_every_steps=1, checkpoint_every_steps=2,
@@ -217,9 +206,9 @@ class _SigtermAt:
     self.it.set_state(state)
 
 
-def test_sigterm_saves_the_current_step_and_stops_then_resumes_exactly(tmp_path, monkeypatch):
+def test_sigterm_saves_the_current_step_and_stops_then_resumes_exactly(trained_workdir, tmp_path,
+                                                                      monkeypatch, tiny_config, short_run):
   base = {"num_train_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 4}
-  train.train_and_evaluate(short_run(**base), str(tmp_path / "straight"))
   make = data.make_train_iterator
   handler = signal.getsignal(signal.SIGTERM)
   with monkeypatch.context() as m:
@@ -233,45 +222,29 @@ def test_sigterm_saves_the_current_step_and_stops_then_resumes_exactly(tmp_path,
   assert [m["step"] for m in _read_metrics(tmp_path / "preempted")] == [1, 2, 3]
   train.train_and_evaluate(short_run(**base), str(tmp_path / "preempted"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
-               _final_params(tmp_path / "preempted", load_config()),
-               _final_params(tmp_path / "straight", load_config()))
+               _final_params(tmp_path / "preempted", tiny_config()),
+               _final_params(trained_workdir, tiny_config()))
 
 
-def test_main_trains_then_resumes_with_more_steps(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  cmd = [sys.executable, "-m", "preflmr_jax.main", "--config", "configs/tiny.py", "--workdir",
-         str(tmp_path), "--config.log_every_steps=2", "--config.checkpoint_every_steps=2",
-         "--config.optimizer.warmup_steps=0"]
-  first = subprocess.run(cmd + ["--config.num_train_steps=4"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-  assert first.returncode == 0, first.stderr[-3000:]
-  second = subprocess.run(cmd + ["--config.num_train_steps=6"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert "resumed from" in second.stderr
-  assert [m["step"] for m in _read_metrics(tmp_path)] == [2, 4, 6]
-  assert os.path.isdir(tmp_path / "checkpoints" / "6")
-
-
-def test_init_params_from_another_run_and_from_a_published_folder(tmp_path):
+def test_init_params_from_another_run_and_from_a_published_folder(trained_workdir, tmp_path,
+                                                                  tiny_config, short_run):
   """With zero learning rates the final parameters are exactly the starting ones."""
   frozen_lr = {"optimizer.learning_rate": 0.0, "optimizer.mapping_learning_rate": 0.0}
-  train.train_and_evaluate(short_run(num_train_steps=2), str(tmp_path / "a"))
-  source = _final_params(tmp_path / "a", load_config())
-  train.train_and_evaluate(short_run(num_train_steps=1, init_params_from=str(tmp_path / "a"),
+  source = _final_params(trained_workdir, tiny_config())
+  train.train_and_evaluate(short_run(num_train_steps=1, init_params_from=str(trained_workdir),
                                      **frozen_lr), str(tmp_path / "b"))
-  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "b", load_config()), source)
+  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "b", tiny_config()), source)
 
-  model_config = mc.PreFLMRConfig.from_dict(load_config().model)
+  model_config = mc.PreFLMRConfig.from_dict(tiny_config().model)
   published = preflmr.init_params(model_config, jax.random.key(7))
   preflmr_jax.PretrainedPreFLMR(model_config, published).save_pretrained(str(tmp_path / "pub"))
   train.train_and_evaluate(short_run(num_train_steps=1, init_from=str(tmp_path / "pub"), **frozen_lr),
                            str(tmp_path / "c"))
-  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "c", load_config()),
+  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "c", tiny_config()),
                jax.device_get(published))
 
 
-def test_periodic_evaluation_logs_the_eval_binary_metrics(tmp_path):
+def test_periodic_evaluation_logs_the_eval_binary_metrics(tmp_path, short_run):
   config = short_run(num_train_steps=4, log_every_steps=4, eval_every_steps=2,
                      eval_max_queries=8, eval_ks=(1, 5))
   summary = train.train_and_evaluate(config, str(tmp_path))

@@ -4,7 +4,6 @@ the TensorBoard scalars written without TensorFlow."""
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from gcs import gcs, gcs_server  # noqa: F401  (fixtures)
 from preflmr_jax import storage, tensorboard_events, workdir
 
 

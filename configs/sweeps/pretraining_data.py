@@ -1,8 +1,8 @@
 """Sweep: the amount of stage-1 training data, 10K / 100K / 1M queries of the mixture
 (`config.data.max_train_examples`: a fixed subset, nested across amounts for one
 `config.data.subset_seed`), everything else fixed: ViT-B/32 + BERT-base with the stage-1 recipe
-(configs/sweeps/stage1_base.py). Training length is a fixed number of epochs (EPOCHS passes over
-each subset), so compute grows with the data; warmup is a tenth of the steps, at most 500.
+(config_defaults.stage1_sweep_config). Training length is a fixed number of epochs (EPOCHS passes
+over each subset), so compute grows with the data; warmup is a tenth of the steps, at most 500.
 
   python launch/sweep.py configs/sweeps/pretraining_data.py --backend tpu-vm --tpu NAME --zone ZONE \
       --workdir_root gs://my-bucket/sweeps -- --config.tokenizer=... --config.data.data_dir=... \
@@ -16,7 +16,7 @@ this sweep is proportional to the number of examples. `:smoke` is the CPU stand-
 
 import math
 
-from preflmr_jax import config_files
+from preflmr_jax import config_defaults, config_files
 
 AMOUNTS = (10_000, 100_000, 1_000_000)
 EPOCHS = 4
@@ -25,7 +25,9 @@ SMOKE_EPOCHS = 2
 
 
 def get_config(arg=None):
-  return config_files.load_config(f"configs/sweeps/stage1_base.py:{arg or 'vision=B,text=base'}")
+  arg = config_files.parse_arg(arg, where="configs/sweeps/pretraining_data.py",
+                               **config_defaults.STAGE1_SWEEP_ARG)
+  return config_defaults.stage1_sweep_config(arg, where="configs/sweeps/pretraining_data.py")
 
 
 def point(examples: int, epochs: int, batch_size: int, max_warmup: int) -> dict:

@@ -1,6 +1,6 @@
 """Parameter counts of a config, computed with `jax.eval_shape` (nothing is allocated).
 
-  python -m preflmr_jax.tools.count_params --config configs/preflmr_vit_l.py
+  python -m preflmr_jax.tools.count_params --config configs/release.py:vit_l
 
 Prints a table, then one JSON object as the last line of stdout.
 """

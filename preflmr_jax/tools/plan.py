@@ -1,6 +1,6 @@
 """Compile-only memory plan: lowers and compiles the real train step from shapes alone.
 
-  python -m preflmr_jax.tools.plan --config configs/preflmr_vit_l.py --mesh data=1,fsdp=8,tensor=1 \
+  python -m preflmr_jax.tools.plan --config configs/release.py:vit_l --mesh data=1,fsdp=8,tensor=1 \
       [--batch_size N] [--topology v5e:4x4 [--num_slices 2]]
 
 Without --topology it simulates the mesh's devices on the CPU; with it, it compiles for a real TPU

@@ -1,28 +1,23 @@
-"""A real GCS endpoint for the tests: gcp-storage-emulator on a loopback port.
+"""A real GCS endpoint on a loopback port: gcp-storage-emulator in a subprocess, in memory.
 
-  from gcs import gcs  # noqa: F401  (the fixture)
+  with serve() as url:                       # STORAGE_EMULATOR_HOST for google-cloud-storage,
+    bucket = Bucket(url, "test-bucket")      # gcsfs and tensorstore
+    bucket.create(); bucket.names("run/")
 
-  def test_x(gcs):
-    url = f"gs://{gcs.bucket}/run"   # a fresh empty bucket per test
-    gcs.names("run/")                # object names, read through google-cloud-storage
-
-The server runs once per session in a subprocess (in memory, see _SERVE); the fixture sets
-STORAGE_EMULATOR_HOST for the test (and the subprocesses it starts) and removes it after.
+tests/conftest.py runs one server per test session (fixture `gcs_server`) and gives each test a
+fresh bucket (fixture `gcs`).
 """
 
+from __future__ import annotations
+
+import contextlib
 import dataclasses
-import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
-
-import pytest
-
-from preflmr_jax import storage
-
+from typing import Iterator
 
 # gcp-storage-emulator leaves the x-goog-generation header out of object downloads; real GCS sends
 # it and tensorstore (Orbax's array writer) requires it: reading back an OCDBT manifest (a save of
@@ -54,29 +49,35 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def gcs_server():
+@contextlib.contextmanager
+def serve(start_timeout_s: float = 60) -> Iterator[str]:
+  """Runs the emulator until the block ends; yields its URL."""
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(port)], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  deadline = time.monotonic() + 60
-  while True:
+  try:
+    deadline = time.monotonic() + start_timeout_s
+    while True:
+      try:
+        urllib.request.urlopen(url + "/", timeout=1).close()
+        break
+      except OSError:
+        if proc.poll() is not None or time.monotonic() > deadline:
+          raise RuntimeError(f"the GCS emulator did not start on {url}") from None
+        time.sleep(0.1)
+    yield url
+  finally:
+    proc.terminate()
     try:
-      urllib.request.urlopen(url + "/", timeout=1).close()
-      break
-    except OSError:
-      if proc.poll() is not None or time.monotonic() > deadline:
-        proc.kill()
-        raise RuntimeError(f"the GCS emulator did not start on {url}")
-      time.sleep(0.1)
-  yield url
-  proc.terminate()
-  proc.wait(timeout=30)
+      proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      proc.kill()
 
 
 @dataclasses.dataclass
-class Emulator:
+class Bucket:
+  """One bucket on the emulator at `url`, read through google-cloud-storage (not our path layer)."""
   url: str
   bucket: str
 
@@ -86,6 +87,9 @@ class Emulator:
     return gcs_client.Client(project="test", credentials=AnonymousCredentials(),
                              client_options={"api_endpoint": self.url})
 
+  def create(self) -> None:
+    self.client().create_bucket(self.bucket)
+
   def names(self, prefix: str = "") -> list[str]:
     return sorted(b.name for b in self.client().list_blobs(self.bucket, prefix=prefix))
 
@@ -94,20 +98,3 @@ class Emulator:
 
   def delete(self, name: str) -> None:
     self.client().bucket(self.bucket).blob(name).delete()
-
-
-@pytest.fixture
-def gcs(gcs_server):
-  before = os.environ.get(storage.EMULATOR_VAR)
-  os.environ[storage.EMULATOR_VAR] = gcs_server
-  storage.setup()
-  emulator = Emulator(gcs_server, f"test-{uuid.uuid4().hex[:12]}")
-  emulator.client().create_bucket(emulator.bucket)
-  try:
-    yield emulator
-  finally:
-    if before is None:
-      os.environ.pop(storage.EMULATOR_VAR, None)
-    else:
-      os.environ[storage.EMULATOR_VAR] = before
-    storage.setup()
