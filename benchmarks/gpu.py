@@ -432,7 +432,7 @@ class Bench:
   def lower_train(self, queries, variant):
     config, setup = self.setup(variant, queries)
     batch = make_batch(config, self.mc, queries, self.args.query_tokens, self.args.doc_tokens)
-    batch = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim))
+    batch = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim, setup.rules))
              for k, v in batch.items()}
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(setup.rules):
       return setup.train_step.lower(setup.abstract_state, batch), batch

@@ -366,7 +366,8 @@ def synthetic_batch(config, mc, mesh) -> dict:
     else:  # doc_labels: every document a distinct passage
       value = np.arange(spec.shape[0])
     batch[key] = jax.device_put(value.astype(spec.dtype),
-                                sharding.batch_sharding(mesh, len(spec.shape)))
+                                sharding.batch_sharding(mesh, len(spec.shape),
+                                                        config.logical_axis_rules))
   return batch
 
 

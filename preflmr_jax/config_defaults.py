@@ -12,27 +12,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from preflmr_jax import recipe, tokenization
+from preflmr_jax import recipe, sharding, tokenization
 from preflmr_jax.models import model_config as mc
-
-# Logical axis -> mesh axis. Parameters shard their model width over `fsdp` and their heads / FFN /
-# vocab over `tensor`; activations shard the batch over (`data`, `fsdp`) and heads / FFN over
-# `tensor`. Axes not named here (or mapped to None) are replicated.
-LOGICAL_AXIS_RULES = (
-    ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("position", None),
-    ("norm", None),
-    ("proj", None),
-)
-
 
 def require(ok: bool, key: str, value, why: str) -> None:
   """The one shape of a config error: `config.<key>=<value>: <why>`."""
@@ -60,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.batch_size = 8  # global
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.logical_axis_rules = LOGICAL_AXIS_RULES
+  config.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
 
   # Training (preflmr_jax/train.py). batch_size is global: queries per step over all hosts.

@@ -78,7 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> np.nda
   docs = tokenization.DocumentTokenizer(doc_tokenizer, model_config.doc_maxlen)(
       list(SAMPLE_PASSAGES), padding="longest")
 
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.num_batch_shards(mesh, rules)
   model = preflmr.PreFLMR(model_config)
 
   @jax.jit
@@ -89,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> np.nda
 
   def put(x):
     x = _pad_rows(np.asarray(x), shards)
-    return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+    return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim, rules))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     scores = encode_and_score(params, put(queries["input_ids"]), put(queries["attention_mask"]),

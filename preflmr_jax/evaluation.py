@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -71,17 +70,17 @@ class Encoder:
   """
 
   def __init__(self, model_config: mc.PreFLMRConfig, params, query_tokenizer, document_tokenizer,
-               mesh: Mesh, batch_size: int = 64, rules: Sequence = ()):
+               mesh: Mesh, batch_size: int = 64, rules: Sequence = sharding.LOGICAL_AXIS_RULES):
     self.config, self.mesh, self.rules = model_config, mesh, tuple(rules)
-    self.batch_sharding = sharding.batch_sharding(mesh, 1)
-    shards = math.prod(mesh.shape[a] for a in self.batch_sharding.spec[0])
+    self.batch_sharding = sharding.batch_sharding(mesh, 1, self.rules)
+    shards = sharding.num_batch_shards(mesh, self.rules)
     self.batch_size = -(-batch_size // shards) * shards  # a multiple of the batch shards
     self.rows = _rows_held(self.batch_sharding, self.batch_size)
     self.params = params
     self.query_tok = tokenization.QueryTokenizer(query_tokenizer, model_config.query_maxlen)
     self.doc_tok = tokenization.DocumentTokenizer(document_tokenizer, model_config.doc_maxlen)
     model = preflmr.PreFLMR(model_config)
-    out = (sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 2))
+    out = tuple(sharding.batch_sharding(mesh, rank, self.rules) for rank in (3, 2))
     self._queries = jax.jit(lambda p, *x: model.apply(
         {"params": p}, *x, method=preflmr.PreFLMR.encode_queries), out_shardings=out)
     self._documents = jax.jit(lambda p, *x: model.apply(
@@ -92,7 +91,7 @@ class Encoder:
 
   def _global(self, local: np.ndarray) -> jax.Array:
     """This process's rows (`self.rows`, in order) -> a global [batch_size, ...] array."""
-    spec = sharding.batch_sharding(self.mesh, local.ndim)
+    spec = sharding.batch_sharding(self.mesh, local.ndim, self.rules)
     position = {int(r): i for i, r in enumerate(self.rows)}
     return jax.make_array_from_callback(
         (self.batch_size,) + local.shape[1:], spec,

@@ -1,7 +1,9 @@
 """Device mesh and logical-axis sharding.
 
-Model code names logical axes only (models/layers.py); `config.logical_axis_rules` maps them to the
-mesh axes `data`, `fsdp`, `tensor` built here from `config.mesh`.
+Model code names logical axes only (models/layers.py); `config.logical_axis_rules` (default
+`LOGICAL_AXIS_RULES`) maps them to the mesh axes `data`, `fsdp`, `tensor` built here from
+`config.mesh`. The batch is split over the mesh axes of the `act_batch` rule (`batch_axes`), in
+the model and in the input pipeline alike.
 """
 
 from __future__ import annotations
@@ -18,6 +20,24 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis. Parameters shard their model width over `fsdp` and their heads / FFN /
+# vocab over `tensor`; activations shard the batch over (`data`, `fsdp`) and heads / FFN over
+# `tensor`. Axes not named here (or mapped to None) are replicated.
+LOGICAL_AXIS_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("position", None),
+    ("norm", None),
+    ("proj", None),
+)
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -122,9 +142,24 @@ def logical_to_shardings(logical_tree: Any, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
 
 
-def batch_sharding(mesh: Mesh, rank: int) -> NamedSharding:
-  """Leading (batch) axis over (`data`, `fsdp`), the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (rank - 1))))
+def batch_axes(rules) -> tuple[str, ...]:
+  """The mesh axes a batch's rows are split over: those of the `act_batch` rule, in order."""
+  axes = dict(tuple(r) for r in rules).get("act_batch")
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  unknown = [a for a in axes if a not in MESH_AXES]
+  if unknown:
+    raise ValueError(f"config.logical_axis_rules: 'act_batch' -> unknown mesh axis {unknown}; "
+                     f"mesh axes are {MESH_AXES}")
+  return axes
+
+
+def num_batch_shards(mesh: Mesh, rules) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_sharding(mesh: Mesh, rank: int, rules) -> NamedSharding:
+  """Leading (batch) axis over `batch_axes(rules)`, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(batch_axes(rules) or None, *([None] * (rank - 1))))
 
 
 def init_sharded(init_fn, mesh: Mesh, rules, *args):
@@ -195,68 +230,75 @@ def state_shardings_like_params(abstract_tree: Any, abstract_params: Any, param_
   return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
-def batch_shards_by_process(mesh: Mesh) -> dict[int, list[int]]:
+def batch_shards_by_process(mesh: Mesh, rules) -> dict[int, list[int]]:
   """Process index -> the batch shards its devices hold, ascending. Shard k is the k-th block of
-  rows along (`data`, `fsdp`) (`batch_sharding`); the `tensor` devices at one (data, fsdp) position
-  hold the same shard. Assumes `check_batch_sharding(mesh)` passed."""
+  rows along the batch axes (`batch_sharding`); the devices at one position along them hold the
+  same shard. Assumes `check_batch_sharding(mesh, rules)` passed."""
   by_process: dict[int, set[int]] = {}
-  for k, processes in _batch_shard_processes(mesh).items():
+  for k, processes in _batch_shard_processes(mesh, rules).items():
     for p in processes:
       by_process.setdefault(p, set()).add(k)
   return {p: sorted(shards) for p, shards in sorted(by_process.items())}
 
 
-def _batch_shard_processes(mesh: Mesh) -> dict[int, set[int]]:
-  fsdp = mesh.shape["fsdp"]
+def _batch_shard_processes(mesh: Mesh, rules) -> dict[int, set[int]]:
+  """Batch shard -> the processes whose devices hold it."""
+  axes = batch_axes(rules)
+  where = [mesh.axis_names.index(a) for a in axes]
+  sizes = [mesh.shape[a] for a in axes]
   processes: dict[int, set[int]] = {}
-  for (i, j, _), device in np.ndenumerate(mesh.devices):
-    processes.setdefault(i * fsdp + j, set()).add(device.process_index)
+  for position, device in np.ndenumerate(mesh.devices):
+    k = int(np.ravel_multi_index([position[i] for i in where], sizes)) if axes else 0
+    processes.setdefault(k, set()).add(device.process_index)
   return processes
 
 
-def check_batch_sharding(mesh: Mesh) -> None:
+def check_batch_sharding(mesh: Mesh, rules) -> None:
   """Refuses a mesh whose batch the processes cannot feed by each reading its own rows.
 
   Every process supplies the rows of the batch shards its devices hold (`global_batch`). A shard
-  held by devices of two processes (the `tensor` axis crossing a process boundary) would need both
-  to supply the same rows, but they read different ones: the replicas would silently differ. And
-  each process reads `batch_size / process_count` rows, so every process must hold as many shards.
+  held by devices of two processes (an axis outside the batch axes, e.g. `tensor`, crossing a
+  process boundary) would need both to supply the same rows, but they read different ones: the
+  replicas would silently differ. And each process reads `batch_size / process_count` rows, so
+  every process must hold as many shards.
   """
-  shape = dict(mesh.shape)
-  for k, processes in sorted(_batch_shard_processes(mesh).items()):
+  shape, axes = dict(mesh.shape), batch_axes(rules)
+  for k, processes in sorted(_batch_shard_processes(mesh, rules).items()):
     if len(processes) > 1:
+      index = np.unravel_index(k, [shape[a] for a in axes]) if axes else ()
+      where = ", ".join(f"{a}={int(i)}" for a, i in zip(axes, index))
       raise ValueError(
-          f"config.mesh {shape}: batch shard {k} (data={k // shape['fsdp']}, fsdp="
-          f"{k % shape['fsdp']}) lies on devices of processes {sorted(processes)}, which read "
-          "different rows; the tensor axis must stay within one process (a smaller "
-          "config.mesh.tensor, or fsdp instead)")
-  counts = {p: len(shards) for p, shards in batch_shards_by_process(mesh).items()}
+          f"config.mesh {shape}: batch shard {k} ({where}) lies on devices of processes "
+          f"{sorted(processes)}, which read different rows; the axes outside the batch axes "
+          f"{axes} (tensor) must stay within one process (a smaller config.mesh.tensor, or fsdp "
+          "instead)")
+  counts = {p: len(shards) for p, shards in batch_shards_by_process(mesh, rules).items()}
   if len(set(counts.values())) > 1:
     raise ValueError(f"config.mesh {shape}: processes hold unequal numbers of batch shards "
                      f"{counts}, but each reads batch_size / process_count rows")
 
 
-def process_batch_rows(mesh: Mesh, batch_size: int, process_index: int) -> np.ndarray:
+def process_batch_rows(mesh: Mesh, batch_size: int, process_index: int, rules) -> np.ndarray:
   """The rows of a global batch of `batch_size` that process `process_index` supplies to
   `global_batch`, in the order it must supply them: its batch shards' rows, ascending. With the
   plain device order (CPU, GPU) process p's rows are [p * b, (p + 1) * b); a TPU topology order may
   give a process shards that are not one block (e.g. a ring: shards 0, 1, 6, 15 of 16)."""
-  shards = batch_shards_by_process(mesh)[process_index]
-  num_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = batch_shards_by_process(mesh, rules)[process_index]
+  num_shards = num_batch_shards(mesh, rules)
   if batch_size % num_shards:
-    raise ValueError(f"config.batch_size={batch_size} is not divisible by the data-parallel size "
-                     f"mesh.data * mesh.fsdp = {num_shards}")
+    raise ValueError(f"config.batch_size={batch_size} is not divisible by the {num_shards} batch "
+                     f"shards (mesh axes {batch_axes(rules)})")
   rows = batch_size // num_shards
   return np.concatenate([np.arange(k * rows, (k + 1) * rows) for k in shards])
 
 
-def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays sharded over (`data`, `fsdp`) on the leading axis.
+def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], rules) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over the batch axes on the leading axis.
 
   The global shape is explicit: the local rows times the number of batch shards over this
   process's. The local rows fill this process's shards in ascending order (`process_batch_rows`).
   """
-  shards = batch_shards_by_process(mesh)
+  shards = batch_shards_by_process(mesh, rules)
   mine, total = len(shards[jax.process_index()]), sum(len(s) for s in shards.values())
   out = {}
   for key, value in local_batch.items():
@@ -266,5 +308,5 @@ def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str,
       raise ValueError(f"batch[{key!r}]: {rows} rows do not split evenly over this process's "
                        f"{mine} batch shards")
     out[key] = jax.make_array_from_process_local_data(
-        batch_sharding(mesh, value.ndim), value, (rows // mine * total, *value.shape[1:]))
+        batch_sharding(mesh, value.ndim, rules), value, (rows // mine * total, *value.shape[1:]))
   return out

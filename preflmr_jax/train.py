@@ -57,8 +57,9 @@ def _is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Config checks that must fail before anything is compiled, naming the key."""
+def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Config checks that must fail before anything is compiled, naming the key: the trainer's and
+  the planner's (tools/plan.py) one check of a config on `mesh`."""
   for key, low in (("num_train_steps", 1), ("log_every_steps", 1), ("checkpoint_every_steps", 1),
                    ("keep_checkpoints", 1), ("batch_size", 1), ("num_negatives", 0),
                    ("eval_every_steps", 0), ("eval_max_queries", 1), ("score_chunk_size", 0),
@@ -69,11 +70,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   # jax.random.key takes a uint32 seed on every backend.
   require(_is_int(config.seed) and 0 <= config.seed < 2**32, "seed", config.seed,
           "must be an integer in [0, 2**32)")
-  mesh_shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, jax.device_count())))
-  shards = mesh_shape["data"] * mesh_shape["fsdp"]
-  if config.batch_size % shards:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel "
-                     f"size mesh.data * mesh.fsdp = {shards}")
+  rules = config.logical_axis_rules
+  sharding.check_batch_sharding(mesh, rules)  # each process can feed its own rows
+  shards = sharding.num_batch_shards(mesh, rules)
+  require(config.batch_size % shards == 0, "batch_size", config.batch_size,
+          f"must be divisible by the {shards} batch shards (mesh axes "
+          f"{sharding.batch_axes(rules)}: config.logical_axis_rules' act_batch)")
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
@@ -215,10 +217,10 @@ def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
   abstract_state = _abstract_with(jax.eval_shape(functools.partial(init_state, 0)),
                                   state_shardings)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                            sharding=sharding.batch_sharding(mesh, v.ndim))
+                                            sharding=sharding.batch_sharding(mesh, v.ndim, rules))
                     for k, v in data.batch_spec(config, model_config).items()}
-  groups = (mesh.shape["data"] * mesh.shape["fsdp"] if config.in_batch_negatives == "per_device"
-            else 1)  # the batch's shards (sharding.batch_sharding)
+  groups = (sharding.num_batch_shards(mesh, rules) if config.in_batch_negatives == "per_device"
+            else 1)
   train_step = jax.jit(make_train_step(model, tx, labels, config, groups), donate_argnums=0,
                        out_shardings=(state_shardings, replicated))
   return StepSetup(model_config=model_config, model=model, rules=rules, tx=tx, labels=labels,
@@ -308,10 +310,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train(config, workdir, preemption) -> dict[str, float]:
   # ---------------------------------------------------------------------------------- setup
-  validate(config)
-  _check_init_sources(config)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_sharding(mesh)  # each process can feed its own rows
+  validate(config, mesh)
+  _check_init_sources(config)
   setup = setup_train_step(config, mesh)
   model_config, state_shardings = setup.model_config, setup.state_shardings
   replicated = state_shardings.step
@@ -392,7 +393,7 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, 
   pending, last = [], {}
   tick = time.perf_counter()
   for step in range(start + 1, config.num_train_steps + 1):
-    batch = sharding.global_batch(mesh, next(train_iter))
+    batch = sharding.global_batch(mesh, next(train_iter), config.logical_axis_rules)
     state, metrics = train_step(state, batch)
     pending.append(metrics)
     report(step)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from preflmr_jax import config_defaults, sharding
+from preflmr_jax import sharding
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
-RULES = config_defaults.LOGICAL_AXIS_RULES
+RULES = sharding.LOGICAL_AXIS_RULES
 
 
 def test_mesh_shape_resolves_minus_one_and_names_bad_axes():
@@ -77,10 +77,10 @@ def test_sharded_forward_equals_single_device(mesh_config):
     assert len({s.data.shape for s in kernel.addressable_shards}) == 1
     assert kernel.addressable_shards[0].data.shape != kernel.shape
 
-  placed = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in inputs]
+  placed = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim, RULES)) for x in inputs]
   with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
     (q, qm), (d, dm) = jax.jit(fwd)(sharded_params, *placed)
-  assert q.sharding.is_equivalent_to(sharding.batch_sharding(mesh, 3), 3)
+  assert q.sharding.is_equivalent_to(sharding.batch_sharding(mesh, 3, RULES), 3)
   np.testing.assert_allclose(q, q_ref, atol=2e-5, rtol=0)
   np.testing.assert_allclose(d, d_ref, atol=2e-5, rtol=0)
   np.testing.assert_array_equal(qm, qm_ref)
@@ -159,17 +159,17 @@ def test_fallback_to_the_plain_order_warns_and_keeps_slices_apart(warnings_logge
 def test_batch_shards_follow_the_devices_of_each_process():
   cpu_like = np.array([FakeTpu(i, i // 4, (0, 0, 0)) for i in range(8)], dtype=object)
   mesh = _mesh(cpu_like.reshape(2, 4, 1))
-  sharding.check_batch_sharding(mesh)
-  assert sharding.batch_shards_by_process(mesh) == {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}
-  np.testing.assert_array_equal(sharding.process_batch_rows(mesh, 16, 1), np.arange(8, 16))
-  sharding.check_batch_sharding(_mesh(cpu_like.reshape(1, 4, 2)))  # tensor pairs within a process
+  sharding.check_batch_sharding(mesh, RULES)
+  assert sharding.batch_shards_by_process(mesh, RULES) == {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}
+  np.testing.assert_array_equal(sharding.process_batch_rows(mesh, 16, 1, RULES), np.arange(8, 16))
+  sharding.check_batch_sharding(_mesh(cpu_like.reshape(1, 4, 2)), RULES)  # tensor within a process
   # A TPU ring order: each host's shards are not one block, which make_array_from_process_local_data
   # accepts (the host supplies the rows of its shards).
   mesh = _mesh(sharding.device_grid((1, 16, 1), _v5e_4x4()))
-  sharding.check_batch_sharding(mesh)
-  shards = sharding.batch_shards_by_process(mesh)
+  sharding.check_batch_sharding(mesh, RULES)
+  shards = sharding.batch_shards_by_process(mesh, RULES)
   assert sorted(sum(shards.values(), [])) == list(range(16)) and shards[0] != [0, 1, 2, 3]
-  np.testing.assert_array_equal(sharding.process_batch_rows(mesh, 32, 0),
+  np.testing.assert_array_equal(sharding.process_batch_rows(mesh, 32, 0, RULES),
                                 np.concatenate([[2 * k, 2 * k + 1] for k in shards[0]]))
 
 
@@ -183,14 +183,33 @@ def test_batch_shards_follow_the_devices_of_each_process():
 ])
 def test_meshes_the_processes_cannot_feed_are_refused(grid, message):
   with pytest.raises(ValueError, match=r"config.mesh \{'data': 1.*" + message):
-    sharding.check_batch_sharding(_mesh(grid()))
+    sharding.check_batch_sharding(_mesh(grid()), RULES)
+
+
+def test_the_act_batch_rule_decides_the_batch_axes():
+  """A batch over `data` only (fsdp then holds whole copies of each shard): the input sharding,
+  the shard count and each process's rows follow the rule."""
+  rules = tuple((k, "data" if k == "act_batch" else v) for k, v in RULES)
+  assert sharding.batch_axes(rules) == ("data",) and sharding.batch_axes(RULES) == ("data", "fsdp")
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  assert sharding.num_batch_shards(mesh, rules) == 2
+  batch = sharding.global_batch(mesh, {"q": np.arange(8).reshape(8, 1)}, rules)
+  assert batch["q"].sharding.spec == P("data", None)
+  np.testing.assert_array_equal(batch["q"], np.arange(8).reshape(8, 1))
+  cpu_like = np.array([FakeTpu(i, i // 4, (0, 0, 0)) for i in range(8)], dtype=object)
+  with pytest.raises(ValueError, match=r"processes \[0, 1\]"):  # fsdp copies span both hosts
+    sharding.check_batch_sharding(_mesh(cpu_like.reshape(2, 4, 1).transpose(1, 0, 2).reshape(
+        2, 4, 1)), rules)
+  with pytest.raises(ValueError, match="'act_batch' -> unknown mesh axis \\['dat'\\]"):
+    sharding.batch_axes(tuple((k, "dat" if k == "act_batch" else v) for k, v in RULES))
 
 
 def test_global_batch_has_the_explicit_global_shape():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-  batch = sharding.global_batch(mesh, {"q": np.zeros((8, 3)), "d": np.arange(24).reshape(24, 1)})
+  batch = sharding.global_batch(mesh, {"q": np.zeros((8, 3)), "d": np.arange(24).reshape(24, 1)},
+                                RULES)
   assert batch["q"].shape == (8, 3) and batch["d"].shape == (24, 1)
   assert batch["d"].sharding.spec == P(("data", "fsdp"), None)
   np.testing.assert_array_equal(batch["d"], np.arange(24).reshape(24, 1))
   with pytest.raises(ValueError, match=r"batch\['q'\]: 4 rows do not split evenly over .* 8"):
-    sharding.global_batch(mesh, {"q": np.zeros((4, 3))})
+    sharding.global_batch(mesh, {"q": np.zeros((4, 3))}, RULES)

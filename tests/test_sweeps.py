@@ -83,7 +83,7 @@ def test_smoke_points_pass_validation_and_trace_their_train_step(name):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   for point in _points(name, "smoke"):
     config = config_files.load_config(point.config, dict(point.overrides))
-    train.validate(config)
+    train.validate(config, mesh)
     setup = train.setup_train_step(config, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       setup.train_step.trace(setup.abstract_state, setup.abstract_batch)

@@ -30,7 +30,7 @@ def _step_on_mesh(config, mesh_config, steps=2):
     state = jax.jit(setup.init_state, static_argnums=0,
                     out_shardings=setup.state_shardings)(config.seed)
     for _ in range(steps):
-      state, metrics = setup.train_step(state, sharding.global_batch(mesh, next(it)))
+      state, metrics = setup.train_step(state, sharding.global_batch(mesh, next(it), setup.rules))
       losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state.params)
 
@@ -133,7 +133,7 @@ def test_tiny_config_learns_the_sample_task(tmp_path, source, tiny_config):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"batch_size": 12}, "config.batch_size=12 is not divisible"),
+    ({"batch_size": 12}, "config.batch_size=12: must be divisible by the 8 batch shards"),
     ({"mesh.data": 16}, "config.mesh"),
     ({"logical_axis_rules": (("embedd", "fsdp"),)}, "config.logical_axis_rules: unknown logical"),
     ({"freeze": ("visoin",)}, "config.freeze"),

@@ -98,12 +98,8 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
     raise ValueError(f"--mesh {dict(mesh_config)} needs {size} devices, {len(devices)} available")
   devices = devices[:size]
   mesh = sharding.make_mesh(mesh_config, devices)
-  sharding.check_batch_sharding(mesh)  # the hosts of a topology can feed the batch
+  train.validate(config, mesh)  # the trainer's own checks, e.g. the hosts can feed the batch
   shape = dict(zip(sharding.MESH_AXES, mesh.devices.shape))
-  shards = shape["data"] * shape["fsdp"]
-  if config.batch_size % shards:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel "
-                     f"size mesh.data * mesh.fsdp = {shards}")
 
   setup = train.setup_train_step(config, mesh)  # the trainer's own construction
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
