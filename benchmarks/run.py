@@ -54,7 +54,6 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 
 START = time.perf_counter()

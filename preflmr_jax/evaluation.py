@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 from PIL import Image
 
 from preflmr_jax import image_processing, metrics, search, sharding, storage, tokenization

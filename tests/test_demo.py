@@ -28,11 +28,13 @@ def test_demo_runs_on_a_mesh_with_overrides(tmp_path, cli):
   assert "'fsdp': 2" in run.stdout and "'tensor': 2" in run.stdout
 
 
-def test_demo_bad_config_value_names_the_key():
-  run = _demo("--config", "configs/tiny.py", "--config.model.vision.patch_size=7")
+def test_demo_bad_config_value_names_the_key(cli):
+  run = cli("preflmr_jax.demo", "--config", "configs/tiny.py", "--config.model.vision.patch_size=7")
   assert run.returncode != 0
   assert "config.model.vision.image_size" in run.stderr
-  run = _demo("--config", "configs/tiny.py", "--config.mesh.data=3", devices=8)
+  run = cli("preflmr_jax.demo", "--config", "configs/tiny.py", "--config.mesh.data=3",
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert run.returncode != 0 and "config.mesh" in run.stderr
-  run = _demo("--config", "configs/release.py:vit_b")  # no vocab folder given, none downloaded
+  # No vocab folder given, none downloaded:
+  run = cli("preflmr_jax.demo", "--config", "configs/release.py:vit_b")
   assert run.returncode != 0 and "config.tokenizer is not set" in run.stderr
