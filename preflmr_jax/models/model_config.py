@@ -11,8 +11,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-# The released checkpoints' vocab (bert-base-uncased): ":" and the single-punctuation token ids.
-from preflmr_jax.tokenization import BERT_UNCASED_COLON_ID, BERT_UNCASED_PUNCTUATION_IDS
+from preflmr_jax.models.token_masks import BERT_UNCASED_COLON_ID, BERT_UNCASED_PUNCTUATION_IDS
 
 _ACTIVATIONS = ("gelu", "quick_gelu", "gelu_new", "relu")
 _REMAT_POLICIES = (

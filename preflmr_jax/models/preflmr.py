@@ -13,8 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from preflmr_jax import tokenization
-from preflmr_jax.models import layers
+from preflmr_jax.models import layers, token_masks
 from preflmr_jax.models.bert import BertModel, bert_stack
 from preflmr_jax.models.clip import ClipVisionModel
 from preflmr_jax.models.model_config import PreFLMRConfig
@@ -74,7 +73,7 @@ class PreFLMR(nn.Module):
       raise ValueError(f"query input_ids have length {input_ids.shape[-1]}, expected "
                        f"config.model.query_maxlen={c.query_maxlen}")
     batch = input_ids.shape[0]
-    text_mask = tokenization.query_token_mask(
+    text_mask = token_masks.query_token_mask(
         input_ids, c.instruction_token_id if c.mask_instruction_token else None)
     kept = jnp.ones(input_ids.shape, jnp.float32)
     if c.query_skip_token_ids:
@@ -114,7 +113,7 @@ class PreFLMR(nn.Module):
                        f"config.model.doc_maxlen={c.doc_maxlen}")
     hidden, _ = self.document_text(input_ids, attention_mask, deterministic=deterministic)
     if c.mask_punctuation:
-      d_mask = tokenization.document_token_mask(input_ids, c.skip_token_ids)
+      d_mask = token_masks.document_token_mask(input_ids, c.skip_token_ids)
     else:
       d_mask = (input_ids != 0).astype(jnp.float32)
     d = self.document_head(hidden).astype(jnp.float32) * d_mask[..., None]
