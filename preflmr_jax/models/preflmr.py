@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from preflmr_jax.models import layers, token_masks
+from preflmr_jax.models import layers, param_groups, token_masks
 from preflmr_jax.models.bert import BertModel, bert_stack
 from preflmr_jax.models.clip import ClipVisionModel
 from preflmr_jax.models.model_config import PreFLMRConfig
@@ -52,6 +52,8 @@ class PreFLMR(nn.Module):
   config: PreFLMRConfig
 
   def setup(self):
+    # The attribute names are the params tree's top-level keys: models/param_groups.py declares
+    # each one's group.
     c = self.config
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
     remat = dict(remat=c.remat, remat_policy=c.remat_policy, attention=c.attention)
@@ -62,8 +64,8 @@ class PreFLMR(nn.Module):
     self.vision = ClipVisionModel(c.vision, **kw, **remat)
     self.vision_projection = VisionProjection(c)
     self.mapping_input = layers.dense(c.mapping.hidden_size, ("embed", None), **kw)
-    self.mapping = bert_stack(c.mapping, cross_attention=True, prefix="mapping_layer", **remat,
-                              **kw)
+    self.mapping = bert_stack(c.mapping, cross_attention=True,
+                              prefix=param_groups.MAPPING_LAYER_PREFIX, **remat, **kw)
     self.mapping_output = layers.dense(c.dim, ("embed", "proj"), **kw)
 
   def encode_queries(self, input_ids, attention_mask, pixel_values, deterministic: bool = True):
