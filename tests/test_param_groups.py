@@ -4,7 +4,7 @@ import pytest
 
 from preflmr_jax import config_files
 from preflmr_jax.models import model_config as mc
-from preflmr_jax.models import param_groups, preflmr
+from preflmr_jax.models import flops, param_groups, preflmr
 from preflmr_jax.tools import count_params
 
 
@@ -49,3 +49,13 @@ def test_lookups():
   with pytest.raises(KeyError, match="'texts'"):
     param_groups.members("texts")
 
+
+def test_the_flop_model_counts_every_top_level_key():
+  config = config_files.load_config("configs/tiny.py", {"model.mapping.num_layers": 2})
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  macs = flops.forward_macs(model_config, 2, 3)
+  assert set(macs) == set(preflmr.abstract_params(model_config))
+  everything = flops.train_flops(model_config, 2, 3, set(macs))
+  assert flops.train_flops(model_config, 2, 3, set()) < everything
+  assert (flops.encode_flops(model_config, "documents", 3)
+          == 2 * (macs["document_text"] + macs["document_head"]))
