@@ -36,11 +36,10 @@ class VisionProjection(nn.Module):
 
   @nn.compact
   def __call__(self, cls_state):
-    c = self.config
-    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+    c, ex = self.config, self.config.execution
     width = c.dim * c.mapping_prefix_length
-    h = jnp.tanh(layers.dense(width // 2, ("embed", "mlp"), name="dense_0", **kw)(cls_state))
-    out = layers.dense(width, ("mlp", "proj"), name="dense_1", **kw)(h)
+    h = jnp.tanh(layers.dense(width // 2, ("embed", "mlp"), ex, name="dense_0")(cls_state))
+    out = layers.dense(width, ("mlp", "proj"), ex, name="dense_1")(h)
     # Row-major reshape, as torch's .view(B, prefix_length, dim).
     return out.reshape(cls_state.shape[0], c.mapping_prefix_length, c.dim)
 
@@ -54,19 +53,17 @@ class PreFLMR(nn.Module):
   def setup(self):
     # The attribute names are the params tree's top-level keys: models/param_groups.py declares
     # each one's group.
-    c = self.config
-    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
-    remat = dict(remat=c.remat, remat_policy=c.remat_policy, attention=c.attention)
-    self.query_text = BertModel(c.text, **kw, **remat)
-    self.document_text = BertModel(c.text, **kw, **remat)
-    self.query_head = layers.dense(c.dim, ("embed", "proj"), use_bias=False, **kw)
-    self.document_head = layers.dense(c.dim, ("embed", "proj"), use_bias=False, **kw)
-    self.vision = ClipVisionModel(c.vision, **kw, **remat)
+    c, ex = self.config, self.config.execution
+    self.query_text = BertModel(c.text, ex)
+    self.document_text = BertModel(c.text, ex)
+    self.query_head = layers.dense(c.dim, ("embed", "proj"), ex, use_bias=False)
+    self.document_head = layers.dense(c.dim, ("embed", "proj"), ex, use_bias=False)
+    self.vision = ClipVisionModel(c.vision, ex)
     self.vision_projection = VisionProjection(c)
-    self.mapping_input = layers.dense(c.mapping.hidden_size, ("embed", None), **kw)
-    self.mapping = bert_stack(c.mapping, cross_attention=True,
-                              prefix=param_groups.MAPPING_LAYER_PREFIX, **remat, **kw)
-    self.mapping_output = layers.dense(c.dim, ("embed", "proj"), **kw)
+    self.mapping_input = layers.dense(c.mapping.hidden_size, ("embed", None), ex)
+    self.mapping = bert_stack(c.mapping, cross_attention=True, execution=ex,
+                              prefix=param_groups.MAPPING_LAYER_PREFIX)
+    self.mapping_output = layers.dense(c.dim, ("embed", "proj"), ex)
 
   def encode_queries(self, input_ids, attention_mask, pixel_values, deterministic: bool = True):
     """-> (Q [B, query_length, dim] float32, Q_mask [B, query_length] float32)."""
