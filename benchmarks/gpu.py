@@ -10,9 +10,9 @@ frozen, AdamW) in bf16 compute with fp32 master weights, on random batches padde
 set of config overrides (VARIANTS: the reference recipe `base`; `rbg` dropout bits; `cudnn` fused
 attention, which drops attention-probability dropout; remat policies). Every row is lowered, then
 all are compiled at once (minutes each on one thread), then timed one by one. MFU = model FLOPs
-(2 per MAC of every matmul at the padded lengths; backward = 2x forward for trainable groups; the
-frozen vision tower forward only) / step time / the card's peak dense bf16 FLOP/s. "XLA util" uses
-XLA's cost_analysis FLOPs of the compiled step instead.
+(`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at the padded lengths; backward = 2x
+forward for trainable groups; the frozen vision tower forward only) / step time / the card's peak
+dense bf16 FLOP/s. "XLA util" uses XLA's cost_analysis FLOPs of the compiled step instead.
 Encode: jitted `encode_queries` / `encode_documents`, random bf16 weights, with XLA and with cuDNN
 attention (their embeddings' max difference shows the fused path computes the same thing).
 MaxSim: `late_interaction.maxsim_chunked` of a query batch against an on-device corpus for a few
@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 from preflmr_jax import (  # noqa: E402
     config_files, data, late_interaction, optimizer, sharding, train)
 from preflmr_jax.models import model_config as mc_lib  # noqa: E402
+from preflmr_jax.models.flops import encode_flops, train_flops, trainable_groups  # noqa: E402
 from preflmr_jax.models import preflmr  # noqa: E402
 
 CLS, SEP, MASK, Q_MARK, D_MARK = 101, 102, 103, 1, 2
@@ -84,63 +85,6 @@ def with_overrides(config, overrides):
 
 def lookup(table, kind):
   return next((v for k, v in table.items() if k.lower() in kind.lower()), None)
-
-
-# ------------------------------------------------------------------------------ model FLOPs
-def _attention(q_len, kv_len, h):
-  """MACs of one attention block, one sequence: q/o over q_len, k/v over kv_len, QK^T and AV."""
-  return 2 * q_len * h * h + 2 * kv_len * h * h + 2 * q_len * kv_len * h
-
-
-def forward_macs(mc, queries, docs):
-  """Forward matmul MACs per top-level parameter group (padded lengths; the last vision layer is
-  counted whole, as written, though only its CLS output is read)."""
-  t, v, m, p = mc.text, mc.vision, mc.mapping, mc.vision.num_patches
-  bert = lambda n: t.num_layers * (_attention(n, n, t.hidden_size)
-                                   + 2 * n * t.hidden_size * t.intermediate_size)
-  vision = p * v.patch_size ** 2 * v.num_channels * v.hidden_size + v.num_layers * (
-      _attention(p + 1, p + 1, v.hidden_size) + 2 * (p + 1) * v.hidden_size * v.intermediate_size)
-  width, cross = mc.dim * mc.mapping_prefix_length, min(mc.mapping_cross_attention_length,
-                                                         mc.query_maxlen)
-  macs = {
-      "query_text": queries * bert(mc.query_maxlen),
-      "query_head": 0 if mc.output == "mapping_only" else
-                    queries * mc.query_maxlen * t.hidden_size * mc.dim,
-      "vision": queries * vision,
-      "vision_projection": queries * (v.hidden_size + width) * width // 2,
-      "mapping_input": queries * p * v.hidden_size * m.hidden_size,
-      "mapping_output": queries * p * m.hidden_size * mc.dim,
-      "document_text": docs * bert(mc.doc_maxlen),
-      "document_head": docs * mc.doc_maxlen * t.hidden_size * mc.dim,
-  }
-  for i in range(m.num_layers):
-    macs[f"mapping_layer_{i}"] = queries * (
-        _attention(p, p, m.hidden_size) + _attention(p, cross, m.hidden_size)
-        + 2 * p * m.hidden_size * m.intermediate_size)
-  return macs
-
-
-def trainable_groups(labels) -> set[str]:
-  """Top-level parameter groups with any parameter that trains (optimizer.param_labels)."""
-  return {g for g, tree in labels.items()
-          if any(label != "frozen" for label in jax.tree.leaves(tree))}
-
-
-def train_flops(mc, queries, docs, trainable):
-  """Forward + 2x forward for trainable groups + the loss's MaxSim (backward: 1x per side that
-  needs a gradient)."""
-  macs = forward_macs(mc, queries, docs)
-  total = sum(n * (3 if group in trainable else 1) for group, n in macs.items())
-  d_grad = bool({"document_text", "document_head"} & trainable)
-  q_grad = bool(trainable - {"document_text", "document_head"})
-  score = queries * docs * mc.query_length * mc.doc_maxlen * mc.dim
-  return 2 * (total + score * (1 + q_grad + d_grad))
-
-
-def encode_flops(mc, kind, n):
-  macs = forward_macs(mc, n, n)
-  docs = macs["document_text"] + macs["document_head"]
-  return 2 * (docs if kind == "documents" else sum(macs.values()) - docs)
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -20,8 +20,8 @@ small batches, fewer repeats, a 128-token doc_maxlen in the ViT-B train step. Ro
   weights, on the same batch; ours/torch is the ratio of median times over interleaved repeats.
   Documents are padded to doc_maxlen (512) on both sides; their encoder (BERT-base) is the same
   in both releases, so it is measured once. FLOPs: analytic, 2 per multiply-add of every matmul
-  at the padded lengths (`gpu.encode_flops`); XLA's cost analysis of our compiled function (all
-  ops) is shown beside it. "documents, eval binary": the eval binary pads a batch only to its
+  at the padded lengths (`models.flops.encode_flops`); XLA's cost analysis of our compiled function
+  (all ops) is shown beside it. "documents, eval binary": the eval binary pads a batch only to its
   longest document rounded up to a multiple of 64 (evaluation.DOC_LENGTH_MULTIPLE, batches sorted by
   length); ours that way vs ours padded to 512, on documents of ~180 real tokens.
 - maxsim: `late_interaction.maxsim_chunked` (chunk sizes from its default score-tile budget, as
@@ -32,7 +32,8 @@ small batches, fewer repeats, a 128-token doc_maxlen in the ViT-B train step. Ro
   the previous contender left behind.
 - train: steady-state examples/s of the trainer's own step (`train.setup_train_step`, fp32, AdamW,
   the config's frozen groups) on a 1-device mesh, synthetic batches of `data.batch_spec`'s shapes;
-  compile time apart. FLOPs: analytic (`gpu.train_flops`: backward 2x forward where trained).
+  compile time apart. FLOPs: analytic (`models.flops.train_flops`: backward 2x forward where
+  trained).
 
 "others" is the share of all CPUs that other processes used during the row (well above 0%:
 the timings are unreliable, and ours/torch inflated: PyTorch's OpenMP threads stall on a shared
@@ -63,7 +64,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COMMITTED_RESULTS = os.path.join(HERE, "RESULTS.md")
 
 import encoders  # noqa: E402  (CPU info, interleaved timing, matmul limit, token batches)
-import gpu as gpu_bench  # noqa: E402  (analytic FLOPs, timed compile)
+import gpu as gpu_bench  # noqa: E402  (timed compile)
 import maxsim as maxsim_bench  # noqa: E402  (MaxSim inputs)
 
 import flax  # noqa: E402
@@ -77,6 +78,7 @@ import transformers  # noqa: E402
 from preflmr_jax import (  # noqa: E402
     config_files, data, evaluation, late_interaction, sharding, train)
 from preflmr_jax.models import model_config as mc_lib  # noqa: E402
+from preflmr_jax.models import flops as flops_lib  # noqa: E402
 from preflmr_jax.models import preflmr  # noqa: E402
 from preflmr_jax.testing import torch_reference  # noqa: E402
 
@@ -239,7 +241,7 @@ def encode_row(name, mc, kind, params, inputs, torch_fn, repeats, limit) -> dict
   others = encoders.others_share(clock, encoders.cpu_clock())
   (ours, ours_best), (ref, ref_best) = median_and_best(times["ours"]), median_and_best(times["torch"])
   n = inputs[0].shape[0]
-  flops = gpu_bench.encode_flops(mc, kind, n)
+  flops = flops_lib.encode_flops(mc, kind, n)
   tokens = (f"{mc.query_maxlen} tokens + {mc.vision.image_size}px image -> {mc.query_length}"
             if kind == "queries" else f"{mc.doc_maxlen} tokens")
   return {"name": f"{name} {kind}", "case": f"{n} x ({tokens})", "shape": name, "kind": kind,
@@ -280,7 +282,7 @@ def bucket_row(name, mc, params, n, repeats, limit) -> dict:
   others = encoders.others_share(clock, encoders.cpu_clock())
   (t_short, best_short), (t_full, best_full) = (median_and_best(times[k])
                                                 for k in ("short", "full"))
-  flops = gpu_bench.encode_flops(mc, "documents", n)  # at doc_maxlen: the padded work
+  flops = flops_lib.encode_flops(mc, "documents", n)  # at doc_maxlen: the padded work
   return {"name": f"{name} documents, eval binary", "shape": name, "kind": "documents_bucketed",
           "case": f"{n} x (135-225 of {mc.doc_maxlen} tokens): padded to {width} vs "
                   f"{mc.doc_maxlen}", "batch": n,
@@ -406,8 +408,8 @@ def train_row(name, path, overrides, steps, limit) -> dict:
   others = encoders.others_share(clock, encoders.cpu_clock())
   step_s = statistics.median(times[1:])
   queries, docs = config.batch_size, config.batch_size * (1 + config.num_negatives)
-  trainable = gpu_bench.trainable_groups(setup.labels)
-  flops = gpu_bench.train_flops(mc, queries, docs, trainable)
+  trainable = flops_lib.trainable_groups(setup.labels)
+  flops = flops_lib.train_flops(mc, queries, docs, trainable)
   return {"name": f"train {name}", "config": path, "overrides": overrides,
           "case": (f"{queries} queries + {docs} docs ({config.num_negatives} neg), query "
                    f"{mc.query_length} / doc {mc.doc_maxlen} tokens"),

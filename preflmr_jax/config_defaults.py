@@ -14,6 +14,7 @@ import ml_collections
 
 from preflmr_jax import recipe, sharding, tokenization
 from preflmr_jax.models import model_config as mc
+from preflmr_jax.models import param_groups
 
 def require(ok: bool, key: str, value, why: str) -> None:
   """The one shape of a config error: `config.<key>=<value>: <why>`."""
@@ -73,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   # Regexes over "/"-joined parameter paths (e.g. "vision/layer_3/mlp/wi/kernel"); matched
   # parameters get no update and no optimiser state. Each pattern must match something.
-  config.freeze = ("vision",)
+  config.freeze = param_groups.patterns("vision")
   # Periodic evaluation (preflmr_jax/evaluation.py, as the eval binary) on the first
   # eval_max_queries queries of each training task's eval_split against its whole corpus; 0: off.
   config.eval_every_steps = 0

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from preflmr_jax.models import param_groups
 from preflmr_jax.models.model_config import PreFLMRConfig
 
 
@@ -111,26 +112,27 @@ def table_rules(table, flax_prefix: str = "", torch_prefix: str = "") -> list[Ru
 
 def preflmr_rules(config: PreFLMRConfig) -> list[Rule]:
   """The published PreFLMR checkpoint."""
+  key = param_groups.key
   text = bert_table(config.text.num_layers)
   vision = clip_table(config.vision.num_layers)
-  rules = _prefixed(text, "query_text", ["query_text_encoder.bert_model",
-                                         "query_text_encoder.text_model"])
-  rules += _prefixed(text, "document_text", ["context_text_encoder.bert_model",
-                                             "context_text_encoder.text_model"])
-  rules += [Rule("query_head/kernel", ("query_text_encoder_linear.weight",), LINEAR),
-            Rule("document_head/kernel", ("context_text_encoder_linear.weight",), LINEAR)]
+  rules = _prefixed(text, key("query_text"), ["query_text_encoder.bert_model",
+                                              "query_text_encoder.text_model"])
+  rules += _prefixed(text, key("document_text"), ["context_text_encoder.bert_model",
+                                                  "context_text_encoder.text_model"])
+  rules += [Rule(f"{key('query_head')}/kernel", ("query_text_encoder_linear.weight",), LINEAR),
+            Rule(f"{key('document_head')}/kernel", ("context_text_encoder_linear.weight",), LINEAR)]
   # The vision tower and its MLP are shared by the query and context sides; HF saves one copy
   # under either name.
-  rules += _prefixed(vision, "vision", ["context_vision_encoder.vision_model.vision_model",
-                                        "query_vision_encoder.vision_model.vision_model"])
+  rules += _prefixed(vision, key("vision"), ["context_vision_encoder.vision_model.vision_model",
+                                             "query_vision_encoder.vision_model.vision_model"])
   for i, torch_index in ((0, 0), (1, 2)):
-    rules += _prefixed(_linear(f"dense_{i}", f"model.{torch_index}"), "vision_projection",
+    rules += _prefixed(_linear(f"dense_{i}", f"model.{torch_index}"), key("vision_projection"),
                        ["context_vision_projection", "query_vision_projection"])
-  rules += _prefixed(_linear("mapping_input", "transformer_mapping_input_linear"), "", [""])
+  rules += _prefixed(_linear(key("mapping_input"), "transformer_mapping_input_linear"), "", [""])
   for i in range(config.mapping.num_layers):
-    rules += _prefixed(bert_layer_table(cross_attention=True), f"mapping_layer_{i}",
+    rules += _prefixed(bert_layer_table(cross_attention=True), key("mapping_layers", i),
                        [f"transformer_mapping_network.layer.{i}"])
-  rules += _prefixed(_linear("mapping_output", "transformer_mapping_output_linear"), "", [""])
+  rules += _prefixed(_linear(key("mapping_output"), "transformer_mapping_output_linear"), "", [""])
   return rules
 
 

@@ -1,8 +1,8 @@
 """AdamW with two learning rates, freezing by config, clipping and gradient accumulation (optax).
 
 Every parameter gets one label (docs/recipe.md):
-  "mapping"  the vision MLP, the mapping network and their input / output linears
-             (`config.optimizer.mapping_learning_rate`);
+  "mapping"  the vision MLP, the mapping network and their input / output linears: the "mapping"
+             union of models/param_groups.py (`config.optimizer.mapping_learning_rate`);
   "rest"     everything else that trains (`config.optimizer.learning_rate`);
   "frozen"   parameters matched by a `config.freeze` pattern: no update and no optimiser state.
 
@@ -42,12 +42,11 @@ import numpy as np
 import optax
 
 from preflmr_jax.config_defaults import require
+from preflmr_jax.models import param_groups
 
 LABELS = ("mapping", "rest", "frozen")
 SCHEDULES = ("linear", "cosine", "constant")
 
-# Top-level groups of the mapping structures (models/preflmr.py).
-_MAPPING = re.compile(r"(vision_projection|mapping_input|mapping_output|mapping_layer_\d+)(/|$)")
 # Which parameters take weight decay (`config.optimizer.decay_params`): "all" as the official
 # training's AdamW (transformers' and PyTorch's apply it to every parameter), or "no_bias_norm":
 # none on biases and LayerNorm scales.
@@ -73,22 +72,24 @@ def param_labels(params: Any, freeze_patterns: Sequence[str] | str) -> Any:
 
   A parameter is frozen when a pattern matches its "/"-joined path from the start up to a component
   boundary (e.g. "vision", "query_text/layer_[0-5]", ".*/pooler"); frozen wins over "mapping".
-  Raises ValueError, naming `config.freeze`, for a pattern that matches nothing.
+  Raises ValueError, naming `config.freeze`, for a pattern that matches nothing, and for a
+  top-level key that models/param_groups.py does not declare (it would get no deliberate label).
   """
   if isinstance(freeze_patterns, str):
     freeze_patterns = (freeze_patterns,)
   compiled = [(p, _compile_pattern(p)) for p in freeze_patterns]
   paths = [_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  mapping = {k: param_groups.in_group(k, "mapping") for k in {p.split("/")[0] for p in paths}}
   for pattern, regex in compiled:
     if not any(regex.match(path) for path in paths):
       raise ValueError(f"config.freeze: pattern {pattern!r} matches no parameter; top-level "
-                       f"groups are {sorted({p.split('/')[0] for p in paths})}")
+                       f"groups are {sorted(mapping)}")
 
   def label(key_path, _):
     path = _path(key_path)
     if any(regex.match(path) for _, regex in compiled):
       return "frozen"
-    return "mapping" if _MAPPING.match(path) else "rest"
+    return "mapping" if mapping[path.split("/")[0]] else "rest"
 
   return jax.tree_util.tree_map_with_path(label, params)
 

@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from preflmr_jax import conversion, storage, tokenization
 from preflmr_jax.models import model_config as mc
+from preflmr_jax.models import token_masks
 from preflmr_jax.models.preflmr import PreFLMR, abstract_params
 
 CONFIG_FILE = "config.json"
@@ -125,7 +126,7 @@ def model_config_from_hf(hf: Mapping[str, Any], folder: storage.PathLike, query_
   # Token ids for the masks: written by `hf_config_from_model` for models trained here (possibly
   # another vocab); else from the tokenizers, as the official model does; else bert-base-uncased's.
   instruction = hf["mask_instruction_token"]
-  colon_id, punctuation_ids = tokenization.BERT_UNCASED_COLON_ID, tokenization.BERT_UNCASED_PUNCTUATION_IDS
+  colon_id, punctuation_ids = token_masks.BERT_UNCASED_COLON_ID, token_masks.BERT_UNCASED_PUNCTUATION_IDS
   if query_tokenizer is not None and instruction is not None:
     colon_id = tokenization.first_token_id(query_tokenizer, instruction)
   if document_tokenizer is not None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from preflmr_jax.models import param_groups
+
 STAGES = (1, 2, 3)
 
 # The late-interaction query output (model_config.PreFLMRConfig.output) per stage.
@@ -27,9 +29,9 @@ OUTPUT = {1: "mapping_only", 2: "full", 3: "full"}
 
 # Parameter groups frozen per stage (config.freeze: regexes over parameter paths).
 FREEZE = {
-    1: ("query_text", "document_text", "query_head", "document_head", "vision"),
-    2: ("vision",),
-    3: ("vision",),
+    1: param_groups.patterns("encoders"),
+    2: param_groups.patterns("vision"),
+    3: param_groups.patterns("vision"),
 }
 
 # The official configs' task mixture per stage (config.data.tasks; `TASK*f`: f times the task's

@@ -1,7 +1,7 @@
-"""PreFLMR query / document tokenisation and the late-interaction token masks.
+"""PreFLMR query / document tokenisation (host side).
 
-Host side (numpy, HF tokenizers): `QueryTokenizer` and `DocumentTokenizer` reproduce the
-published FLMR tokenizers:
+`QueryTokenizer` and `DocumentTokenizer` (numpy, HF tokenizers) reproduce the published FLMR
+tokenizers:
 
   query:    [CLS] [Q] instruction: question [SEP] [MASK] ... [MASK]   (always max_length)
   document: [CLS] [D] passage [SEP] [PAD] ... [PAD]
@@ -10,8 +10,7 @@ Both tokenise `". " + text` so that the "." token right after [CLS] is the slot 
 marker overwrites. Query padding is [MASK] (ColBERT query augmentation): the encoder does not
 attend to it (attention 0) but its outputs are scored.
 
-Device side (pure jnp, jit-safe): `query_token_mask` and `document_token_mask` give the
-float masks that zero the text tokens which must not take part in MaxSim.
+The on-device token masks and the model's default mask ids are in `models/token_masks.py`.
 """
 
 import functools
@@ -20,10 +19,10 @@ import os
 import string
 from typing import TYPE_CHECKING, Optional, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from preflmr_jax import storage
+from preflmr_jax.models.token_masks import PAD_ID  # noqa: F401  (one of the special ids below)
 
 if TYPE_CHECKING:
   import transformers
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 # BERT special ids (bert-base-uncased layout; the tiny vocab keeps them).
-PAD_ID = 0
 Q_MARKER_ID = 1  # [unused0]
 D_MARKER_ID = 2  # [unused1]
 UNK_ID = 100
@@ -42,13 +40,6 @@ MASK_ID = 103
 Q_MARKER_TOKEN = "[unused0]"
 D_MARKER_TOKEN = "[unused1]"
 INSTRUCTION_END = ":"
-
-# `mask_token_ids(bert-base-uncased)`; checked against the real vocab in the tests.
-BERT_UNCASED_COLON_ID = 1024
-BERT_UNCASED_PUNCTUATION_IDS = (
-    999, 1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 1010, 1011,
-    1012, 1013, 1024, 1025, 1026, 1027, 1028, 1029, 1030, 1031, 1032, 1033, 1034,
-    1035, 1036, 1063, 1064, 1065, 1066)
 
 _VOCAB_FILE = "vocab.txt"
 _TOKENIZER_FILE = "tokenizer.json"
@@ -77,7 +68,7 @@ def load_bert_tokenizer(path) -> "transformers.BertTokenizerFast":
     # `from_pretrained` happily returns an empty-vocab tokenizer for such a folder.
     raise FileNotFoundError(
         f"Tokenizer folder {path!r} has neither {_VOCAB_FILE} nor {_TOKENIZER_FILE}.")
-  import transformers  # Lazy: the jnp masks below must import without it.
+  import transformers  # Lazy: importing this module must not import it.
   # `BertTokenizerFast(vocab_file=...)` gives an all-[UNK] tokenizer in transformers 5.x;
   # `from_pretrained(dir)` reads vocab.txt / tokenizer.json correctly.
   with storage.local_copy(folder) as local:
@@ -312,39 +303,6 @@ class DocumentTokenizer:
       ids = np.pad(ids, extra, constant_values=self.tokenizer.pad_token_id)
       mask = np.pad(mask, extra)
     return {"input_ids": ids, "attention_mask": mask}
-
-
-# ---------------------------------------------------------------------------
-# Late-interaction token masks (pure jnp; fine under jit and on numpy input).
-# ---------------------------------------------------------------------------
-
-
-def query_token_mask(input_ids, instruction_token_id: Optional[int]) -> jnp.ndarray:
-  """`[B, L]` float32 mask of the query text tokens that enter MaxSim.
-
-  Keeps position i when id != 0 and (i < 2 or i > first ":" position): [CLS], [Q], the
-  question and the [MASK] padding stay; the instruction up to and including its ":" goes.
-  A row without ":" keeps everything (as the official model: its argmax is 0, clamped to 1).
-  `instruction_token_id=None` disables instruction masking.
-  """
-  ids = jnp.asarray(input_ids)
-  keep = ids != PAD_ID
-  if instruction_token_id is None:
-    return keep.astype(jnp.float32)
-  end = jnp.maximum(jnp.argmax(ids == instruction_token_id, axis=1), 1)
-  pos = jnp.arange(ids.shape[1])[None, :]
-  keep &= (pos < 2) | (pos > end[:, None])
-  return keep.astype(jnp.float32)
-
-
-def document_token_mask(input_ids, skip_token_ids: Sequence[int]) -> jnp.ndarray:
-  """`[B, L]` float32 mask: 0 on [PAD] and on single-punctuation tokens, else 1."""
-  ids = jnp.asarray(input_ids)
-  keep = ids != PAD_ID
-  skip = tuple(int(t) for t in skip_token_ids)
-  if skip:
-    keep &= ~jnp.isin(ids, jnp.asarray(skip, dtype=ids.dtype))
-  return keep.astype(jnp.float32)
 
 
 def tokenizer_from_config(name: str):

@@ -84,7 +84,7 @@ def test_bert_bf16_compute_fp32_params_close():
   params = _bert_params(TINY_TEXT, model)
   ids = np.arange(24, dtype=np.int32).reshape(2, 12) % TINY_TEXT.vocab_size
   full, _ = BertModel(TINY_TEXT).apply({"params": params}, ids)
-  half, _ = BertModel(TINY_TEXT, dtype=jnp.bfloat16).apply({"params": params}, ids)
+  half, _ = BertModel(TINY_TEXT, layers.Execution(dtype="bfloat16")).apply({"params": params}, ids)
   assert half.dtype == jnp.bfloat16
   assert jax.tree.leaves(params)[0].dtype == np.float32
   np.testing.assert_allclose(np.asarray(half, np.float32), full, atol=0.1)
@@ -107,7 +107,8 @@ def test_one_hot_embedding_gradient_is_the_scatter_gradient(dtype, one_hot_bytes
   tol = 1e-6 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol)
   assert np.abs(np.asarray(want[0], np.float32)).max() > 1  # the repeated id's row sums 8 terms
-  ours, ref = layers.Embed(11, 4, ("vocab", "embed"), dtype=dtype), nn.Embed(11, 4, dtype=dtype)
+  ours = layers.Embed(11, 4, ("vocab", "embed"), layers.Execution(dtype=jnp.dtype(dtype).name))
+  ref = nn.Embed(11, 4, dtype=dtype)
   params = nn.meta.unbox(ours.init(jax.random.key(0), ids))
   assert jax.tree.structure(params) == jax.tree.structure(ref.init(jax.random.key(0), ids))
   np.testing.assert_array_equal(ours.apply(params, ids), ref.apply(params, ids))
@@ -132,7 +133,7 @@ def test_bert_remat_same_values_and_grads(remat):
   params = BertModel(TINY_TEXT).init(jax.random.key(0), ids)["params"]
   loss = lambda m, p: jnp.sum(m.apply({"params": p}, ids)[0] ** 2)
   g_ref = jax.grad(lambda p: loss(BertModel(TINY_TEXT), p))(params)
-  g = jax.grad(lambda p: loss(BertModel(TINY_TEXT, remat=remat), p))(params)
+  g = jax.grad(lambda p: loss(BertModel(TINY_TEXT, layers.Execution(remat=remat)), p))(params)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), g, g_ref)
 
 

@@ -126,7 +126,7 @@ def test_fused_attention_refuses_attention_dropout(setup, monkeypatch):
     _no_attention_dropout(config, attention="cudnn")
   with pytest.raises(ValueError, match="config.model.attention"):
     dataclasses.replace(config, attention="flash")
-  attention = layers.MultiHeadAttention(8, 2, dropout_rate=0.1, attention="cudnn")
+  attention = layers.MultiHeadAttention(8, 2, 0.1, layers.Execution(attention="cudnn"))
   x = jnp.ones((1, 3, 8))
   variables = attention.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="no attention dropout"):

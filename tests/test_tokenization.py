@@ -1,6 +1,8 @@
 """Tests for preflmr_jax.tokenization against hand-built FLMR token sequences."""
 
+import ast
 import logging
+import pathlib
 import string
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from preflmr_jax import tokenization as tk
+from preflmr_jax.models import token_masks
 
 INSTRUCTION = "Using the provided image, obtain documents that address the subsequent question"
 QUESTION = "What is the capital of France?"
@@ -103,8 +106,8 @@ def test_load_errors_name_folder(tmp_path):
 
 def test_mask_token_ids_bert_constants(bert):
   colon, punct = tk.mask_token_ids(bert)
-  assert colon == tk.BERT_UNCASED_COLON_ID == 1024
-  assert punct == tk.BERT_UNCASED_PUNCTUATION_IDS
+  assert colon == token_masks.BERT_UNCASED_COLON_ID == 1024
+  assert punct == token_masks.BERT_UNCASED_PUNCTUATION_IDS
   assert len(punct) == len(string.punctuation)
 
 
@@ -172,7 +175,7 @@ def test_query_warns_when_instruction_end_truncated(tok, caplog):
   assert "obtain the documents obtain" in caplog.records[0].getMessage()
   assert "Query 0" in caplog.records[0].getMessage()
   colon = tk.mask_token_ids(tok)[0]
-  m = np.asarray(tk.query_token_mask(out["input_ids"], colon))
+  m = np.asarray(token_masks.query_token_mask(out["input_ids"], colon))
   np.testing.assert_array_equal(m[0], np.ones(32, np.float32))  # nothing to mask: keep all
 
 
@@ -211,7 +214,7 @@ def test_query_token_mask_instruction(tok):
   out = tk.QueryTokenizer(tok, max_length=32)([QUESTION, QUESTION, "a: b c"],
                                                [INSTRUCTION, None, None])
   ids = out["input_ids"]
-  got = np.asarray(tk.query_token_mask(ids, colon))
+  got = np.asarray(token_masks.query_token_mask(ids, colon))
   assert got.dtype == np.float32
   np.testing.assert_array_equal(got, _ref_query_mask(ids, colon))
   # Row 0: [CLS] [Q] kept, the instruction up to and including ':' zeroed, the rest kept.
@@ -230,10 +233,10 @@ def test_query_token_mask_jit_and_edge_cases():
                   [101, 1, 5, 6, 102, 0, 0, 0],
                   [101, 1, 5, 6, 6, 6, 6, 7]], np.int32)
   ref = _ref_query_mask(ids, colon)
-  np.testing.assert_array_equal(np.asarray(tk.query_token_mask(ids, colon)), ref)
-  jitted = jax.jit(tk.query_token_mask, static_argnums=1)
+  np.testing.assert_array_equal(np.asarray(token_masks.query_token_mask(ids, colon)), ref)
+  jitted = jax.jit(token_masks.query_token_mask, static_argnums=1)
   np.testing.assert_array_equal(np.asarray(jitted(ids, colon)), ref)
-  np.testing.assert_array_equal(np.asarray(tk.query_token_mask(ids, None)),
+  np.testing.assert_array_equal(np.asarray(token_masks.query_token_mask(ids, None)),
                                 (ids != 0).astype(np.float32))
 
 
@@ -280,19 +283,33 @@ def test_document_token_mask(tok):
   out = tk.DocumentTokenizer(tok, max_length=24)(
       ["The world, (Paris) is: big.", "a-b c", ""])
   ids = out["input_ids"]
-  got = np.asarray(tk.document_token_mask(ids, punct))
+  got = np.asarray(token_masks.document_token_mask(ids, punct))
   assert got.dtype == np.float32
   np.testing.assert_array_equal(got, _ref_doc_mask(ids, set(punct)))
   sep = np.argmax(ids == tk.SEP_ID, axis=1)
   assert (got[:, :2] == 1).all() and (got[np.arange(3), sep] == 1).all()  # [CLS] [D] [SEP]
   assert got[0].sum() == 2 + 5 + 1  # [CLS] [D] the world paris is big [SEP]
-  jitted = jax.jit(tk.document_token_mask, static_argnums=1)
+  jitted = jax.jit(token_masks.document_token_mask, static_argnums=1)
   np.testing.assert_array_equal(np.asarray(jitted(ids, punct)), got)
-  np.testing.assert_array_equal(np.asarray(tk.document_token_mask(ids, ())),
+  np.testing.assert_array_equal(np.asarray(token_masks.document_token_mask(ids, ())),
                                 (ids != 0).astype(np.float32))
 
 
 def test_masks_import_without_transformers_or_torch():
-  code = ("import sys, preflmr_jax.tokenization; "
+  code = ("import sys, preflmr_jax.tokenization, preflmr_jax.models.token_masks; "
           "assert not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)")
   subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_models_do_not_import_tokenization():
+  # Host -> model only: models/ holds what the model needs on device.
+  models = pathlib.Path(token_masks.__file__).parent
+  for path in models.glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom):
+        names = [f"{node.module}.{a.name}" for a in node.names] + [node.module or ""]
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      else:
+        continue
+      assert not any(n.startswith("preflmr_jax.tokenization") for n in names), path

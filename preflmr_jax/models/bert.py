@@ -3,15 +3,12 @@ that PreFLMR's transformer mapping network is made of (HF `BertLayer` with `add_
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from preflmr_jax.models import layers
+from preflmr_jax.models.layers import Execution
 from preflmr_jax.models.model_config import TextConfig
-
-Dtype = Any
 
 
 class BertLayer(nn.Module):
@@ -19,58 +16,51 @@ class BertLayer(nn.Module):
 
   config: TextConfig
   cross_attention: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, x, mask, deterministic: bool, encoder_states=None, encoder_mask=None):
-    c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c, ex = self.config, self.execution
     drop = lambda y: nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
 
     def attention(name, q, kv, kv_mask):
-      return layers.MultiHeadAttention(c.hidden_size, c.num_heads, c.attention_dropout_rate,
-                                       attention=self.attention, name=name, **kw)(
-                                           q, kv, kv_mask, deterministic)
+      return layers.MultiHeadAttention(c.hidden_size, c.num_heads, c.attention_dropout_rate, ex,
+                                       name=name)(q, kv, kv_mask, deterministic)
 
-    x = layers.layer_norm(c.layer_norm_eps, name="attention_norm", **kw)(
+    x = layers.layer_norm(c.layer_norm_eps, ex, name="attention_norm")(
         x + drop(attention("attention", x, None, mask)))
     if self.cross_attention:
-      x = layers.layer_norm(c.layer_norm_eps, name="crossattention_norm", **kw)(
+      x = layers.layer_norm(c.layer_norm_eps, ex, name="crossattention_norm")(
           x + drop(attention("crossattention", x, encoder_states, encoder_mask)))
-    h = layers.Mlp(c.hidden_size, c.intermediate_size, c.hidden_act, name="mlp", **kw)(x)
-    x = layers.layer_norm(c.layer_norm_eps, name="mlp_norm", **kw)(x + drop(h))
+    h = layers.Mlp(c.hidden_size, c.intermediate_size, c.hidden_act, ex, name="mlp")(x)
+    x = layers.layer_norm(c.layer_norm_eps, ex, name="mlp_norm")(x + drop(h))
     return layers.constrain(x, "act_batch", "act_length", "act_embed")
 
 
-def bert_stack(config: TextConfig, *, cross_attention: bool, remat: bool, remat_policy: str,
-               dtype: Dtype, param_dtype: Dtype, attention: str = "xla", prefix: str = "layer"):
+def bert_stack(config: TextConfig, *, cross_attention: bool, execution: Execution,
+               prefix: str = "layer"):
   """`config.num_layers` BertLayers named `{prefix}_{i}` (optionally rematerialised)."""
   # static_argnums counts `self` as 0: (x=1, mask=2, deterministic=3).
-  cls = layers.maybe_remat(BertLayer, remat, remat_policy, static_argnums=(3,))
-  return [cls(config, cross_attention, dtype, param_dtype, attention, name=f"{prefix}_{i}")
+  cls = layers.maybe_remat(BertLayer, execution, static_argnums=(3,))
+  return [cls(config, cross_attention, execution, name=f"{prefix}_{i}")
           for i in range(config.num_layers)]
 
 
 class BertEmbeddings(nn.Module):
   config: TextConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool):
     c = self.config
 
     def embed(num, name, axes):
-      return layers.Embed(num, c.hidden_size, axes, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=name)
+      return layers.Embed(num, c.hidden_size, axes, self.execution, name=name)
 
     x = (embed(c.vocab_size, "word_embeddings", ("vocab", "embed"))(input_ids)
          + embed(c.max_position_embeddings, "position_embeddings", ("position", "embed"))(position_ids)
          + embed(c.type_vocab_size, "token_type_embeddings", (None, "embed"))(token_type_ids))
-    x = layers.layer_norm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="layer_norm")(x)
+    x = layers.layer_norm(c.layer_norm_eps, self.execution, name="layer_norm")(x)
     return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -78,17 +68,12 @@ class BertModel(nn.Module):
   """HF `BertModel`: returns (last_hidden_state [B, L, H], pooler_output [B, H])."""
 
   config: TextConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat: bool = False
-  remat_policy: str = "nothing_saveable"
-  attention: str = "xla"  # layers.ATTENTION_IMPLEMENTATIONS
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                deterministic: bool = True):
-    c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c, ex = self.config, self.execution
     length = input_ids.shape[-1]
     if length > c.max_position_embeddings:
       raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
@@ -100,14 +85,12 @@ class BertModel(nn.Module):
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
 
-    x = BertEmbeddings(c, name="embeddings", **kw)(input_ids, token_type_ids, position_ids,
-                                                  deterministic)
+    x = BertEmbeddings(c, ex, name="embeddings")(input_ids, token_type_ids, position_ids,
+                                                deterministic)
     x = layers.constrain(x, "act_batch", "act_length", "act_embed")
-    for layer in bert_stack(c, cross_attention=False, remat=self.remat,
-                            remat_policy=self.remat_policy, attention=self.attention, **kw):
+    for layer in bert_stack(c, cross_attention=False, execution=ex):
       x = layer(x, attention_mask, deterministic)
-    pooled = jnp.tanh(layers.dense(c.hidden_size, ("embed", None), name="pooler", **kw)(
-        x[:, 0]))
+    pooled = jnp.tanh(layers.dense(c.hidden_size, ("embed", None), ex, name="pooler")(x[:, 0]))
     return x, pooled
 
 

@@ -8,14 +8,13 @@ parameters and activations differently (sharding.py holds the rules).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-Dtype = Any
 
 # HF BERT and CLIP initialise linears with N(0, 0.02); only the shapes matter for converted checkpoints.
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -27,15 +26,58 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
 }
 
+# `attention` values: "xla" is the formulation in MultiHeadAttention (any backend,
+# attention-probability dropout); "cudnn" is cuDNN's fused attention through
+# `jax.nn.dot_product_attention` (NVIDIA GPUs, no attention dropout): the [B, H, L, L]
+# probabilities never reach memory.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# The compute dtypes each fused implementation takes.
+FUSED_DTYPES = {"cudnn": ("bfloat16", "float16")}
+# What `jax.nn.dot_product_attention` is asked for per fused value (tests on CPU swap in "xla").
+_FUSED_BACKEND = {"cudnn": "cudnn"}
+# Named `jax.checkpoint_policies` for `Execution.remat_policy`.
+REMAT_POLICIES = (
+    "nothing_saveable", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+)
 
-def dense(features: int, axes: tuple[str | None, str | None], *, dtype: Dtype, param_dtype: Dtype,
+
+def attention_dropout_error(attention: str, dropout_rate: float) -> str | None:
+  """Why `attention` cannot train with attention-probability dropout `dropout_rate`, else None."""
+  if attention != "xla" and dropout_rate > 0:
+    return (f"attention={attention!r} has no attention dropout: set attention_dropout_rate to 0 "
+            f"(got {dropout_rate})")
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How the blocks compute, not what: compute and parameter dtypes, per-layer remat with a named
+  policy, the attention implementation. Every module takes it as one field;
+  `PreFLMRConfig.execution` builds it from `config.model`."""
+
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"  # one of REMAT_POLICIES
+  attention: str = "xla"  # one of ATTENTION_IMPLEMENTATIONS
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+def dense(features: int, axes: tuple[str | None, str | None], execution: Execution, *,
           use_bias: bool = True, name: str | None = None) -> nn.Dense:
   """An `nn.Dense` whose kernel is annotated `axes` = (input axis, output axis)."""
   return nn.Dense(
       features,
       use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=param_dtype,
+      dtype=execution.compute_dtype,
+      param_dtype=execution.weight_dtype,
       kernel_init=nn.with_logical_partitioning(default_kernel_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
       name=name,
@@ -98,22 +140,22 @@ class Embed(nn.Module):
   num_embeddings: int
   features: int
   axes: tuple[str | None, str | None]
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, ids):
+    ex = self.execution
     table = self.param("embedding", nn.with_logical_partitioning(default_kernel_init, self.axes),
-                       (self.num_embeddings, self.features), self.param_dtype)
-    return embed_lookup(table.astype(self.dtype), ids)
+                       (self.num_embeddings, self.features), ex.weight_dtype)
+    return embed_lookup(table.astype(ex.compute_dtype), ids)
 
 
-def layer_norm(eps: float, *, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
+def layer_norm(eps: float, execution: Execution, *, name: str | None = None):
   # use_fast_variance=False: E[(x - mean)^2] like PyTorch, not E[x^2] - mean^2.
   return nn.LayerNorm(
       epsilon=eps,
-      dtype=dtype,
-      param_dtype=param_dtype,
+      dtype=execution.compute_dtype,
+      param_dtype=execution.weight_dtype,
       use_fast_variance=False,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
@@ -125,14 +167,6 @@ def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
-# `attention` values: "xla" is the formulation below (any backend, attention-probability dropout);
-# "cudnn" is cuDNN's fused attention through `jax.nn.dot_product_attention` (NVIDIA GPUs, bf16 /
-# fp16, no attention dropout): the [B, H, L, L] probabilities never reach memory.
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-# What `jax.nn.dot_product_attention` is asked for per fused value (tests on CPU swap in "xla").
-_FUSED_BACKEND = {"cudnn": "cudnn"}
-
-
 class MultiHeadAttention(nn.Module):
   """Multi-head attention with separate q/k/v/out linears (the HF BERT and CLIP layout).
 
@@ -142,17 +176,14 @@ class MultiHeadAttention(nn.Module):
   hidden_size: int
   num_heads: int
   dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention: str = "xla"  # one of ATTENTION_IMPLEMENTATIONS
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, x, kv=None, mask=None, deterministic: bool = True):
     kv = x if kv is None else kv
     head_dim = self.hidden_size // self.num_heads
-    proj = functools.partial(dense, self.hidden_size, ("embed", "heads"), dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-    if self.attention != "xla":
+    proj = functools.partial(dense, self.hidden_size, ("embed", "heads"), self.execution)
+    if self.execution.attention != "xla":
       return self._fused(proj, x, kv, mask, deterministic)
     # [B, L, H*D] -> [B, H, L, D]: with heads leading, both attention matmuls are plain batched
     # matmuls (the [B, L, H, D] einsums made XLA:CPU transpose outputs; ~18% of BERT-base time).
@@ -166,19 +197,19 @@ class MultiHeadAttention(nn.Module):
     if mask is not None:
       big_neg = jnp.finfo(jnp.float32).min
       logits = jnp.where(mask[:, None, None, :].astype(bool), logits, big_neg)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.execution.compute_dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
     out = out.reshape(out.shape[:2] + (self.hidden_size,))
-    return dense(self.hidden_size, ("heads", "embed"), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="out")(out)
+    return dense(self.hidden_size, ("heads", "embed"), self.execution, name="out")(out)
 
   def _fused(self, proj, x, kv, mask, deterministic):
-    if self.attention not in _FUSED_BACKEND:
-      raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
-    if self.dropout_rate > 0 and not deterministic:
-      raise ValueError(f"attention={self.attention!r} has no attention dropout; training needs "
-                       f"attention_dropout_rate=0 (got {self.dropout_rate})")
+    attention = self.execution.attention
+    if attention not in _FUSED_BACKEND:
+      raise ValueError(f"attention={attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    error = attention_dropout_error(attention, self.dropout_rate)
+    if error and not deterministic:
+      raise ValueError(error)
     heads = lambda t: t.reshape(t.shape[:2] + (self.num_heads, -1))  # [B, L, H, D]
     q = constrain(heads(proj(name="query")(x)), "act_batch", "act_length", "act_heads", None)
     k, v = heads(proj(name="key")(kv)), heads(proj(name="value")(kv))
@@ -186,10 +217,9 @@ class MultiHeadAttention(nn.Module):
       mask = jnp.broadcast_to(mask[:, None, None, :].astype(bool),
                               (x.shape[0], 1, x.shape[1], kv.shape[1]))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                       implementation=_FUSED_BACKEND[self.attention])
+                                       implementation=_FUSED_BACKEND[attention])
     out = out.reshape(out.shape[:2] + (self.hidden_size,))
-    return dense(self.hidden_size, ("heads", "embed"), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="out")(out)
+    return dense(self.hidden_size, ("heads", "embed"), self.execution, name="out")(out)
 
 
 class Mlp(nn.Module):
@@ -197,22 +227,19 @@ class Mlp(nn.Module):
 
   hidden_size: int
   intermediate_size: int
-  activation: str
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  activation: str  # a key of ACTIVATIONS
+  execution: Execution = Execution()
 
   @nn.compact
   def __call__(self, x):
-    h = dense(self.intermediate_size, ("embed", "mlp"), dtype=self.dtype,
-              param_dtype=self.param_dtype, name="wi")(x)
+    h = dense(self.intermediate_size, ("embed", "mlp"), self.execution, name="wi")(x)
     h = constrain(ACTIVATIONS[self.activation](h), "act_batch", "act_length", "act_mlp")
-    return dense(self.hidden_size, ("mlp", "embed"), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="wo")(h)
+    return dense(self.hidden_size, ("mlp", "embed"), self.execution, name="wo")(h)
 
 
-def maybe_remat(layer_cls, enabled: bool, policy: str, static_argnums: tuple[int, ...]):
-  """Wraps a layer class in `nn.remat` with a named `jax.checkpoint_policies` policy if enabled."""
-  if not enabled:
+def maybe_remat(layer_cls, execution: Execution, static_argnums: tuple[int, ...]):
+  """Wraps a layer class in `nn.remat` with `execution.remat_policy` if `execution.remat`."""
+  if not execution.remat:
     return layer_cls
-  return nn.remat(layer_cls, policy=getattr(jax.checkpoint_policies, policy),
+  return nn.remat(layer_cls, policy=getattr(jax.checkpoint_policies, execution.remat_policy),
                   static_argnums=static_argnums)

@@ -9,15 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import jax.numpy as jnp
+from preflmr_jax.models import layers
+from preflmr_jax.models.token_masks import BERT_UNCASED_COLON_ID, BERT_UNCASED_PUNCTUATION_IDS
 
-# The released checkpoints' vocab (bert-base-uncased): ":" and the single-punctuation token ids.
-from preflmr_jax.tokenization import BERT_UNCASED_COLON_ID, BERT_UNCASED_PUNCTUATION_IDS
-
-_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_new", "relu")
-_REMAT_POLICIES = (
-    "nothing_saveable", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-)
 _OUTPUTS = ("full", "mapping_only")
 
 
@@ -83,12 +77,14 @@ class PreFLMRConfig:
   # Zero document tokens that are a single punctuation character (ids `skip_token_ids`).
   mask_punctuation: bool = True
   skip_token_ids: tuple[int, ...] = BERT_UNCASED_PUNCTUATION_IDS
+  # How the modules compute (`execution`, a layers.Execution): compute and parameter dtypes,
+  # per-layer remat with a named policy, and the attention implementation: "xla" (any backend;
+  # exact HF semantics incl. attention dropout) or "cudnn" (fused attention on NVIDIA GPUs;
+  # bf16/fp16, attention dropout 0).
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
   remat_policy: str = "nothing_saveable"
-  # "xla" (any backend; exact HF semantics incl. attention dropout) or "cudnn" (fused attention on
-  # NVIDIA GPUs; bf16/fp16, attention dropout 0). models/layers.py, ATTENTION_IMPLEMENTATIONS.
   attention: str = "xla"
 
   def __post_init__(self):
@@ -114,8 +110,8 @@ class PreFLMRConfig:
     for name, sub in (("text", self.text), ("vision", self.vision), ("mapping", self.mapping)):
       check(sub.hidden_size % sub.num_heads == 0, f"{name}.hidden_size",
             f"{sub.hidden_size} is not divisible by num_heads={sub.num_heads}")
-      check(sub.hidden_act in _ACTIVATIONS, f"{name}.hidden_act",
-            f"{sub.hidden_act!r} is not one of {_ACTIVATIONS}")
+      check(sub.hidden_act in layers.ACTIVATIONS, f"{name}.hidden_act",
+            f"{sub.hidden_act!r} is not one of {tuple(layers.ACTIVATIONS)}")
       check(sub.num_layers >= 1, f"{name}.num_layers", f"must be >= 1, got {sub.num_layers}")
     check(self.vision.image_size % self.vision.patch_size == 0, "vision.image_size",
           f"{self.vision.image_size} is not a multiple of patch_size={self.vision.patch_size}")
@@ -130,28 +126,25 @@ class PreFLMRConfig:
     check(self.doc_maxlen <= self.text.max_position_embeddings, "doc_maxlen",
           f"{self.doc_maxlen} exceeds text.max_position_embeddings")
     check(self.output in _OUTPUTS, "output", f"{self.output!r} is not one of {_OUTPUTS}")
-    check(self.remat_policy in _REMAT_POLICIES, "remat_policy",
-          f"{self.remat_policy!r} is not one of {_REMAT_POLICIES}")
+    check(self.remat_policy in layers.REMAT_POLICIES, "remat_policy",
+          f"{self.remat_policy!r} is not one of {layers.REMAT_POLICIES}")
     for key in ("dtype", "param_dtype"):
       check(getattr(self, key) in ("float32", "bfloat16", "float16"), key,
             f"{getattr(self, key)!r} is not float32, bfloat16 or float16")
-    check(self.attention in ("xla", "cudnn"), "attention",
-          f"{self.attention!r} is not 'xla' or 'cudnn'")
-    if self.attention == "cudnn":  # what cuDNN's fused attention supports through jax.nn
-      check(self.dtype in ("bfloat16", "float16"), "dtype",
-            f"attention='cudnn' computes in bfloat16 or float16, got {self.dtype!r}")
-      for name, sub in (("text", self.text), ("vision", self.vision), ("mapping", self.mapping)):
-        check(sub.attention_dropout_rate == 0, f"{name}.attention_dropout_rate",
-              f"attention='cudnn' has no attention dropout: set it to 0 "
-              f"(got {sub.attention_dropout_rate})")
+    check(self.attention in layers.ATTENTION_IMPLEMENTATIONS, "attention",
+          f"{self.attention!r} is not one of {layers.ATTENTION_IMPLEMENTATIONS}")
+    if self.attention in layers.FUSED_DTYPES:
+      dtypes = layers.FUSED_DTYPES[self.attention]
+      check(self.dtype in dtypes, "dtype",
+            f"attention={self.attention!r} computes in one of {dtypes}, got {self.dtype!r}")
+    for name, sub in (("text", self.text), ("vision", self.vision), ("mapping", self.mapping)):
+      error = layers.attention_dropout_error(self.attention, sub.attention_dropout_rate)
+      check(error is None, f"{name}.attention_dropout_rate", error)
 
   @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return jnp.dtype(self.param_dtype)
+  def execution(self) -> layers.Execution:
+    return layers.Execution(self.dtype, self.param_dtype, self.remat, self.remat_policy,
+                            self.attention)
 
   @property
   def query_length(self) -> int:

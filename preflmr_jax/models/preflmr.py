@@ -13,8 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from preflmr_jax import tokenization
-from preflmr_jax.models import layers
+from preflmr_jax.models import layers, param_groups, token_masks
 from preflmr_jax.models.bert import BertModel, bert_stack
 from preflmr_jax.models.clip import ClipVisionModel
 from preflmr_jax.models.model_config import PreFLMRConfig
@@ -37,11 +36,10 @@ class VisionProjection(nn.Module):
 
   @nn.compact
   def __call__(self, cls_state):
-    c = self.config
-    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+    c, ex = self.config, self.config.execution
     width = c.dim * c.mapping_prefix_length
-    h = jnp.tanh(layers.dense(width // 2, ("embed", "mlp"), name="dense_0", **kw)(cls_state))
-    out = layers.dense(width, ("mlp", "proj"), name="dense_1", **kw)(h)
+    h = jnp.tanh(layers.dense(width // 2, ("embed", "mlp"), ex, name="dense_0")(cls_state))
+    out = layers.dense(width, ("mlp", "proj"), ex, name="dense_1")(h)
     # Row-major reshape, as torch's .view(B, prefix_length, dim).
     return out.reshape(cls_state.shape[0], c.mapping_prefix_length, c.dim)
 
@@ -53,19 +51,19 @@ class PreFLMR(nn.Module):
   config: PreFLMRConfig
 
   def setup(self):
-    c = self.config
-    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
-    remat = dict(remat=c.remat, remat_policy=c.remat_policy, attention=c.attention)
-    self.query_text = BertModel(c.text, **kw, **remat)
-    self.document_text = BertModel(c.text, **kw, **remat)
-    self.query_head = layers.dense(c.dim, ("embed", "proj"), use_bias=False, **kw)
-    self.document_head = layers.dense(c.dim, ("embed", "proj"), use_bias=False, **kw)
-    self.vision = ClipVisionModel(c.vision, **kw, **remat)
+    # The attribute names are the params tree's top-level keys: models/param_groups.py declares
+    # each one's group.
+    c, ex = self.config, self.config.execution
+    self.query_text = BertModel(c.text, ex)
+    self.document_text = BertModel(c.text, ex)
+    self.query_head = layers.dense(c.dim, ("embed", "proj"), ex, use_bias=False)
+    self.document_head = layers.dense(c.dim, ("embed", "proj"), ex, use_bias=False)
+    self.vision = ClipVisionModel(c.vision, ex)
     self.vision_projection = VisionProjection(c)
-    self.mapping_input = layers.dense(c.mapping.hidden_size, ("embed", None), **kw)
-    self.mapping = bert_stack(c.mapping, cross_attention=True, prefix="mapping_layer", **remat,
-                              **kw)
-    self.mapping_output = layers.dense(c.dim, ("embed", "proj"), **kw)
+    self.mapping_input = layers.dense(c.mapping.hidden_size, ("embed", None), ex)
+    self.mapping = bert_stack(c.mapping, cross_attention=True, execution=ex,
+                              prefix=param_groups.MAPPING_LAYER_PREFIX)
+    self.mapping_output = layers.dense(c.dim, ("embed", "proj"), ex)
 
   def encode_queries(self, input_ids, attention_mask, pixel_values, deterministic: bool = True):
     """-> (Q [B, query_length, dim] float32, Q_mask [B, query_length] float32)."""
@@ -74,7 +72,7 @@ class PreFLMR(nn.Module):
       raise ValueError(f"query input_ids have length {input_ids.shape[-1]}, expected "
                        f"config.model.query_maxlen={c.query_maxlen}")
     batch = input_ids.shape[0]
-    text_mask = tokenization.query_token_mask(
+    text_mask = token_masks.query_token_mask(
         input_ids, c.instruction_token_id if c.mask_instruction_token else None)
     kept = jnp.ones(input_ids.shape, jnp.float32)
     if c.query_skip_token_ids:
@@ -114,7 +112,7 @@ class PreFLMR(nn.Module):
                        f"config.model.doc_maxlen={c.doc_maxlen}")
     hidden, _ = self.document_text(input_ids, attention_mask, deterministic=deterministic)
     if c.mask_punctuation:
-      d_mask = tokenization.document_token_mask(input_ids, c.skip_token_ids)
+      d_mask = token_masks.document_token_mask(input_ids, c.skip_token_ids)
     else:
       d_mask = (input_ids != 0).astype(jnp.float32)
     d = self.document_head(hidden).astype(jnp.float32) * d_mask[..., None]

@@ -15,17 +15,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from preflmr_jax.models import model_config as mc
-from preflmr_jax.models import preflmr
+from preflmr_jax.models import param_groups, preflmr
 
-
-# Component -> its top-level parameter groups ("x_" matches x_0, x_1, ...).
-COMPONENTS = {
-    "vision": ("vision",),
-    "query_text": ("query_text",),
-    "document_text": ("document_text",),
-    "mapping": ("vision_projection", "mapping_input", "mapping_output", "mapping_layer_"),
-    "heads": ("query_head", "document_head"),
-}
+# Reported components: groups and unions of models/param_groups.py that cover every group once.
+COMPONENTS = ("vision", "query_text", "document_text", "mapping", "heads")
 
 
 def count_params(model_config: mc.PreFLMRConfig) -> dict[str, int]:
@@ -33,10 +26,9 @@ def count_params(model_config: mc.PreFLMRConfig) -> dict[str, int]:
   shapes = preflmr.abstract_params(model_config)
   counts = dict.fromkeys(COMPONENTS, 0)
   for name, subtree in shapes.items():
-    owner = [c for c, groups in COMPONENTS.items()
-             if any(name == g or (g.endswith("_") and name.startswith(g)) for g in groups)]
+    owner = [c for c in COMPONENTS if param_groups.in_group(name, c)]
     if len(owner) != 1:
-      raise AssertionError(f"parameter group {name!r} belongs to no component")
+      raise AssertionError(f"top-level param key {name!r} is in components {owner}, not one")
     counts[owner[0]] += sum(math.prod(x.shape) for x in jax.tree.leaves(subtree))
   return {"total": sum(counts.values()), **counts}
 

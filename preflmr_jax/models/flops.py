@@ -1,0 +1,71 @@
+"""Analytic model FLOPs of PreFLMR: 2 per multiply-accumulate of every matmul, at padded lengths.
+
+Keys are the params tree's top-level keys (models/param_groups.py). Attention softmax, norms,
+activations and the embedding lookups are not counted; MFU figures divide these by step time.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from preflmr_jax.models import param_groups
+
+
+def _attention(q_len, kv_len, h):
+  """MACs of one attention block, one sequence: q/o over q_len, k/v over kv_len, QK^T and AV."""
+  return 2 * q_len * h * h + 2 * kv_len * h * h + 2 * q_len * kv_len * h
+
+
+def forward_macs(mc, queries, docs):
+  """Forward matmul MACs per top-level param key of `mc` (a PreFLMRConfig) for `queries` queries
+  and `docs` documents (padded lengths; the last vision layer is counted whole, as written, though
+  only its CLS output is read)."""
+  t, v, m, p = mc.text, mc.vision, mc.mapping, mc.vision.num_patches
+  bert = lambda n: t.num_layers * (_attention(n, n, t.hidden_size)
+                                   + 2 * n * t.hidden_size * t.intermediate_size)
+  vision = p * v.patch_size ** 2 * v.num_channels * v.hidden_size + v.num_layers * (
+      _attention(p + 1, p + 1, v.hidden_size) + 2 * (p + 1) * v.hidden_size * v.intermediate_size)
+  width, cross = mc.dim * mc.mapping_prefix_length, min(mc.mapping_cross_attention_length,
+                                                         mc.query_maxlen)
+  key = param_groups.key
+  macs = {
+      key("query_text"): queries * bert(mc.query_maxlen),
+      key("query_head"): 0 if mc.output == "mapping_only" else
+                         queries * mc.query_maxlen * t.hidden_size * mc.dim,
+      key("vision"): queries * vision,
+      key("vision_projection"): queries * (v.hidden_size + width) * width // 2,
+      key("mapping_input"): queries * p * v.hidden_size * m.hidden_size,
+      key("mapping_output"): queries * p * m.hidden_size * mc.dim,
+      key("document_text"): docs * bert(mc.doc_maxlen),
+      key("document_head"): docs * mc.doc_maxlen * t.hidden_size * mc.dim,
+  }
+  for i in range(m.num_layers):
+    macs[key("mapping_layers", i)] = queries * (
+        _attention(p, p, m.hidden_size) + _attention(p, cross, m.hidden_size)
+        + 2 * p * m.hidden_size * m.intermediate_size)
+  return macs
+
+
+def trainable_groups(labels) -> set[str]:
+  """Top-level param keys with any parameter that trains (labels: optimizer.param_labels)."""
+  return {g for g, tree in labels.items()
+          if any(label != "frozen" for label in jax.tree.leaves(tree))}
+
+
+def train_flops(mc, queries, docs, trainable):
+  """One train step: forward + 2x forward for the `trainable` top-level keys + the loss's MaxSim
+  (backward: 1x per side that needs a gradient)."""
+  macs = forward_macs(mc, queries, docs)
+  total = sum(n * (3 if key in trainable else 1) for key, n in macs.items())
+  document = {k for k in macs if param_groups.in_group(k, "document")}
+  d_grad = bool(document & trainable)
+  q_grad = bool(trainable - document)
+  score = queries * docs * mc.query_length * mc.doc_maxlen * mc.dim
+  return 2 * (total + score * (1 + q_grad + d_grad))
+
+
+def encode_flops(mc, kind, n):
+  """Encoding `n` "documents" or (any other `kind`) queries."""
+  macs = forward_macs(mc, n, n)
+  docs = sum(v for k, v in macs.items() if param_groups.in_group(k, "document"))
+  return 2 * (docs if kind == "documents" else sum(macs.values()) - docs)
