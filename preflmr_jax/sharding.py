@@ -19,6 +19,8 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from preflmr_jax.models import layers
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis. Parameters shard their model width over `fsdp` and their heads / FFN /
@@ -172,14 +174,10 @@ def init_sharded(init_fn, mesh: Mesh, rules, *args):
   return nn.meta.unbox(variables), nn.meta.unbox(shardings)
 
 
-# Activation axes the model code constrains (models/layers.py, models/preflmr.py).
-ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_heads", "act_mlp")
-
-
 def check_rules(rules, param_axes: set[str]) -> None:
   """Fails before compiling when `config.logical_axis_rules` has a typo, an axis the model does not
   use, a mesh axis that does not exist, or misses an axis the model uses."""
-  known = set(param_axes) | set(ACTIVATION_AXES)
+  known = set(param_axes) | set(layers.ACTIVATION_AXES)
   named = set()
   for rule in rules:
     if len(rule) != 2:

@@ -163,7 +163,15 @@ def layer_norm(eps: float, execution: Execution, *, name: str | None = None):
   )
 
 
+# The logical axes of activations (`constrain`); config.logical_axis_rules needs a rule for each
+# (sharding.check_rules), `act_batch`'s also splits the input batch (sharding.batch_axes).
+ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_heads", "act_mlp")
+
+
 def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+  unknown = [a for a in axes if a is not None and a not in ACTIVATION_AXES]
+  if unknown:  # at trace time: a new axis is declared above, so the rules cover it
+    raise ValueError(f"activation axes {unknown} are not in layers.ACTIVATION_AXES")
   return nn.with_logical_constraint(x, axes)
 
 
