@@ -23,6 +23,7 @@ from the newest complete step to the newest one that restores, logging each step
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import signal
 from typing import Any
 
@@ -49,9 +50,21 @@ COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 # (a small model's ~1000 arrays on 8 devices: 8000 dispatches, seconds per save), so one replica
 # writes such an array whole.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+
+
+def _register_array_handler() -> None:
+  absl_logger = std_logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(std_logging.ERROR)  # Orbax warns on every override, as it is meant here
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+  finally:
+    absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 def _is_complete(step_dir: epath.Path) -> bool:
