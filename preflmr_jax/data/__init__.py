@@ -30,7 +30,7 @@ Iterator protocol (as grain's `DatasetIterator`):
   it.set_state(state)     # continues exactly there: the same batches as an uninterrupted run
 
 Streams are deterministic given `config.seed`, and processes get disjoint shares of each global
-batch. `make_eval_batches` gives a fixed held-out list of batches of the same layout.
+batch.
 
 Sources (`config.data.source`): "m2kr" (`data/pipeline.py`: grain over the TFDS builds of
 `data/m2kr.py`; the tiny config trains on the SAMPLE task of `data/sample.py`) and "synthetic"
@@ -67,7 +67,7 @@ def num_negatives(config) -> int:
 
 def max_positives(config) -> int:
   """`config.data.max_positives`: how many of a query's positives its batch row lists."""
-  p = config.data.get("max_positives", 1)
+  p = config.data.max_positives
   if not isinstance(p, (int, np.integer)) or isinstance(p, bool) or p < 1:
     raise ValueError(f"config.data.max_positives={p!r} must be an integer >= 1")
   return int(p)
@@ -124,17 +124,3 @@ def make_train_iterator(config, model_config, tokenizer, process_index: Optional
   return synthetic.SyntheticIterator(config, model_config, tokenizer,
                                      process_index=index, process_count=count)
 
-
-def make_eval_batches(config, model_config, tokenizer, num_batches: int, *,
-                      process_index: Optional[int] = None,
-                      process_count: Optional[int] = None) -> list[dict[str, np.ndarray]]:
-  """A fixed held-out list of `num_batches` batches (this host's share), same layout as training."""
-  index, count = _processes(process_index, process_count)
-  _check_source(config)
-  if config.data.source == "m2kr":
-    from preflmr_jax.data import pipeline
-    return pipeline.eval_batches(config, model_config, tokenizer, num_batches,
-                                 process_index=index, process_count=count)
-  from preflmr_jax.data import synthetic
-  return synthetic.eval_batches(config, model_config, tokenizer, num_batches,
-                                process_index=index, process_count=count)
