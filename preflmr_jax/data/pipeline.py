@@ -47,7 +47,7 @@ from PIL import Image
 
 from preflmr_jax import image_processing, storage, tokenization
 from preflmr_jax import workdir as layout
-from preflmr_jax import data as data_lib
+from preflmr_jax.data import batch as batch_lib
 from preflmr_jax.data import instructions, m2kr
 
 SOURCE = "m2kr"
@@ -250,7 +250,7 @@ def _flatten_documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _check(config, tasks, corpora, queries) -> None:
-  n = data_lib.num_negatives(config)
+  n = batch_lib.num_negatives(config)
   for (task, _), corpus, records in zip(tasks, corpora, queries):
     if len(records) == 0:
       raise ValueError(f"config.data.tasks: {task} has no queries in this split")
@@ -387,15 +387,15 @@ def _host_batches(config, model_config, tokenizer, *, process_index: int,
   _check(config, tasks, corpora, queries)
   makers = []
   for (task, _), corpus, records in zip(tasks, corpora, queries):
-    makers.append(_MakeExample(task, corpus, data_lib.num_negatives(config), tokenizer,
+    makers.append(_MakeExample(task, corpus, batch_lib.num_negatives(config), tokenizer,
                                model_config, hard_negatives=_hard_negatives(config, task, corpus),
-                               max_positives=data_lib.max_positives(config),
+                               max_positives=batch_lib.max_positives(config),
                                task_type=m2kr.task_type(data_dir, task)))
     logging.info("m2kr %s/%s: %d queries, %d passages", task, split, len(records),
                  len(corpus.passages))
   stream = _global_stream(tasks, [len(r) for r in queries], seed)
   rows = _HostRows(makers, queries, _seed(seed, 0, 1), config.batch_size,
-                   data_lib.local_batch_size(config, process_count), process_index,
+                   batch_lib.local_batch_size(config, process_count), process_index,
                    max_bad_records(config))
   return stream.batch(config.batch_size, drop_remainder=True).map_with_index(rows)
 

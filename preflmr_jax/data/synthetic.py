@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from preflmr_jax import image_processing, tokenization
-from preflmr_jax import data as data_lib
+from preflmr_jax.data import batch as batch_lib
 
 SOURCE = "synthetic"
 
@@ -210,10 +210,10 @@ class SyntheticIterator:
 
   def __init__(self, config, model_config, tokenizer=None, *, process_index: int = 0,
                process_count: int = 1):
-    self.batch_size = data_lib.local_batch_size(config, process_count)
+    self.batch_size = batch_lib.local_batch_size(config, process_count)
     self.global_batch_size = config.batch_size
-    self.num_negatives = data_lib.num_negatives(config)
-    self.max_positives = data_lib.max_positives(config)  # one per query here
+    self.num_negatives = batch_lib.num_negatives(config)
+    self.max_positives = batch_lib.max_positives(config)  # one per query here
     if config.batch_size * (1 + self.num_negatives) > NUM_CLASSES:
       raise ValueError(
           f"config.batch_size={config.batch_size} with config.num_negatives={self.num_negatives} "
