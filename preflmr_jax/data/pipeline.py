@@ -33,7 +33,6 @@ import collections
 import copy
 import dataclasses
 import functools
-import io
 import json
 import os
 import threading
@@ -43,12 +42,11 @@ from typing import Any, Optional, Sequence
 import grain
 import numpy as np
 from absl import flags, logging
-from PIL import Image
 
-from preflmr_jax import image_processing, storage, tokenization
+from preflmr_jax import storage, tokenization
 from preflmr_jax import workdir as layout
 from preflmr_jax.data import batch as batch_lib
-from preflmr_jax.data import instructions, m2kr
+from preflmr_jax.data import features, instructions, m2kr
 
 SOURCE = "m2kr"
 
@@ -139,16 +137,6 @@ class _Corpus:
     return cls(passages, index, labels)
 
 
-class _Undecodable(Exception):
-  """A record's content that cannot be made into an example (its image); the message is why."""
-
-
-# What PIL and image_processing raise for bytes that are no decodable image (as the builder's
-# `m2kr.load_image` catches).
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
-                 Image.DecompressionBombError)
-
-
 class _MakeExample(grain.transforms.RandomMap):
   """Record -> one query with its positive and negatives, tokenised, fixed shapes."""
 
@@ -160,7 +148,6 @@ class _MakeExample(grain.transforms.RandomMap):
     self.hard_negatives = hard_negatives or {}
     self.templates = instructions.training_instructions(task, task_type)
     self.tokenizer, self.model_config = tokenizer, model_config
-    self.image_size = model_config.vision.image_size
     self._per_thread = {}
 
   def __getstate__(self):  # worker processes make their own tokenizers
@@ -173,7 +160,7 @@ class _MakeExample(grain.transforms.RandomMap):
     if key not in self._per_thread:
       tokenizer = copy.deepcopy(self.tokenizer)
       self._per_thread[key] = (
-          tokenization.QueryTokenizer(tokenizer, self.model_config.query_maxlen),
+          features.QueryFeaturizer(tokenizer, self.model_config),
           tokenization.DocumentTokenizer(tokenizer, self.model_config.doc_maxlen))
     return self._per_thread[key]
 
@@ -201,30 +188,20 @@ class _MakeExample(grain.transforms.RandomMap):
         excluded.add(i)
     return negatives
 
-  def _image(self, data: bytes) -> np.ndarray:
-    if not data:  # text-only query: a black image
-      image = Image.new("RGB", (self.image_size, self.image_size))
-      return image_processing.preprocess_images([image], self.image_size)[0]
-    try:  # PIL decodes lazily: in preprocess_images
-      return image_processing.preprocess_images([Image.open(io.BytesIO(data))],
-                                                self.image_size)[0]
-    except _IMAGE_ERRORS as e:
-      raise _Undecodable(f"undecodable image ({type(e).__name__}: {e})") from None
-
   def random_map(self, record, rng: np.random.Generator) -> dict[str, np.ndarray]:
     positives = self._positives(record)
     docs = ([positives[int(rng.integers(len(positives)))]]
             + self._negatives(record["question_id"], positives, rng))
     instruction = (record["instruction"] if self.templates is None
                    else self.templates[int(rng.integers(len(self.templates)))])
-    query_tok, doc_tok = self._tokenizers()
-    query = query_tok([record["question"]], [instruction])
+    featurize, doc_tok = self._tokenizers()
+    query = featurize([record["question"]], [instruction], [record["image"]])
     texts = [r["passage_content"] for r in self.corpus.passages.__getitems__(docs)]
     doc = doc_tok(texts, padding="max_length")
     return {
-        "query_input_ids": query["input_ids"][0],
-        "query_attention_mask": query["attention_mask"][0],
-        "pixel_values": self._image(record["image"]),
+        "query_input_ids": query["query_input_ids"][0],
+        "query_attention_mask": query["query_attention_mask"][0],
+        "pixel_values": query["pixel_values"][0],
         "doc_input_ids": doc["input_ids"],
         "doc_attention_mask": doc["attention_mask"],
         "doc_labels": self.corpus.labels[docs],
@@ -342,7 +319,7 @@ class _HostRows(grain.transforms.MapWithIndex):
       if not isinstance(record, m2kr.CorruptRecordError):
         try:
           return self.makers[t].random_map(record, np.random.default_rng([self.seed, g]))
-        except _Undecodable as e:
+        except features.UndecodableImageError as e:
           record = self.records[t].error((r + k) % size, str(e))
       bad.append(record)
       if len(bad) > self.max_bad_records:  # the iterator would stop at this batch anyway
