@@ -11,7 +11,7 @@ import pytest
 
 import preflmr_jax
 from preflmr_jax import data, evaluate, evaluation, metrics, tokenization, train
-from preflmr_jax.data import m2kr, sample
+from preflmr_jax.data import m2kr, m2kr_build, sample
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -220,7 +220,7 @@ def test_queries_whose_positives_are_not_in_the_corpus_are_evaluated_as_misses(w
       row["pos_item_ids"] = ["not-in-the-corpus"]
     pq.write_table(pa.Table.from_pylist(rows), path)
   data_dir = str(tmp_path / "built")
-  report = m2kr.build(source, os.path.join(source, sample.IMAGES), ["SAMPLE"], data_dir)
+  report = m2kr_build.build(source, os.path.join(source, sample.IMAGES), ["SAMPLE"], data_dir)
   assert [i.reason for i in report.skipped] == [
       "no positive in train_passages: ['not-in-the-corpus']"]
   assert [n.reason for n in report.notes] == [

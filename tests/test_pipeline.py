@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from preflmr_jax import config_files, data, image_processing, tokenization
-from preflmr_jax.data import instructions, m2kr, pipeline, sample
+from preflmr_jax.data import instructions, m2kr, m2kr_build, pipeline, sample
 from preflmr_jax.models import model_config as mc
 
 
@@ -39,7 +39,7 @@ def data_dir(tmp_path_factory):
   _copy_task(root / "source", "OVEN", lambda p: f"OVEN_{p}", lambda p: [p])
   _copy_task(root / "source", "KVQA", lambda p: p,
              lambda p: [p, f"{p[:-2]}{(int(p[-2:]) + 1) % 64:02d}"], every=2)
-  report = m2kr.build(str(root / "source"), str(root / "source" / "images"),
+  report = m2kr_build.build(str(root / "source"), str(root / "source" / "images"),
                       ["SAMPLE", "OVEN", "KVQA"], str(root / "tfds"))
   assert report.usable, report.to_json()
   return str(root / "tfds")
