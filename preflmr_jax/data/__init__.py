@@ -14,7 +14,7 @@ Streams are deterministic given `config.seed`, and processes get disjoint shares
 batch.
 
 Sources (`config.data.source`): "m2kr" (`data/pipeline.py`: grain over the TFDS builds of
-`data/m2kr.py`; the tiny config trains on the SAMPLE task of `data/sample.py`) and "synthetic"
+`data/m2kr_build.py`; the tiny config trains on the SAMPLE task of `data/sample.py`) and "synthetic"
 (`data/synthetic.py`, the same coloured-shapes task generated in memory, for tests).
 """
 
