@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -27,10 +26,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
-from PIL import Image
 
-from preflmr_jax import image_processing, metrics, search, sharding, storage, tokenization
-from preflmr_jax.data import m2kr
+from preflmr_jax import metrics, search, sharding, storage, tokenization
+from preflmr_jax.data import features, m2kr
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -77,7 +75,7 @@ class Encoder:
     self.batch_size = -(-batch_size // shards) * shards  # a multiple of the batch shards
     self.rows = _rows_held(self.batch_sharding, self.batch_size)
     self.params = params
-    self.query_tok = tokenization.QueryTokenizer(query_tokenizer, model_config.query_maxlen)
+    self.query_features = features.QueryFeaturizer(query_tokenizer, model_config)
     self.doc_tok = tokenization.DocumentTokenizer(document_tokenizer, model_config.doc_maxlen)
     model = preflmr.PreFLMR(model_config)
     out = tuple(sharding.batch_sharding(mesh, rank, self.rules) for rank in (3, 2))
@@ -117,16 +115,18 @@ class Encoder:
     t = _pad_tokens(t, width, self.doc_tok.tokenizer.pad_token_id)
     return self._encode(self._documents, [t["input_ids"], t["attention_mask"]])
 
+  def query_inputs(self, questions, instructions, images) -> dict[str, np.ndarray]:
+    """This process's rows (`data.features.QueryFeaturizer`) of a batch of queries."""
+    rows = self._local(len(questions))
+    return self.query_features([questions[i] for i in rows], [instructions[i] for i in rows],
+                               [images[i] for i in rows])
+
   def encode_queries(self, questions, instructions, images):
     """Global (embeddings, mask) of a batch of queries; `images` holds encoded image bytes (b""
     for a text-only query: a black image), decoded only for this process's rows."""
-    rows = self._local(len(questions))
-    t = self.query_tok([questions[i] for i in rows], [instructions[i] for i in rows])
-    size = self.config.vision.image_size
-    pixels = image_processing.preprocess_images(
-        [Image.open(io.BytesIO(images[i])) if images[i] else Image.new("RGB", (size, size))
-         for i in rows], size)
-    return self._encode(self._queries, [t["input_ids"], t["attention_mask"], pixels])
+    f = self.query_inputs(questions, instructions, images)
+    return self._encode(self._queries, [f["query_input_ids"], f["query_attention_mask"],
+                                        f["pixel_values"]])
 
   def documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Host (embeddings [n, L, dim], mask [n, L]) of `texts` (one process)."""

@@ -11,7 +11,7 @@ import pytest
 
 import preflmr_jax
 from preflmr_jax import data, evaluate, evaluation, metrics, tokenization, train
-from preflmr_jax.data import m2kr, sample
+from preflmr_jax.data import m2kr, m2kr_build, sample
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -161,9 +161,9 @@ def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, 
   assert again["SAMPLE"]["Recall@5"] == first["SAMPLE"]["Recall@5"]
   assert open(tmp_path / "a" / "SAMPLE_rankings.jsonl").read() == open(
       tmp_path / "b" / "SAMPLE_rankings.jsonl").read()
-  # Another checkpoint (step 1 of the same run): other parameters, a new cache entry.
+  # Another checkpoint (step 2 of the same run): other parameters, a new cache entry.
   evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "c"), ks=(1,),
-               step=1, cache_dir=cache)
+               step=2, cache_dir=cache)
   assert len(os.listdir(cache)) == 2
 
 
@@ -220,7 +220,7 @@ def test_queries_whose_positives_are_not_in_the_corpus_are_evaluated_as_misses(w
       row["pos_item_ids"] = ["not-in-the-corpus"]
     pq.write_table(pa.Table.from_pylist(rows), path)
   data_dir = str(tmp_path / "built")
-  report = m2kr.build(source, os.path.join(source, sample.IMAGES), ["SAMPLE"], data_dir)
+  report = m2kr_build.build(source, os.path.join(source, sample.IMAGES), ["SAMPLE"], data_dir)
   assert [i.reason for i in report.skipped] == [
       "no positive in train_passages: ['not-in-the-corpus']"]
   assert [n.reason for n in report.notes] == [

@@ -1,5 +1,6 @@
 """M2KR TFDS builders, reading API and the prepare command: round trip, bad input, reruns."""
 
+import ast
 import io
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from preflmr_jax import image_processing
-from preflmr_jax.data import m2kr, prepare, sample
+from preflmr_jax.data import m2kr, m2kr_build, prepare, sample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = {"train": 2, "valid": 1, "test": 1}  # Queries per class: 256 in all.
@@ -34,7 +35,8 @@ def sample_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(sample_dir, tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("m2kr_tfds"))
-  report = m2kr.build(sample_dir, os.path.join(sample_dir, sample.IMAGES), ["SAMPLE"], data_dir)
+  report = m2kr_build.build(sample_dir, os.path.join(sample_dir, sample.IMAGES), ["SAMPLE"],
+                            data_dir)
   return data_dir, report
 
 
@@ -93,9 +95,9 @@ def test_build_and_read_without_tensorflow(sample_dir, tmp_path):
       sys.meta_path[:] = [NoTensorFlow if f is importlib.machinery.PathFinder else f
                           for f in sys.meta_path]
       assert importlib.util.find_spec("tensorflow") is None
-      from preflmr_jax.data import m2kr
-      report = m2kr.build({sample_dir!r}, {os.path.join(sample_dir, 'images')!r}, ["SAMPLE"],
-                          {str(tmp_path)!r})
+      from preflmr_jax.data import m2kr, m2kr_build
+      report = m2kr_build.build({sample_dir!r}, {os.path.join(sample_dir, 'images')!r},
+                                ["SAMPLE"], {str(tmp_path)!r})
       assert report.usable and not report.skipped, report.to_json()
       q = m2kr.load_queries({str(tmp_path)!r}, "SAMPLE", "valid")
       p = m2kr.load_passages({str(tmp_path)!r}, "SAMPLE", "valid")
@@ -130,25 +132,34 @@ def test_task_table():
   assert len(m2kr.TASKS) == 11  # The ten published tasks and SAMPLE.
 
 
+def test_the_reader_finds_the_builds_without_the_build_code():
+  assert {kind: b.name for kind, b in m2kr_build._BUILDERS.items()} == m2kr.BUILDER_NAMES
+  tree = ast.parse(pathlib.Path(m2kr.__file__).read_text())
+  imported = [a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+              for a in n.names] + [n.module for n in ast.walk(tree)
+                                   if isinstance(n, ast.ImportFrom) and n.module]
+  assert not [name for name in imported if "m2kr_build" in name], imported
+
+
 def test_rerun_reuses_notes_changes_and_rebuilds_on_request(tmp_path):
   source = sample.write_sample(str(tmp_path / "s"), queries_per_class={"test": 1})
   images, data_dir = os.path.join(source, "images"), str(tmp_path / "d")
-  first = m2kr.build(source, images, ["SAMPLE"], data_dir)
+  first = m2kr_build.build(source, images, ["SAMPLE"], data_dir)
   assert [w["split"] for w in first.written] == ["test_passages", "test"]
   assert {n.split for n in first.notes} == {"train", "valid", "train_passages", "valid_passages"}
-  again = m2kr.build(source, images, ["SAMPLE"], data_dir)
+  again = m2kr_build.build(source, images, ["SAMPLE"], data_dir)
   assert len(again.reused) == 2 and all(w["reused"] for w in again.written)
   assert not [n for n in again.notes if "different source" in n.reason]
   # Change the source: rows dropped from the test queries.
   path = os.path.join(source, "SAMPLE_data", "test-00000-of-00001.parquet")
   pq.write_table(pq.read_table(path).slice(0, 10), path)
-  kept = m2kr.build(source, images, ["SAMPLE"], data_dir)
+  kept = m2kr_build.build(source, images, ["SAMPLE"], data_dir)
   assert [n.split for n in kept.notes if "different source" in n.reason] == ["*"]
   assert len(m2kr.load_queries(data_dir, "SAMPLE", "test")) == 64
-  rebuilt = m2kr.build(source, images, ["SAMPLE"], data_dir, rebuild_changed=True)
+  rebuilt = m2kr_build.build(source, images, ["SAMPLE"], data_dir, rebuild_changed=True)
   assert [w["reused"] for w in rebuilt.written] == [True, False]
   assert len(m2kr.load_queries(data_dir, "SAMPLE", "test")) == 10
-  forced = m2kr.build(source, images, ["SAMPLE"], data_dir, overwrite=True)
+  forced = m2kr_build.build(source, images, ["SAMPLE"], data_dir, overwrite=True)
   assert not any(w["reused"] for w in forced.written)
 
 
@@ -288,7 +299,7 @@ def bad_build(tmp_path, monkeypatch):
   # PIL warns above MAX_IMAGE_PIXELS and raises DecompressionBombError above twice that.
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
   data_dir = str(tmp_path / "tfds")
-  report = m2kr.build(source, root, ["OKVQA"], data_dir, max_image_side=44, num_workers=2)
+  report = m2kr_build.build(source, root, ["OKVQA"], data_dir, max_image_side=44, num_workers=2)
   return source, root, images, data_dir, report
 
 
@@ -403,7 +414,7 @@ def test_kept_image_modes_are_handled_by_image_processing():
   # conversion (alpha on white); 16-bit grayscale would be clipped, so the build converts it.
   rng = np.random.default_rng(1)
   rgb = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
-  for mode in sorted(m2kr._PIL_OK_MODES):
+  for mode in sorted(m2kr_build._PIL_OK_MODES):
     converted = rgb.convert(mode)
     image = Image.open(io.BytesIO(_tiff(converted) if mode in ("CMYK", "PA") else
                                   _png(converted)))
@@ -415,7 +426,7 @@ def test_kept_image_modes_are_handled_by_image_processing():
     np.testing.assert_allclose(image_processing.preprocess_images([image], 12),
                                image_processing.preprocess_images([expected], 12), atol=1e-6)
   sixteen = Image.fromarray((np.arange(144).reshape(12, 12) * 400).astype(np.uint16))
-  assert sixteen.mode == "I;16" and sixteen.mode not in m2kr._PIL_OK_MODES
+  assert sixteen.mode == "I;16" and sixteen.mode not in m2kr_build._PIL_OK_MODES
   assert np.asarray(sixteen.convert("RGB")).max() == 255 and (
       np.asarray(sixteen.convert("RGB")) == 255).mean() > 0.9  # Clipped: why it is converted.
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from preflmr_jax import config_files, data, image_processing, tokenization
-from preflmr_jax.data import instructions, m2kr, pipeline, sample
+from preflmr_jax.data import instructions, m2kr, m2kr_build, pipeline, sample
 from preflmr_jax.models import model_config as mc
 
 
@@ -39,7 +39,7 @@ def data_dir(tmp_path_factory):
   _copy_task(root / "source", "OVEN", lambda p: f"OVEN_{p}", lambda p: [p])
   _copy_task(root / "source", "KVQA", lambda p: p,
              lambda p: [p, f"{p[:-2]}{(int(p[-2:]) + 1) % 64:02d}"], every=2)
-  report = m2kr.build(str(root / "source"), str(root / "source" / "images"),
+  report = m2kr_build.build(str(root / "source"), str(root / "source" / "images"),
                       ["SAMPLE", "OVEN", "KVQA"], str(root / "tfds"))
   assert report.usable, report.to_json()
   return str(root / "tfds")
@@ -231,15 +231,14 @@ def test_state_of_another_source_is_refused(data_dir):
     it.set_state({"source": "synthetic", "step": 3})
 
 
-def test_training_draws_templates_evaluation_keeps_the_dataset_instruction(data_dir):
+def test_training_draws_templates_a_task_without_keeps_its_own_instruction(data_dir):
   config = _config(data_dir)
   model_config = mc.PreFLMRConfig.from_dict(config.model)
   corpus = pipeline._Corpus.load(data_dir, "OVEN", "train")
   tok = tokenization.tiny_tokenizer()
-  train = pipeline._MakeExample("OVEN", corpus, 1, tok, model_config, own_instructions=False)
-  evaluation = pipeline._MakeExample("OVEN", corpus, 1, tok, model_config, own_instructions=True)
-  assert train.templates == instructions.VQA and evaluation.templates is None
-  assert pipeline._MakeExample("SAMPLE", corpus, 1, tok, model_config, False).templates is None
+  train = pipeline._MakeExample("OVEN", corpus, 1, tok, model_config)
+  assert train.templates == instructions.VQA
+  assert pipeline._MakeExample("SAMPLE", corpus, 1, tok, model_config).templates is None
   seen = set()
   for seed in range(40):
     record = {"question_id": "q", "question": "what?", "instruction": "Own:", "image": b"",
@@ -253,8 +252,7 @@ def test_text_only_query_gets_a_black_image(data_dir):
   config = _config(data_dir)
   model_config = mc.PreFLMRConfig.from_dict(config.model)
   corpus = pipeline._Corpus.load(data_dir, "SAMPLE", "train")
-  make = pipeline._MakeExample("SAMPLE", corpus, 1, tokenization.tiny_tokenizer(), model_config,
-                               own_instructions=True)
+  make = pipeline._MakeExample("SAMPLE", corpus, 1, tokenization.tiny_tokenizer(), model_config)
   record = {"question_id": "q", "question": "what?", "instruction": "Own:", "image": b"",
             "pos_item_ids": ["SAMPLE_p03"], "answers": []}
   example = make.random_map(record, np.random.default_rng(0))
@@ -262,17 +260,6 @@ def test_text_only_query_gets_a_black_image(data_dir):
   black = image_processing.preprocess_images([Image.new("RGB", (size, size))], size)[0]
   np.testing.assert_allclose(example["pixel_values"], black)
   assert example["doc_labels"][0] == 3
-
-
-def test_eval_batches_are_fixed_and_use_the_valid_split(data_dir):
-  config = _config(data_dir)
-  model_config = mc.PreFLMRConfig.from_dict(config.model)
-  a = data.make_eval_batches(config, model_config, tokenization.tiny_tokenizer(), 2,
-                             process_index=0, process_count=1)
-  b = data.make_eval_batches(config, model_config, tokenization.tiny_tokenizer(), 2,
-                             process_index=0, process_count=1)
-  _assert_same(a, b)
-  assert len(a) == 2 and a[0]["query_input_ids"].shape[0] == config.batch_size
 
 
 @pytest.mark.parametrize("overrides,error,message", [

@@ -24,8 +24,7 @@ per task and shard file, and past `config.data.max_bad_records` of them (0: at t
 stops with one line naming the last record and its file.
 
 The iterator's state is the number of global batches taken (it goes into the checkpoint):
-restoring it continues the stream exactly, with any number of hosts or workers. Evaluation batches
-come from the `valid` split in order, with the dataset's own instructions.
+restoring it continues the stream exactly, with any number of hosts or workers.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ import collections
 import copy
 import dataclasses
 import functools
-import io
 import json
 import os
 import threading
@@ -44,12 +42,11 @@ from typing import Any, Optional, Sequence
 import grain
 import numpy as np
 from absl import flags, logging
-from PIL import Image
 
-from preflmr_jax import image_processing, storage, tokenization
+from preflmr_jax import storage, tokenization
 from preflmr_jax import workdir as layout
-from preflmr_jax import data as data_lib
-from preflmr_jax.data import instructions, m2kr
+from preflmr_jax.data import batch as batch_lib
+from preflmr_jax.data import features, instructions, m2kr
 
 SOURCE = "m2kr"
 
@@ -140,29 +137,17 @@ class _Corpus:
     return cls(passages, index, labels)
 
 
-class _Undecodable(Exception):
-  """A record's content that cannot be made into an example (its image); the message is why."""
-
-
-# What PIL and image_processing raise for bytes that are no decodable image (as the builder's
-# `m2kr.load_image` catches).
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
-                 Image.DecompressionBombError)
-
-
 class _MakeExample(grain.transforms.RandomMap):
   """Record -> one query with its positive and negatives, tokenised, fixed shapes."""
 
   def __init__(self, task: str, corpus: _Corpus, num_negatives: int, tokenizer, model_config,
-               own_instructions: bool, hard_negatives: Optional[dict[str, list[int]]] = None,
+               hard_negatives: Optional[dict[str, list[int]]] = None,
                max_positives: int = 1, task_type: Optional[str] = None):
     self.task, self.corpus, self.n = task, corpus, num_negatives
     self.max_positives = max_positives
     self.hard_negatives = hard_negatives or {}
-    self.templates = (None if own_instructions
-                      else instructions.training_instructions(task, task_type))
+    self.templates = instructions.training_instructions(task, task_type)
     self.tokenizer, self.model_config = tokenizer, model_config
-    self.image_size = model_config.vision.image_size
     self._per_thread = {}
 
   def __getstate__(self):  # worker processes make their own tokenizers
@@ -175,7 +160,7 @@ class _MakeExample(grain.transforms.RandomMap):
     if key not in self._per_thread:
       tokenizer = copy.deepcopy(self.tokenizer)
       self._per_thread[key] = (
-          tokenization.QueryTokenizer(tokenizer, self.model_config.query_maxlen),
+          features.QueryFeaturizer(tokenizer, self.model_config),
           tokenization.DocumentTokenizer(tokenizer, self.model_config.doc_maxlen))
     return self._per_thread[key]
 
@@ -203,30 +188,20 @@ class _MakeExample(grain.transforms.RandomMap):
         excluded.add(i)
     return negatives
 
-  def _image(self, data: bytes) -> np.ndarray:
-    if not data:  # text-only query: a black image
-      image = Image.new("RGB", (self.image_size, self.image_size))
-      return image_processing.preprocess_images([image], self.image_size)[0]
-    try:  # PIL decodes lazily: in preprocess_images
-      return image_processing.preprocess_images([Image.open(io.BytesIO(data))],
-                                                self.image_size)[0]
-    except _IMAGE_ERRORS as e:
-      raise _Undecodable(f"undecodable image ({type(e).__name__}: {e})") from None
-
   def random_map(self, record, rng: np.random.Generator) -> dict[str, np.ndarray]:
     positives = self._positives(record)
     docs = ([positives[int(rng.integers(len(positives)))]]
             + self._negatives(record["question_id"], positives, rng))
     instruction = (record["instruction"] if self.templates is None
                    else self.templates[int(rng.integers(len(self.templates)))])
-    query_tok, doc_tok = self._tokenizers()
-    query = query_tok([record["question"]], [instruction])
+    featurize, doc_tok = self._tokenizers()
+    query = featurize([record["question"]], [instruction], [record["image"]])
     texts = [r["passage_content"] for r in self.corpus.passages.__getitems__(docs)]
     doc = doc_tok(texts, padding="max_length")
     return {
-        "query_input_ids": query["input_ids"][0],
-        "query_attention_mask": query["attention_mask"][0],
-        "pixel_values": self._image(record["image"]),
+        "query_input_ids": query["query_input_ids"][0],
+        "query_attention_mask": query["query_attention_mask"][0],
+        "pixel_values": query["pixel_values"][0],
         "doc_input_ids": doc["input_ids"],
         "doc_attention_mask": doc["attention_mask"],
         "doc_labels": self.corpus.labels[docs],
@@ -252,7 +227,7 @@ def _flatten_documents(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _check(config, tasks, corpora, queries) -> None:
-  n = data_lib.num_negatives(config)
+  n = batch_lib.num_negatives(config)
   for (task, _), corpus, records in zip(tasks, corpora, queries):
     if len(records) == 0:
       raise ValueError(f"config.data.tasks: {task} has no queries in this split")
@@ -261,15 +236,13 @@ def _check(config, tasks, corpora, queries) -> None:
                        "passages")
 
 
-def _global_stream(tasks, sizes: Sequence[int], seed: Optional[int]) -> grain.MapDataset:
+def _global_stream(tasks, sizes: Sequence[int], seed: int) -> grain.MapDataset:
   """The mixture as `(task, record index)` pairs, the same on every host: per task its records
-  shuffled anew each epoch (in order when `seed` is None), endless, mixed by weight. Indices only,
-  so that a host can skip the rows of other hosts without reading them."""
+  shuffled anew each epoch, endless, mixed by weight. Indices only, so that a host can skip the
+  rows of other hosts without reading them."""
   streams = []
   for t, size in enumerate(sizes):
-    ds = grain.MapDataset.range(size)
-    if seed is not None:
-      ds = ds.shuffle(seed=_seed(seed, t, 0))
+    ds = grain.MapDataset.range(size).shuffle(seed=_seed(seed, t, 0))
     streams.append(ds.repeat().map(functools.partial(_tagged, t)))
   return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams,
                                                                    [w for _, w in tasks])
@@ -346,7 +319,7 @@ class _HostRows(grain.transforms.MapWithIndex):
       if not isinstance(record, m2kr.CorruptRecordError):
         try:
           return self.makers[t].random_map(record, np.random.default_rng([self.seed, g]))
-        except _Undecodable as e:
+        except features.UndecodableImageError as e:
           record = self.records[t].error((r + k) % size, str(e))
       bad.append(record)
       if len(bad) > self.max_bad_records:  # the iterator would stop at this batch anyway
@@ -370,9 +343,10 @@ class _HostRows(grain.transforms.MapWithIndex):
     return batch
 
 
-def _host_batches(config, model_config, tokenizer, split: str, *, train: bool,
-                  process_index: int, process_count: int) -> grain.MapDataset:
-  """This host's rows of every global batch of `split`: element s is step s's share."""
+def _host_batches(config, model_config, tokenizer, *, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+  """This host's rows of every global training batch: element s is step s's share."""
+  split = m2kr.TRAIN_SPLIT
   data_dir = resolve_data_dir(config)
   tasks = parse_tasks(config.data.tasks, data_dir)
   seed = int(config.seed)
@@ -383,30 +357,29 @@ def _host_batches(config, model_config, tokenizer, split: str, *, train: bool,
   if sized(config.data.tasks):
     tasks = [(task, f * len(records)) for (task, f), records in zip(tasks, queries)]
   limit = int(config.data.get("max_train_examples", 0) or 0)
-  if train and limit:
+  if limit:
     queries = [_Subset(records, train_subset(len(records), task, share,
                                              int(config.data.get("subset_seed", 0))))
                for (task, _), records, share in zip(tasks, queries, subset_shares(tasks, limit))]
   _check(config, tasks, corpora, queries)
   makers = []
   for (task, _), corpus, records in zip(tasks, corpora, queries):
-    makers.append(_MakeExample(task, corpus, data_lib.num_negatives(config), tokenizer,
-                               model_config, own_instructions=not train,
-                               hard_negatives=_hard_negatives(config, task, corpus) if train
-                               else None, max_positives=data_lib.max_positives(config),
+    makers.append(_MakeExample(task, corpus, batch_lib.num_negatives(config), tokenizer,
+                               model_config, hard_negatives=_hard_negatives(config, task, corpus),
+                               max_positives=batch_lib.max_positives(config),
                                task_type=m2kr.task_type(data_dir, task)))
     logging.info("m2kr %s/%s: %d queries, %d passages", task, split, len(records),
                  len(corpus.passages))
-  stream = _global_stream(tasks, [len(r) for r in queries], seed if train else None)
-  rows = _HostRows(makers, queries, _seed(seed, 0, 1 if train else 2), config.batch_size,
-                   data_lib.local_batch_size(config, process_count), process_index,
+  stream = _global_stream(tasks, [len(r) for r in queries], seed)
+  rows = _HostRows(makers, queries, _seed(seed, 0, 1), config.batch_size,
+                   batch_lib.local_batch_size(config, process_count), process_index,
                    max_bad_records(config))
   return stream.batch(config.batch_size, drop_remainder=True).map_with_index(rows)
 
 
 def max_bad_records(config) -> int:
   """`config.data.max_bad_records`: how many records that do not decode a process replaces."""
-  limit = config.data.get("max_bad_records", 100)
+  limit = config.data.max_bad_records
   if not isinstance(limit, int) or limit < 0:
     raise ValueError(f"config.data.max_bad_records={limit!r} must be an integer >= 0 "
                      "(0: stop at the first record that does not decode)")
@@ -501,8 +474,8 @@ class M2KRIterator:
     self._workers = int(config.data.get("num_workers", 0))
     if self._workers < 0:
       raise ValueError(f"config.data.num_workers={self._workers} must be >= 0")
-    self._batches = _host_batches(config, model_config, tokenizer, "train", train=True,
-                                  process_index=process_index, process_count=process_count)
+    self._batches = _host_batches(config, model_config, tokenizer, process_index=process_index,
+                                  process_count=process_count)
     self._bad = _BadRecords(max_bad_records(config))
     self._step, self._it = 0, None
 
@@ -544,18 +517,4 @@ class M2KRIterator:
     self._it = None
 
 
-def eval_batches(config, model_config, tokenizer, num_batches: int, *, process_index: int = 0,
-                 process_count: int = 1, split: str = "valid") -> list[dict[str, np.ndarray]]:
-  """The first `num_batches` batches of `split`, in order, with the dataset's own instructions."""
-  if tokenizer is None:
-    tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
-  batches = _host_batches(config, model_config, tokenizer, split, train=False,
-                          process_index=process_index, process_count=process_count)
-  bad, out = _BadRecords(max_bad_records(config)), []
-  for i in range(num_batches):
-    out.append(batches[i])
-    bad.add(out[-1].pop(_BAD))
-  return out
-
-
-__all__ = ["M2KRIterator", "cache_root", "eval_batches", "parse_tasks", "resolve_data_dir"]
+__all__ = ["M2KRIterator", "cache_root", "parse_tasks", "resolve_data_dir"]

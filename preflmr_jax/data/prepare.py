@@ -29,7 +29,7 @@ import sys
 from typing import Optional, Sequence, TextIO
 
 from preflmr_jax import storage
-from preflmr_jax.data import m2kr
+from preflmr_jax.data import m2kr, m2kr_build
 from preflmr_jax.data import tasks as tasks_lib
 
 PUBLISHED_TASKS = tuple(t for t in m2kr.TASKS if t != "SAMPLE")
@@ -40,7 +40,8 @@ def _reason_kind(reason: str) -> str:
   return reason.split(":", 1)[0].strip()
 
 
-def _print_issues(title: str, issues: Sequence[m2kr.Issue], out: TextIO, max_listed: int):
+def _print_issues(title: str, issues: Sequence[m2kr_build.Issue], out: TextIO,
+                  max_listed: int):
   if not issues:
     return
   print(f"{title}: {len(issues)}", file=out)
@@ -70,7 +71,7 @@ def describe(source: str, name: str, task_type: Optional[str], headline: Optiona
 
 def run(source: str, image_root: Optional[str], tasks: Sequence[str], data_dir: str, *,
         overwrite: bool = False, rebuild_changed: bool = False,
-        max_image_side: Optional[int] = m2kr.DEFAULT_MAX_IMAGE_SIDE,
+        max_image_side: Optional[int] = m2kr_build.DEFAULT_MAX_IMAGE_SIDE,
         num_workers: Optional[int] = None, out: Optional[TextIO] = None,
         max_listed: int = 20, task_type: Optional[str] = None,
         headline: Optional[str] = None) -> int:
@@ -113,7 +114,7 @@ def run(source: str, image_root: Optional[str], tasks: Sequence[str], data_dir: 
   except OSError as e:
     print(f"error: {e}", file=out)
     return 2
-  report = m2kr.build(source, image_root, names, data_dir, overwrite=overwrite,
+  report = m2kr_build.build(source, image_root, names, data_dir, overwrite=overwrite,
                       rebuild_changed=rebuild_changed, max_image_side=max_image_side,
                       num_workers=num_workers)
 
@@ -160,7 +161,7 @@ if __name__ == "__main__":
   flags.DEFINE_bool("overwrite", False, "Rebuild tasks that are already built.")
   flags.DEFINE_bool("rebuild_changed", False,
                     "Rebuild tasks whose source files or options changed since they were built.")
-  flags.DEFINE_integer("max_image_side", m2kr.DEFAULT_MAX_IMAGE_SIDE,
+  flags.DEFINE_integer("max_image_side", m2kr_build.DEFAULT_MAX_IMAGE_SIDE,
                        "Downscale longer images to this side (0: no limit).")
   flags.DEFINE_integer("num_workers", None, "Image-checking threads (default min(8, CPUs)).")
   flags.DEFINE_enum("task_type", None, list(tasks_lib.TYPES),

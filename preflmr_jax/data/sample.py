@@ -17,7 +17,7 @@ PseudoRecall agrees with Recall). The folder appears complete or not at all (wri
 aside, then renamed), and the output depends only on the parameters.
 
 `ensure_sample(out_dir, data_dir)` writes the folder if absent and builds it into data_dir
-with `m2kr.build` if not built; concurrent callers wait on a file lock.
+with `m2kr_build.build` if not built; concurrent callers wait on a file lock.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preflmr_jax.data import m2kr, synthetic
+from preflmr_jax.data import m2kr, m2kr_build, synthetic
 
 TASK = "SAMPLE"
 QUERIES_PER_CLASS = {"train": 24, "valid": 2, "test": 4}
@@ -174,7 +174,7 @@ def ensure_sample(out_dir: str, data_dir: str, *, seed: int = 0,
     if found != wanted:
       raise ValueError(f"{out_dir} holds a sample written with {found}, not {wanted}; "
                        f"delete it or pass another folder")
-    report = m2kr.build(out_dir, os.path.join(out_dir, IMAGES), [TASK], data_dir,
+    report = m2kr_build.build(out_dir, os.path.join(out_dir, IMAGES), [TASK], data_dir,
                         rebuild_changed=True)
     if report.skipped or not report.usable:
       raise RuntimeError(f"building the sample in {data_dir} dropped records: "

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from preflmr_jax import image_processing, tokenization
-from preflmr_jax import data as data_lib
+from preflmr_jax.data import batch as batch_lib
 
 SOURCE = "synthetic"
 
@@ -91,7 +91,7 @@ GENERIC_QUESTIONS = (
 )
 
 _CORPUS_SEED = 20240213  # The corpus is the task, not a sample of it: fixed across seeds.
-_TRAIN, _EVAL = 0, 1  # RNG stream tags.
+_STREAM = 0  # in every RNG seed of the stream: another value gives other batches
 _MIN_IMAGE_SIZE = 16
 _COLOUR_JITTER = 12
 # Mostly shape-naming questions: a tiny model with a frozen random vision tower reads colour from
@@ -198,10 +198,9 @@ def make_question(class_id: int, rng: np.random.Generator,
 # ---------------------------------------------------------------------------
 
 
-def global_classes(seed: int, stream: int, step: int, batch_size: int,
-                   num_negatives: int) -> np.ndarray:
+def global_classes(seed: int, step: int, batch_size: int, num_negatives: int) -> np.ndarray:
   """`[batch_size, 1 + n]` distinct class ids of a global step: column 0 positives, then negatives."""
-  rng = np.random.default_rng([seed, stream, step, 0, 0])
+  rng = np.random.default_rng([seed, _STREAM, step, 0, 0])
   return rng.permutation(NUM_CLASSES)[:batch_size * (1 + num_negatives)].reshape(
       batch_size, 1 + num_negatives)
 
@@ -210,11 +209,11 @@ class SyntheticIterator:
   """This host's batches of the synthetic task (the `preflmr_jax.data` iterator protocol)."""
 
   def __init__(self, config, model_config, tokenizer=None, *, process_index: int = 0,
-               process_count: int = 1, stream: int = _TRAIN):
-    self.batch_size = data_lib.local_batch_size(config, process_count)
+               process_count: int = 1):
+    self.batch_size = batch_lib.local_batch_size(config, process_count)
     self.global_batch_size = config.batch_size
-    self.num_negatives = data_lib.num_negatives(config)
-    self.max_positives = data_lib.max_positives(config)  # one per query here
+    self.num_negatives = batch_lib.num_negatives(config)
+    self.max_positives = batch_lib.max_positives(config)  # one per query here
     if config.batch_size * (1 + self.num_negatives) > NUM_CLASSES:
       raise ValueError(
           f"config.batch_size={config.batch_size} with config.num_negatives={self.num_negatives} "
@@ -228,7 +227,6 @@ class SyntheticIterator:
       raise ValueError(f"config.data.shape_question_prob={self.shape_question_prob} is not in "
                        f"[0, 1]")
     self.process_index = process_index
-    self.stream = stream
     self.image_size = model_config.vision.image_size
     if tokenizer is None:
       tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
@@ -269,8 +267,7 @@ class SyntheticIterator:
 
   def classes_at(self, step: int) -> np.ndarray:
     """`[b, 1 + n]` class ids of this host's share of `step`: positive, then negatives."""
-    rows = global_classes(self.seed, self.stream, step, self.global_batch_size,
-                          self.num_negatives)
+    rows = global_classes(self.seed, step, self.global_batch_size, self.num_negatives)
     start = self.process_index * self.batch_size
     return rows[start:start + self.batch_size]
 
@@ -279,7 +276,7 @@ class SyntheticIterator:
     images, questions, instructions = [], [], []
     for row, class_id in enumerate(classes[:, 0]):
       example = self.process_index * self.batch_size + row  # Index in the global batch.
-      rng = np.random.default_rng([self.seed, self.stream, step, 1, example])
+      rng = np.random.default_rng([self.seed, _STREAM, step, 1, example])
       images.append(draw_image(int(class_id), rng, self.image_size))
       question, instruction = make_question(int(class_id), rng, self.shape_question_prob)
       questions.append(question)
@@ -297,10 +294,3 @@ class SyntheticIterator:
                                   ((0, 0), (0, self.max_positives - 1)), constant_values=-1),
     }
 
-
-def eval_batches(config, model_config, tokenizer, num_batches: int, *, process_index: int = 0,
-                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """`num_batches` held-out batches: an RNG stream of their own, the same for every run."""
-  it = SyntheticIterator(config, model_config, tokenizer, process_index=process_index,
-                         process_count=process_count, stream=_EVAL)
-  return [it.batch_at(step) for step in range(num_batches)]

@@ -1,9 +1,9 @@
 """Tasks a user brings: their own image + question -> passage data, under their own name.
 
 The data is in the M2KR layout (`<NAME>_data/` and `<NAME>_passages/` parquet, images under an
-image root; `m2kr.py`). What the published tasks take from tables in the code, a user's task takes
-from a small description, `<NAME>_task.json` in the source folder or `prepare`'s `--task_type` /
-`--headline` flags:
+image root; `m2kr_build.py`). What the published tasks take from tables in the code, a user's
+task takes from a small description, `<NAME>_task.json` in the source folder or `prepare`'s
+`--task_type` / `--headline` flags:
 
   {"type": "vqa", "headline": "PseudoRecall@5"}
 
