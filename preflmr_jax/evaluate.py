@@ -37,7 +37,7 @@ from absl import app, flags, logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from preflmr_jax import (checkpointing, evaluation, metrics, pretrained, sharding, storage,
+from preflmr_jax import (checkpointing, evaluation, pretrained, sharding, storage,
                          tokenization)
 from preflmr_jax import workdir as layout
 from preflmr_jax.data import m2kr, pipeline
