@@ -32,6 +32,7 @@ def test_run_quick_without_the_release_shapes(tmp_path, one_device_env):
   assert text.startswith("# Benchmark results") and "maxsim_chunked(" in text
 
 
+@pytest.mark.slow
 def test_quick_runs_never_rewrite_the_committed_results(one_device_env):
   committed = ROOT / "benchmarks" / "RESULTS.md"
   before = committed.read_bytes()

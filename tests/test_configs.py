@@ -20,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
     ("configs/release.py:vit_l", 543.2e6),
     ("configs/release.py:vit_g", 2.085e9),
 ])
+@pytest.mark.slow
 def test_release_parameter_counts(spec, total):
   counts = count_params(mc.PreFLMRConfig.from_dict(config_files.load_config(spec).model))
   assert abs(counts["total"] - total) / total < 1e-3, counts
@@ -37,6 +38,7 @@ def test_release_shapes_by_name():
     config_files.load_config("configs/release.py:vit_h")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vision", ["B", "L", "400m"])
 @pytest.mark.parametrize("text", ["base", "large", "800m"])
 def test_scaling_grid_points(vision, text):

@@ -3,8 +3,11 @@
 import json
 
 import numpy as np
+import pytest
 
 from preflmr_jax import demo
+
+pytestmark = pytest.mark.slow  # each test runs the demo in a subprocess
 
 
 def test_demo_tiny_prints_and_writes_scores(tmp_path, cli):

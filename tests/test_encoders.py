@@ -114,6 +114,7 @@ def test_one_hot_embedding_gradient_is_the_scatter_gradient(dtype, one_hot_bytes
   np.testing.assert_array_equal(ours.apply(params, ids), ref.apply(params, ids))
 
 
+@pytest.mark.slow
 def test_bert_dropout_only_when_not_deterministic():
   config = dataclasses.replace(TINY_TEXT, dropout_rate=0.5)
   ids = np.ones((2, 8), np.int32)
@@ -127,6 +128,7 @@ def test_bert_dropout_only_when_not_deterministic():
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_bert_remat_same_values_and_grads(remat):
   ids = np.ones((2, 8), np.int32)

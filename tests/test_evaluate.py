@@ -15,6 +15,9 @@ from preflmr_jax.data import m2kr, m2kr_build, sample
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
+# End to end through the eval binary on the session's trained run (tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 
 def _encoder(restored, batch_size):
   return evaluation.Encoder(restored.model_config, restored.params, restored.query_tokenizer,

@@ -136,6 +136,7 @@ def test_keep_zero_checkpoints_is_refused(tmp_path):
     Checkpointer(tmp_path, max_to_keep=0)
 
 
+@pytest.mark.slow
 def test_resume_walks_back_past_a_half_written_and_a_damaged_step(trained_workdir, tmp_path, caplog,
                                                                   short_run):
   """Step 6 lost its commit file (an interrupted save on object storage), step 4 an array file:
@@ -156,6 +157,7 @@ def test_resume_walks_back_past_a_half_written_and_a_damaged_step(trained_workdi
 
 # ------------------------------------------------------------------------ non-finite updates
 
+@pytest.mark.slow
 def test_an_overflowing_update_is_never_applied_nor_saved(tmp_path, short_run):
   """A learning rate finite in float32 whose update is not (lr * (1 + decay * p) overflows): the
   loss and gradient of step 1 are finite, its result is not."""
@@ -198,6 +200,7 @@ def test_sigterm_during_set_up_stops_before_the_first_step(tmp_path, monkeypatch
   assert not glob.glob(str(tmp_path / "checkpoints" / "[0-9]*"))
 
 
+@pytest.mark.slow
 def test_main_exits_143_on_sigterm_and_a_rerun_finishes(tmp_path, one_device_env):
   cmd = [sys.executable, "-m", "preflmr_jax.main", "--config", "configs/tiny.py", "--workdir",
          str(tmp_path), "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",

@@ -92,6 +92,7 @@ def damaged_train(data_dir, tiny_config):
   return data_dir, (image, garbage), path
 
 
+@pytest.mark.slow
 def test_records_that_do_not_decode_are_replaced_the_same_for_any_process_count(damaged_train,
                                                                              caplog, tiny_config):
   data_dir, bad, path = damaged_train
@@ -123,6 +124,7 @@ def test_records_that_do_not_decode_are_replaced_the_same_for_any_process_count(
     np.testing.assert_array_equal(np.concatenate([s[key] for s in shares]), value, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [0, 1])
 def test_past_max_bad_records_the_stop_names_task_file_and_the_key(damaged_train, limit,
                                                                    tiny_config):

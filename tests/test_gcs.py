@@ -105,6 +105,7 @@ def test_prepare_writes_its_build_and_report_into_a_bucket(gcs, tmp_path, monkey
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_published_folder_index_and_scaling_law_in_a_bucket(gcs, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   import preflmr_jax  # pylint: disable=g-import-not-at-top
@@ -150,6 +151,7 @@ def run_in(cli, gcs, tmp_path):
                                    env={storage.EMULATOR_VAR: gcs.url}, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_train_resume_and_evaluate_in_a_bucket(gcs, run_in, tmp_path):
   """The pod path: workdir, eval output and embedding cache on gs:// (the data stays local here:
   reading TFDS through the emulator is slow, and tested above)."""
@@ -194,6 +196,7 @@ def _last_line(completed) -> str:
   return completed.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_bad_gs_input_is_a_one_line_error_naming_the_path(gcs, run_in, tmp_path):
   absent = f"gs://{gcs.bucket}-absent/run"
   cases = [

@@ -73,6 +73,7 @@ def test_negative_scores_are_not_clipped_by_the_fill():
   np.testing.assert_allclose(maxsim(Q, D, mask), [[2 * -8.0]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4, 7, 8, 100])
 @pytest.mark.parametrize("query_chunk", [None, 1, 2, 3, 5])
 def test_chunked_equals_unchunked(chunk, query_chunk):

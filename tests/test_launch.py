@@ -489,6 +489,7 @@ def test_initialize_distributed_reads_the_process_environment(monkeypatch):
 
 # ------------------------------------------------------------------------- the scaling grid
 
+@pytest.mark.slow
 def test_every_grid_point_builds_a_model(nothing_runs):
   _, points = sweep.load_points("configs/scaling.py")
   assert len(points) == 9

@@ -178,6 +178,7 @@ def freezing_config(accum):
   return config
 
 
+@pytest.mark.slow
 def test_frozen_params_bit_identical_trainable_ones_move(tiny_params):
   tx, labels = optimizer.make_optimizer(freezing_config(accum=2), tiny_params)
   history, _ = run(tx, tiny_params, [random_like(tiny_params, s) for s in range(1, 5)])

@@ -28,6 +28,7 @@ def _prepare(source, tasks, data_dir, **kwargs):
   return code, out.getvalue()
 
 
+@pytest.mark.slow
 def test_a_task_of_ones_own_prepares_trains_and_evaluates(source, tmp_path, monkeypatch):
   (source / "MyShapes_task.json").write_text(json.dumps({"type": "vqa", "headline": "Recall@5"}))
   data_dir = tmp_path / "tfds"

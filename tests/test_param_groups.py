@@ -20,6 +20,7 @@ def top_level_keys(spec, **overrides):
     ("configs/release.py:vit_l", {}),
     ("configs/release.py:vit_g", {}),
 ])
+@pytest.mark.slow
 def test_every_top_level_key_is_in_exactly_one_group(spec, overrides):
   keys = top_level_keys(spec, **overrides)
   groups = [param_groups.group_of(k) for k in keys]  # raises unless exactly one

@@ -66,6 +66,7 @@ def _assert_same(a, b):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_batches_have_the_interface_shapes(data_dir):
   config = _config(data_dir)
   batch = next(_iterator(config, process_index=0, process_count=1))
@@ -75,6 +76,7 @@ def test_batches_have_the_interface_shapes(data_dir):
     assert batch[k].shape == v.shape and batch[k].dtype == v.dtype, k
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_other_seed_other_batches(data_dir):
   a = _take(_iterator(_config(data_dir), process_index=0, process_count=1), 3)
   b = _take(_iterator(_config(data_dir), process_index=0, process_count=1), 3)
@@ -117,6 +119,7 @@ def test_training_reads_only_its_subset(data_dir):
   assert not positives(_config(data_dir)) <= allowed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_global_batch_does_not_depend_on_the_number_of_processes(data_dir, workers):
   config = _config(data_dir, **{"data.tasks": "SAMPLE=3,OVEN=1", "batch_size": 8,
@@ -133,6 +136,7 @@ def test_the_global_batch_does_not_depend_on_the_number_of_processes(data_dir, w
     _assert_same(joined, whole)
 
 
+@pytest.mark.slow
 def test_a_run_resumes_with_another_number_of_processes(data_dir):
   config = _config(data_dir)
   two = [_iterator(config, process_index=p, process_count=2) for p in range(2)]
@@ -145,6 +149,7 @@ def test_a_run_resumes_with_another_number_of_processes(data_dir):
   _assert_same(_take(one, 1), _take(_iterator(config, process_index=0, process_count=1), 3)[2:])
 
 
+@pytest.mark.slow
 def test_negatives_are_never_a_positive_of_their_query(data_dir):
   config = _config(data_dir, num_negatives=3)
   it = _iterator(config, process_index=0, process_count=1)
@@ -174,6 +179,7 @@ def test_a_passage_that_several_tasks_hold_has_one_label(data_dir):
     assert 0 <= batch["doc_labels"].min() and batch["doc_labels"].max() < 128
 
 
+@pytest.mark.slow
 def test_positive_labels_list_every_positive_of_the_query(data_dir):
   config = _config(data_dir, num_negatives=2, **{"data.tasks": "KVQA", "data.max_positives": 3})
   for batch in _take(_iterator(config, process_index=0, process_count=1), 4):
@@ -184,6 +190,7 @@ def test_positive_labels_list_every_positive_of_the_query(data_dir):
       assert positive in row and not set(negatives) & set(row)
 
 
+@pytest.mark.slow
 def test_a_mixture_by_size_multiples_weighs_each_task_by_its_queries(data_dir):
   """"SAMPLE*1,KVQA*1" concatenates the two (official configs' form): 128 + 64 queries, so 2/3
   of the examples are SAMPLE's; "SAMPLE,KVQA" weighs them equally. KVQA rows list 2 positives."""
@@ -208,6 +215,7 @@ def test_mixture_follows_the_weights(data_dir):
   assert abs(share - 0.75) < 0.05, share
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_iterator_state_continues_exactly(data_dir, workers):
   config = _config(data_dir, **{"data.num_workers": workers})

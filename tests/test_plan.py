@@ -23,6 +23,7 @@ def plans():
           for name, mesh in (("data", "data=8"), ("mixed", "data=2,fsdp=2,tensor=2"))}
 
 
+@pytest.mark.slow
 def test_plan_reports_memory_flops_and_params(plans):
   for result in plans.values():
     assert result["devices"] == 8 and result["global_batch"] == config_files.load_config("configs/tiny.py").batch_size
@@ -49,6 +50,7 @@ def test_bad_mesh_names_the_flag(bad):
     plan.parse_mesh(bad)
 
 
+@pytest.mark.slow
 def test_cli_prints_json_last():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()

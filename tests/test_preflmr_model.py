@@ -34,6 +34,7 @@ def _apply(config, params, inputs, **kw):
   return jax.jit(lambda p, x: preflmr.PreFLMR(config).apply({"params": p}, *x, **kw))(params, inputs)
 
 
+@pytest.mark.slow
 def test_embeddings_are_unit_or_zero_and_masks_apply(setup):
   config, params, inputs = setup
   (q, q_mask), (d, d_mask) = _apply(config, params, inputs)
@@ -46,6 +47,7 @@ def test_embeddings_are_unit_or_zero_and_masks_apply(setup):
   assert d_mask[0].sum() < inputs[4][0].sum()  # "," and "." are masked in the document
 
 
+@pytest.mark.slow
 def test_remat_changes_nothing(setup):
   kw = dict(remat=True, remat_policy="dots_saveable")
   config, params, inputs = setup
@@ -61,6 +63,7 @@ def test_remat_changes_nothing(setup):
                g, g_ref)
 
 
+@pytest.mark.slow
 def test_gradients_through_maxsim_are_finite_and_reach_every_trained_part(setup):
   """Masked tokens are exact zeros: normalising them must not put NaN into the gradients."""
   config, params, inputs = setup
@@ -78,6 +81,7 @@ def test_gradients_through_maxsim_are_finite_and_reach_every_trained_part(setup)
     assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(grads[part])), part
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_fp32_params(setup):
   config, params, inputs = setup
   ref = _apply(config, params, inputs)
@@ -95,6 +99,7 @@ def _no_attention_dropout(config, **kw):
                              mapping=off(config.mapping), **kw)
 
 
+@pytest.mark.slow
 def test_fused_attention_path_matches_and_keeps_the_parameter_names(setup, monkeypatch):
   """attention='cudnn' runs jax.nn.dot_product_attention in [B, L, H, D] layout with the padding
   mask as a bias; here its XLA implementation stands in for cuDNN (CPU). Checks the layout, mask
@@ -133,6 +138,7 @@ def test_fused_attention_refuses_attention_dropout(setup, monkeypatch):
     attention.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
 
 
+@pytest.mark.slow
 def test_dropout_is_active_only_when_not_deterministic(setup):
   config, params, inputs = setup
   a = _apply(config, params, inputs)

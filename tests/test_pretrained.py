@@ -115,6 +115,7 @@ def _inputs():
   return queries, pixels, docs, colon, punct
 
 
+@pytest.mark.slow
 def test_load_pretrained_matches_pytorch_reference(checkpoint, oracle):
   model = preflmr_jax.load_pretrained(checkpoint)
   queries, pixels, docs, colon, punct = _inputs()

@@ -55,6 +55,7 @@ def _inputs(config, batch):
     {"data": 8, "fsdp": 1, "tensor": 1},
     {"data": 2, "fsdp": 2, "tensor": 2},
 ])
+@pytest.mark.slow
 def test_sharded_forward_equals_single_device(mesh_config):
   config = _tiny()
   model = preflmr.PreFLMR(config)

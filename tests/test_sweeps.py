@@ -17,6 +17,7 @@ def _points(name, arg=""):
   return sweep.load_points(f"configs/sweeps/{name}.py" + (f":{arg}" if arg else ""))[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SWEEPS)
 @pytest.mark.parametrize("arg", ["", "smoke"])
 def test_every_point_builds_a_stage1_model(name, arg):
@@ -75,6 +76,7 @@ def test_sweeps_print_their_pod_commands(capsys):
     assert out.count(f"--config=configs/sweeps/{name}.py") >= 2 * points  # train and eval each
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SWEEPS)
 def test_smoke_points_pass_validation_and_trace_their_train_step(name):
   """Each CPU stand-in point is a valid run whose train step traces (its shapes agree). The sweep

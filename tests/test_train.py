@@ -35,6 +35,7 @@ def _step_on_mesh(config, mesh_config, steps=2):
   return losses, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_sharded_train_step_equals_single_device(tiny_config):
   # Adam's first steps are ~lr * sign(g): rounding noise in a near-zero gradient would flip whole
   # updates. A large eps makes the update ~linear in g, so the comparison is well conditioned.
@@ -53,6 +54,7 @@ def test_sharded_train_step_equals_single_device(tiny_config):
                  ref_params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope,groups", [("global", 1), ("per_device", 8)])
 def test_in_batch_negatives_scope_reaches_the_loss(monkeypatch, scope, groups, tiny_config):
   """per_device hands the loss one group per batch shard (the loss's own test checks that this is
@@ -69,6 +71,7 @@ def test_in_batch_negatives_scope_reaches_the_loss(monkeypatch, scope, groups, t
   assert seen == [groups]
 
 
+@pytest.mark.slow
 def test_dropout_prng_impl_rbg_trains_keeps_the_init_and_must_resume_with_rbg(tmp_path, short_run):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   init = lambda c: jax.jit(train.setup_train_step(c, mesh).init_state, static_argnums=0)(0)
@@ -92,6 +95,7 @@ def _final_params(workdir, config, step=None):
   return checkpointing.restore_params(str(workdir), abstract, step=step)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(trained_workdir, tmp_path, short_run):
   """Stopped after step 3 (saved off the 2-step interval, as the last step), then resumed to step
   6: the same parameters and losses as the straight 6-step run."""
@@ -106,6 +110,7 @@ def test_resume_is_exact(trained_workdir, tmp_path, short_run):
   np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_stage1_freezes_everything_but_the_mapping_structures(tmp_path, short_run):
   config = short_run("configs/stage.py:1", num_train_steps=3, log_every_steps=1,
                      checkpoint_every_steps=1)
@@ -168,6 +173,7 @@ class _NaNAfter:
     self.it.set_state(state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_steps_never_reach_a_checkpoint(tmp_path, monkeypatch, policy, short_run):
   make = data.make_train_iterator
@@ -206,6 +212,7 @@ class _SigtermAt:
     self.it.set_state(state)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_stops_then_resumes_exactly(trained_workdir, tmp_path,
                                                                       monkeypatch, tiny_config, short_run):
   base = {"num_train_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 4}
@@ -226,6 +233,7 @@ def test_sigterm_saves_the_current_step_and_stops_then_resumes_exactly(trained_w
                _final_params(trained_workdir, tiny_config()))
 
 
+@pytest.mark.slow
 def test_init_params_from_another_run_and_from_a_published_folder(trained_workdir, tmp_path,
                                                                   tiny_config, short_run):
   """With zero learning rates the final parameters are exactly the starting ones."""
@@ -244,6 +252,7 @@ def test_init_params_from_another_run_and_from_a_published_folder(trained_workdi
                jax.device_get(published))
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_logs_the_eval_binary_metrics(tmp_path, short_run):
   config = short_run(num_train_steps=4, log_every_steps=4, eval_every_steps=2,
                      eval_max_queries=8, eval_ks=(1, 5))
