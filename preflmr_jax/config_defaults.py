@@ -199,7 +199,7 @@ def stage1_sweep_config(arg: ml_collections.ConfigDict, *,
     --config configs/sweeps/vision_scaling.py:smoke[,width=N][,vision_width=M]   # its CPU stand-in
 
   Pod-scale runs are sized for a v5e-16 (16 GiB per chip; docs/scaling_grid.md and each sweep's
-  plan in the README): global batch 256 in bf16 with fp32 master weights, the batch sharded over
+  plan in docs/planning.md): global batch 256 in bf16 with fp32 master weights, the batch sharded over
   `fsdp`, 10,000 steps. These run settings are ours, not the paper's. The data come from the
   command line: `--config.tokenizer=.../query_tokenizer --config.data.data_dir=...
   --config.data.tasks=...`. The smoke stand-in is `smoke_config` (the tiny model at those widths,

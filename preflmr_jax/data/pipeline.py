@@ -101,7 +101,7 @@ def resolve_data_dir(config) -> str:
     return os.fspath(storage.path(data_dir, "config.data.data_dir"))
   if tasks != ["SAMPLE"]:
     raise ValueError(f"config.data.data_dir is not set; build the tasks {tasks} with "
-                     "python -m preflmr_jax.data.prepare (README, 'Preparing M2KR')")
+                     "python -m preflmr_jax.data.prepare (docs/data.md)")
   from preflmr_jax.data import sample  # pylint: disable=g-import-not-at-top
   root = os.path.expanduser(config.data.get("sample_dir")
                             or os.path.join(cache_root(), "m2kr_sample"))
