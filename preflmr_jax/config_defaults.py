@@ -16,11 +16,6 @@ from preflmr_jax import recipe, sharding, tokenization
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import param_groups
 
-def require(ok: bool, key: str, value, why: str) -> None:
-  """The one shape of a config error: `config.<key>=<value>: <why>`."""
-  if not ok:
-    raise ValueError(f"config.{key}={value!r}: {why}")
-
 
 def model_dict(*, text: str = "base", vision: str = "B/32", mapping_layers: int = 1,
                **overrides) -> dict:

@@ -41,7 +41,7 @@ import jax
 import numpy as np
 import optax
 
-from preflmr_jax.config_defaults import require
+from preflmr_jax.config_checks import is_int, require, require_int
 from preflmr_jax.models import param_groups
 
 LABELS = ("mapping", "rest", "frozen")
@@ -96,8 +96,7 @@ def param_labels(params: Any, freeze_patterns: Sequence[str] | str) -> Any:
 
 def validate(opt_cfg, num_train_steps: int) -> None:
   """Checks `config.optimizer` and `config.num_train_steps` up front, naming the bad key."""
-  require(isinstance(num_train_steps, int) and num_train_steps >= 1, "num_train_steps",
-          num_train_steps, "must be a positive integer")
+  require_int("num_train_steps", num_train_steps, 1)
   require(opt_cfg.schedule in SCHEDULES, "optimizer.schedule", opt_cfg.schedule,
           f"must be one of {SCHEDULES}")
   for key in ("learning_rate", "mapping_learning_rate", "weight_decay", "grad_clip_norm"):
@@ -107,8 +106,8 @@ def validate(opt_cfg, num_train_steps: int) -> None:
       finite = bool(np.isfinite(np.float32(value)))
     require(value >= 0 and finite, f"optimizer.{key}", value, "must be >= 0 and finite in float32")
   warmup = opt_cfg.warmup_steps
-  require(isinstance(warmup, int) and 0 <= warmup <= num_train_steps, "optimizer.warmup_steps",
-          warmup, f"must be an integer in [0, config.num_train_steps={num_train_steps}]")
+  require(is_int(warmup) and 0 <= warmup <= num_train_steps, "optimizer.warmup_steps", warmup,
+          f"must be an integer in [0, config.num_train_steps={num_train_steps}]")
   require(0 <= opt_cfg.end_fraction <= 1, "optimizer.end_fraction", opt_cfg.end_fraction,
           "must be in [0, 1]")
   for key in ("b1", "b2"):
@@ -117,8 +116,7 @@ def validate(opt_cfg, num_train_steps: int) -> None:
   require(opt_cfg.decay_params in DECAY_PARAMS, "optimizer.decay_params", opt_cfg.decay_params,
           f"must be one of {DECAY_PARAMS}")
   k = opt_cfg.grad_accum_steps
-  require(isinstance(k, int) and k >= 1, "optimizer.grad_accum_steps", k,
-          "must be an integer >= 1")
+  require_int("optimizer.grad_accum_steps", k, 1)
   require(num_train_steps % k == 0, "optimizer.grad_accum_steps", k,
           f"must divide config.num_train_steps={num_train_steps} (no partial last update)")
 

@@ -29,7 +29,7 @@ from absl import logging
 from preflmr_jax import (checkpointing, data, losses, optimizer, pretrained, sharding, storage,
                          tensorboard_events, tokenization)
 from preflmr_jax import workdir as layout
-from preflmr_jax.config_defaults import require
+from preflmr_jax.config_checks import is_int, require, require_int
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -53,10 +53,6 @@ DROPOUT_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 IN_BATCH_NEGATIVES = ("global", "per_device")
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Config checks that must fail before anything is compiled, naming the key: the trainer's and
   the planner's (tools/plan.py) one check of a config on `mesh`."""
@@ -64,11 +60,10 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
                    ("keep_checkpoints", 1), ("batch_size", 1), ("num_negatives", 0),
                    ("eval_every_steps", 0), ("eval_max_queries", 1), ("score_chunk_size", 0),
                    ("max_nonfinite_steps", 0)):
-    require(_is_int(config[key]) and config[key] >= low, key, config[key],
-            f"must be an integer >= {low}" + (" (0: off)" if key in (
-                "eval_every_steps", "score_chunk_size") else ""))
+    require_int(key, config[key], low,
+                " (0: off)" if key in ("eval_every_steps", "score_chunk_size") else "")
   # jax.random.key takes a uint32 seed on every backend.
-  require(_is_int(config.seed) and 0 <= config.seed < 2**32, "seed", config.seed,
+  require(is_int(config.seed) and 0 <= config.seed < 2**32, "seed", config.seed,
           "must be an integer in [0, 2**32)")
   rules = config.logical_axis_rules
   sharding.check_batch_sharding(mesh, rules)  # each process can feed its own rows
@@ -76,16 +71,14 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
   require(config.batch_size % shards == 0, "batch_size", config.batch_size,
           f"must be divisible by the {shards} batch shards (mesh axes "
           f"{sharding.batch_axes(rules)}: config.logical_axis_rules' act_batch)")
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
+  data.local_batch_size(config, jax.process_count())
   require(config.dropout_prng_impl in DROPOUT_PRNG_IMPLS, "dropout_prng_impl",
           config.dropout_prng_impl, f"must be one of {DROPOUT_PRNG_IMPLS}")
   require(config.nan_policy in ("stop", "skip"), "nan_policy", config.nan_policy,
           "must be 'stop' or 'skip'")
   require(config.in_batch_negatives in IN_BATCH_NEGATIVES, "in_batch_negatives",
           config.in_batch_negatives, f"must be one of {IN_BATCH_NEGATIVES}")
-  require(all(_is_int(k) and k >= 1 for k in config.eval_ks), "eval_ks", config.eval_ks,
+  require(all(is_int(k) and k >= 1 for k in config.eval_ks), "eval_ks", config.eval_ks,
           "must be positive integers")
   if config.eval_every_steps and config.data.source != "m2kr":
     raise ValueError("config.eval_every_steps needs config.data.source='m2kr' (it evaluates the "

@@ -27,33 +27,27 @@ from typing import Optional
 import jax
 import numpy as np
 
+from preflmr_jax.config_checks import require, require_int
+
 BATCH_KEYS = ("query_input_ids", "query_attention_mask", "pixel_values", "doc_input_ids",
               "doc_attention_mask", "doc_labels", "positive_labels")
 
 
 def local_batch_size(config, process_count: int) -> int:
   """`config.batch_size` (global queries per step) split over `process_count` hosts."""
-  if config.batch_size < 1:
-    raise ValueError(f"config.batch_size must be positive, got {config.batch_size}")
-  if config.batch_size % process_count:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{process_count} processes")
-  return config.batch_size // process_count
+  b = require_int("batch_size", config.batch_size, 1)
+  require(b % process_count == 0, "batch_size", b,
+          f"must be divisible by the {process_count} processes")
+  return b // process_count
 
 
 def num_negatives(config) -> int:
-  n = config.num_negatives
-  if not isinstance(n, (int, np.integer)) or n < 0:
-    raise ValueError(f"config.num_negatives must be a non-negative int, got {n!r}")
-  return int(n)
+  return require_int("num_negatives", config.num_negatives, 0)
 
 
 def max_positives(config) -> int:
   """`config.data.max_positives`: how many of a query's positives its batch row lists."""
-  p = config.data.max_positives
-  if not isinstance(p, (int, np.integer)) or isinstance(p, bool) or p < 1:
-    raise ValueError(f"config.data.max_positives={p!r} must be an integer >= 1")
-  return int(p)
+  return require_int("data.max_positives", config.data.max_positives, 1)
 
 
 def batch_spec(config, model_config, num_queries: Optional[int] = None

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from preflmr_jax import image_processing, tokenization
+from preflmr_jax.config_checks import require_int
 from preflmr_jax.data import batch as batch_lib
 
 SOURCE = "synthetic"
@@ -219,9 +220,7 @@ class SyntheticIterator:
           f"config.batch_size={config.batch_size} with config.num_negatives={self.num_negatives} "
           f"needs {config.batch_size * (1 + self.num_negatives)} distinct documents per step but "
           f"the synthetic task has {NUM_CLASSES} classes")
-    if not isinstance(config.seed, (int, np.integer)) or config.seed < 0:
-      raise ValueError(f"config.seed must be a non-negative int, got {config.seed!r}")
-    self.seed = int(config.seed)
+    self.seed = require_int("seed", config.seed, 0)
     self.shape_question_prob = float(config.data.get("shape_question_prob", _SHAPE_QUESTION_PROB))
     if not 0 <= self.shape_question_prob <= 1:
       raise ValueError(f"config.data.shape_question_prob={self.shape_question_prob} is not in "
