@@ -26,16 +26,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shlex
 import subprocess
 import sys
 from typing import Sequence
 
-if __package__ in (None, ""):  # `python launch/gpu.py`: import from this checkout
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from launch import shell  # pylint: disable=g-import-not-at-top
+from launch import shell
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,10 +38,7 @@ import shlex
 import sys
 from typing import Any, Sequence
 
-if __package__ in (None, ""):  # `python launch/sweep.py`: import from this checkout
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from launch import gpu, shell, tpu_vm, xpk  # pylint: disable=g-import-not-at-top
+from launch import gpu, shell, tpu_vm, xpk
 
 BACKENDS = ("local", "tpu-vm", "xpk", "slurm", "hosts")
 LOCAL_ROOT = "/tmp/preflmr_sweeps"

@@ -33,10 +33,7 @@ import shlex
 import sys
 from typing import Sequence
 
-if __package__ in (None, ""):  # `python launch/tpu_vm.py`: import from this checkout
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from launch import shell  # pylint: disable=g-import-not-at-top
+from launch import shell
 
 ARCHIVE = "/tmp/preflmr_jax.tar.gz"
 REMOTE_DIR = "~/preflmr_jax"

@@ -23,14 +23,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import shlex
 import sys
 from typing import Sequence
-
-if __package__ in (None, ""):  # `python launch/xpk.py`: import from this checkout
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from launch import shell, tpu_vm  # pylint: disable=g-import-not-at-top
 
