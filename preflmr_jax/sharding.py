@@ -8,6 +8,7 @@ the model and in the input pipeline alike.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -290,14 +291,20 @@ def process_batch_rows(mesh: Mesh, batch_size: int, process_index: int, rules) -
   return np.concatenate([np.arange(k * rows, (k + 1) * rows) for k in shards])
 
 
+@functools.lru_cache(maxsize=16)  # once per run, not once per step: a pod's mesh has many devices
+def _process_shard_counts(mesh: Mesh, rules, process_index: int) -> tuple[int, int]:
+  """(batch shards process `process_index` holds, batch shards in all)."""
+  shards = batch_shards_by_process(mesh, rules)
+  return len(shards[process_index]), sum(len(s) for s in shards.values())
+
+
 def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], rules) -> dict[str, jax.Array]:
   """This process's rows -> global arrays sharded over the batch axes on the leading axis.
 
   The global shape is explicit: the local rows times the number of batch shards over this
   process's. The local rows fill this process's shards in ascending order (`process_batch_rows`).
   """
-  shards = batch_shards_by_process(mesh, rules)
-  mine, total = len(shards[jax.process_index()]), sum(len(s) for s in shards.values())
+  mine, total = _process_shard_counts(mesh, rules, jax.process_index())
   out = {}
   for key, value in local_batch.items():
     value = np.asarray(value)
