@@ -6,9 +6,11 @@ writer builds the same event records (the `tensorboard` package's pure-Python pr
 framing) and appends them to one `events.out.tfevents.*` file per run start with
 `storage.Appender` (on gs:// the object is rewritten whole at most every few seconds and at flush).
 
-  writer = EventWriter(workdir.tensorboard_dir(path))   # a clu MetricWriter: scalars only
+  writer = EventWriter(workdir.tensorboard_dir(path))   # scalars only
   writer.write_scalars(step, {"loss": 0.3})
   writer.close()
+
+It does not import clu's `metric_writers`, whose package imports TensorFlow (seconds per process).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import socket
 import time
 from typing import Any, Mapping
 
-from clu.metric_writers import interface
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
@@ -37,8 +38,8 @@ def event_file_name() -> str:
   return f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2"
 
 
-class EventWriter(interface.MetricWriter):
-  """Writes scalars; the trainer logs nothing else, so the other kinds are ignored."""
+class EventWriter:
+  """Scalars in one TensorBoard event file (the trainer logs nothing else)."""
 
   def __init__(self, logdir):
     header = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
@@ -50,27 +51,6 @@ class EventWriter(interface.MetricWriter):
     event = event_pb2.Event(wall_time=time.time(), step=int(step),
                             summary=summary_pb2.Summary(value=values))
     self._out.append(_record(event))
-
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts):
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
-
-  def write_hparams(self, hparams):
-    del hparams
 
   def flush(self) -> None:
     self._out.flush()

@@ -260,34 +260,47 @@ def make_evaluator(config, setup: StepSetup, mesh, params, tokenizer):
 
 
 class MetricsLog:
-  """metrics.jsonl (one object per logged step; layout.MetricsFile) and TensorBoard scalars on
-  process 0, both through `storage` (local or gs://); clu's logging writer on every process."""
+  """The logged steps: metrics.jsonl (one object per logged step; layout.MetricsFile) and
+  TensorBoard scalars on process 0, both through `storage` (local or gs://); one log line per
+  logged step, with the speed and the time left, on every process."""
 
-  def __init__(self, workdir, resume_step: int):
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  def __init__(self, workdir, resume_step: int, num_train_steps: int):
     self._main = jax.process_index() == 0
-    writers = [metric_writers.LoggingWriter()]
-    if self._main:
-      writers.append(tensorboard_events.EventWriter(layout.tensorboard_dir(workdir)))
-    self.writer = metric_writers.AsyncMultiWriter(writers)
+    self._num_train_steps = num_train_steps
+    self._events = (tensorboard_events.EventWriter(layout.tensorboard_dir(workdir))
+                    if self._main else None)
     self._file = layout.MetricsFile(workdir, resume_step) if self._main else None
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    self.writer.write_scalars(step, scalars)
-    if self._file:
+    shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items()
+                     if k not in ("steps_per_sec", "examples_per_sec")
+                     and not k.endswith("learning_rate"))
+    speed = scalars.get("steps_per_sec", 0.0)
+    left = (self._num_train_steps - step) / speed if speed else float("nan")
+    logging.info("step %d/%d: %s (%.3g steps/s, %s left)", step, self._num_train_steps, shown,
+                 speed, _duration(left))
+    if self._main:
+      self._events.write_scalars(step, scalars)
       self._file.write(step, scalars)
 
   def flush(self) -> None:
     """On object storage the logs are rewritten whole, every few seconds: also with checkpoints."""
-    self.writer.flush()
-    if self._file:
-      self._file.flush()
+    for out in (self._events, self._file):
+      if out:
+        out.flush()
 
   def close(self) -> None:
-    self.writer.flush()
-    self.writer.close()
-    if self._file:
-      self._file.close()
+    for out in (self._events, self._file):
+      if out:
+        out.close()
+
+
+def _duration(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -359,18 +372,14 @@ def _train(config, workdir, preemption) -> dict[str, float]:
         logging.info("resumed from %s at step %d", workdir, start)
       evaluator = (make_evaluator(config, setup, mesh, state.params, tokenizer)
                    if config.eval_every_steps else None)
-      log = MetricsLog(workdir, start)
-      from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-      report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                               writer=log.writer,
-                                               every_steps=config.log_every_steps)
+      log = MetricsLog(workdir, start, config.num_train_steps)
       tick = time.perf_counter()
       train_step = lowered.compile()
       logging.info("train step compiled in %.1f s", time.perf_counter() - tick)
       try:
         preemption.stop_before_start(start)
         return _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption,
-                     log, report, evaluator)
+                     log, evaluator)
       finally:
         log.close()
   finally:  # also on errors: commit the saves in flight (all of them precede the error)
@@ -380,7 +389,7 @@ def _train(config, workdir, preemption) -> dict[str, float]:
       train_iter.close()
 
 
-def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, log, report,
+def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, log,
           evaluator=None):
   """Steps start+1 .. num_train_steps; returns the last logged metrics."""
   pending, last = [], {}
@@ -389,7 +398,6 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, 
     batch = sharding.global_batch(mesh, next(train_iter), config.logical_axis_rules)
     state, metrics = train_step(state, batch)
     pending.append(metrics)
-    report(step)
     stop = preemption.should_stop(step)
     is_last = step == config.num_train_steps
     evaluate_now = evaluator and (step % config.eval_every_steps == 0 or is_last) and not stop
