@@ -1,9 +1,10 @@
 """Test setup and the fixtures the test files share.
 
-Every test sees 8 simulated CPU devices (set before JAX initialises). A temporary cache (never the
-user's ~/.cache) holds the SAMPLE M2KR task that the tiny config trains on, written and built once
-per session, and XLA's compilation cache, so that the many tests (and their subprocesses) compiling
-the same tiny train step compile it once.
+Every test sees 8 simulated CPU devices (set before JAX initialises). pytest-xdist runs the tests
+in worker processes (pyproject.toml's addopts: `-n auto`, at most 4; `-n 0` runs them in this one).
+Each worker has a temporary cache (never the user's ~/.cache) holding the SAMPLE M2KR task that the
+tiny config trains on, written and built once; XLA's compilation cache is shared by the workers and
+their subprocesses, so that the many tests compiling the same tiny train step compile it once.
 
 Fixtures: `tiny_config` / `short_run` (configs), `sample_data_dir`, `trained_workdir` (a tiny run,
 trained once per session), `one_device_env` and `cli` (subprocesses), `gcs_server` / `gcs` (a GCS
@@ -17,15 +18,21 @@ import sys
 import tempfile
 import uuid
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# The tests compile far more than they run (a few steps each of many configs): LLVM at -O0 halves
+# XLA's CPU compile time for steps about twice as slow. No fast math either way, so the numbers are
+# the same. A long run (the learning check) sets XLA_FLAGS="" in its subprocess.
+_XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+if _XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist's workers inherit them
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _XLA_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _CACHE = tempfile.TemporaryDirectory(prefix="preflmr_jax_test_cache_")
 os.environ["XDG_CACHE_HOME"] = _CACHE.name  # subprocesses (python -m ...) inherit it
-os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_CACHE.name, "jax_compilation_cache")
+if "PYTEST_XDIST_WORKER" not in os.environ:  # pytest-xdist's workers share the controller's
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_CACHE.name, "jax_compilation_cache")
+  # A size limit turns on JAX's file lock around the cache: workers write it concurrently.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
