@@ -36,6 +36,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from preflmr_jax import storage, workdir
+from preflmr_jax.user_errors import MissingPath, UserError
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -88,15 +89,15 @@ def _key_name(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """The checkpoint is intact but holds other arrays than the model (a config change)."""
 
 
-class CheckpointDamagedError(RuntimeError):
+class CheckpointDamagedError(UserError, RuntimeError):
   """No complete step restores: each one's failure is in the message."""
 
 
-class CheckpointCorruptError(ValueError):
+class CheckpointCorruptError(UserError, ValueError):
   """An array reads back with other bits than were saved."""
 
 
@@ -254,8 +255,8 @@ class Checkpointer:
     """
     step_dir = self.directory / str(step)
     if not _is_complete(step_dir):
-      raise FileNotFoundError(f"no complete checkpoint for step {step} in {self.directory} "
-                              f"(complete steps: {self.all_steps()})")
+      raise MissingPath(f"no complete checkpoint for step {step} in {self.directory} "
+                        f"(complete steps: {self.all_steps()})")
     _check_against_checkpoint(step_dir / "params", abstract_params, "params")
     _check_against_checkpoint(step_dir / "opt_state", abstract_opt_state, "opt_state")
     out = self._manager.restore(step, args=ocp.args.Composite(
@@ -294,7 +295,7 @@ class Checkpointer:
                       step, self.directory, why)
       skipped.append((step, why))
     if not skipped:
-      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+      raise MissingPath(f"no complete checkpoint in {self.directory}")
     raise CheckpointDamagedError(
         f"no checkpoint in {self.directory} restores: " +
         "; ".join(f"step {s}: {why}" for s, why in skipped))
@@ -317,8 +318,8 @@ def find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
   """Resolves a run's workdir, its checkpoints directory or one step's folder to a step folder."""
   if (path / "params").is_dir():  # one step's folder
     if not _is_complete(path):
-      raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMMIT_FILE}: an "
-                              "interrupted or still running save)")
+      raise MissingPath(f"{path} is not a complete checkpoint (no {COMMIT_FILE}: an "
+                        "interrupted or still running save)")
     if step is not None and step != int(path.name):
       raise ValueError(f"step={step} asked for, but {path} is step {path.name}")
     return path
@@ -326,10 +327,11 @@ def find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
   if step is None:
     step = _latest_complete(directory)
     if step is None:
-      raise FileNotFoundError(f"no complete checkpoint under {path}")
+      raise MissingPath(f"no complete checkpoint under {path}; train first: python -m "
+                        f"preflmr_jax.main --config CONFIG --workdir {path}")
   if not _is_complete(directory / str(step)):
-    raise FileNotFoundError(f"no complete checkpoint for step {step} under {path} "
-                            f"(complete steps: {_complete_steps(directory)})")
+    raise MissingPath(f"no complete checkpoint for step {step} under {path} "
+                      f"(complete steps: {_complete_steps(directory)})")
   return directory / str(step)
 
 

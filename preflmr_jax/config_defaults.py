@@ -15,6 +15,7 @@ import ml_collections
 from preflmr_jax import recipe, sharding, tokenization
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import param_groups
+from preflmr_jax.user_errors import ConfigError
 
 
 def model_dict(*, text: str = "base", vision: str = "B/32", mapping_layers: int = 1,
@@ -123,7 +124,7 @@ def tiny_config(width: int = 32, vision_width: int = 0, *,
   vision_width = vision_width or width
   for key, value in (("width", width), ("vision_width", vision_width)):
     if value <= 0 or value % 4:  # 4 heads of equal width
-      raise ValueError(f"{where}: {key}={value} is not a positive multiple of 4")
+      raise ConfigError(f"{where}: {key}={value} is not a positive multiple of 4")
   config = base_config()
   colon_id, punctuation_ids = tokenization.mask_token_ids(tokenization.tiny_tokenizer())
   config.model = model_dict(
@@ -170,9 +171,9 @@ def scaling_config(vision: str = "B", text: str = "base", *,
   """A scaling-grid point: both text encoders take the `text` shape, the mapping network its
   width."""
   if vision not in SCALING_VISION:
-    raise ValueError(f"{where}: vision={vision!r} is not one of {list(SCALING_VISION)}")
+    raise ConfigError(f"{where}: vision={vision!r} is not one of {list(SCALING_VISION)}")
   if text not in SCALING_TEXT:
-    raise ValueError(f"{where}: text={text!r} is not one of {list(SCALING_TEXT)}")
+    raise ConfigError(f"{where}: text={text!r} is not one of {list(SCALING_TEXT)}")
   config = base_config()
   config.model = model_dict(text=text, vision=SCALING_VISION[vision])
   return config

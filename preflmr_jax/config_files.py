@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
+from preflmr_jax.user_errors import ConfigError, MissingPath
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,7 +23,7 @@ def resolve(path: str) -> str:
   for candidate in (path, os.path.join(REPO_ROOT, path)):
     if os.path.isfile(candidate):
       return os.path.abspath(candidate)
-  raise FileNotFoundError(f"config file {path!r} not found (also looked under {REPO_ROOT})")
+  raise MissingPath(f"config file {path!r} not found (also looked under {REPO_ROOT})")
 
 
 def load_module(path: str) -> types.ModuleType:
@@ -32,7 +34,7 @@ def load_module(path: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not callable(getattr(module, "get_config", None)):
-    raise ValueError(f"config file {path} defines no get_config()")
+    raise ConfigError(f"config file {path} defines no get_config()")
   return module
 
 
@@ -81,7 +83,7 @@ def parse_arg(arg: Optional[str], *, where: str, **spec) -> ml_collections.Confi
   keys = ", ".join(f"{k}: {type(v).__name__} = {v!r}" for k, v in spec.items())
 
   def fail(why: str):
-    raise ValueError(f"{where}: argument {arg!r}: {why}; keys in order: {keys}")
+    raise ConfigError(f"{where}: argument {arg!r}: {why}; keys in order: {keys}")
 
   values = {}
   for item in filter(None, (i.strip() for i in (arg or "").split(","))):

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from preflmr_jax import user_errors
 from preflmr_jax.models import param_groups
 from preflmr_jax.models.model_config import PreFLMRConfig
 
@@ -141,7 +142,7 @@ def preflmr_rules(config: PreFLMRConfig) -> list[Rule]:
 # ----------------------------------------------------------------------------------------------
 
 
-class ConversionError(ValueError):
+class ConversionError(user_errors.UserError, ValueError):
   pass
 
 

@@ -37,12 +37,13 @@ from absl import app, flags, logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from preflmr_jax import (checkpointing, evaluation, pretrained, sharding, storage,
+from preflmr_jax import (checkpointing, cli, evaluation, pretrained, sharding, storage,
                          tokenization)
 from preflmr_jax import workdir as layout
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
+from preflmr_jax.user_errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -59,6 +60,16 @@ def _is_published(path: epath.Path) -> bool:
   return (path / pretrained.CONFIG_FILE).is_file() and any(
       p.name.startswith("model") and p.name.endswith((".safetensors", ".safetensors.index.json"))
       for p in path.iterdir())
+
+
+def check_checkpoint(checkpoint: str, step: Optional[int] = None) -> None:
+  """A published folder, or a workdir / step folder holding a complete checkpoint (`step`, default
+  the latest), or a one-line error naming --checkpoint."""
+  folder = storage.path(checkpoint, "--checkpoint")
+  storage.must_exist(folder, "--checkpoint")
+  with storage.errors("--checkpoint", folder):
+    if not _is_published(folder):
+      checkpointing.find_step_dir(folder, step)
 
 
 def restore(config, checkpoint: str, step: Optional[int] = None,
@@ -110,7 +121,7 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
   """Evaluates `tasks` and writes results.json, results.md and <task>_rankings.jsonl to output."""
   output = storage.path(output, "--output")
   if split not in m2kr.SPLITS:
-    raise ValueError(f"--split={split!r}: expected one of {m2kr.SPLITS}")
+    raise ConfigError(f"--split={split!r}: expected one of {m2kr.SPLITS}")
   tasks = [m2kr.canonical_task(t, data_dir) for t in tasks or
            [t for t, _ in pipeline.parse_tasks(config.data.tasks, data_dir)]]
   if not tasks:
@@ -160,12 +171,12 @@ def _train_flops(checkpoint: str, step: Optional[int]) -> Optional[float]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses extra arguments
   f = flags.FLAGS
   config = f.config
   if config.get("distributed"):
     sharding.initialize_distributed()
+  check_checkpoint(f.checkpoint, f.step)  # before the data (the sample may be built first)
   data_dir = f.data_dir or pipeline.resolve_data_dir(config)
   try:
     ks = [int(k) for k in f.ks.split(",")]
@@ -203,4 +214,4 @@ def define_flags():
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config", "checkpoint", "output"])
-  app.run(main)
+  cli.run(main, outputs=["output"])

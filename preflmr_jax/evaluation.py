@@ -31,6 +31,7 @@ from preflmr_jax import metrics, search, sharding, storage, tokenization
 from preflmr_jax.data import features, m2kr
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
+from preflmr_jax.user_errors import ConfigError
 
 # Document batches are padded to a multiple of this: at most doc_maxlen / 64 compiled shapes.
 DOC_LENGTH_MULTIPLE = 64
@@ -321,8 +322,8 @@ class IndexOptions:
     for part in text.split(","):
       key, eq, value = part.partition("=")
       if not eq or key.strip() not in {f.name for f in dataclasses.fields(cls)}:
-        raise ValueError(f"--index={text!r}: expected KEY=INT pairs with KEY in "
-                         f"{[f.name for f in dataclasses.fields(cls)]}")
+        raise ConfigError(f"--index={text!r}: expected KEY=INT pairs with KEY in "
+                          f"{[f.name for f in dataclasses.fields(cls)]}")
       values[key.strip()] = int(value)
     return cls(**values)
 
@@ -365,7 +366,7 @@ def _index_search(options: IndexOptions, corpus: Corpus, k: int) -> Callable:
   corpus indices)."""
   from preflmr_jax import index as plaid  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
-    raise ValueError("--index: the compressed index runs on one process")
+    raise ConfigError("--index: the compressed index runs on one process")
   n, width = len(corpus.passages), int(corpus.lengths.max(initial=1))
   chunks = [corpus.padded(range(i, min(i + 4096, n)), width) for i in range(0, n, 4096)]
   built = plaid.build(chunks, min(options.centroids, int(corpus.lengths.sum())), options.nbits)

@@ -5,9 +5,13 @@
   trainer got SIGTERM (a preemption or maintenance notice, SLURM's warning before the time limit),
   saved a complete checkpoint step and stopped; rerunning the same command resumes from that step.
   The launchers restart on it (launch/tpu_vm.py's loop, SLURM `--requeue`, xpk `--max-restarts`).
-- 1: a failure (an exception). Rerunning would fail the same way; nothing restarts it.
+- `USAGE` (2): a user's mistake (a bad config value, flag or path), printed as one line
+  (`cli.run`). Nothing restarts it.
+- 1: a failure (an exception, with its traceback). Rerunning would fail the same way; nothing
+  restarts it.
 
 No imports: the launchers load this file without importing the package (and JAX).
 """
 
 PREEMPTED = 143
+USAGE = 2

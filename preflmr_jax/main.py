@@ -4,16 +4,18 @@
 
 Running it again on the same workdir resumes from the last complete checkpoint (raise
 `--config.num_train_steps` to train further). Exit status: 0 finished, 143 preempted (SIGTERM:
-the current step is saved; rerun to resume), 1 failed (exit_codes.py).
+the current step is saved; rerun to resume), 2 a user error (one line: a bad config value, flag or
+path), 1 failed (exit_codes.py). What it prints: cli.py.
 """
 
 import sys
+import time
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from preflmr_jax import checkpointing, exit_codes, sharding, train
+from preflmr_jax import checkpointing, cli, exit_codes, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
@@ -21,15 +23,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses extra arguments
   config = _CONFIG.value
   if config.get("distributed"):
     sharding.initialize_distributed()
-  logging.info("JAX process %d/%d, %d local devices, %d in all", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+    logging.info("JAX process %d/%d, %d local devices, %d in all", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+  start = time.monotonic()
   try:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    last = train.train_and_evaluate(config, _WORKDIR.value)
+    shown = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "accuracy") if k in last)
+    logging.info("done: %d steps in %s (%s); checkpoints, metrics.jsonl and TensorBoard events "
+                 "in %s", config.num_train_steps, cli.duration(time.monotonic() - start), shown,
+                 _WORKDIR.value)
   except checkpointing.Preempted as e:  # a scheduler restarts on this status, not on a failure
     logging.warning("%s", e)
     sys.exit(exit_codes.PREEMPTED)
@@ -37,4 +43,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, outputs=["workdir"])

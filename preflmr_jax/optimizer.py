@@ -41,8 +41,8 @@ import jax
 import numpy as np
 import optax
 
-from preflmr_jax.config_checks import is_int, require, require_int
 from preflmr_jax.models import param_groups
+from preflmr_jax.user_errors import ConfigError, is_int, require, require_int
 
 LABELS = ("mapping", "rest", "frozen")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -64,7 +64,7 @@ def _compile_pattern(pattern: str) -> re.Pattern:
   try:
     return re.compile(rf"(?:{pattern})(?:(?<=/)|(?=/|$))")
   except re.error as e:
-    raise ValueError(f"config.freeze: {pattern!r} is not a valid regex ({e})") from None
+    raise ConfigError(f"config.freeze: {pattern!r} is not a valid regex ({e})") from None
 
 
 def param_labels(params: Any, freeze_patterns: Sequence[str] | str) -> Any:
@@ -82,8 +82,8 @@ def param_labels(params: Any, freeze_patterns: Sequence[str] | str) -> Any:
   mapping = {k: param_groups.in_group(k, "mapping") for k in {p.split("/")[0] for p in paths}}
   for pattern, regex in compiled:
     if not any(regex.match(path) for path in paths):
-      raise ValueError(f"config.freeze: pattern {pattern!r} matches no parameter; top-level "
-                       f"groups are {sorted(mapping)}")
+      raise ConfigError(f"config.freeze: pattern {pattern!r} matches no parameter; top-level "
+                        f"groups are {sorted(mapping)}")
 
   def label(key_path, _):
     path = _path(key_path)
@@ -137,7 +137,7 @@ def learning_rate_schedule(peak: float, opt_cfg, num_train_steps: int) -> optax.
   elif schedule == "cosine":
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=opt_cfg.end_fraction)
   else:
-    raise ValueError(f"config.optimizer.schedule={schedule!r}: must be one of {SCHEDULES}")
+    raise ConfigError(f"config.optimizer.schedule={schedule!r}: must be one of {SCHEDULES}")
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 

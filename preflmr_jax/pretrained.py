@@ -30,6 +30,7 @@ from preflmr_jax import conversion, storage, tokenization
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import token_masks
 from preflmr_jax.models.preflmr import PreFLMR, abstract_params
+from preflmr_jax.user_errors import MissingPath
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -214,7 +215,7 @@ def read_safetensors(folder: storage.PathLike) -> dict[str, np.ndarray]:
         "arbitrary code). Convert once in a trusted environment, e.g. `python -c \"import torch; "
         "from safetensors.torch import save_file; save_file({k: v.contiguous() for k, v in "
         f"torch.load('{pickled[0]}', weights_only=True).items()}}, '{WEIGHTS_FILE}')\"`.")
-  raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE})")
+  raise MissingPath(f"{folder}: no {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE})")
 
 
 def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -331,10 +332,10 @@ def load_pretrained(path: storage.PathLike, dtype: str = "float32") -> Pretraine
   """
   path = storage.path(path, "PreFLMR folder")
   if not path.is_dir():
-    raise FileNotFoundError(f"{path}: not a folder (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
+    raise MissingPath(f"{path}: not a folder (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
   config_path = path / CONFIG_FILE
   if not config_path.is_file():
-    raise FileNotFoundError(f"{path}: no {CONFIG_FILE}")
+    raise MissingPath(f"{path}: no {CONFIG_FILE}")
   hf = json.loads(config_path.read_text())
   tokenizers = {}
   for side, name in TOKENIZER_DIRS.items():

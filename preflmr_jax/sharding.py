@@ -21,6 +21,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from preflmr_jax.models import layers
+from preflmr_jax.user_errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -47,22 +48,22 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
   """Resolves `config.mesh` (one axis may be -1: the rest of the devices) to a full shape."""
   unknown = sorted(set(mesh_config) - set(MESH_AXES))
   if unknown:
-    raise ValueError(f"config.mesh: unknown axis {unknown}; the axes are {MESH_AXES}")
+    raise ConfigError(f"config.mesh: unknown axis {unknown}; the axes are {MESH_AXES}")
   sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   for axis, size in zip(MESH_AXES, sizes):
     if size == 0 or size < -1:
-      raise ValueError(f"config.mesh.{axis}={size}: must be a positive size or -1")
+      raise ConfigError(f"config.mesh.{axis}={size}: must be a positive size or -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh: {num_devices} devices are not divisible by the fixed axes "
-                       f"{dict(zip(MESH_AXES, sizes))}")
+      raise ConfigError(f"config.mesh: {num_devices} devices are not divisible by the fixed axes "
+                        f"{dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"but {num_devices} are available")
+    raise ConfigError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                      f"but {num_devices} are available")
   return tuple(sizes)
 
 
@@ -110,9 +111,9 @@ def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
   data, *inner = shape
   if data % slices:
     if devices[0].platform == "tpu":  # per-layer collectives over the data-center network: refused
-      raise ValueError(f"config.mesh.data={data} is not divisible by the {slices} slices the "
-                       "devices span: the data axis is split over slices, fsdp and tensor stay "
-                       "within one")
+      raise ConfigError(f"config.mesh.data={data} is not divisible by the {slices} slices the "
+                        "devices span: the data axis is split over slices, fsdp and tensor stay "
+                        "within one")
     # GPU nodes (JAX's slices there) commonly run FSDP over their network: allowed, but said.
     logging.warning("config.mesh.data=%d is not a multiple of the %d nodes: fsdp / tensor "
                     "collectives cross nodes", data, slices)
@@ -151,8 +152,8 @@ def batch_axes(rules) -> tuple[str, ...]:
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   unknown = [a for a in axes if a not in MESH_AXES]
   if unknown:
-    raise ValueError(f"config.logical_axis_rules: 'act_batch' -> unknown mesh axis {unknown}; "
-                     f"mesh axes are {MESH_AXES}")
+    raise ConfigError(f"config.logical_axis_rules: 'act_batch' -> unknown mesh axis {unknown}; "
+                      f"mesh axes are {MESH_AXES}")
   return axes
 
 
@@ -182,20 +183,20 @@ def check_rules(rules, param_axes: set[str]) -> None:
   named = set()
   for rule in rules:
     if len(rule) != 2:
-      raise ValueError(f"config.logical_axis_rules: {rule!r} is not a (logical, mesh) pair")
+      raise ConfigError(f"config.logical_axis_rules: {rule!r} is not a (logical, mesh) pair")
     logical, mesh_axes = rule
     if logical not in known:
-      raise ValueError(f"config.logical_axis_rules: unknown logical axis {logical!r}; the model uses "
-                       f"{sorted(known)}")
+      raise ConfigError(f"config.logical_axis_rules: unknown logical axis {logical!r}; the model uses "
+                        f"{sorted(known)}")
     for axis in (mesh_axes,) if isinstance(mesh_axes, (str, type(None))) else mesh_axes:
       if axis is not None and axis not in MESH_AXES:
-        raise ValueError(f"config.logical_axis_rules: {logical!r} -> unknown mesh axis {axis!r}; "
-                         f"mesh axes are {MESH_AXES}")
+        raise ConfigError(f"config.logical_axis_rules: {logical!r} -> unknown mesh axis {axis!r}; "
+                          f"mesh axes are {MESH_AXES}")
     named.add(logical)
   missing = sorted(known - named)
   if missing:
-    raise ValueError(f"config.logical_axis_rules: no rule for logical axis {missing} (map it to "
-                     "None to replicate)")
+    raise ConfigError(f"config.logical_axis_rules: no rule for logical axis {missing} (map it to "
+                      "None to replicate)")
 
 
 def logical_axis_names(boxed_tree: Any) -> set[str]:
@@ -266,15 +267,15 @@ def check_batch_sharding(mesh: Mesh, rules) -> None:
     if len(processes) > 1:
       index = np.unravel_index(k, [shape[a] for a in axes]) if axes else ()
       where = ", ".join(f"{a}={int(i)}" for a, i in zip(axes, index))
-      raise ValueError(
+      raise ConfigError(
           f"config.mesh {shape}: batch shard {k} ({where}) lies on devices of processes "
           f"{sorted(processes)}, which read different rows; the axes outside the batch axes "
           f"{axes} (tensor) must stay within one process (a smaller config.mesh.tensor, or fsdp "
           "instead)")
   counts = {p: len(shards) for p, shards in batch_shards_by_process(mesh, rules).items()}
   if len(set(counts.values())) > 1:
-    raise ValueError(f"config.mesh {shape}: processes hold unequal numbers of batch shards "
-                     f"{counts}, but each reads batch_size / process_count rows")
+    raise ConfigError(f"config.mesh {shape}: processes hold unequal numbers of batch shards "
+                      f"{counts}, but each reads batch_size / process_count rows")
 
 
 def process_batch_rows(mesh: Mesh, batch_size: int, process_index: int, rules) -> np.ndarray:
@@ -285,8 +286,8 @@ def process_batch_rows(mesh: Mesh, batch_size: int, process_index: int, rules) -
   shards = batch_shards_by_process(mesh, rules)[process_index]
   num_shards = num_batch_shards(mesh, rules)
   if batch_size % num_shards:
-    raise ValueError(f"config.batch_size={batch_size} is not divisible by the {num_shards} batch "
-                     f"shards (mesh axes {batch_axes(rules)})")
+    raise ConfigError(f"config.batch_size={batch_size} is not divisible by the {num_shards} batch "
+                      f"shards (mesh axes {batch_axes(rules)})")
   rows = batch_size // num_shards
   return np.concatenate([np.arange(k * rows, (k + 1) * rows) for k in shards])
 

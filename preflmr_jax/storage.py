@@ -26,6 +26,9 @@ from typing import BinaryIO, Callable, Iterator, Optional, Union
 
 from etils import epath
 
+from preflmr_jax.user_errors import (ConfigError, MissingPath, NoAccess, NotAFolder, NotWritable,
+                                     Unreachable)
+
 PathLike = Union[str, os.PathLike]
 
 EMULATOR_VAR = "STORAGE_EMULATOR_HOST"
@@ -81,15 +84,15 @@ def path(p: PathLike, what: str) -> epath.Path:
   setup()
   text = os.fspath(p)
   if not text:
-    raise ValueError(f"{what}: empty path")
+    raise ConfigError(f"{what}: empty path")
   if text.startswith("gs:"):
     bucket = text[len("gs://"):].split("/", 1)[0] if text.startswith("gs://") else ""
     if not bucket:
-      raise ValueError(f"{what}={text}: a gs:// URL needs a bucket (gs://BUCKET/...)")
+      raise ConfigError(f"{what}={text}: a gs:// URL needs a bucket (gs://BUCKET/...)")
     if not _BUCKET.fullmatch(bucket):
-      raise ValueError(f"{what}={text}: {bucket!r} is not a valid bucket name")
+      raise ConfigError(f"{what}={text}: {bucket!r} is not a valid bucket name")
   elif re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
-    raise ValueError(f"{what}={text}: only local paths and gs:// URLs are supported")
+    raise ConfigError(f"{what}={text}: only local paths and gs:// URLs are supported")
   else:
     text = os.path.expanduser(text)
   return epath.Path(text)
@@ -144,12 +147,12 @@ def describe(e: BaseException, what: str, p: PathLike) -> Optional[OSError]:
   detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
   where = f"{what}={os.fspath(p)}"
   if kind == "missing":
-    return FileNotFoundError(f"{where}: not found ({detail})")
+    return MissingPath(f"{where}: not found ({detail})")
   if kind == "denied":
     hint = ("" if os.environ.get(EMULATOR_VAR) else "; outside an emulator, give this machine "
             "credentials (`gcloud auth application-default login` or a service account)")
-    return PermissionError(f"{where}: access denied or no credentials ({detail}){hint}")
-  return ConnectionError(f"{where}: cannot reach the storage endpoint {_endpoint()} ({detail})")
+    return NoAccess(f"{where}: access denied or no credentials ({detail}){hint}")
+  return Unreachable(f"{where}: cannot reach the storage endpoint {_endpoint()} ({detail})")
 
 
 @contextlib.contextmanager
@@ -172,7 +175,9 @@ def ensure_dir(p: epath.Path, what: str) -> None:
     if is_remote(p):
       bucket = bucket_of(p)
       if not epath.Path(f"gs://{bucket}").exists():
-        raise FileNotFoundError(f"{what}={p}: bucket gs://{bucket} does not exist")
+        raise MissingPath(f"{what}={p}: bucket gs://{bucket} does not exist")
+    elif p.is_file():
+      raise NotAFolder(f"{what}={p}: is a file, not a folder")
     else:
       p.mkdir(parents=True, exist_ok=True)
 
@@ -189,7 +194,7 @@ def check_writable(p: epath.Path, what: str) -> None:
   except OSError as e:
     if is_remote(p):  # `errors` named the path already
       raise
-    raise OSError(f"{what}={p}: cannot write there ({e})") from None
+    raise NotWritable(f"{what}={p}: cannot write there ({e})") from None
 
 
 def must_exist(p: epath.Path, what: str, noun: str = "folder") -> None:
@@ -200,8 +205,8 @@ def must_exist(p: epath.Path, what: str, noun: str = "folder") -> None:
       return
     bucket = bucket_of(p)
     if bucket and not epath.Path(f"gs://{bucket}").exists():
-      raise FileNotFoundError(f"{what}={p}: bucket gs://{bucket} does not exist")
-  raise FileNotFoundError(f"{what}={p}: no such {noun}")
+      raise MissingPath(f"{what}={p}: bucket gs://{bucket} does not exist")
+  raise MissingPath(f"{what}={p}: no such {noun}")
 
 
 # ------------------------------------------------------------------------------------ writes

@@ -23,6 +23,7 @@ import numpy as np
 
 from preflmr_jax import storage
 from preflmr_jax.models.token_masks import PAD_ID  # noqa: F401  (one of the special ids below)
+from preflmr_jax.user_errors import ConfigError, MissingPath
 
 if TYPE_CHECKING:
   import transformers
@@ -63,10 +64,10 @@ def load_bert_tokenizer(path) -> "transformers.BertTokenizerFast":
   folder = storage.path(path, "tokenizer folder")
   path = os.fspath(folder)
   if not folder.is_dir():
-    raise FileNotFoundError(f"Tokenizer folder {path!r} does not exist.")
+    raise MissingPath(f"Tokenizer folder {path!r} does not exist.")
   if not any((folder / f).is_file() for f in (_VOCAB_FILE, _TOKENIZER_FILE)):
     # `from_pretrained` happily returns an empty-vocab tokenizer for such a folder.
-    raise FileNotFoundError(
+    raise MissingPath(
         f"Tokenizer folder {path!r} has neither {_VOCAB_FILE} nor {_TOKENIZER_FILE}.")
   import transformers  # Lazy: importing this module must not import it.
   # `BertTokenizerFast(vocab_file=...)` gives an all-[UNK] tokenizer in transformers 5.x;
@@ -308,9 +309,9 @@ class DocumentTokenizer:
 def tokenizer_from_config(name: str):
   """`config.tokenizer`: "tiny" (the built-in tiny vocab) or a local folder with a BERT vocab."""
   if not name:
-    raise ValueError("config.tokenizer is not set: pass --config.tokenizer=<local folder with the "
-                     "bert-base-uncased vocab.txt> (e.g. a PreFLMR checkpoint's query_tokenizer/), "
-                     "or 'tiny'")
+    raise ConfigError("config.tokenizer is not set: pass --config.tokenizer=<local folder with the "
+                      "bert-base-uncased vocab.txt> (e.g. a PreFLMR checkpoint's query_tokenizer/), "
+                      "or 'tiny'")
   return tiny_tokenizer() if name == "tiny" else load_bert_tokenizer(name)
 
 
@@ -320,8 +321,8 @@ def check_mask_ids(tokenizer, instruction_token_id: int, skip_token_ids: Sequenc
   hint = ("; set --config.tokenizer to the folder of the vocab the model was built for (configs "
           "default to the bert-base-uncased ids; 'tiny' is the built-in tiny vocab)")
   if instruction_token_id != colon:
-    raise ValueError(f"config.model.instruction_token_id={instruction_token_id} but the tokenizer "
-                     f"maps {INSTRUCTION_END!r} to {colon}{hint}")
+    raise ConfigError(f"config.model.instruction_token_id={instruction_token_id} but the tokenizer "
+                      f"maps {INSTRUCTION_END!r} to {colon}{hint}")
   if tuple(sorted(skip_token_ids)) != punctuation:
-    raise ValueError(f"config.model.skip_token_ids do not match the tokenizer's punctuation ids "
-                     f"{punctuation}{hint}")
+    raise ConfigError(f"config.model.skip_token_ids do not match the tokenizer's punctuation ids "
+                      f"{punctuation}{hint}")

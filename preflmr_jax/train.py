@@ -26,12 +26,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from preflmr_jax import (checkpointing, data, losses, optimizer, pretrained, sharding, storage,
-                         tensorboard_events, tokenization)
+from preflmr_jax import (checkpointing, cli, data, losses, optimizer, pretrained, sharding,
+                         storage, tensorboard_events, tokenization)
 from preflmr_jax import workdir as layout
-from preflmr_jax.config_checks import is_int, require, require_int
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
+from preflmr_jax.user_errors import ConfigError, MissingPath, is_int, require, require_int
 
 
 @flax.struct.dataclass
@@ -81,8 +81,8 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
   require(all(is_int(k) and k >= 1 for k in config.eval_ks), "eval_ks", config.eval_ks,
           "must be positive integers")
   if config.eval_every_steps and config.data.source != "m2kr":
-    raise ValueError("config.eval_every_steps needs config.data.source='m2kr' (it evaluates the "
-                     f"tasks' {config.eval_split} split), got {config.data.source!r}")
+    raise ConfigError("config.eval_every_steps needs config.data.source='m2kr' (it evaluates the "
+                      f"tasks' {config.eval_split} split), got {config.data.source!r}")
   optimizer.validate(config.optimizer, config.num_train_steps)
   model_config = mc.PreFLMRConfig.from_dict(config.model)
   # One process's share of a global batch is built in host memory: a batch that cannot fit would
@@ -278,7 +278,7 @@ class MetricsLog:
     speed = scalars.get("steps_per_sec", 0.0)
     left = (self._num_train_steps - step) / speed if speed else float("nan")
     logging.info("step %d/%d: %s (%.3g steps/s, %s left)", step, self._num_train_steps, shown,
-                 speed, _duration(left))
+                 speed, cli.duration(left))
     if self._main:
       self._events.write_scalars(step, scalars)
       self._file.write(step, scalars)
@@ -293,14 +293,6 @@ class MetricsLog:
     for out in (self._events, self._file):
       if out:
         out.close()
-
-
-def _duration(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return "?"
-  minutes, secs = divmod(int(round(seconds)), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -339,7 +331,9 @@ def _train(config, workdir, preemption) -> dict[str, float]:
       # Lowered once: the cost analysis and the executable the loop runs share one trace.
       lowered = setup.train_step.lower(setup.abstract_state, setup.abstract_batch)
       info = run_info(config, setup, lowered)
-      logging.info("run: %s", info)
+      logging.info("%s parameters (%s trainable), global batch %d on %d device(s), %.3g GFLOPs "
+                   "a step", f"{info['params_total']:,}", f"{info['params_trainable']:,}",
+                   info["global_batch"], info["devices"], info["train_flops_per_step"] / 1e9)
       if jax.process_index() == 0:
         with storage.errors("--workdir", workdir):
           storage.write_text(layout.run_info_path(workdir), json.dumps(info, indent=2))
@@ -422,6 +416,7 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, 
                  "nonfinite_steps": int(state.nonfinite_steps),
                  "first_nonfinite_step": int(state.first_nonfinite_step)}, force=is_last or stop)
       log.flush()  # the log never lags behind a checkpoint (object storage: see MetricsLog)
+      logging.info("checkpoint of step %d saving in the background", step)
     if stop:
       raise checkpointing.Preempted(step)
   return last
@@ -452,8 +447,8 @@ def _check_init_sources(config) -> None:
     storage.must_exist(folder, "config.init_from")
     with storage.errors("config.init_from", folder):
       if not (folder / pretrained.CONFIG_FILE).exists():
-        raise FileNotFoundError(f"config.init_from={folder}: not a published PreFLMR folder (no "
-                                f"{pretrained.CONFIG_FILE})")
+        raise MissingPath(f"config.init_from={folder}: not a published PreFLMR folder (no "
+                          f"{pretrained.CONFIG_FILE})")
   elif config.init_params_from:
     folder = storage.path(config.init_params_from, "config.init_params_from")
     storage.must_exist(folder, "config.init_params_from")

@@ -22,6 +22,7 @@ from absl import logging
 from etils import epath
 
 from preflmr_jax import storage
+from preflmr_jax.user_errors import MissingPath
 
 PathLike = Union[str, os.PathLike]
 
@@ -85,7 +86,7 @@ def read_metrics(workdir: PathLike) -> list[dict[str, Any]]:
   """The logged steps of a run, in order: `[{"step": ..., "loss": ..., ...}, ...]`."""
   path = metrics_path(workdir)
   if not path.exists():
-    raise FileNotFoundError(f"{path}: no metrics log (has the run logged a step yet?)")
+    raise MissingPath(f"{path}: no metrics log (has the run logged a step yet?)")
   return _parse_metrics(path.read_text(), path)
 
 

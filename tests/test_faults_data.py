@@ -19,7 +19,7 @@ import pytest
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
-from preflmr_jax import config_files, data, evaluate, evaluation, tokenization
+from preflmr_jax import config_files, data, evaluate, evaluation, exit_codes, tokenization
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
@@ -173,8 +173,9 @@ def test_a_record_without_its_text_is_an_error_not_none(data_dir):
     passages[3]
 
 
-def test_a_truncated_passages_shard_stops_the_eval_binary_naming_file_and_rebuild(data_dir,
-                                                                              tmp_path):
+@pytest.mark.slow
+def test_a_truncated_passages_shard_stops_the_eval_binary_naming_file_and_rebuild(
+    data_dir, tmp_path, trained_workdir):
   path = _shard(data_dir, "passages", "test_passages")
   with open(path, "rb") as f:
     whole = f.read()
@@ -182,13 +183,13 @@ def test_a_truncated_passages_shard_stops_the_eval_binary_naming_file_and_rebuil
     f.write(whole[:65536])  # at a block boundary: array_record reads it as zero records
   out = subprocess.run(
       [sys.executable, "-m", "preflmr_jax.evaluate", "--config", "configs/tiny.py",
-       "--checkpoint", str(tmp_path / "no_run"), "--tasks", "SAMPLE", "--split", "test",
+       "--checkpoint", str(trained_workdir), "--tasks", "SAMPLE", "--split", "test",
        "--data_dir", data_dir, "--output", str(tmp_path / "out"), "--embedding_cache", "off"],
       cwd=config_files.REPO_ROOT, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
-  assert out.returncode != 0
+  assert out.returncode == exit_codes.USAGE
   assert out.stderr.strip().splitlines()[-1] == (
-      f"preflmr_jax.data.m2kr.DamagedBuildError: M2KR SAMPLE passages test_passages: {path}: "
+      f"error: M2KR SAMPLE passages test_passages: {path}: "
       f"65536 bytes, the build wrote {len(whole)}; the build is damaged: {REBUILD} --source DIR "
       f"--image_root DIR --tasks SAMPLE --data_dir {data_dir} --overwrite"), out.stderr[-2000:]
   assert not os.path.exists(tmp_path / "out")  # nothing written

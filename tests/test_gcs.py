@@ -201,14 +201,14 @@ def test_bad_gs_input_is_a_one_line_error_naming_the_path(gcs, run_in, tmp_path)
   absent = f"gs://{gcs.bucket}-absent/run"
   cases = [
       (("preflmr_jax.main", f"--workdir={absent}"),
-       f"FileNotFoundError: --workdir={absent}: bucket gs://{gcs.bucket}-absent does not exist"),
+       f"error: --workdir={absent}: bucket gs://{gcs.bucket}-absent does not exist"),
       (("preflmr_jax.evaluate", f"--checkpoint=gs://{gcs.bucket}/nothing",
         f"--output=gs://{gcs.bucket}/out"),
-       f"FileNotFoundError: --checkpoint=gs://{gcs.bucket}/nothing: no such folder"),
+       f"error: --checkpoint=gs://{gcs.bucket}/nothing: no such folder"),
       (("preflmr_jax.main", "--workdir=gs://"),
-       "ValueError: --workdir=gs://: a gs:// URL needs a bucket (gs://BUCKET/...)"),
+       "error: --workdir=gs://: a gs:// URL needs a bucket (gs://BUCKET/...)"),
   ]
   for (module, *args), message in cases:
     completed = run_in(module, *args)
-    assert completed.returncode != 0 and _last_line(completed) == message, completed.stderr[-2000:]
+    assert completed.returncode == 2 and _last_line(completed) == message, completed.stderr[-2000:]
   assert gcs.names() == [] and os.listdir(tmp_path) == []  # nothing written, no local "gs:"

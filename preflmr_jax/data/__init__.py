@@ -24,6 +24,7 @@ import jax
 
 from preflmr_jax.data.batch import (  # noqa: F401  (re-exported: data.batch_spec(...))
     BATCH_KEYS, batch_spec, local_batch_size, max_positives, num_negatives)
+from preflmr_jax.user_errors import ConfigError
 
 SOURCES = ("m2kr", "synthetic")
 
@@ -32,8 +33,8 @@ def _check_source(config) -> None:
   data = config.get("data")
   source = data.get("source") if data is not None else None
   if source not in SOURCES:
-    raise ValueError(f"config.data.source={source!r} is not a known data source; "
-                     f"expected one of {SOURCES}")
+    raise ConfigError(f"config.data.source={source!r} is not a known data source; "
+                      f"expected one of {SOURCES}")
 
 
 def _processes(process_index, process_count) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from preflmr_jax.config_checks import require, require_int
+from preflmr_jax.user_errors import require, require_int
 
 BATCH_KEYS = ("query_input_ids", "query_attention_mask", "pixel_values", "doc_input_ids",
               "doc_attention_mask", "doc_labels", "positive_labels")

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from preflmr_jax import metrics, storage
+from preflmr_jax import metrics, storage, user_errors
 from preflmr_jax.data import tasks as tasks_lib
 
 PathLike = Union[str, os.PathLike]
@@ -115,15 +115,15 @@ def passage_split(split: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-class NotBuiltError(FileNotFoundError):
+class NotBuiltError(user_errors.UserError, FileNotFoundError):
   """A task or split that is not in data_dir."""
 
 
-class DamagedBuildError(ValueError):
+class DamagedBuildError(user_errors.UserError, ValueError):
   """A built shard that does not match what the build wrote (missing, truncated, resized)."""
 
 
-class CorruptRecordError(ValueError):
+class CorruptRecordError(user_errors.UserError, ValueError):
   """One built record that cannot be read or decoded: record `position` of the shard `file`."""
 
   def __init__(self, task: str, file: str, position: int, reason: str, hint: str):

@@ -758,6 +758,8 @@ def _build_into(build_dir: str, kind: str, task: str, plan: dict[str, list[str]]
                               **builder_kwargs)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    # TFDS draws progress bars straight to the terminal: only when debugging (--verbosity=1).
+    tfds.display_progress_bar(logging.getLogger().isEnabledFor(logging.DEBUG))
     with tempfile.TemporaryDirectory() as downloads:  # Nothing is downloaded.
       try:
         builder.download_and_prepare(

@@ -47,6 +47,7 @@ from preflmr_jax import storage, tokenization
 from preflmr_jax import workdir as layout
 from preflmr_jax.data import batch as batch_lib
 from preflmr_jax.data import features, instructions, m2kr
+from preflmr_jax.user_errors import ConfigError
 
 SOURCE = "m2kr"
 
@@ -68,17 +69,17 @@ def parse_tasks(spec: str, data_dir: Optional[str] = None) -> list[tuple[str, fl
       task = m2kr.canonical_task(name, data_dir)
       w = float(weight) if given else 1.0
     except ValueError as e:
-      raise ValueError(f"config.data.tasks={spec!r}: {e}") from None
+      raise ConfigError(f"config.data.tasks={spec!r}: {e}") from None
     if forms >= {"*", "="}:
-      raise ValueError(f"config.data.tasks={spec!r}: mixes weights (TASK=w) and multiples of "
-                       "the task's size (TASK*f); use one form")
+      raise ConfigError(f"config.data.tasks={spec!r}: mixes weights (TASK=w) and multiples of "
+                        "the task's size (TASK*f); use one form")
     if not w > 0 or not np.isfinite(w):
-      raise ValueError(f"config.data.tasks={spec!r}: weight of {task} must be positive, got {w}")
+      raise ConfigError(f"config.data.tasks={spec!r}: weight of {task} must be positive, got {w}")
     if task in dict(tasks):
-      raise ValueError(f"config.data.tasks={spec!r}: {task} given twice")
+      raise ConfigError(f"config.data.tasks={spec!r}: {task} given twice")
     tasks.append((task, w))
   if not tasks:
-    raise ValueError("config.data.tasks is empty; e.g. 'OVEN=1,OKVQA=1'")
+    raise ConfigError("config.data.tasks is empty; e.g. 'OVEN=1,OKVQA=1'")
   return tasks
 
 
@@ -100,8 +101,8 @@ def resolve_data_dir(config) -> str:
   if data_dir:
     return os.fspath(storage.path(data_dir, "config.data.data_dir"))
   if tasks != ["SAMPLE"]:
-    raise ValueError(f"config.data.data_dir is not set; build the tasks {tasks} with "
-                     "python -m preflmr_jax.data.prepare (docs/data.md)")
+    raise ConfigError(f"config.data.data_dir is not set; build the tasks {tasks} with "
+                      "python -m preflmr_jax.data.prepare (docs/data.md)")
   from preflmr_jax.data import sample  # pylint: disable=g-import-not-at-top
   root = os.path.expanduser(config.data.get("sample_dir")
                             or os.path.join(cache_root(), "m2kr_sample"))
@@ -230,10 +231,10 @@ def _check(config, tasks, corpora, queries) -> None:
   n = batch_lib.num_negatives(config)
   for (task, _), corpus, records in zip(tasks, corpora, queries):
     if len(records) == 0:
-      raise ValueError(f"config.data.tasks: {task} has no queries in this split")
+      raise ConfigError(f"config.data.tasks: {task} has no queries in this split")
     if len(corpus.index) < n + 1:
-      raise ValueError(f"config.num_negatives={n}: {task}'s corpus has only {len(corpus.index)} "
-                       "passages")
+      raise ConfigError(f"config.num_negatives={n}: {task}'s corpus has only {len(corpus.index)} "
+                        "passages")
 
 
 def _global_stream(tasks, sizes: Sequence[int], seed: int) -> grain.MapDataset:
@@ -381,15 +382,15 @@ def max_bad_records(config) -> int:
   """`config.data.max_bad_records`: how many records that do not decode a process replaces."""
   limit = config.data.max_bad_records
   if not isinstance(limit, int) or limit < 0:
-    raise ValueError(f"config.data.max_bad_records={limit!r} must be an integer >= 0 "
-                     "(0: stop at the first record that does not decode)")
+    raise ConfigError(f"config.data.max_bad_records={limit!r} must be an integer >= 0 "
+                      "(0: stop at the first record that does not decode)")
   return limit
 
 
 def subset_shares(tasks: Sequence[tuple[str, float]], total: int) -> list[int]:
   """`config.data.max_train_examples` split over the mixture by weight (rounded up per task)."""
   if total < 0:
-    raise ValueError(f"config.data.max_train_examples={total} must be >= 0 (0: all)")
+    raise ConfigError(f"config.data.max_train_examples={total} must be >= 0 (0: all)")
   weight = sum(w for _, w in tasks)
   return [int(np.ceil(total * w / weight)) for _, w in tasks]
 
@@ -473,7 +474,7 @@ class M2KRIterator:
       tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
     self._workers = int(config.data.get("num_workers", 0))
     if self._workers < 0:
-      raise ValueError(f"config.data.num_workers={self._workers} must be >= 0")
+      raise ConfigError(f"config.data.num_workers={self._workers} must be >= 0")
     self._batches = _host_batches(config, model_config, tokenizer, process_index=process_index,
                                   process_count=process_count)
     self._bad = _BadRecords(max_bad_records(config))

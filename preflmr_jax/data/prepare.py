@@ -152,7 +152,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from preflmr_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("source", None, "Folder of the parquet export (<PREFIX>_data/, ...).")
   flags.DEFINE_string("image_root", None, "Folder that img_path is relative to "
                       "(may be left out for text-only tasks).")
@@ -170,4 +171,4 @@ if __name__ == "__main__":
                       "Recall@K or PseudoRecall@K.")
   for _name in ("source", "tasks", "data_dir"):
     flags.mark_flag_as_required(_name)
-  app.run(main)
+  cli.run(main, outputs=["data_dir"])

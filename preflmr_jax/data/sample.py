@@ -196,7 +196,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from preflmr_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("out", None, "Folder to write (must not exist, or be empty).")
   flags.DEFINE_string("data_dir", None, "Also build it there (TFDS), as ensure_sample does.")
   flags.DEFINE_integer("seed", 0, "Seed of the queries (the corpus is fixed).")
@@ -204,4 +205,4 @@ if __name__ == "__main__":
   for _split, _count in QUERIES_PER_CLASS.items():
     flags.DEFINE_integer(f"{_split}_per_class", _count, f"{_split} queries per class.")
   flags.mark_flag_as_required("out")
-  app.run(main)
+  cli.run(main, outputs=["out"])

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from preflmr_jax import image_processing, tokenization
-from preflmr_jax.config_checks import require_int
 from preflmr_jax.data import batch as batch_lib
+from preflmr_jax.user_errors import ConfigError, require_int
 
 SOURCE = "synthetic"
 
@@ -169,8 +169,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill, background):
 def draw_image(class_id: int, rng: np.random.Generator, image_size: int) -> Image.Image:
   """The class's shape in its (jittered) colour on a light background, `image_size` square."""
   if image_size < _MIN_IMAGE_SIZE:
-    raise ValueError(f"config.model.vision.image_size={image_size} is too small to draw shapes; "
-                     f"the synthetic source needs >= {_MIN_IMAGE_SIZE}")
+    raise ConfigError(f"config.model.vision.image_size={image_size} is too small to draw shapes; "
+                      f"the synthetic source needs >= {_MIN_IMAGE_SIZE}")
   background = tuple(int(v) for v in rng.integers(190, 256, size=3))
   base = np.asarray(COLOURS[class_colour(class_id)][1])
   fill = tuple(int(v) for v in np.clip(
@@ -216,15 +216,15 @@ class SyntheticIterator:
     self.num_negatives = batch_lib.num_negatives(config)
     self.max_positives = batch_lib.max_positives(config)  # one per query here
     if config.batch_size * (1 + self.num_negatives) > NUM_CLASSES:
-      raise ValueError(
+      raise ConfigError(
           f"config.batch_size={config.batch_size} with config.num_negatives={self.num_negatives} "
           f"needs {config.batch_size * (1 + self.num_negatives)} distinct documents per step but "
           f"the synthetic task has {NUM_CLASSES} classes")
     self.seed = require_int("seed", config.seed, 0)
     self.shape_question_prob = float(config.data.get("shape_question_prob", _SHAPE_QUESTION_PROB))
     if not 0 <= self.shape_question_prob <= 1:
-      raise ValueError(f"config.data.shape_question_prob={self.shape_question_prob} is not in "
-                       f"[0, 1]")
+      raise ConfigError(f"config.data.shape_question_prob={self.shape_question_prob} is not in "
+                        f"[0, 1]")
     self.process_index = process_index
     self.image_size = model_config.vision.image_size
     if tokenizer is None:
@@ -244,8 +244,8 @@ class SyntheticIterator:
       for w in words:
         wanted = tokenizer.encode(w, add_special_tokens=False)
         if not set(wanted) <= set(ids[c].tolist()):
-          raise ValueError(f"config.model.doc_maxlen={doc_maxlen} truncates the synthetic passage "
-                           f"of {class_name(c)!r} before {w!r}")
+          raise ConfigError(f"config.model.doc_maxlen={doc_maxlen} truncates the synthetic passage "
+                            f"of {class_name(c)!r} before {w!r}")
 
   def __iter__(self):
     return self

@@ -24,6 +24,7 @@ from typing import Any, Optional
 from etils import epath
 
 from preflmr_jax import storage
+from preflmr_jax.user_errors import ConfigError
 
 TYPES = ("vqa", "caption", "image_to_document", "text")
 FIELDS = ("type", "headline")
@@ -47,18 +48,18 @@ def check_name(name: str) -> str:
 def check(description: Any, where: str) -> dict[str, str]:
   """The description's fields, checked; errors name `where` (its file or flags) and the field."""
   if not isinstance(description, dict):
-    raise ValueError(f"{where}: expected a JSON object with {list(FIELDS)}")
+    raise ConfigError(f"{where}: expected a JSON object with {list(FIELDS)}")
   unknown = sorted(set(description) - set(FIELDS))
   if unknown:
-    raise ValueError(f"{where}: unknown field(s) {unknown}; expected {list(FIELDS)}")
+    raise ConfigError(f"{where}: unknown field(s) {unknown}; expected {list(FIELDS)}")
   for field in FIELDS:
     if field not in description:
-      raise ValueError(f"{where}: missing field {field!r}")
+      raise ConfigError(f"{where}: missing field {field!r}")
   if description["type"] not in TYPES:
-    raise ValueError(f"{where}: type={description['type']!r} is not one of {TYPES}")
+    raise ConfigError(f"{where}: type={description['type']!r} is not one of {TYPES}")
   if not isinstance(description["headline"], str) or not _HEADLINE.match(description["headline"]):
-    raise ValueError(f"{where}: headline={description['headline']!r} is not 'Recall@K' or "
-                     "'PseudoRecall@K' (K >= 1)")
+    raise ConfigError(f"{where}: headline={description['headline']!r} is not 'Recall@K' or "
+                      "'PseudoRecall@K' (K >= 1)")
   return {field: description[field] for field in FIELDS}
 
 

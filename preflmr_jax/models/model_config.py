@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from preflmr_jax.models import layers
 from preflmr_jax.models.token_masks import BERT_UNCASED_COLON_ID, BERT_UNCASED_PUNCTUATION_IDS
+from preflmr_jax.user_errors import ConfigError
 
 _OUTPUTS = ("full", "mapping_only")
 
@@ -91,7 +92,7 @@ class PreFLMRConfig:
     # Fail here, naming the config key, rather than deep inside XLA.
     def check(ok, key, msg):
       if not ok:
-        raise ValueError(f"config.model.{key}: {msg}")
+        raise ConfigError(f"config.model.{key}: {msg}")
 
     def positive_ints(obj, prefix, names):
       for name in names:
@@ -176,7 +177,7 @@ def _build(cls, d, where):
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - names)
   if unknown:
-    raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
   return cls(**d)
 
 

@@ -11,9 +11,10 @@ import json
 import math
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from preflmr_jax import cli
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import param_groups, preflmr
 
@@ -44,4 +45,4 @@ def main(argv):
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)

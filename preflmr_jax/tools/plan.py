@@ -20,6 +20,9 @@ from typing import Mapping, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+from preflmr_jax import cli
+from preflmr_jax.user_errors import ConfigError
+
 def define_flags():
   """Defined only when run as a program, so that importing the module defines no absl flags."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
@@ -39,10 +42,10 @@ def parse_mesh(text: str) -> dict[str, int]:
   for part in (text or "").split(","):
     axis, eq, size = part.strip().partition("=")
     if not eq or axis not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
-      raise ValueError(f"--mesh={text!r}: expected comma-separated AXIS=SIZE with AXIS in "
-                       f"{MESH_AXES} and SIZE >= 1, e.g. data=1,fsdp=8,tensor=1")
+      raise ConfigError(f"--mesh={text!r}: expected comma-separated AXIS=SIZE with AXIS in "
+                        f"{MESH_AXES} and SIZE >= 1, e.g. data=1,fsdp=8,tensor=1")
     if axis in mesh:
-      raise ValueError(f"--mesh={text!r}: axis {axis!r} given twice")
+      raise ConfigError(f"--mesh={text!r}: axis {axis!r} given twice")
     mesh[axis] = int(size)
   return mesh
 
@@ -95,7 +98,7 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
   devices = list(jax.devices() if devices is None else devices)
   size = math.prod(int(mesh_config.get(a, 1)) for a in MESH_AXES)
   if size > len(devices):
-    raise ValueError(f"--mesh {dict(mesh_config)} needs {size} devices, {len(devices)} available")
+    raise ConfigError(f"--mesh {dict(mesh_config)} needs {size} devices, {len(devices)} available")
   devices = devices[:size]
   mesh = sharding.make_mesh(mesh_config, devices)
   train.validate(config, mesh)  # the trainer's own checks, e.g. the hosts can feed the batch
@@ -149,8 +152,7 @@ def _table(result: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses extra arguments
   try:
     mesh_config = parse_mesh(flags.FLAGS.mesh)
   except ValueError as e:
@@ -180,4 +182,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config", "mesh"])
-  app.run(main)
+  cli.run(main)

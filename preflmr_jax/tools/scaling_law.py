@@ -23,7 +23,8 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from preflmr_jax import storage, workdir
+from preflmr_jax import cli, storage, workdir
+from preflmr_jax.user_errors import MissingPath
 
 PATTERN = f"*/{workdir.EVAL}/{workdir.RESULTS}"  # <sweep dir>/<point workdir>/eval/results.json
 X_AXES = {"params": "parameters", "train_flops": "training compute (FLOPs)"}
@@ -77,10 +78,10 @@ def find_results(sweep_dir: str) -> list[epath.Path]:
   """The sweep's results files, sorted; FileNotFoundError when there are none."""
   root = storage.path(sweep_dir, "--sweep_dir")
   if not root.is_dir():
-    raise FileNotFoundError(f"sweep dir {root} does not exist or is not a directory")
+    raise MissingPath(f"sweep dir {root} does not exist or is not a directory")
   paths = sorted(root.glob(PATTERN))
   if not paths:
-    raise FileNotFoundError(f"no results files found: nothing matches {root / PATTERN}")
+    raise MissingPath(f"no results files found: nothing matches {root / PATTERN}")
   return paths
 
 
@@ -96,11 +97,11 @@ def _number(path, task, key, value, optional=False) -> float | None:
 def load_results(paths: Sequence[str | os.PathLike]) -> list[Point]:
   """One Point per (results file, task); errors name the file and the problem."""
   if not paths:
-    raise FileNotFoundError("no results files given")
+    raise MissingPath("no results files given")
   points, seen = [], {}
   for path in (storage.path(p, "--results") for p in paths):
     if not path.is_file():
-      raise FileNotFoundError(f"{path}: results file not found")
+      raise MissingPath(f"{path}: results file not found")
     # The sweep layout is <point>/eval/results.json; a bare results.json is named by its folder.
     name = path.parent.parent.name if path.parent.name == workdir.EVAL else path.parent.name
     if name in seen:
@@ -261,8 +262,7 @@ def summary(fits: Sequence[TaskFit]) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses extra arguments
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if bool(FLAGS.sweep_dir) == bool(FLAGS.results):
     raise app.UsageError("give exactly one of --sweep_dir or --results")
@@ -286,4 +286,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, outputs=["out"])

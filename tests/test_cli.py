@@ -1,0 +1,69 @@
+"""A user's mistake on the command line is one line, `error: ...`, exit status 2, no traceback, and
+leaves no output folder behind; an internal error keeps its traceback (cli.py)."""
+
+import pytest
+
+from preflmr_jax import exit_codes
+
+TINY = "--config=configs/tiny.py"
+
+
+def _one_line_error(run) -> str:
+  lines = run.stderr.strip().splitlines()
+  assert run.returncode == exit_codes.USAGE, run.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    ((TINY, "--config.num_train_step=5"),
+     'error: --config.num_train_step: no such config key. Did you mean "num_train_steps" instead '
+     'of "num_train_step"?'),
+    ((TINY, "--config.mesh.dta=2"), 'error: --config.mesh.dta: no such config key. Did you mean '
+     '"data"'),
+    ((TINY, "--config.num_train_steps=many"), "error: --config.num_train_steps=many: invalid "
+     "literal for int()"),
+    ((TINY, "--config.num_train_steps=0"), "error: config.num_train_steps=0: must be an integer >= 1"),
+    ((TINY, "--config.data.tasks=OVEM"), "error: config.data.tasks='OVEM': unknown M2KR task 'OVEM'"),
+    ((TINY, "--config.mesh.data=3"), "error: config.mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs "
+     "3 devices, but 1 are available"),
+    (("--config=configs/nope.py",), "error: --config=configs/nope.py: no such file"),
+    (("--config=configs/tiny.py:width=6",), "error: configs/tiny.py: width=6 is not a positive "
+     "multiple of 4"),
+    ((TINY, "--no_such_flag=1"), "error: Unknown command line flag 'no_such_flag'"),
+])
+def test_training_mistakes_are_one_line(tmp_path, cli, args, message):
+  workdir = tmp_path / "new" / "run"
+  line = _one_line_error(cli("preflmr_jax.main", *args, f"--workdir={workdir}"))
+  assert line.startswith(message), line
+  assert not (tmp_path / "new").exists()
+
+
+def test_a_workdir_that_is_a_file(tmp_path, cli):
+  (tmp_path / "run").write_text("")
+  line = _one_line_error(cli("preflmr_jax.main", TINY, f"--workdir={tmp_path / 'run'}"))
+  assert line == f"error: --workdir={tmp_path / 'run'}: is a file, not a folder"
+
+
+def test_evaluating_before_training_says_train_first(tmp_path, cli):
+  (tmp_path / "run").mkdir()
+  output = tmp_path / "eval"
+  line = _one_line_error(cli("preflmr_jax.evaluate", TINY, f"--checkpoint={tmp_path / 'run'}",
+                             f"--output={output}"))
+  assert "no complete checkpoint" in line and "train first: python -m preflmr_jax.main" in line
+  assert not output.exists()
+  line = _one_line_error(cli("preflmr_jax.evaluate", TINY, f"--checkpoint={tmp_path / 'none'}",
+                             f"--output={output}"))
+  assert line == f"error: --checkpoint={tmp_path / 'none'}: no such folder"
+  assert not output.exists()
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path, cli):
+  program = ("from preflmr_jax import cli\n"
+             "def main(argv):\n"
+             "  raise RuntimeError('a bug')\n"
+             "cli.run(main)\n")
+  (tmp_path / "prog.py").write_text(program)
+  run = cli("prog", cwd=tmp_path)
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert "Traceback" in run.stderr and "RuntimeError: a bug" in run.stderr
