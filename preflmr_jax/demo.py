@@ -1,15 +1,32 @@
-"""Encode a few sample image+question queries and passages and print their MaxSim scores.
+"""Rank a few sample passages for a few image+question queries by MaxSim: run it after training.
 
-  python -m preflmr_jax.demo --config configs/tiny.py [--workdir DIR] [--config.init_from=FOLDER]
+  python -m preflmr_jax.demo --config configs/tiny.py --checkpoint /tmp/preflmr_tiny \
+      [--step N] [--workdir DIR]
 
-Exercises the whole forward path (tokenizers, image preprocessing, sharded parameter init on the
-mesh, both encoders, MaxSim) with the config's model, randomly initialised, or with published weights
-via `config.init_from`.
+`--checkpoint` is what the eval binary takes, loaded by its loader (`evaluate.restore`): a run's
+workdir (its latest complete step; `--step N` for another), one step's folder, or a published
+PreFLMR folder (its own model config and tokenizers). Without it the model is the config's,
+randomly initialised, or the published weights of `--config.init_from=FOLDER`, and the output says
+so: the whole forward path (tokenizers, image preprocessing, sharded parameter init on the config's
+mesh, both encoders, MaxSim) without a trained run.
+
+The samples suit the vocabulary. With the built-in tiny vocab (configs/tiny.py, trained on the
+SAMPLE task), the queries are SAMPLE queries, a coloured shape drawn and a question and instruction
+worded by `data/synthetic.py` as the task's own, and the passages are SAMPLE passages: each query's
+true one and some sharing its colour or shape. With a real vocabulary they are natural-language
+questions about colour-field images and four encyclopedic passages.
+
+For each query it prints the question, the instruction, what the image shows and its true passage,
+then the passages best first: rank, score, passage id and the text cut to one line. `--workdir DIR`
+also writes DIR/scores.json: the queries, the passages, the [queries, passages] scores and each
+query's ranking (passage indices, best first).
 """
 
 from __future__ import annotations
 
 import json
+import textwrap
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -19,30 +36,118 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from preflmr_jax import (image_processing, late_interaction, pretrained, sharding, storage,
-                         tokenization)
+from preflmr_jax import (evaluate, image_processing, late_interaction, pretrained, sharding,
+                         storage, tokenization)
+from preflmr_jax.data import sample, synthetic
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
-SAMPLE_QUERIES = (  # (instruction, question, RGB colour of a synthetic image)
+
+class Query(NamedTuple):
+  instruction: str
+  question: str
+  image: Image.Image
+  shows: str  # what the image shows, for the printout
+  positive: str  # the id of its true passage
+
+
+# Real vocabularies: (instruction, question, RGB of a colour-field image, true passage id).
+NATURAL_QUERIES = (
     ("Using the image, answer the question:", "what colour is the sky in this picture?",
-     (70, 130, 220)),
-    ("Retrieve a passage that answers:", "which fruit is shown here?", (230, 40, 30)),
-    ("Identify the document connected to this image", "", (30, 160, 60)),
+     (70, 130, 220), "sky"),
+    ("Retrieve a passage that answers:", "which fruit is shown here?", (230, 40, 30), "apple"),
+    ("Identify the document connected to this image", "", (30, 160, 60), "grass"),
 )
-SAMPLE_PASSAGES = (
-    "The sky appears blue because air scatters short wavelengths of sunlight more than long ones.",
-    "Apples are red or green fruits that grow on trees; the apple is one of the most cultivated fruits.",
-    "Grass is green because its cells contain chlorophyll, which reflects green light.",
-    "The Eiffel Tower, completed in 1889, is a wrought-iron lattice tower in Paris.",
+NATURAL_PASSAGES = (  # (id, text)
+    ("sky", "The sky appears blue because air scatters short wavelengths of sunlight more than "
+     "long ones."),
+    ("apple", "Apples are red or green fruits that grow on trees; the apple is one of the most "
+     "cultivated fruits."),
+    ("grass", "Grass is green because its cells contain chlorophyll, which reflects green light."),
+    ("eiffel", "The Eiffel Tower, completed in 1889, is a wrought-iron lattice tower in Paris."),
 )
 
+# The tiny vocab: SAMPLE classes (synthetic.class_name) to query, and classes whose passages join
+# theirs, each sharing a colour or a shape with a query: the colour is only in the image.
+SHAPE_QUERIES = ("red star", "green moon", "dark blue wheel", "gold house")
+SHAPE_DISTRACTORS = ("red box", "dark green moon", "blue wheel", "gold tree")
+_SHAPE_SEED = 0  # of the queries' drawings and wordings
 
-def _sample_images() -> list[Image.Image]:
-  # A colour field with a diagonal gradient, so that patches differ.
+_LINE = 100  # characters of a printed ranking line
+
+
+def _class_id(name: str) -> int:
+  return [synthetic.class_name(c) for c in range(synthetic.NUM_CLASSES)].index(name)
+
+
+def shape_items() -> tuple[list[Query], list[tuple[str, str]]]:
+  """SAMPLE queries and (passage id, text) pairs, made by the sample task's own functions."""
+  queries = []
+  for name in SHAPE_QUERIES:
+    c = _class_id(name)
+    rng = np.random.default_rng([_SHAPE_SEED, c])
+    # Drawn at the sample's size and resized by the model's preprocessing, as in training.
+    image = synthetic.draw_image(c, rng, sample.DEFAULT_IMAGE_SIZE)
+    question, instruction = synthetic.make_question(c, rng, sample.SHAPE_QUESTION_PROB)
+    queries.append(Query(instruction, question, image, f"a {name}", sample.passage_id(c)))
+  classes = sorted(_class_id(name) for name in SHAPE_QUERIES + SHAPE_DISTRACTORS)
+  return queries, [(sample.passage_id(c), synthetic.passage(c)) for c in classes]
+
+
+def natural_items() -> tuple[list[Query], list[tuple[str, str]]]:
+  """Natural-language queries on colour fields (a diagonal gradient, so that patches differ)."""
   ramp = np.linspace(0.6, 1.0, 64)[:, None] * np.linspace(0.6, 1.0, 64)[None, :]
-  return [Image.fromarray((ramp[..., None] * np.array(rgb)).astype(np.uint8))
-          for _, _, rgb in SAMPLE_QUERIES]
+  queries = [Query(instruction, question,
+                   Image.fromarray((ramp[..., None] * np.array(rgb)).astype(np.uint8)),
+                   f"a colour field, RGB {rgb}", positive)
+             for instruction, question, rgb, positive in NATURAL_QUERIES]
+  return queries, list(NATURAL_PASSAGES)
+
+
+def is_tiny_vocab(tokenizer) -> bool:
+  """Whether `tokenizer` has the built-in tiny vocab (config.tokenizer="tiny", or a published
+  folder saved from such a model), whose models know only the SAMPLE task."""
+  return tokenizer.get_vocab() == {t: i for i, t in enumerate(tokenization.tiny_vocab())}
+
+
+def sample_items(query_tokenizer) -> tuple[list[Query], list[tuple[str, str]]]:
+  return shape_items() if is_tiny_vocab(query_tokenizer) else natural_items()
+
+
+def _restore(config, checkpoint: str, step: Optional[int], mesh) -> evaluate.Restored:
+  """The eval binary's loader; a missing checkpoint says which flag and how to make one."""
+  try:
+    return evaluate.restore(config, checkpoint, step, mesh)
+  except FileNotFoundError as e:
+    # restore names the flag for a missing folder, not for a folder without checkpoints.
+    reason = str(e) if str(e).startswith("--checkpoint") else f"--checkpoint={checkpoint}: {e}"
+    raise FileNotFoundError(
+        f"{reason}. --checkpoint takes a trained workdir, a step folder or a published PreFLMR "
+        f"folder; train one first: python -m preflmr_jax.main --config CONFIG --workdir DIR, then "
+        f"pass --checkpoint=DIR") from None
+
+
+def _load(config, checkpoint: Optional[str], step: Optional[int], mesh, rules):
+  """(model config, params on `mesh`, query tokenizer, document tokenizer, what the weights are)."""
+  if checkpoint:
+    r = _restore(config, checkpoint, step, mesh)
+    weights = f"checkpoint {r.checkpoint}" + (f", step {r.step}" if r.step is not None else "")
+    return r.model_config, r.params, r.query_tokenizer, r.document_tokenizer, weights
+  init_from = config.get("init_from")
+  if init_from:
+    loaded = pretrained.load_pretrained(init_from)
+    query_tokenizer = loaded.query_tokenizer or tokenization.tokenizer_from_config(config.tokenizer)
+    return (loaded.config, loaded.params, query_tokenizer,
+            loaded.document_tokenizer or query_tokenizer,
+            f"weights from config.init_from={init_from}, no --checkpoint")
+  model_config = mc.PreFLMRConfig.from_dict(config.model)
+  tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
+  tokenization.check_mask_ids(tokenizer, model_config.instruction_token_id,
+                              model_config.skip_token_ids)
+  model = preflmr.PreFLMR(model_config)
+  init = lambda rng: model.init(rng, **preflmr.dummy_inputs(model_config))["params"]
+  params, _ = sharding.init_sharded(init, mesh, rules, jax.random.key(config.seed))
+  return model_config, params, tokenizer, tokenizer, "random weights, no --checkpoint"
 
 
 def _pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -51,33 +156,15 @@ def _pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> np.ndarray:
-  """Returns the [queries, passages] score matrix (also printed, and written to workdir)."""
-  model_config = mc.PreFLMRConfig.from_dict(config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = tuple(config.logical_axis_rules)
-  init_from = config.get("init_from")
-  if init_from:
-    loaded = pretrained.load_pretrained(init_from)
-    model_config, params = loaded.config, loaded.params
-    query_tokenizer = loaded.query_tokenizer or tokenization.tokenizer_from_config(config.tokenizer)
-    doc_tokenizer = loaded.document_tokenizer or query_tokenizer
-  else:
-    query_tokenizer = doc_tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
-    tokenization.check_mask_ids(query_tokenizer, model_config.instruction_token_id,
-                                model_config.skip_token_ids)
-    model = preflmr.PreFLMR(model_config)
-    init = lambda rng: model.init(rng, **preflmr.dummy_inputs(model_config))["params"]
-    params, _ = sharding.init_sharded(init, mesh, rules, jax.random.key(config.seed))
-  logging.info("mesh %s, model %s", dict(mesh.shape), model_config)
-
-  queries = tokenization.QueryTokenizer(query_tokenizer, model_config.query_maxlen)(
-      [q for _, q, _ in SAMPLE_QUERIES], [i for i, _, _ in SAMPLE_QUERIES])
-  pixels = image_processing.preprocess_images(_sample_images(),
+def _scores(model_config, params, query_tokenizer, doc_tokenizer, queries, passages, mesh,
+            rules) -> np.ndarray:
+  """The [queries, passages] MaxSim scores, encoded and scored on `mesh` in one jitted call."""
+  q_tokens = tokenization.QueryTokenizer(query_tokenizer, model_config.query_maxlen)(
+      [q.question for q in queries], [q.instruction for q in queries])
+  pixels = image_processing.preprocess_images([q.image for q in queries],
                                               model_config.vision.image_size)
-  docs = tokenization.DocumentTokenizer(doc_tokenizer, model_config.doc_maxlen)(
-      list(SAMPLE_PASSAGES), padding="longest")
-
+  d_tokens = tokenization.DocumentTokenizer(doc_tokenizer, model_config.doc_maxlen)(
+      [text for _, text in passages], padding="longest")
   shards = sharding.num_batch_shards(mesh, rules)
   model = preflmr.PreFLMR(model_config)
 
@@ -92,36 +179,83 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None) -> np.nda
     return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim, rules))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    scores = encode_and_score(params, put(queries["input_ids"]), put(queries["attention_mask"]),
-                              put(pixels), put(docs["input_ids"]), put(docs["attention_mask"]))
-  scores = np.asarray(scores)[:len(SAMPLE_QUERIES), :len(SAMPLE_PASSAGES)]
+    scores = encode_and_score(params, put(q_tokens["input_ids"]), put(q_tokens["attention_mask"]),
+                              put(pixels), put(d_tokens["input_ids"]),
+                              put(d_tokens["attention_mask"]))
+  scores = np.asarray(scores)[:len(queries), :len(passages)]
   if not np.isfinite(scores).all():
     raise FloatingPointError(f"non-finite MaxSim scores: {scores}")
+  return scores
 
-  print(f"MaxSim scores ({'weights from ' + init_from if init_from else 'random weights'}; "
+
+def rankings(scores: np.ndarray) -> np.ndarray:
+  """Each query's passage indices, best first (ties in passage order)."""
+  return np.argsort(-scores, axis=1, kind="stable")
+
+
+def report(queries, passages, scores: np.ndarray) -> str:
+  """Each query, then its passages ranked: rank, score, id, the text on one line."""
+  id_width = max(len("passage"), *(len(pid) for pid, _ in passages))
+  lines = []
+  for i, (query, order) in enumerate(zip(queries, rankings(scores))):
+    lines += [f"query {i}: {query.question or '(no question)'}",
+              f"  instruction: {query.instruction}",
+              f"  image: {query.shows}; true passage: {query.positive}",
+              f"  {'rank':>4s}  {'score':>8s}  {'passage':<{id_width}s}  text"]
+    for rank, j in enumerate(order, 1):
+      pid, text = passages[j]
+      row = f"  {rank:>4d}  {scores[i, j]:8.3f}  {pid:<{id_width}s}  "
+      lines.append(row + textwrap.shorten(text, max(_LINE - len(row), 20), placeholder=" ..."))
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
+        checkpoint: Optional[str] = None, step: Optional[int] = None) -> np.ndarray:
+  """Returns the [queries, passages] score matrix (also printed as rankings, and written to
+  workdir/scores.json)."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple(config.logical_axis_rules)
+  model_config, params, query_tokenizer, doc_tokenizer, weights = _load(
+      config, checkpoint, step, mesh, rules)
+  logging.info("mesh %s, model %s", dict(mesh.shape), model_config)
+  queries, passages = sample_items(query_tokenizer)
+  scores = _scores(model_config, params, query_tokenizer, doc_tokenizer, queries, passages, mesh,
+                   rules)
+  print(f"MaxSim scores of {len(queries)} queries x {len(passages)} passages ({weights}; "
         f"{jax.device_count()} device(s), mesh {dict(mesh.shape)})")
-  print("query \\ passage " + "".join(f"{j:>9d}" for j in range(len(SAMPLE_PASSAGES))))
-  for i, (_, question, _) in enumerate(SAMPLE_QUERIES):
-    print(f"{i:>2d} {question[:30]:<30s}" + "".join(f"{s:9.3f}" for s in scores[i]))
+  print(report(queries, passages, scores))
   if workdir:
     folder = storage.path(workdir, "--workdir")
     storage.ensure_dir(folder, "--workdir")
-    storage.write_text(folder / "scores.json", json.dumps(
-        {"queries": [q for _, q, _ in SAMPLE_QUERIES], "passages": list(SAMPLE_PASSAGES),
-         "scores": scores.tolist()}, indent=2))
+    storage.write_text(folder / "scores.json", json.dumps({
+        "weights": weights,
+        "queries": [{"question": q.question, "instruction": q.instruction, "image": q.shows,
+                     "positive": q.positive} for q in queries],
+        "passages": [{"id": pid, "text": text} for pid, text in passages],
+        "scores": scores.tolist(),
+        "ranking": rankings(scores).tolist()}, indent=2) + "\n")
   return scores
 
 
 def _main(argv):
-  del argv
-  run(_CONFIG.value, flags.FLAGS.workdir)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if f.step is not None and not f.checkpoint:
+    raise app.UsageError("--step needs --checkpoint")
+  run(_CONFIG.value, f.workdir, f.checkpoint, f.step)
 
 
-__all__ = ["SAMPLE_PASSAGES", "SAMPLE_QUERIES", "run"]
+__all__ = ["NATURAL_PASSAGES", "NATURAL_QUERIES", "Query", "SHAPE_DISTRACTORS", "SHAPE_QUERIES",
+           "is_tiny_vocab", "natural_items", "rankings", "report", "run", "sample_items",
+           "shape_items"]
 
 if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                             lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A trained workdir, a step folder or a published "
+                      "PreFLMR folder (default: random weights, or config.init_from).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
   flags.DEFINE_string("workdir", None, "Where to write scores.json (optional).")
   flags.mark_flag_as_required("config")
   app.run(_main)

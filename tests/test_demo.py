@@ -1,6 +1,8 @@
-"""The sample encode-and-score demo on the tiny config, end to end in a subprocess."""
+"""The demo on the tiny config, end to end in a subprocess: random weights, a trained checkpoint,
+bad flags."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,17 +12,77 @@ from preflmr_jax import demo
 pytestmark = pytest.mark.slow  # each test runs the demo in a subprocess
 
 
+def _printed_rankings(stdout: str) -> dict[int, list[tuple[int, float, str, str]]]:
+  """{query index: [(rank, score, passage id, text), ...]} read back from the demo's printout."""
+  out, query = {}, None
+  for line in stdout.splitlines():
+    if m := re.match(r"query (\d+): ", line):
+      query = int(m[1])
+      out[query] = []
+    elif query is not None and (m := re.match(r"\s+(\d+)\s+(-?\d+\.\d+)\s+(\S+)\s+(.+)$", line)):
+      out[query].append((int(m[1]), float(m[2]), m[3], m[4]))
+  return out
+
+
+def _read_scores(folder):
+  with open(folder / "scores.json") as f:
+    return json.load(f)
+
+
 def test_demo_tiny_prints_and_writes_scores(tmp_path, cli):
   run = cli("preflmr_jax.demo", "--config", "configs/tiny.py", "--workdir", str(tmp_path))
   assert run.returncode == 0, run.stderr[-3000:]
-  assert "MaxSim scores" in run.stdout
-  with open(tmp_path / "scores.json") as f:
-    out = json.load(f)
+  assert "MaxSim scores" in run.stdout and "random weights, no --checkpoint" in run.stdout
+  out = _read_scores(tmp_path)
   scores = np.array(out["scores"])
-  assert scores.shape == (len(demo.SAMPLE_QUERIES), len(demo.SAMPLE_PASSAGES))
+  assert scores.shape == (len(demo.SHAPE_QUERIES), len(demo.SHAPE_QUERIES + demo.SHAPE_DISTRACTORS))
   assert np.isfinite(scores).all() and scores.std() > 0
   # Each score is a sum of at most query_length cosine similarities.
   assert (np.abs(scores) <= 32 + 4 + 16).all()
+
+
+def test_demo_tiny_samples_are_sample_task_items():
+  queries, passages = demo.shape_items()
+  ids = [pid for pid, _ in passages]
+  assert len(set(ids)) == len(ids) and all(pid.startswith("SAMPLE_p") for pid in ids)
+  assert {q.positive for q in queries} <= set(ids)
+  for q in queries:
+    assert q.instruction.endswith(":") and q.image.size == (64, 64)
+    colour, shape = q.shows.split(" ", 1)[1].rsplit(" ", 1)
+    assert colour in dict(passages)[q.positive] and shape in dict(passages)[q.positive]
+
+
+def test_demo_ranks_the_passages_of_a_trained_checkpoint(trained_workdir, tmp_path, cli):
+  run = cli("preflmr_jax.demo", "--config=configs/tiny.py", f"--checkpoint={trained_workdir}",
+            f"--workdir={tmp_path}")
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert f"checkpoint {trained_workdir}, step 6" in run.stdout
+  out = _read_scores(tmp_path)
+  scores, ranking = np.array(out["scores"]), np.array(out["ranking"])
+  texts = {p["id"]: p["text"] for p in out["passages"]}
+  assert {q["positive"] for q in out["queries"]} <= set(texts)
+  np.testing.assert_array_equal(ranking, np.argsort(-scores, axis=1, kind="stable"))
+  printed = _printed_rankings(run.stdout)
+  assert sorted(printed) == list(range(len(demo.SHAPE_QUERIES))) == list(range(len(scores)))
+  for i, rows in printed.items():
+    query = out["queries"][i]
+    assert query["question"] in run.stdout and query["instruction"] in run.stdout
+    assert [r[0] for r in rows] == list(range(1, len(texts) + 1))
+    assert [r[2] for r in rows] == [out["passages"][j]["id"] for j in ranking[i]]
+    ranked = scores[i, ranking[i]]
+    assert (np.diff(ranked) <= 0).all()
+    np.testing.assert_allclose([r[1] for r in rows], ranked, atol=1e-3)
+    for _, _, pid, text in rows:  # the passage's own text, cut to fit one line
+      assert texts[pid].startswith(text.removesuffix(" ...")) and len(text) > 20
+  assert all(len(line) <= 100 for line in run.stdout.splitlines() if re.match(r"\s+\d+\s", line))
+
+
+def test_demo_without_a_checkpoint_says_to_train_first(tmp_path, cli):
+  for missing in (tmp_path / "absent", tmp_path):  # no folder; a folder without checkpoints
+    run = cli("preflmr_jax.demo", "--config=configs/tiny.py", f"--checkpoint={missing}")
+    assert run.returncode != 0
+    error = run.stderr.strip().splitlines()[-1]
+    assert f"--checkpoint={missing}" in error and "python -m preflmr_jax.main" in error, error
 
 
 def test_demo_runs_on_a_mesh_with_overrides(tmp_path, cli):
@@ -41,3 +103,21 @@ def test_demo_bad_config_value_names_the_key(cli):
   # No vocab folder given, none downloaded:
   run = cli("preflmr_jax.demo", "--config", "configs/release.py:vit_b")
   assert run.returncode != 0 and "config.tokenizer is not set" in run.stderr
+  run = cli("preflmr_jax.demo", "--config", "configs/tiny.py", "--step=2")
+  assert run.returncode != 0 and "--step needs --checkpoint" in run.stderr
+
+
+def test_demo_ranks_the_true_passage_first_after_the_readme_run(tmp_path, cli):
+  """The README's main command (1500 steps on one device at XLA's default optimisation: minutes),
+  then the demo on its workdir: each query's true passage first, but for one query at most."""
+  w = tmp_path / "run"
+  train = cli("preflmr_jax.main", "--config=configs/tiny.py", f"--workdir={w}",
+              env={"XLA_FLAGS": ""})
+  assert train.returncode == 0, train.stderr[-3000:]
+  run = cli("preflmr_jax.demo", "--config=configs/tiny.py", f"--checkpoint={w}",
+            f"--workdir={tmp_path}", env={"XLA_FLAGS": ""})
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = _read_scores(tmp_path)
+  firsts = [out["passages"][order[0]]["id"] for order in out["ranking"]]
+  hits = sum(first == q["positive"] for first, q in zip(firsts, out["queries"]))
+  assert hits >= len(out["queries"]) - 1, run.stdout
