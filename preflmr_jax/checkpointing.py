@@ -314,6 +314,11 @@ class Checkpointer:
     self.close()
 
 
+def train_first(workdir) -> str:
+  """The hint for a checkpoint that is not there."""
+  return f"train first: python -m preflmr_jax.main --config CONFIG --workdir {workdir}"
+
+
 def find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
   """Resolves a run's workdir, its checkpoints directory or one step's folder to a step folder."""
   if (path / "params").is_dir():  # one step's folder
@@ -327,8 +332,7 @@ def find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
   if step is None:
     step = _latest_complete(directory)
     if step is None:
-      raise MissingPath(f"no complete checkpoint under {path}; train first: python -m "
-                        f"preflmr_jax.main --config CONFIG --workdir {path}")
+      raise MissingPath(f"no complete checkpoint under {path}; {train_first(path)}")
   if not _is_complete(directory / str(step)):
     raise MissingPath(f"no complete checkpoint for step {step} under {path} "
                       f"(complete steps: {_complete_steps(directory)})")

@@ -32,15 +32,16 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from preflmr_jax import (evaluate, image_processing, late_interaction, pretrained, sharding,
+from preflmr_jax import (cli, evaluate, image_processing, late_interaction, pretrained, sharding,
                          storage, tokenization)
 from preflmr_jax.data import sample, synthetic
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
+from preflmr_jax.user_errors import ConfigError
 
 
 class Query(NamedTuple):
@@ -114,23 +115,11 @@ def sample_items(query_tokenizer) -> tuple[list[Query], list[tuple[str, str]]]:
   return shape_items() if is_tiny_vocab(query_tokenizer) else natural_items()
 
 
-def _restore(config, checkpoint: str, step: Optional[int], mesh) -> evaluate.Restored:
-  """The eval binary's loader; a missing checkpoint says which flag and how to make one."""
-  try:
-    return evaluate.restore(config, checkpoint, step, mesh)
-  except FileNotFoundError as e:
-    # restore names the flag for a missing folder, not for a folder without checkpoints.
-    reason = str(e) if str(e).startswith("--checkpoint") else f"--checkpoint={checkpoint}: {e}"
-    raise FileNotFoundError(
-        f"{reason}. --checkpoint takes a trained workdir, a step folder or a published PreFLMR "
-        f"folder; train one first: python -m preflmr_jax.main --config CONFIG --workdir DIR, then "
-        f"pass --checkpoint=DIR") from None
-
-
 def _load(config, checkpoint: Optional[str], step: Optional[int], mesh, rules):
   """(model config, params on `mesh`, query tokenizer, document tokenizer, what the weights are)."""
   if checkpoint:
-    r = _restore(config, checkpoint, step, mesh)
+    evaluate.check_checkpoint(checkpoint, step)  # one line naming the flag: "train first"
+    r = evaluate.restore(config, checkpoint, step, mesh)
     weights = f"checkpoint {r.checkpoint}" + (f", step {r.step}" if r.step is not None else "")
     return r.model_config, r.params, r.query_tokenizer, r.document_tokenizer, weights
   init_from = config.get("init_from")
@@ -238,11 +227,10 @@ def run(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
 
 
 def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.run refuses extra arguments
   f = flags.FLAGS
   if f.step is not None and not f.checkpoint:
-    raise app.UsageError("--step needs --checkpoint")
+    raise ConfigError("--step needs --checkpoint")
   run(_CONFIG.value, f.workdir, f.checkpoint, f.step)
 
 
@@ -258,4 +246,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
   flags.DEFINE_string("workdir", None, "Where to write scores.json (optional).")
   flags.mark_flag_as_required("config")
-  app.run(_main)
+  cli.run(_main, outputs=["workdir"])

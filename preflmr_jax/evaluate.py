@@ -43,7 +43,7 @@ from preflmr_jax import workdir as layout
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
-from preflmr_jax.user_errors import ConfigError
+from preflmr_jax.user_errors import ConfigError, MissingPath
 
 
 @dataclasses.dataclass
@@ -66,10 +66,17 @@ def check_checkpoint(checkpoint: str, step: Optional[int] = None) -> None:
   """A published folder, or a workdir / step folder holding a complete checkpoint (`step`, default
   the latest), or a one-line error naming --checkpoint."""
   folder = storage.path(checkpoint, "--checkpoint")
-  storage.must_exist(folder, "--checkpoint")
+  try:
+    storage.must_exist(folder, "--checkpoint")
+  except MissingPath as e:
+    raise MissingPath(f"{e}; {checkpointing.train_first(folder)}") from None
   with storage.errors("--checkpoint", folder):
-    if not _is_published(folder):
+    if _is_published(folder):
+      return
+    try:
       checkpointing.find_step_dir(folder, step)
+    except MissingPath as e:
+      raise MissingPath(f"--checkpoint={folder}: {e}") from None
 
 
 def restore(config, checkpoint: str, step: Optional[int] = None,

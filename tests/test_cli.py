@@ -54,7 +54,8 @@ def test_evaluating_before_training_says_train_first(tmp_path, cli):
   assert not output.exists()
   line = _one_line_error(cli("preflmr_jax.evaluate", TINY, f"--checkpoint={tmp_path / 'none'}",
                              f"--output={output}"))
-  assert line == f"error: --checkpoint={tmp_path / 'none'}: no such folder"
+  assert line == (f"error: --checkpoint={tmp_path / 'none'}: no such folder; train first: "
+                  f"python -m preflmr_jax.main --config CONFIG --workdir {tmp_path / 'none'}")
   assert not output.exists()
 
 
@@ -67,3 +68,11 @@ def test_an_internal_error_keeps_its_traceback(tmp_path, cli):
   run = cli("prog", cwd=tmp_path)
   assert run.returncode == 1, run.stderr[-3000:]
   assert "Traceback" in run.stderr and "RuntimeError: a bug" in run.stderr
+
+
+def test_a_data_dir_without_the_sample_says_how_to_build_it(tmp_path, cli):
+  line = _one_line_error(cli("preflmr_jax.main", TINY, f"--config.data.data_dir={tmp_path}",
+                             f"--workdir={tmp_path / 'run'}"))
+  assert "M2KR SAMPLE" in line and "are not built" in line, line
+  assert f"python -m preflmr_jax.data.sample --out DIR --data_dir {tmp_path}" in line
+  assert not (tmp_path / "run").exists()

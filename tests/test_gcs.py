@@ -204,7 +204,8 @@ def test_bad_gs_input_is_a_one_line_error_naming_the_path(gcs, run_in, tmp_path)
        f"error: --workdir={absent}: bucket gs://{gcs.bucket}-absent does not exist"),
       (("preflmr_jax.evaluate", f"--checkpoint=gs://{gcs.bucket}/nothing",
         f"--output=gs://{gcs.bucket}/out"),
-       f"error: --checkpoint=gs://{gcs.bucket}/nothing: no such folder"),
+       f"error: --checkpoint=gs://{gcs.bucket}/nothing: no such folder; train first: python -m "
+       f"preflmr_jax.main --config CONFIG --workdir gs://{gcs.bucket}/nothing"),
       (("preflmr_jax.main", "--workdir=gs://"),
        "error: --workdir=gs://: a gs:// URL needs a bucket (gs://BUCKET/...)"),
   ]

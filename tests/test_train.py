@@ -2,6 +2,7 @@
 learns the sample task, bad configs fail before compiling, non-finite steps never reach a
 checkpoint, SIGTERM saves and stops."""
 
+import json
 import os
 import pathlib
 import signal
@@ -128,16 +129,28 @@ def test_stage1_freezes_everything_but_the_mapping_structures(tmp_path, short_ru
 @pytest.mark.parametrize("source", ["m2kr", "synthetic"])
 def test_tiny_config_learns_the_sample_task(tmp_path, source, cli):
   """The README's main command learns SAMPLE, through the TFDS builds + grain (m2kr) and through
-  the in-memory generator (synthetic). One device, XLA's default optimisation: 1500 steps run for
-  longer than they take to compile."""
-  out = cli("preflmr_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+  the in-memory generator (synthetic), printing a screenful; then the demo on the trained workdir
+  ranks each query's true passage first (all but one query at most). One device, XLA's default
+  optimisation: 1500 steps run for longer than they take to compile."""
+  workdir = tmp_path / "run"
+  out = cli("preflmr_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
             f"--config.data.source={source}", env={"XLA_FLAGS": ""})
   assert out.returncode == 0, out.stderr[-3000:]
-  metrics = _read_metrics(tmp_path)
+  console = (out.stdout + out.stderr).strip().splitlines()
+  assert len(console) <= 40 and "done: 1500 steps" in console[-2], console
+  metrics = _read_metrics(workdir)
   assert metrics[-1]["step"] == 1500
   assert metrics[0]["accuracy"] < 0.5, metrics[0]  # chance: 1/16
   assert metrics[-1]["accuracy"] >= 0.9, metrics[-3:]
   assert metrics[-1]["loss"] < metrics[0]["loss"]
+  if source == "m2kr":
+    demo = cli("preflmr_jax.demo", "--config=configs/tiny.py", f"--checkpoint={workdir}",
+               f"--workdir={tmp_path}", env={"XLA_FLAGS": ""})
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    firsts = [scores["passages"][order[0]]["id"] for order in scores["ranking"]]
+    hits = sum(first == q["positive"] for first, q in zip(firsts, scores["queries"]))
+    assert hits >= len(scores["queries"]) - 1, demo.stdout
 
 
 @pytest.mark.parametrize("overrides,message", [
