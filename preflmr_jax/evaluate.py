@@ -132,7 +132,7 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
   tasks = [m2kr.canonical_task(t, data_dir) for t in tasks or
            [t for t, _ in pipeline.parse_tasks(config.data.tasks, data_dir)]]
   if not tasks:
-    raise ValueError("no tasks to evaluate: pass --tasks or set config.data.tasks")
+    raise ConfigError("no tasks to evaluate: pass --tasks or set config.data.tasks")
   # What can fail without the model fails before it is loaded: every task's data, and the
   # folders written to (process 0 writes the outputs, every process its embedding cache).
   evaluation.check_tasks(data_dir, tasks, split)

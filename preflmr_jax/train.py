@@ -353,10 +353,10 @@ def _train(config, workdir, preemption) -> dict[str, float]:
                                                                setup.abstract_state.opt_state)
         put = lambda x: jax.device_put(x, replicated)
         if np.shape(meta["rng"]) != setup.abstract_state.rng.shape:
-          raise ValueError(f"{workdir}: checkpoint {start}'s dropout key has shape "
-                           f"{np.shape(meta['rng'])}, config.dropout_prng_impl="
-                           f"{config.dropout_prng_impl!r} needs {setup.abstract_state.rng.shape}: "
-                           "resume with the impl the run started with")
+          raise ConfigError(f"{workdir}: checkpoint {start}'s dropout key has shape "
+                            f"{np.shape(meta['rng'])}, config.dropout_prng_impl="
+                            f"{config.dropout_prng_impl!r} needs {setup.abstract_state.rng.shape}: "
+                            "resume with the impl the run started with")
         state = TrainState(
             step=put(jnp.int32(start)), params=params, opt_state=opt_state,
             rng=put(np.asarray(meta["rng"], np.uint32)),
@@ -441,7 +441,7 @@ def _check_finite(state: TrainState, config) -> None:
 def _check_init_sources(config) -> None:
   """The folder to start from exists, checked before anything compiles."""
   if config.init_from and config.init_params_from:
-    raise ValueError("set at most one of config.init_from and config.init_params_from")
+    raise ConfigError("set at most one of config.init_from and config.init_params_from")
   if config.init_from:
     folder = storage.path(config.init_from, "config.init_from")
     storage.must_exist(folder, "config.init_from")
@@ -472,8 +472,8 @@ def _initial_params(config, abstract_params):
   want = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), abstract_params)
   got = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), loaded)
   if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-    raise ValueError(f"the parameters from {config.init_from or config.init_params_from} do not "
-                     "match config.model (different shapes or dtypes)")
+    raise ConfigError(f"the parameters from {config.init_from or config.init_params_from} do not "
+                      "match config.model (different shapes or dtypes)")
   return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), loaded, abstract_params)
 
 

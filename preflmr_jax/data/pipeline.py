@@ -180,8 +180,8 @@ class _MakeExample(grain.transforms.RandomMap):
       negatives.append(hard[j])
       excluded.add(hard[j])
     if size - len(excluded) < self.n - len(negatives):  # would never finish
-      raise ValueError(f"{self.task} query {question_id!r}: its corpus of {size} passages has "
-                       f"fewer than config.num_negatives={self.n} that are not its positives")
+      raise ConfigError(f"{self.task} query {question_id!r}: its corpus of {size} passages has "
+                        f"fewer than config.num_negatives={self.n} that are not its positives")
     while len(negatives) < self.n:
       i = int(rng.integers(size))
       if i not in excluded:

@@ -215,11 +215,11 @@ VISION_SHAPES: dict[str, dict[str, Any]] = {
 
 def text_shape(name: str, **overrides) -> dict[str, Any]:
   if name not in TEXT_SHAPES:
-    raise ValueError(f"unknown text shape {name!r}; known: {sorted(TEXT_SHAPES)}")
+    raise ConfigError(f"unknown text shape {name!r}; known: {sorted(TEXT_SHAPES)}")
   return dataclasses.asdict(TextConfig(**{**TEXT_SHAPES[name], **overrides}))
 
 
 def vision_shape(name: str, **overrides) -> dict[str, Any]:
   if name not in VISION_SHAPES:
-    raise ValueError(f"unknown vision shape {name!r}; known: {sorted(VISION_SHAPES)}")
+    raise ConfigError(f"unknown vision shape {name!r}; known: {sorted(VISION_SHAPES)}")
   return dataclasses.asdict(VisionConfig(**{**VISION_SHAPES[name], **overrides}))
