@@ -93,14 +93,17 @@ def chain(argvs: Sequence[Sequence[str]]) -> str:
   a shell runs a lone command with exec, so the signal reaches it directly."""
   if len(argvs) == 1:
     return shlex.join(argvs[0])
-  # A trapped SIGTERM ends a `wait` early, with 143: wait again while the command is there. Once
-  # it is gone, asking again is not reliable (bash 5.2 may answer -1 for a command that ended
-  # while its `wait` was cut short), so the last answer stands: its status, or 143 when the
-  # signal came as it ended, which a restart sorts out. 127: the pid was not a child (taken again).
-  steps = [f'{{ {shlex.join(a)} & pid=$!; while :; do wait "$pid"; rc=$?; [ "$rc" -ne 127 ] && '
+  # A SIGTERM between starting a command and `pid=$!` finds no pid to pass on: the trap notes it
+  # in `term` and the command is signalled once its pid is known. A trapped SIGTERM ends a `wait`
+  # early, with 143: wait again while the command is there. Once it is gone, asking again is not
+  # reliable (bash 5.2 may answer -1 for a command that ended while its `wait` was cut short), so
+  # the last answer stands: its status, or 143 when the signal came as it ended, which a restart
+  # sorts out. 127: the pid was not a child (taken again).
+  steps = [f'{{ {shlex.join(a)} & pid=$!; [ -z "$term" ] || kill -TERM "$pid" 2>/dev/null; '
+           f'while :; do wait "$pid"; rc=$?; [ "$rc" -ne 127 ] && '
            f'kill -0 "$pid" 2>/dev/null || break; done; [ "$rc" -ge 0 ] || rc={PREEMPTED}; '
            f'(exit "$rc"); }}' for a in argvs]
-  return "trap 'kill -TERM \"$pid\" 2>/dev/null' TERM; " + " && ".join(steps)
+  return "term=; pid=; trap 'term=1; kill -TERM \"$pid\" 2>/dev/null' TERM; " + " && ".join(steps)
 
 
 def restart_loop(command: str, max_restarts: int, before_restart: str = "") -> str:

@@ -427,6 +427,24 @@ def test_sweep_line_passes_sigterm_to_the_training_and_skips_its_eval(signal_gro
       os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_sweep_line_passes_on_a_sigterm_that_comes_before_the_shell_holds_the_pid(tmp_path):
+  """The shell may get SIGTERM after starting the training but before `pid=$!` (a window of
+  microseconds that a busy machine hits about once in a hundred tries): the training still gets
+  the signal. A DEBUG trap sends the SIGTERM in exactly that window."""
+  evaluated = tmp_path / "evaluated"
+  train = ["sh", "-c", "trap 'exit 143' TERM; while :; do sleep 0.05; done"]
+  line = shell.chain([train, ["sh", "-c", f"echo evaluated > {evaluated}"]])
+  in_window = ("trap '[[ -z $sent && $BASH_COMMAND == \"pid=\\$!\" ]] && "
+               "{ sent=1; kill -TERM $$; }' DEBUG; ")
+  proc = subprocess.Popen(["bash", "-c", in_window + line], start_new_session=True)
+  try:
+    assert proc.wait(timeout=20) == shell.PREEMPTED
+    assert not evaluated.exists()
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("train_status, evaluated", [(0, True), (1, False), (143, False)])
 def test_sweep_line_evaluates_only_a_finished_training(train_status, evaluated, tmp_path):
   marker = tmp_path / "evaluated"
