@@ -190,10 +190,9 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f"--ks={f.ks!r}: expected comma-separated integers") from None
   cache_dir = {"": os.path.join(pipeline.cache_root(), "embeddings"), "off": None}.get(f.embedding_cache, f.embedding_cache)
-  try:
-    index = evaluation.IndexOptions.parse(f.index)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  index = evaluation.IndexOptions.parse(f.index)
+  if index:
+    index.check(max(ks))  # before the checkpoint and the corpus are read
   results = run(config, f.checkpoint, [t for t in f.tasks.split(",") if t], f.split, data_dir, f.output, ks,
                 f.batch_size, f.step, cache_dir, index)
   if jax.process_index() == 0:
@@ -212,8 +211,9 @@ def define_flags():
   flags.DEFINE_string("output", None, "Output folder.")
   flags.DEFINE_string("ks", "1,5,10", "Recall@K cut-offs.")
   flags.DEFINE_integer("batch_size", 64, "Encoding batch size (all devices together).")
-  flags.DEFINE_string("index", "", "Search a compressed index instead of exhaustively, e.g. "
-                      "nbits=2,centroids=256,nprobe=4 (also reports its recall vs exact search).")
+  flags.DEFINE_string("index", "", "Search a PLAID index instead of exhaustively (and report "
+                      "its recall vs exact search): 'plaid' for the defaults, or KEY=VALUE pairs "
+                      "such as nbits=2,nprobe=4,threshold=0.4 (docs/evaluation.md).")
   flags.DEFINE_string("embedding_cache", "", "Corpus embedding cache folder ('' = "
                       "$XDG_CACHE_HOME/preflmr_jax/embeddings, 'off' = none).")
 

@@ -169,6 +169,7 @@ class Corpus:
   passages: np.ndarray
   tokens: np.ndarray
   lengths: np.ndarray
+  key: str = ""  # the cache's fingerprint of parameters, model and passages ('' without a cache)
 
   def padded(self, take: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings [len(take), width, dim], mask) of this process's entries `take`."""
@@ -283,11 +284,11 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir=None) -> Corp
     records = passages.__getitems__(rows)
     ids += [r["passage_id"] for r in records]
     texts += [r["passage_content"] for r in records]
-  path = None
+  path, key = None, ""
   if cache_dir:
-    name = (f"{task}_{_fingerprint(encoder.params, encoder.config, ids, texts)}_"
-            f"{jax.process_index()}of{jax.process_count()}_b{encoder.batch_size}.npz")
-    path = storage.path(cache_dir, "--embedding_cache") / name
+    key = (f"{task}_{_fingerprint(encoder.params, encoder.config, ids, texts)}_"
+           f"{jax.process_index()}of{jax.process_count()}_b{encoder.batch_size}")
+    path = storage.path(cache_dir, "--embedding_cache") / f"{key}.npz"
   hit = bool(path and path.exists())
   if _allgather(np.asarray(hit)).all():  # every process reuses its share, or none does
     with path.open("rb") as f, np.load(f) as cached:
@@ -298,7 +299,7 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir=None) -> Corp
     if path:  # never read half-written (a gs:// rename would be a copy)
       storage.write_with(path, lambda f: np.savez(f, passages=local[0], tokens=local[1],
                                                   lengths=local[2]))
-  return Corpus(ids, texts, *local)
+  return Corpus(ids, texts, *local, key=key)
 
 
 # ---------------------------------------------------------------------------
@@ -308,24 +309,58 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir=None) -> Corp
 
 @dataclasses.dataclass(frozen=True)
 class IndexOptions:
-  """`--index=nbits=2,centroids=256,nprobe=4,candidates=0` (index.py; candidates 0: no pruning)."""
+  """`--index=plaid` or `--index=nbits=2,nprobe=4,...`: how to build the compressed index (`nbits`; `centroids`, 0:
+  PLAID's choice from the corpus's token count) and any `index.SearchOptions` field to change
+  from PLAID's settings for the largest k (`search`, (name, value) pairs)."""
   nbits: int = 2
-  centroids: int = 256
-  nprobe: int = 4
-  candidates: int = 0
+  centroids: int = 0
+  search: tuple[tuple[str, Any], ...] = ()
 
   @classmethod
   def parse(cls, text: str) -> Optional["IndexOptions"]:
+    """None for '', the defaults for 'plaid'; ConfigError naming `--index` for an unknown key or
+    a value of the wrong kind."""
+    from preflmr_jax import index as plaid  # pylint: disable=g-import-not-at-top
     if not text:
       return None
-    values = {}
+    if text.strip() == "plaid":
+      return cls()
+    search_keys = [f.name for f in dataclasses.fields(plaid.SearchOptions)]
+    keys = ["nbits", "centroids"] + search_keys
+    values, search_values = {}, []
     for part in text.split(","):
-      key, eq, value = part.partition("=")
-      if not eq or key.strip() not in {f.name for f in dataclasses.fields(cls)}:
-        raise ConfigError(f"--index={text!r}: expected KEY=INT pairs with KEY in "
-                          f"{[f.name for f in dataclasses.fields(cls)]}")
-      values[key.strip()] = int(value)
-    return cls(**values)
+      key, eq, value = (x.strip() for x in part.partition("="))
+      if not eq or key not in keys:
+        raise ConfigError(f"--index={text!r}: expected KEY=VALUE pairs with KEY in {keys}")
+      try:
+        number = float(value) if key == "threshold" else int(value)
+      except ValueError:
+        raise ConfigError(f"--index={text!r}: {key} takes "
+                          f"{'a number' if key == 'threshold' else 'an integer'}, got {value!r}"
+                          ) from None
+      if key in search_keys:
+        search_values.append((key, number))
+      else:
+        values[key] = number
+    return cls(**values, search=tuple(search_values))
+
+  def search_options(self, k: int):
+    """The `index.SearchOptions` for k results; ConfigError naming `--index` if they cannot work."""
+    from preflmr_jax import index as plaid  # pylint: disable=g-import-not-at-top
+    options = plaid.SearchOptions.for_k(k, **dict(self.search))
+    # A smaller cap than PLAID's keep/rerank lowers those too, rather than failing.
+    options = dataclasses.replace(options, keep=min(options.keep, options.candidates))
+    options = dataclasses.replace(options, rerank=max(min(options.rerank, options.keep), k))
+    options.check(k, prefix="--index=")
+    return options
+
+  def check(self, k: int) -> None:
+    if self.nbits not in (1, 2, 4, 8):
+      raise ConfigError(f"--index=nbits={self.nbits}: must be one of 1, 2, 4, 8")
+    if self.centroids < 0:
+      raise ConfigError(f"--index=centroids={self.centroids}: must be >= 1 (0: chosen from the "
+                        "corpus size)")
+    self.search_options(k)
 
 
 def _replicated_value(x: jax.Array) -> np.ndarray:
@@ -361,19 +396,37 @@ def _exact_search(encoder: Encoder, corpus: Corpus, k: int, chunk_size: int,
   return streamed
 
 
-def _index_search(options: IndexOptions, corpus: Corpus, k: int) -> Callable:
-  """A PLAID-style index of the corpus (one process) and its search: queries -> host (scores,
-  corpus indices)."""
+def _index_search(options: IndexOptions, corpus: Corpus, k: int, cache_dir=None) -> Callable:
+  """A PLAID index of the corpus (one process) and its search: queries -> host (scores, corpus
+  indices). With `cache_dir`, the index is kept next to the corpus embeddings, keyed the same way
+  plus its build options, and reused."""
   from preflmr_jax import index as plaid  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     raise ConfigError("--index: the compressed index runs on one process")
-  n, width = len(corpus.passages), int(corpus.lengths.max(initial=1))
-  chunks = [corpus.padded(range(i, min(i + 4096, n)), width) for i in range(0, n, 4096)]
-  built = plaid.build(chunks, min(options.centroids, int(corpus.lengths.sum())), options.nbits)
+  search_options = options.search_options(k)
+  num_tokens = int(corpus.lengths.sum())
+  centroids = min(options.centroids or plaid.default_num_centroids(num_tokens), num_tokens)
+  path = None
+  if cache_dir and corpus.key:
+    path = (storage.path(cache_dir, "--embedding_cache") /
+            f"{corpus.key}_nbits{options.nbits}_c{centroids}.plaid.npz")
+  built = None
+  if path and path.exists():
+    try:
+      built = plaid.load(path, corpus_key=corpus.key)
+      logging.info("index from the cache %s", path)
+    except ValueError as e:  # a damaged cache entry is rebuilt, not fatal
+      logging.warning("rebuilding the index: %s", e)
+  if built is None:
+    n, width = len(corpus.passages), int(corpus.lengths.max(initial=1))
+    chunks = lambda: (corpus.padded(range(i, min(i + 4096, n)), width) for i in range(0, n, 4096))
+    built = plaid.build(chunks, centroids, options.nbits, corpus_key=corpus.key or "",
+                        progress=jax.process_index() == 0)
+    if path:
+      plaid.save(built, path)
 
   def find(q):
-    scores, top = plaid.search(built, np.asarray(q), None, k, options.nprobe,
-                               options.candidates or None)
+    scores, top = plaid.search(built, np.asarray(q), None, k, search_options)
     top = np.asarray(top)  # -1 past the candidates found: stays -1, never a passage
     return np.asarray(scores), np.where(top >= 0, corpus.passages[top], -1)
   return find
@@ -401,7 +454,7 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
   k = min(max(ks), len(passages))
   corpus = encode_corpus(encoder, passages, task, cache_dir)
   exact = _exact_search(encoder, corpus, k, chunk_size, device_corpus_bytes)
-  indexed = _index_search(index, corpus, k) if index else None
+  indexed = _index_search(index, corpus, k, cache_dir) if index else None
   rankings, positives, answers = [], [], []
   seconds, overlap = {"exact": 0.0, "index": 0.0}, []
   for rows in tqdm(list(_batches(num_queries, encoder.batch_size)), desc=f"{task} queries",
@@ -440,7 +493,9 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
                 queries_without_positive_in_corpus=sum(
                     in_corpus.isdisjoint(p) for p in positives))
   if indexed:
-    result.update({"index": dataclasses.asdict(index), f"IndexRecallVsExact@{k}":
+    result.update({"index": {"nbits": index.nbits, "centroids": index.centroids,
+                             **dataclasses.asdict(index.search_options(k))},
+                   f"IndexRecallVsExact@{k}":
                    float(np.mean(overlap)), "index_search_seconds": seconds["index"],
                    "index_speedup": seconds["exact"] / max(seconds["index"], 1e-9)})
   return result, rankings

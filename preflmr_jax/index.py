@@ -1,7 +1,8 @@
-"""PLAID-style compressed late-interaction index (ColBERTv2 residual compression + centroid IVF).
+"""PLAID in JAX: ColBERTv2's residual compression, inverted lists and PLAID's staged search.
 
-  index = build(chunks, num_centroids=1024, nbits=2)     # chunks: list or callable -> iterable
-  scores, indices = search(index, q, q_mask, k=10, nprobe=4, ncandidates=256)
+  index = build(chunks, default_num_centroids(num_tokens), nbits=2)  # chunks: list or callable
+  scores, ids = search(index, q, q_mask, k=10)                      # PLAID's settings for k
+  scores, ids = search(index, q, q_mask, k=100, options=SearchOptions(nprobe=4, threshold=0.4))
   save(index, "corpus.plaid.npz"); index = load("corpus.plaid.npz")
 
 Build streams the corpus twice, one chunk of (docs [n, Ld, dim], mask [n, Ld]) at a time: pass 1
@@ -11,13 +12,19 @@ pass 2 stores every valid token as its nearest centroid id plus its residual (to
 quantised to `nbits` per dimension and packed into uint8. Bucket cutoffs are per-dimension
 quantiles of the sample's residuals (as ColBERTv2), bucket values the mean residual in each bucket.
 Decompressed tokens are re-normalised (as ColBERTv2). Inverted lists map each centroid to the sorted
-ids of the documents with a token assigned to it (CSR: ivf_offsets + ivf_docs).
+ids of the documents with a token assigned to it (CSR: ivf_offsets + ivf_docs). Memory: the
+sample, one chunk, and the compressed corpus.
 
-Search: score query tokens against the centroids, probe the top `nprobe` centroids of every valid
-query token, take the union of their documents (host side, NumPy); optionally keep the
-`ncandidates` best of those by MaxSim against centroid-only reconstructions; then rerank on the
-decompressed embeddings with `late_interaction.maxsim`. The compressed index stays in host memory;
-only the candidates' codes and residuals go to the device.
+Search follows PLAID (Santhanam et al. 2022), a group of queries at a time: (1) query-centroid
+scores [Lq, C] on the device, each query token's `nprobe` best centroids, the documents of their
+inverted lists gathered on the host and capped at `candidates`; (2) centroid interaction: each
+candidate's approximate MaxSim from its tokens' centroid ids by lookup into the query-centroid
+scores, without the centroids whose best score is under `threshold`, keeping `keep`; (3) the same
+unpruned, keeping `rerank`; (4) those decompressed and scored by exact MaxSim. Memory is bounded
+by the group, the candidate cap and the longest document, never by the corpus size times the
+batch. Unlike ColBERT's searcher, every valid query token takes part in stages 1-3 (ColBERT's
+uses the first 32), and a document's score is the plain MaxSim (ColBERT's CPU scorer clamps each
+query token's best at 0).
 
 Differences from `search.exact_search`: documents with no valid token are in no inverted list and
 are never returned; when a query has fewer than k candidates the tail is score -inf, index -1.
@@ -35,10 +42,12 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from preflmr_jax import late_interaction, storage
+from preflmr_jax import storage
+from preflmr_jax.user_errors import ConfigError, is_int
 
-__all__ = ["PlaidIndex", "build", "search", "decompress", "save", "load", "NBITS"]
+__all__ = ["PlaidIndex", "SearchOptions", "build", "search", "decompress", "save", "load", "NBITS"]
 
 NBITS = (1, 2, 4, 8)
 FORMAT = "preflmr_jax.plaid_index"
@@ -72,6 +81,7 @@ class PlaidIndex:
   doc_offsets: np.ndarray      # [N + 1] int64
   ivf_offsets: np.ndarray      # [C + 1] int64
   ivf_docs: np.ndarray         # [nnz] int32 document ids, sorted within each list
+  corpus_key: str = ""         # names the corpus it was built from (checked by `load`)
 
   def __post_init__(self):
     _validate(self)
@@ -225,31 +235,82 @@ def _decompress(codes, packed, centroids, weights, nbits):
 _decompress_jit = jax.jit(_decompress, static_argnames="nbits")
 
 
-def _maxsim_per_query(q, d, mask, precision):
-  """q [B, Lq, dim] against its own documents d [B, M, Ld, dim] -> [B, M]."""
-  return jax.vmap(
-      lambda qb, db, mb: late_interaction.maxsim(qb[None], db, mb, precision=precision)[0])(
-          q, d, mask)
+@functools.partial(jax.jit, static_argnames=("nprobe", "precision"))
+def _query_centroid_scores(q, valid_q, centroids, nprobe, precision):
+  """Stage 1. q [G, Lq, dim] -> scores [G, Lq, C] (0 for masked tokens), each valid token's
+  `nprobe` best centroids and their scores [G, Lq, nprobe], and each centroid's best score over
+  the valid tokens [G, C] (what PLAID's pruning compares with its threshold)."""
+  s = jnp.einsum("gqd,cd->gqc", q, centroids, precision=precision,
+                 preferred_element_type=jnp.float32)
+  s = jnp.where(valid_q[..., None], s, 0.0)
+  best, ids = lax.top_k(s, nprobe)
+  return s, best, ids, jnp.max(jnp.where(valid_q[..., None], s, -jnp.inf), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("nprobe",))
-def _probe(q, centroids, nprobe):
-  s = jnp.einsum("bqd,cd->bqc", q, centroids, preferred_element_type=jnp.float32)
-  return lax.top_k(s, nprobe)[1]
+_TOKENS_PER_STEP = 4096  # bounds the [tokens, Lq] scores held at once in stages 2-4
 
 
-@functools.partial(jax.jit, static_argnames=("n", "precision"))
-def _prune(q, codes, mask, valid, centroids, n, precision):
-  """Positions of the n best candidates by MaxSim against centroid-only documents."""
-  s = _maxsim_per_query(q, centroids[codes], mask, precision)
-  return lax.top_k(jnp.where(valid, s, -jnp.inf), n)[1]
+def _doc_max(token_scores, seg, num_docs):
+  """Per document and query token, the best score of its tokens: token_scores(start) gives
+  [step, Lq] scores of flat tokens start.. whose documents are seg [T] (num_docs: padding) ->
+  [num_docs, Lq], -inf for a document without tokens. Walks _TOKENS_PER_STEP tokens at a time."""
+  t = seg.shape[0]
+  step = min(_TOKENS_PER_STEP, t)
+  lq = jax.eval_shape(token_scores, 0).shape[-1]
+
+  def body(i, best):
+    s = token_scores(i * step)
+    return best.at[lax.dynamic_slice_in_dim(seg, i * step, step)].max(s, mode="drop")
+
+  best = jnp.full((num_docs + 1, lq), -jnp.inf, jnp.float32)
+  return lax.fori_loop(0, t // step, body, best)[:num_docs]
+
+
+def _ranked(doc_max, has_tokens):
+  """Sum over query tokens of each document's best -> [M]: a real document with every token left
+  out ranks after every other real one, padding last."""
+  s = jnp.sum(doc_max, axis=-1)
+  return jnp.where(has_tokens, jnp.where(jnp.isfinite(s), s, -1e30), -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("keep",))
+def _centroid_interaction(scores, centroid_best, threshold, codes, seg, has_tokens, keep):
+  """Stages 2 and 3 for a group of queries: approximate MaxSim of each candidate from its tokens'
+  centroid ids, looked up in the query-centroid scores (with the centroids whose best score is
+  under `threshold` left out when `threshold` > -inf), then its `keep` best.
+
+  scores [G, Lq, C]; centroid_best [G, C]; codes, seg [G, T]: the candidates' tokens, flat, and
+  their candidate (M: padding, T a multiple of _TOKENS_PER_STEP or smaller); has_tokens [G, M]
+  -> positions into M [G, keep]."""
+  m = has_tokens.shape[1]
+
+  def one(s, best, c, sg, real):
+    table = jnp.where((best >= threshold)[:, None], s.T, -jnp.inf)  # [C, Lq]
+    doc_max = _doc_max(lambda i: table[lax.dynamic_slice_in_dim(c, i, min(_TOKENS_PER_STEP,
+                                                                          c.shape[0]))], sg, m)
+    return lax.top_k(_ranked(doc_max, real), keep)[1]
+
+  return jax.vmap(one)(scores, centroid_best, codes, seg, has_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "nbits", "precision"))
-def _rerank(q, codes, packed, mask, valid, centroids, weights, k, nbits, precision):
-  d = _decompress(codes, packed, centroids, weights, nbits)
-  s = _maxsim_per_query(q, d, mask, precision)
-  return lax.top_k(jnp.where(valid, s, -jnp.inf), k)
+def _rerank(q, codes, packed, seg, has_tokens, centroids, weights, k, nbits, precision):
+  """Stage 4: exact MaxSim of the decompressed candidates, flat as in `_centroid_interaction`,
+  and the k best -> (scores, positions into M) [G, k]."""
+  m = has_tokens.shape[1]
+
+  def one(qg, c, p, sg, real):
+    step = min(_TOKENS_PER_STEP, c.shape[0])
+
+    def token_scores(i):
+      d = _decompress(lax.dynamic_slice_in_dim(c, i, step), lax.dynamic_slice_in_dim(p, i, step),
+                      centroids, weights, nbits)
+      return jnp.einsum("td,qd->tq", d, qg, precision=precision,
+                        preferred_element_type=jnp.float32)
+
+    return lax.top_k(_ranked(_doc_max(token_scores, sg, m), real), k)
+
+  return jax.vmap(one)(q, codes, packed, seg, has_tokens)
 
 
 # ---------------------------------------------------------------- build
@@ -274,8 +335,15 @@ def _pow2(n, minimum):
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def default_num_centroids(num_tokens: int) -> int:
+  """PLAID's number of centroids for a corpus of `num_tokens` tokens: the power of two at or
+  below 16 sqrt(num_tokens)."""
+  return 1 << int(np.floor(np.log2(max(16 * np.sqrt(max(num_tokens, 1)), 1))))
+
+
 def build(corpus_chunks: Chunks, num_centroids: int, nbits: int = 2, *, kmeans_iters: int = 10,
-          sample_size: int = 1 << 16, seed: int = 0) -> PlaidIndex:
+          sample_size: int = 1 << 16, seed: int = 0, corpus_key: str = "",
+          progress: bool = False) -> PlaidIndex:
   """Builds a PlaidIndex, streaming the corpus twice.
 
   Args:
@@ -285,6 +353,8 @@ def build(corpus_chunks: Chunks, num_centroids: int, nbits: int = 2, *, kmeans_i
     nbits: bits per residual dimension, one of 1, 2, 4, 8.
     kmeans_iters: Lloyd iterations; sample_size: tokens k-means and the quantiles see.
     seed: sampling and initialisation seed.
+    corpus_key: recorded in the index, for `load` to check.
+    progress: show a progress bar over the chunks of each pass.
   """
   if nbits not in NBITS:  # before streaming anything
     raise ValueError(f"nbits must be one of {NBITS}, got {nbits!r}")
@@ -292,7 +362,7 @@ def build(corpus_chunks: Chunks, num_centroids: int, nbits: int = 2, *, kmeans_i
   rng = np.random.default_rng(seed)
   # Pass 1: uniform sample = the sample_size tokens with the smallest random keys.
   sample, keys, dim = None, np.zeros((0,)), None
-  for docs, mask in source():
+  for docs, mask in tqdm(source(), "index: sampling", unit=" chunks", disable=not progress):
     tokens, _ = _valid_tokens(docs, mask)
     dim = tokens.shape[1] if dim is None else dim
     if tokens.shape[1] != dim:
@@ -314,7 +384,7 @@ def build(corpus_chunks: Chunks, num_centroids: int, nbits: int = 2, *, kmeans_i
 
   # Pass 2: encode every chunk (token count padded to a power of two: few compiled shapes).
   codes, residuals, lengths = [], [], []
-  for docs, mask in source():
+  for docs, mask in tqdm(source(), "index: encoding", unit=" chunks", disable=not progress):
     tokens, lens = _valid_tokens(docs, mask)
     t = tokens.shape[0]
     padded = np.zeros((_pow2(t, 256), dim), np.float32)
@@ -336,13 +406,38 @@ def build(corpus_chunks: Chunks, num_centroids: int, nbits: int = 2, *, kmeans_i
       bucket_cutoffs=np.asarray(cutoffs), bucket_weights=np.asarray(weights), codes=codes,
       residuals=np.concatenate(residuals), doc_offsets=doc_offsets,
       ivf_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-      ivf_docs=(pairs % n).astype(np.int32))
+      ivf_docs=(pairs % n).astype(np.int32), corpus_key=corpus_key)
 
 
 # ---------------------------------------------------------------- search
 
+def _flat(index: PlaidIndex, docs, residuals: bool):
+  """The tokens of candidates docs [G, M] (-1: none), flat: codes, seg (each token's candidate, M
+  for padding) [G, T] and, if asked, residuals [G, T, bytes]; T is the largest count in the
+  group, rounded up to a power of two (at least 64) or a multiple of _TOKENS_PER_STEP."""
+  g, m = docs.shape
+  starts = index.doc_offsets[np.maximum(docs, 0)]
+  lens = np.where(docs >= 0, index.doc_offsets[np.maximum(docs, 0) + 1] - starts, 0)
+  total = lens.sum(1)
+  t = _pow2(int(total.max()), 64)
+  if t > _TOKENS_PER_STEP:
+    t = -(-int(total.max()) // _TOKENS_PER_STEP) * _TOKENS_PER_STEP
+  codes = np.zeros((g, t), np.int32)
+  seg = np.full((g, t), m, np.int32)
+  packed = np.zeros((g, t, index.residuals.shape[1]), np.uint8) if residuals else None
+  for i in range(g):
+    n = int(total[i])
+    pos = np.repeat(starts[i] - np.cumsum(lens[i]) + lens[i], lens[i]) + np.arange(n)
+    codes[i, :n] = index.codes[pos]
+    seg[i, :n] = np.repeat(np.arange(m), lens[i])
+    if residuals:
+      packed[i, :n] = index.residuals[pos]
+  return codes, seg, packed
+
+
 def _gather(index: PlaidIndex, docs):
-  """Host gather of documents docs [...] (-1 = padding) -> codes, residuals, mask [..., Ld]."""
+  """Host gather of documents docs [...] (-1 = padding) -> codes, residuals, mask [..., Ld] with
+  Ld the index's longest document."""
   lens = np.diff(index.doc_offsets)
   safe = np.maximum(docs, 0)
   pos = np.arange(max(index.max_doc_len, 1))
@@ -359,44 +454,109 @@ def decompress(index: PlaidIndex, doc_ids) -> tuple[jax.Array, np.ndarray]:
   return d, mask
 
 
-def _candidates(index: PlaidIndex, probed, valid_q, width):
-  """Union of the probed inverted lists per query -> [B, M] doc ids, -1 padded (M >= width)."""
-  out = []
-  for ids, v in zip(probed, valid_q):
-    cents = np.unique(ids[v])
-    lists = [index.ivf_docs[index.ivf_offsets[c]:index.ivf_offsets[c + 1]] for c in cents]
-    out.append(np.unique(np.concatenate(lists)) if lists else np.zeros((0,), np.int32))
-  m = _pow2(max(len(o) for o in out), width)
-  docs = np.full((len(out), m), -1, np.int64)
-  for b, o in enumerate(out):
-    docs[b, :len(o)] = o
-  return docs
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+  """How hard `search` looks; `for_k(k)` gives PLAID's settings for k results.
+
+  nprobe: centroids probed per query token (PLAID's ncells).
+  threshold: centroid score threshold. A probed centroid under it adds no candidates (a token's
+    best centroid always does), and centroid interaction's first pass leaves out every centroid
+    whose best score over the query tokens is under it (PLAID's centroid_score_threshold).
+  candidates: at most this many candidates per query enter centroid interaction: those with the
+    highest sum over query tokens of their best probed centroid's score.
+  keep: candidates kept by the pruned centroid interaction (PLAID's ndocs).
+  rerank: of those, the best by unpruned centroid interaction are decompressed and scored exactly
+    (PLAID: ndocs / 4).
+  group: queries searched together; memory grows with it (scores [group, Lq, C]).
+  """
+  nprobe: int = 2
+  threshold: float = 0.45
+  candidates: int = 4096
+  keep: int = 1024
+  rerank: int = 256
+  group: int = 4
+
+  @classmethod
+  def for_k(cls, k: int, **overrides) -> "SearchOptions":
+    """PLAID's defaults by k (ColBERT's searcher): k <= 10, <= 100, larger."""
+    if k <= 10:
+      base = dict(nprobe=1, threshold=0.5, keep=256, rerank=64)
+    elif k <= 100:
+      base = dict(nprobe=2, threshold=0.45, keep=1024, rerank=256)
+    else:
+      base = dict(nprobe=4, threshold=0.4, keep=max(4 * k, 4096), rerank=max(4 * k, 4096) // 4)
+    base["candidates"] = max(4 * base["keep"], 4096)
+    return cls(**{**base, **overrides})
+
+  def check(self, k: int, prefix: str = "SearchOptions.") -> None:
+    """ConfigError naming the field (`<prefix><field>=<value>`) unless each count is a positive
+    int, candidates >= keep >= rerank >= k and the threshold is a number."""
+    for name in ("nprobe", "candidates", "keep", "rerank", "group"):
+      value = getattr(self, name)
+      if not is_int(value) or value < 1:
+        raise ConfigError(f"{prefix}{name}={value!r}: must be an integer >= 1")
+    if not self.candidates >= self.keep >= self.rerank >= k:
+      raise ConfigError(f"{prefix}candidates={self.candidates}, keep={self.keep}, rerank="
+                        f"{self.rerank}: need candidates >= keep >= rerank >= k={k}")
+    if not isinstance(self.threshold, (int, float, np.floating)) or np.isnan(self.threshold):
+      raise ConfigError(f"{prefix}threshold={self.threshold!r}: must be a number (-inf: no "
+                        "pruning)")
 
 
-def search(index: PlaidIndex, q, q_mask, k: int, nprobe: int = 4,
-           ncandidates: Optional[int] = None, precision=None) -> tuple[np.ndarray, np.ndarray]:
-  """Approximate top-k documents by MaxSim.
+def _candidates(index: PlaidIndex, ids, best, valid_q, threshold, cap):
+  """Stage 1 on the host: the documents of each query's probed inverted lists, at most `cap`.
+
+  ids, best [Lq, nprobe]: each token's probed centroids, best first; valid_q [Lq]. A document's
+  stage-1 score is the sum over query tokens of the best score among the token's probed centroids
+  that list it; the `cap` best documents are returned (ascending ids). Memory grows with the
+  probed lists, not with the corpus."""
+  take = valid_q[:, None] & ((best >= threshold) | (np.arange(ids.shape[1]) == 0))
+  token = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)[take]
+  cents, s = ids[take], best[take]
+  starts, ends = index.ivf_offsets[cents], index.ivf_offsets[cents + 1]
+  lens = ends - starts
+  if not lens.sum():
+    return np.zeros((0,), np.int64)
+  pos = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+  docs = index.ivf_docs[pos].astype(np.int64)
+  # Row-major order keeps each token's lists best first: the first (token, document) is its best.
+  _, first = np.unique(np.repeat(token, lens) * index.num_docs + docs, return_index=True)
+  found, which = np.unique(docs[first], return_inverse=True)
+  if len(found) <= cap:
+    return found
+  score = np.bincount(which, weights=np.repeat(s, lens)[first])
+  return np.sort(found[np.argpartition(-score, cap - 1)[:cap]])
+
+
+def search(index: PlaidIndex, q, q_mask, k: int, options: Optional[SearchOptions] = None,
+           precision=None) -> tuple[np.ndarray, np.ndarray]:
+  """Approximate top-k documents by MaxSim, PLAID's way.
+
+  Queries go `options.group` at a time through: query-centroid scores and candidate generation
+  from the probed inverted lists (stage 1, capped at `options.candidates`); centroid interaction
+  with pruning (stage 2, keeps `options.keep`), and without (stage 3, keeps `options.rerank`),
+  both from the documents' centroid ids and the query-centroid scores, nothing decompressed; then
+  decompression and exact MaxSim of the `rerank` survivors (stage 4). Shapes are bucketed to
+  powers of two: a few compiled programs serve every query.
 
   Args:
     index: from `build` or `load`.
     q: [B, Lq, dim] query token embeddings; q_mask: [B, Lq] valid tokens, or None when masked
       tokens are exact zeros (all-zero tokens are then treated as masked).
     k: results per query.
-    nprobe: centroids probed per valid query token.
-    ncandidates: if set, keep only this many candidates (by centroid-only MaxSim) for the rerank;
-      the rerank holds [B, candidates, Ld_max, dim] float32 decompressed tokens on the device.
-    precision: `jax.lax.Precision` for the MaxSim einsums.
+    options: `SearchOptions`; default `SearchOptions.for_k(k)`.
+    precision: `jax.lax.Precision` for the einsums.
 
   Returns:
     (scores [B, k] float32 best first, indices [B, k] int32); -inf / -1 past the candidates found.
   """
   q = np.asarray(q, np.float32)
   if q.ndim != 3 or q.shape[-1] != index.dim:
-    raise ValueError(f"q must be [B, Lq, {index.dim}], got {q.shape}")
-  if k < 1:
+    raise ValueError(f"q must be [B, Lq, {index.dim}] for this index, got {q.shape}")
+  if not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"k must be >= 1, got {k}")
-  if nprobe < 1 or (ncandidates is not None and ncandidates < 1):
-    raise ValueError(f"nprobe and ncandidates must be >= 1, got {nprobe}, {ncandidates}")
+  options = options or SearchOptions.for_k(k)
+  options.check(k)
   if q_mask is None:
     valid_q = np.any(q != 0, axis=-1)
   else:
@@ -404,20 +564,42 @@ def search(index: PlaidIndex, q, q_mask, k: int, nprobe: int = 4,
     if valid_q.shape != q.shape[:2]:
       raise ValueError(f"q_mask must be [B, Lq] = {q.shape[:2]}, got {valid_q.shape}")
     q = np.where(valid_q[..., None], q, 0.0).astype(np.float32)  # MaxSim needs zeros there
+  g = options.group
+  b = q.shape[0]
+  q = np.pad(q, [(0, -b % g), (0, 0), (0, 0)])
+  valid_q = np.pad(valid_q, [(0, -b % g), (0, 0)])
+  nprobe = min(options.nprobe, index.num_centroids)
+  out_scores, out_ids = [], []
+  for start in range(0, q.shape[0], g):
+    qg, vg = q[start:start + g], valid_q[start:start + g]
+    scores, best, ids, centroid_best = _query_centroid_scores(qg, vg, index.centroids, nprobe,
+                                                              precision)
+    best, ids = np.asarray(best), np.asarray(ids)
+    cands = [_candidates(index, ids[i], best[i], vg[i], options.threshold, options.candidates)
+             for i in range(g)]
+    most = max(len(c) for c in cands)
+    docs = np.full((g, _pow2(most, max(64, k))), -1, np.int64)
+    for i, c in enumerate(cands):
+      docs[i, :len(c)] = c
 
-  probed = np.asarray(_probe(q, index.centroids, min(nprobe, index.num_centroids)))
-  docs = _candidates(index, probed, valid_q, k)
-  if ncandidates is not None and docs.shape[1] > max(ncandidates, k):
-    n = max(ncandidates, k)
-    codes, _, mask = _gather(index, docs)
-    pos = np.asarray(_prune(q, codes, mask, docs >= 0, index.centroids, n, precision))
-    docs = np.take_along_axis(docs, pos, axis=1)  # padding stays -1 (it ranks last)
-  codes, packed, mask = _gather(index, docs)
-  scores, pos = _rerank(q, codes, packed, mask, docs >= 0, index.centroids,
-                        index.bucket_weights, k, index.nbits, precision)
-  ids = np.take_along_axis(docs, np.asarray(pos), axis=1)
-  scores = np.asarray(scores)
-  return scores, np.where(np.isneginf(scores), -1, ids).astype(np.int32)
+    def interact(docs, threshold, keep):
+      codes, seg, _ = _flat(index, docs, residuals=False)
+      pos = _centroid_interaction(scores, centroid_best, np.float32(threshold), codes, seg,
+                                  docs >= 0, keep)
+      return np.take_along_axis(docs, np.asarray(pos), axis=1)  # padding stays -1
+
+    if most > options.keep:  # stage 2, pruned
+      docs = interact(docs, options.threshold, options.keep)
+    if most > options.rerank:  # stage 3
+      docs = interact(docs, -np.inf, options.rerank)
+    codes, seg, packed = _flat(index, docs, residuals=True)
+    s, pos = _rerank(qg, codes, packed, seg, docs >= 0, index.centroids, index.bucket_weights, k,
+                     index.nbits, precision)
+    s = np.asarray(s)
+    out_scores.append(s)
+    out_ids.append(np.where(np.isneginf(s), -1, np.take_along_axis(docs, np.asarray(pos), 1)))
+  return (np.concatenate(out_scores)[:b].astype(np.float32),
+          np.concatenate(out_ids)[:b].astype(np.int32))
 
 
 # ---------------------------------------------------------------- save / load
@@ -427,14 +609,15 @@ def save(index: PlaidIndex, path) -> None:
   under its name (storage.write_with)."""
   meta = {"format": FORMAT, "version": VERSION, "nbits": index.nbits, "dim": index.dim,
           "num_centroids": index.num_centroids, "num_docs": index.num_docs,
-          "num_tokens": int(index.codes.shape[0])}
+          "num_tokens": int(index.codes.shape[0]), "corpus_key": index.corpus_key}
   # A file object: savez must not append ".npz" to the name.
   storage.write_with(storage.path(path, "index path"), lambda f: np.savez(
       f, meta=np.array(json.dumps(meta)), **{name: getattr(index, name) for name in _ARRAYS}))
 
 
-def load(path) -> PlaidIndex:
-  """Reads a `save`d index; ValueError naming `path` if it is not a valid index of this version."""
+def load(path, corpus_key: Optional[str] = None, dim: Optional[int] = None) -> PlaidIndex:
+  """Reads a `save`d index; ValueError naming `path` if it is not a valid index of this version,
+  or was built for another corpus (`corpus_key`) or embedding size (`dim`) than given."""
   path = storage.path(path, "index path")
   try:
     with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
@@ -454,11 +637,17 @@ def load(path) -> PlaidIndex:
   if missing:
     raise ValueError(f"{path}: missing arrays {sorted(missing)}")
   try:
-    index = PlaidIndex(nbits=meta.get("nbits"), **{name: files[name] for name in _ARRAYS})
+    index = PlaidIndex(nbits=meta.get("nbits"), **{name: files[name] for name in _ARRAYS},
+                       corpus_key=str(meta.get("corpus_key", "")))
   except ValueError as e:
     raise ValueError(f"{path}: corrupt index: {e}") from e
   for key in ("dim", "num_centroids", "num_docs"):
     if meta.get(key) != getattr(index, key):
       raise ValueError(f"{path}: corrupt index: metadata {key}={meta.get(key)} but the arrays "
                        f"give {getattr(index, key)}")
+  if corpus_key is not None and index.corpus_key != corpus_key:
+    raise ValueError(f"{path}: built for another corpus ({index.corpus_key or 'unnamed'}, not "
+                     f"{corpus_key or 'unnamed'})")
+  if dim is not None and index.dim != dim:
+    raise ValueError(f"{path}: built for {index.dim}-dimensional embeddings, not {dim}")
   return index

@@ -1,8 +1,10 @@
 """The eval binary end to end on the sample M2KR build: from a trainer workdir and from a published
 folder, outputs consistent with the metrics' definitions, clear errors."""
 
+import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -11,9 +13,11 @@ import pytest
 
 import preflmr_jax
 from preflmr_jax import data, evaluate, evaluation, metrics, tokenization, train
+from preflmr_jax import index as plaid
 from preflmr_jax.data import m2kr, m2kr_build, sample
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
+from preflmr_jax.user_errors import ConfigError
 
 # End to end through the eval binary on the session's trained run (tests/conftest.py).
 pytestmark = pytest.mark.slow
@@ -172,12 +176,13 @@ def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, 
 
 def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir, tmp_path,
                                                               tiny_config):
-  options = evaluation.IndexOptions(nbits=8, centroids=32, nprobe=8)
+  options = evaluation.IndexOptions(nbits=8, centroids=32, search=(("nprobe", 8),))
   exact = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "e"),
                        ks=(1, 5))["SAMPLE"]
   indexed = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "i"),
                          ks=(1, 5), index=options)["SAMPLE"]
-  assert indexed["index"] == {"nbits": 8, "centroids": 32, "nprobe": 8, "candidates": 0}
+  assert indexed["index"] == {"nbits": 8, "centroids": 32,
+                              **dataclasses.asdict(plaid.SearchOptions.for_k(5, nprobe=8))}
   # The reported overlap is that of the two rankings files (its definition), well above chance
   # (5 of 64 passages); test_index.py measures the index's recall on structured corpora.
   top5 = lambda run: [json.loads(l)["passage_ids"] for l in open(tmp_path / run /
@@ -186,16 +191,57 @@ def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir,
   assert indexed["IndexRecallVsExact@5"] == pytest.approx(overlap) and overlap > 0.5
   assert indexed["index_search_seconds"] > 0 and indexed["index_speedup"] > 0
   assert abs(indexed["Recall@5"] - exact["Recall@5"]) <= 0.1
-  assert evaluation.IndexOptions.parse("nbits=2,nprobe=2") == evaluation.IndexOptions(nbits=2, nprobe=2)
-  with pytest.raises(ValueError, match="--index='bits=2'"):
-    evaluation.IndexOptions.parse("bits=2")
+
+
+def test_index_flag():
+  parse = evaluation.IndexOptions.parse
+  assert parse("") is None and parse("plaid") == evaluation.IndexOptions()
+  assert parse("nbits=4, nprobe=2,threshold=0.3") == evaluation.IndexOptions(
+      nbits=4, search=(("nprobe", 2), ("threshold", 0.3)))
+  assert parse("candidates=512").search_options(100) == plaid.SearchOptions.for_k(
+      100, candidates=512, keep=512)  # a cap under PLAID's keep lowers keep
+  for text, message in [("bits=2", "--index='bits=2': expected KEY=VALUE pairs"),
+                        ("nprobe=two", "--index='nprobe=two': nprobe takes an integer"),
+                        ("threshold=high", "threshold takes a number")]:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+      parse(text)
+  for text, message in [("nprobe=0", "--index=nprobe=0: must be an integer >= 1"),
+                        ("nbits=3", "--index=nbits=3: must be one of 1, 2, 4, 8"),
+                        ("centroids=-1", "--index=centroids=-1: must be >= 1")]:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+      parse(text).check(10)
+
+
+def test_the_index_is_cached_with_the_embeddings(workdir, data_dir, tmp_path, monkeypatch,
+                                                 tiny_config):
+  """Built once next to the embedding cache entry and reused; a damaged entry is rebuilt."""
+  cache = tmp_path / "cache"
+  options = evaluation.IndexOptions(nbits=2, centroids=16)
+  run = lambda out: evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir,
+                                 str(tmp_path / out), ks=(1, 5), cache_dir=str(cache),
+                                 index=options)["SAMPLE"]
+  first = run("a")
+  [index_file] = cache.glob("*.plaid.npz")
+  [embeddings] = [p for p in cache.glob("*.npz") if p != index_file]
+  assert index_file.name == f"{embeddings.stem}_nbits2_c16.plaid.npz"
+
+  def no_build(*args, **kwargs):
+    raise AssertionError("the index was built again")
+  with monkeypatch.context() as m:
+    m.setattr(plaid, "build", no_build)
+    assert run("b")["IndexRecallVsExact@5"] == first["IndexRecallVsExact@5"]
+  assert (tmp_path / "a" / "SAMPLE_rankings.jsonl").read_text() == (
+      tmp_path / "b" / "SAMPLE_rankings.jsonl").read_text()
+  index_file.write_bytes(index_file.read_bytes()[:100])  # damaged: rebuilt and rewritten
+  assert run("c")["IndexRecallVsExact@5"] == first["IndexRecallVsExact@5"]
+  assert plaid.load(index_file).num_docs > 0
 
 
 def test_an_index_ranking_shorter_than_k_invents_no_passage(workdir, data_dir, tmp_path,
                                                             tiny_config):
   """One of 1024 centroids probed per query token finds fewer than k=64 candidates: the missing
   ranks stay missing (misses for the metrics), never the corpus's last passage at score -inf."""
-  options = evaluation.IndexOptions(nbits=8, centroids=1024, nprobe=1)
+  options = evaluation.IndexOptions(nbits=8, centroids=1024, search=(("nprobe", 1),))
   out = tmp_path / "i"
   result = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(out), ks=(1, 64),
                         index=options)["SAMPLE"]
