@@ -32,6 +32,7 @@ are never returned; when a query has fewer than k candidates the tail is score -
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -47,7 +48,8 @@ from tqdm import tqdm
 from preflmr_jax import storage
 from preflmr_jax.user_errors import ConfigError, is_int
 
-__all__ = ["PlaidIndex", "SearchOptions", "build", "search", "decompress", "save", "load", "NBITS"]
+__all__ = ["PlaidIndex", "SearchOptions", "build", "search", "shard", "search_sharded", "decompress",
+           "save", "load", "default_num_centroids", "NBITS"]
 
 NBITS = (1, 2, 4, 8)
 FORMAT = "preflmr_jax.plaid_index"
@@ -600,6 +602,52 @@ def search(index: PlaidIndex, q, q_mask, k: int, options: Optional[SearchOptions
     out_ids.append(np.where(np.isneginf(s), -1, np.take_along_axis(docs, np.asarray(pos), 1)))
   return (np.concatenate(out_scores)[:b].astype(np.float32),
           np.concatenate(out_ids)[:b].astype(np.int32))
+
+
+def shard(index: PlaidIndex, num_shards: int) -> list[PlaidIndex]:
+  """The index split into `num_shards` contiguous ranges of documents (as equal as can be), each
+  a PlaidIndex of its own with the same centroids and buckets and its documents numbered from 0;
+  for `search_sharded`."""
+  if not is_int(num_shards) or not 1 <= num_shards <= max(index.num_docs, 1):
+    raise ConfigError(f"num_shards={num_shards!r}: must be an integer in [1, {index.num_docs}]")
+  bounds = np.linspace(0, index.num_docs, num_shards + 1).round().astype(np.int64)
+  pairs_doc = index.ivf_docs.astype(np.int64)
+  pairs_centroid = np.repeat(np.arange(index.num_centroids), np.diff(index.ivf_offsets))
+  shards = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    t0, t1 = index.doc_offsets[lo], index.doc_offsets[hi]
+    mine = (pairs_doc >= lo) & (pairs_doc < hi)  # stays sorted by centroid, then document
+    counts = np.bincount(pairs_centroid[mine], minlength=index.num_centroids)
+    shards.append(dataclasses.replace(
+        index, codes=index.codes[t0:t1], residuals=index.residuals[t0:t1],
+        doc_offsets=index.doc_offsets[lo:hi + 1] - t0,
+        ivf_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        ivf_docs=(pairs_doc[mine] - lo).astype(np.int32)))
+  return shards
+
+
+def search_sharded(shards: Sequence[PlaidIndex], q, q_mask, k: int,
+                   options: Optional[SearchOptions] = None, devices=None,
+                   precision=None) -> tuple[np.ndarray, np.ndarray]:
+  """`search` over the shards of one corpus (`shard`): shard i searched on devices[i] (default:
+  the local devices, in turn), all at once, and their top-k merged by score (ties: lower id).
+  Ids count documents across the shards in order. Each shard applies `options` to its own
+  documents; with every list probed and nothing pruned this is `search` on the whole index."""
+  devices = list(devices or jax.local_devices())
+  offsets = np.cumsum([0] + [s.num_docs for s in shards])
+
+  def one(i):
+    with jax.default_device(devices[i % len(devices)]):
+      return search(shards[i], q, q_mask, k, options, precision)
+
+  with concurrent.futures.ThreadPoolExecutor(len(shards)) as pool:
+    found = list(pool.map(one, range(len(shards))))
+  scores = np.concatenate([s for s, _ in found], axis=1)
+  ids = np.concatenate([np.where(i >= 0, i + off, -1) for (_, i), off in zip(found, offsets)],
+                       axis=1)
+  order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int32).max), -scores), axis=1)[:, :k]
+  return (np.take_along_axis(scores, order, 1).astype(np.float32),
+          np.take_along_axis(ids, order, 1).astype(np.int32))
 
 
 # ---------------------------------------------------------------- save / load

@@ -250,3 +250,23 @@ def test_default_number_of_centroids_is_plaids():
   # ColBERT's indexer: 2 ** floor(log2(16 * sqrt(tokens))).
   for tokens, want in [(5923, 1024), (1_800_000, 16384), (9_000_000, 32768), (1, 16)]:
     assert plaid.default_num_centroids(tokens) == want
+
+
+def test_sharded_search_equals_single_device_search(data):
+  """Shards on the 8 simulated devices: with every list probed and nothing pruned, the merged
+  top-k is the whole index's; with PLAID's settings each shard prunes its own documents, and the
+  recall stays that of one index."""
+  docs, mask, q, q_mask = data
+  index = _index(data, 2)
+  shards = plaid.shard(index, 8)
+  assert sum(s.num_docs for s in shards) == N
+  assert sum(s.codes.size for s in shards) == index.codes.size
+  scores, ids = plaid.search_sharded(shards, q, q_mask, K, _exhaustive(index))
+  want_scores, want = plaid.search(index, q, q_mask, K, _exhaustive(index))
+  np.testing.assert_array_equal(ids, want)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+  _, want = search.exact_search(q, q_mask, docs, mask, K, chunk_size=128)
+  _, got = plaid.search_sharded(shards, q, q_mask, K)
+  assert np.mean([len(set(g) & set(w)) / K for g, w in zip(got, np.asarray(want))]) >= 0.9
+  with pytest.raises(ConfigError, match="num_shards=0"):
+    plaid.shard(index, 0)
