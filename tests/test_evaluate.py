@@ -175,12 +175,17 @@ def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, 
 
 
 def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir, tmp_path,
-                                                              tiny_config):
+                                                              monkeypatch, tiny_config):
+  """The index's rankings and their overlap with exact search; the index is built once next to
+  the embedding cache entry and reused, and a damaged entry is rebuilt."""
+  cache = tmp_path / "cache"
   options = evaluation.IndexOptions(nbits=8, centroids=32, search=(("nprobe", 8),))
   exact = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "e"),
-                       ks=(1, 5))["SAMPLE"]
-  indexed = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "i"),
-                         ks=(1, 5), index=options)["SAMPLE"]
+                       ks=(1, 5), cache_dir=str(cache))["SAMPLE"]
+  run = lambda out: evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir,
+                                 str(tmp_path / out), ks=(1, 5), cache_dir=str(cache),
+                                 index=options)["SAMPLE"]
+  indexed = run("i")
   assert indexed["index"] == {"nbits": 8, "centroids": 32,
                               **dataclasses.asdict(plaid.SearchOptions.for_k(5, nprobe=8))}
   # The reported overlap is that of the two rankings files (its definition), well above chance
@@ -191,6 +196,21 @@ def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir,
   assert indexed["IndexRecallVsExact@5"] == pytest.approx(overlap) and overlap > 0.5
   assert indexed["index_search_seconds"] > 0 and indexed["index_speedup"] > 0
   assert abs(indexed["Recall@5"] - exact["Recall@5"]) <= 0.1
+
+  [index_file] = cache.glob("*.plaid.npz")
+  [embeddings] = [p for p in cache.glob("*.npz") if p != index_file]
+  assert index_file.name == f"{embeddings.stem}_nbits8_c32.plaid.npz"
+
+  def no_build(*args, **kwargs):
+    raise AssertionError("the index was built again")
+  index_file.write_bytes(index_file.read_bytes()[:100])  # damaged: rebuilt and rewritten
+  assert run("r")["IndexRecallVsExact@5"] == indexed["IndexRecallVsExact@5"]
+  with monkeypatch.context() as m:
+    m.setattr(plaid, "build", no_build)
+    run("c")
+  for again in ("r", "c"):
+    assert (tmp_path / "i" / "SAMPLE_rankings.jsonl").read_text() == (
+        tmp_path / again / "SAMPLE_rankings.jsonl").read_text()
 
 
 def test_index_flag():
@@ -210,31 +230,6 @@ def test_index_flag():
                         ("centroids=-1", "--index=centroids=-1: must be >= 1")]:
     with pytest.raises(ConfigError, match=re.escape(message)):
       parse(text).check(10)
-
-
-def test_the_index_is_cached_with_the_embeddings(workdir, data_dir, tmp_path, monkeypatch,
-                                                 tiny_config):
-  """Built once next to the embedding cache entry and reused; a damaged entry is rebuilt."""
-  cache = tmp_path / "cache"
-  options = evaluation.IndexOptions(nbits=2, centroids=16)
-  run = lambda out: evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir,
-                                 str(tmp_path / out), ks=(1, 5), cache_dir=str(cache),
-                                 index=options)["SAMPLE"]
-  first = run("a")
-  [index_file] = cache.glob("*.plaid.npz")
-  [embeddings] = [p for p in cache.glob("*.npz") if p != index_file]
-  assert index_file.name == f"{embeddings.stem}_nbits2_c16.plaid.npz"
-
-  def no_build(*args, **kwargs):
-    raise AssertionError("the index was built again")
-  with monkeypatch.context() as m:
-    m.setattr(plaid, "build", no_build)
-    assert run("b")["IndexRecallVsExact@5"] == first["IndexRecallVsExact@5"]
-  assert (tmp_path / "a" / "SAMPLE_rankings.jsonl").read_text() == (
-      tmp_path / "b" / "SAMPLE_rankings.jsonl").read_text()
-  index_file.write_bytes(index_file.read_bytes()[:100])  # damaged: rebuilt and rewritten
-  assert run("c")["IndexRecallVsExact@5"] == first["IndexRecallVsExact@5"]
-  assert plaid.load(index_file).num_docs > 0
 
 
 def test_an_index_ranking_shorter_than_k_invents_no_passage(workdir, data_dir, tmp_path,
