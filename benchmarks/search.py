@@ -1,29 +1,39 @@
-"""Top-k search on this machine: exact search vs the PLAID-style index; MaxSim vs ColBERT's.
+"""Top-k search at PreFLMR's shapes: exact search, our PLAID (JAX) and colbert-ai's PLAID.
 
-  python benchmarks/search.py [--quick] [--sizes 2000 8000 32000] [--nprobe 1] [--ncandidates 256]
+  python benchmarks/search.py [--quick] [--sizes 10000 50000] [--query_lens 113 320]
+      [--colbert_python /tmp/colbert_venv/bin/python] [--work_dir /tmp/preflmr_jax_search_bench]
 
-Part 1: `search.exact_search` vs `index.build` (once, timed separately) + `index.search` at nbits 2
-and 4, on synthetic clustered, L2-normalised corpora of increasing size (documents of 16-64 tokens
-padded to 64, dim 128; 512 topics of 8 latent token centres each; C = 1024 index centroids at every
-size; nprobe=1 and ncandidates=256 as ColBERTv2 searches at k=10). Reports queries/s for a batch
-of 16 queries x 32 tokens (k=10), recall@10 of the index against exact search, speed-up over
-exact search, peak RSS growth during the step (sampled every 5 ms; psutil if present, else /proc
-or ru_maxrss) and the bytes of the padded fp32
-corpus vs the compressed index; cands/q is the mean number of documents in the probed lists.
+Part 1, on one corpus per size from benchmarks/plaid_corpus.py (real word-piece embeddings through
+a fixed projection, documents from topic mixtures, mean ~180 tokens of at most 512, dim 128, unit
+rows; queries of 113 and 320 tokens built around a positive document):
+- exact: `search.search_streaming` over the corpus in chunks of similar length (documents sorted
+  by length, each chunk padded to its longest rounded up to 64): its top-100 is the truth.
+- jax plaid: `index.build` (PLAID's number of centroids, nbits 2 and 4) and `index.search` at PLAID's
+  settings for k=10 and k=100 (`SearchOptions.for_k`) and a wider one.
+- colbert plaid: colbert-ai 0.2.22's indexer and searcher on the same embeddings
+  (benchmarks/colbert_plaid.py, run in its own environment given by --colbert_python: colbert-ai,
+  faiss-cpu, torch; not in requirements), nbits 2, at the same settings (ncells, threshold, ndocs), with
+  every query token in candidate generation (query_maxlen = Lq) and with colbert's default 32.
+Reported per method: build time and peak RSS, index bytes, queries/s, speed-up over exact,
+recall@10 and @100 against exact search. colbert searches one query at a time; ours a group of
+4. Built corpora and both engines' indexes (with their build figures) are kept in --work_dir and
+reused.
 
 Part 2: `late_interaction.maxsim` / `maxsim_chunked` vs `colbert.modeling.colbert.colbert_score`
-(PyPI colbert-ai, benchmark-only; not in requirements.txt) on the same fp32 tensors: 1 query x 32
-tokens vs 1000 documents x 180 tokens x 128. Counts 2*Lq*N*Ld*dim FLOPs per call.
+(when colbert-ai is importable here) on the same fp32 tensors: 1 query x 32 tokens vs 1000
+documents x 180 tokens x 128. Counts 2*Lq*N*Ld*dim FLOPs per call.
 
 Timings are the median of several repeats after a warm-up call (which also compiles).
 """
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import threading
 import time
 
@@ -33,19 +43,20 @@ import numpy as np
 import torch
 
 from preflmr_jax import index as plaid  # noqa: E402
+from preflmr_jax import search  # noqa: E402
 from preflmr_jax import late_interaction  # noqa: E402
 from preflmr_jax.late_interaction import maxsim, maxsim_chunked  # noqa: E402
-from preflmr_jax.search import exact_search  # noqa: E402
+
+import plaid_corpus  # noqa: E402  (next to this script)
 
 try:
   import psutil
 except ImportError:  # optional
   psutil = None
 
-DIM, DOC_LEN, MIN_DOC_LEN = 128, 64, 16
-BATCH, QUERY_LEN, K = 16, 32, 10
-LATENT_CENTERS, TOPICS, CENTERS_PER_TOPIC = 1024, 512, 8
-NUM_CENTROIDS = 1024  # index k-means centroids, every size (ColBERTv2: ~16 sqrt(tokens))
+DIM = 128
+K_MAX = 100
+NBITS = (2, 4)
 COLBERT_N, COLBERT_LD = 1000, 180
 
 
@@ -96,76 +107,144 @@ def unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def make_corpus(n, seed=0):
-  """Clustered corpus: each document has a topic; its tokens are noisy copies of the topic's
-  latent token centres. Queries are noisy tokens of random documents (their 'positives')."""
-  rng = np.random.default_rng(seed)
-  centers = unit(rng.standard_normal((LATENT_CENTERS, DIM), dtype=np.float32))
-  topic_centers = rng.integers(0, LATENT_CENTERS, size=(TOPICS, CENTERS_PER_TOPIC))
-  topics = rng.integers(0, TOPICS, size=n)
-  picks = rng.integers(0, CENTERS_PER_TOPIC, size=(n, DOC_LEN))
-  docs = centers[topic_centers[topics[:, None], picks]]  # [n, Ld, dim]
-  docs += 0.08 * rng.standard_normal(docs.shape, dtype=np.float32)  # ~ cos 0.7 to the centre
-  docs /= np.linalg.norm(docs, axis=-1, keepdims=True)
-  lengths = rng.integers(MIN_DOC_LEN, DOC_LEN + 1, size=n)
-  mask = np.arange(DOC_LEN)[None] < lengths[:, None]
-  docs *= mask[..., None]  # padded document tokens are zeros, as the encoder emits
-  positives = rng.integers(0, n, size=BATCH)
-  tok = rng.integers(0, lengths[positives][:, None], size=(BATCH, QUERY_LEN))
-  q = docs[positives[:, None], tok] + 0.08 * rng.standard_normal((BATCH, QUERY_LEN, DIM),
-                                                                   dtype=np.float32)
-  return docs, mask, unit(q).astype(np.float32)
-
-
-def recall(found, truth):
-  return np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)])
+def recall(found, truth, k):
+  return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
 
 
 def fmt_bytes(b):
-  return f"{b / 2**20:.1f} MiB"
+  return f"{b / 2**20:.1f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
 
 
-def part1(sizes, repeats, nprobe, ncandidates, chunk_size):
-  print(f"Part 1: top-{K} search, batch {BATCH} queries x {QUERY_LEN} tokens; documents "
-        f"{MIN_DOC_LEN}-{DOC_LEN} tokens (padded to {DOC_LEN}) x {DIM}, fp32; exact chunk_size="
-        f"{chunk_size}; index nprobe={nprobe} ncandidates={ncandidates}; median of {repeats}")
-  print("RSS = peak process RSS growth during the step (build: build; search: warm-up + timed "
-        "calls; exact: includes copying the corpus to the JAX device)\n")
-  header = (f"{'docs':>6} {'tokens':>8} {'C':>5}  {'method':<14} {'build s':>8} {'ms/batch':>9} "
-            f"{'queries/s':>9} {'vs exact':>8} {'recall@10':>9} {'data':>11} {'RSS':>11} "
-            f"{'cands/q':>8} {'build RSS':>10}")
+def exact_top(corpus, q, k):
+  """(seconds per query, top-k ids [B, k]) by exact MaxSim, chunks of similar length."""
+  lengths = np.diff(corpus.doc_offsets)
+  order = np.argsort(lengths, kind="stable")
+
+  def chunks():
+    for i in range(0, len(order), 256):
+      ids = order[i:i + 256]
+      yield plaid_corpus.padded(corpus, ids, -(-int(lengths[ids].max()) // 64) * 64)
+
+  search.search_streaming(q[:1], chunks(), k)[1].block_until_ready()  # compile every width
+  start = time.perf_counter()
+  _, top = search.search_streaming(q, chunks(), k)
+  top = np.asarray(top)
+  return (time.perf_counter() - start) / len(q), order[top]
+
+
+def settings():
+  """(name, our SearchOptions, colbert's (ncells, threshold, ndocs), k)."""
+  rows = []
+  for name, k, options in [("k=10", 10, plaid.SearchOptions.for_k(10)),
+                           ("k=100", 100, plaid.SearchOptions.for_k(100)),
+                           ("wide", 100, plaid.SearchOptions.for_k(100, nprobe=4, threshold=0.4,
+                                                                    keep=4096, candidates=8192,
+                                                                    rerank=1024))]:
+    rows.append((name, options, (options.nprobe, options.threshold, options.keep), k))
+  return rows
+
+
+def run_colbert(python, args, log):
+  out = subprocess.run([python, os.path.join(os.path.dirname(__file__), "colbert_plaid.py"),
+                        *map(str, args)], capture_output=True, text=True, check=False)
+  with open(log, "a") as f:
+    f.write(out.stderr)
+  if out.returncode:
+    raise RuntimeError(f"colbert_plaid.py {args[0]} failed ({out.returncode}); see {log}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def part1(sizes, query_lens, num_queries, colbert_python, work_dir):
+  print(f"Part 1: {num_queries} queries per length; corpus from benchmarks/plaid_corpus.py; "
+        "recall against exact search; RSS = peak growth during the build\n")
+  header = (f"{'docs':>6} {'tokens':>9} {'Lq':>4}  {'method':<30} {'build s':>8} {'build RSS':>10} "
+            f"{'index':>10} {'q/s':>7} {'vs exact':>8} {'R@10':>6} {'R@100':>6}")
   print(header)
   print("-" * len(header))
   for n in sizes:
-    docs, mask, q = make_corpus(n)
-    n_tokens = int(mask.sum())
-    c = NUM_CENTROIDS
-    with PeakRss() as mem:
-      jd, jm, jq = jnp.asarray(docs), jnp.asarray(mask), jnp.asarray(q)
-      run = lambda: exact_search(jq, None, jd, jm, K, chunk_size)[1].block_until_ready()
-      t_exact, truth = median_seconds(run, repeats)
-      truth = np.asarray(truth)
-    jd = jm = None  # free the device copy of the corpus before building
-    print(f"{n:>6} {n_tokens:>8} {c:>5}  {'exact':<14} {'-':>8} {t_exact * 1e3:>9.1f} "
-          f"{BATCH / t_exact:>9.1f} {1:>7.2f}x {1:>9.3f} {fmt_bytes(docs.nbytes):>11} "
-          f"{fmt_bytes(mem.growth):>11}")
-    chunks = [(docs[i:i + 4096], mask[i:i + 4096]) for i in range(0, n, 4096)]
-    for nbits in (2, 4):
-      with PeakRss() as build_mem:
-        start = time.perf_counter()
-        ix = plaid.build(chunks, num_centroids=c, nbits=nbits)
-        t_build = time.perf_counter() - start
-      ix_bytes = sum(getattr(ix, name).nbytes for name in plaid._ARRAYS)
-      with PeakRss() as mem:
-        run = lambda: plaid.search(ix, q, None, K, nprobe=nprobe, ncandidates=ncandidates)
-        t, (_, found) = median_seconds(run, repeats)
-      probed = np.asarray(plaid._probe(q, ix.centroids, nprobe))  # diagnostics: candidates/query
-      cands = (plaid._candidates(ix, probed, np.ones(q.shape[:2], bool), K) >= 0).sum(1).mean()
-      print(f"{'':>6} {'':>8} {'':>5}  {f'index nbits={nbits}':<14} {t_build:>8.1f} "
-            f"{t * 1e3:>9.1f} {BATCH / t:>9.1f} {t_exact / t:>7.2f}x {recall(found, truth):>9.3f} "
-            f"{fmt_bytes(ix_bytes):>11} {fmt_bytes(mem.growth):>11} {cands:>8.0f} "
-            f"{fmt_bytes(build_mem.growth):>10}")
-    del docs, mask, chunks
+    corpus = plaid_corpus.make_corpus(n)
+    tokens = corpus.tokens.shape[0]
+    lengths = np.diff(corpus.doc_offsets)
+    width = int(lengths.max())
+    c = plaid.default_num_centroids(tokens)
+
+    def chunks():
+      for i in range(0, n, 1024):
+        yield plaid_corpus.padded(corpus, np.arange(i, min(i + 1024, n)), width)
+
+    built = {}
+    for nbits in NBITS:
+      path = os.path.join(work_dir, f"jax{n}_nbits{nbits}.plaid.npz")
+      if os.path.exists(path):  # an earlier run's build and its figures
+        ix = plaid.load(path)
+        stats = json.load(open(path + ".json"))
+      else:
+        with PeakRss() as build_mem:
+          start = time.perf_counter()
+          ix = plaid.build(chunks, c, nbits=nbits)
+          seconds = time.perf_counter() - start
+        stats = {"seconds": seconds, "rss": build_mem.growth}
+        plaid.save(ix, path)
+        with open(path + ".json", "w") as f:
+          json.dump(stats, f)
+      built[nbits] = (ix, stats["seconds"], stats["rss"],
+                      sum(getattr(ix, name).nbytes for name in plaid._ARRAYS))
+    fp16_bytes = tokens * DIM * 2
+    colbert_index = None
+    if colbert_python:
+      emb = os.path.join(work_dir, f"corpus{n}")
+      colbert_index = os.path.join(work_dir, f"colbert{n}_nbits2")
+      log = os.path.join(work_dir, "colbert.log")
+      if not os.path.exists(os.path.join(emb, "doc_offsets.npy")):
+        plaid_corpus.save_for_colbert(corpus, emb)
+      colbert_json = os.path.join(colbert_index, "bench.json")
+      if os.path.exists(colbert_json):
+        colbert_build = json.load(open(colbert_json))
+      else:
+        colbert_build = run_colbert(colbert_python, ["index", "--embeddings", emb, "--index",
+                                                     colbert_index, "--nbits", 2, "--threads",
+                                                     os.cpu_count()], log)
+    for lq in query_lens:
+      q, _ = plaid_corpus.make_queries(corpus, num_queries, lq)
+      t_exact, truth = exact_top(corpus, q, K_MAX)
+      print(f"{n:>6} {tokens:>9} {lq:>4}  {'exact (fp32)':<30} {'-':>8} {'-':>10} "
+            f"{fmt_bytes(tokens * DIM * 4):>10} {1 / t_exact:>7.2f} {1:>7.2f}x {1:>6.3f} "
+            f"{1:>6.3f}")
+      for name, options, (ncells, threshold, ndocs), k in settings():
+        for nbits, (ix, t_build, build_rss, ix_bytes) in built.items():
+          t, (_, found) = median_seconds(lambda: plaid.search(ix, q, None, k, options), 1)
+          t /= len(q)
+          build = (f"{t_build:>8.1f} {fmt_bytes(build_rss):>10} {fmt_bytes(ix_bytes):>10}"
+                   if name == "k=10" else f"{'':>8} {'':>10} {'':>10}")
+          r100 = f"{recall(found, truth, 100):>6.3f}" if k >= 100 else f"{'-':>6}"
+          print(f"{'':>6} {'':>9} {'':>4}  {f'jax plaid {nbits}b C={c} {name}':<30} {build} "
+                f"{1 / t:>7.2f} {t_exact / t:>7.2f}x {recall(found, truth, 10):>6.3f} {r100}")
+        if colbert_index:
+          qfile = os.path.join(work_dir, f"q{n}_{lq}.npy")
+          np.save(qfile, q)
+          for maxlen in (lq, 32):
+            out = os.path.join(work_dir, "colbert_search.json")
+            run_colbert(colbert_python, [
+                "search", "--index", colbert_index, "--queries", qfile, "--k", k, "--ncells",
+                ncells, "--threshold", threshold, "--ndocs", ndocs, "--query-maxlen", maxlen,
+                "--threads", os.cpu_count(), "--out", out], log)
+            res = json.load(open(out))
+            t_c = res["seconds_per_query"]
+            found = np.asarray([ids + [-1] * (k - len(ids)) for ids in res["ids"]])
+            build = (f"{colbert_build['build_seconds']:>8.1f} "
+                     f"{fmt_bytes(colbert_build['peak_rss_bytes']):>10} "
+                     f"{fmt_bytes(colbert_build['index_bytes']):>10}"
+                     if name == "k=10" and maxlen == lq else f"{'':>8} {'':>10} {'':>10}")
+            r100 = f"{recall(found, truth, 100):>6.3f}" if k >= 100 else f"{'-':>6}"
+            label = f"colbert 2b C={colbert_build['num_centroids']} {name} q{maxlen}"
+            print(f"{'':>6} {'':>9} {'':>4}  {label:<30} {build} {1 / t_c:>7.2f} "
+                  f"{t_exact / t_c:>7.2f}x {recall(found, truth, 10):>6.3f} {r100}")
+    padded_bytes = n * width * DIM * 2
+    for nbits, (_, _, _, ix_bytes) in built.items():
+      print(f"{'':>6} index bytes, {nbits} bits: {ix_bytes / fp16_bytes:.3f} of the fp16 tokens "
+            f"({fmt_bytes(fp16_bytes)}), {ix_bytes / padded_bytes:.3f} of the fp16 corpus padded "
+            f"to {width} tokens ({fmt_bytes(padded_bytes)})")
+    del corpus, built
 
 
 def part2(repeats):
@@ -222,25 +301,28 @@ def _dist_version(name):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
-                      help="2k documents only, fewer repeats (< 1 min)")
+                      help="2k documents, 4 queries of 113 tokens, no colbert (a few minutes)")
   parser.add_argument("--sizes", type=int, nargs="+", help="corpus sizes (documents)")
-  parser.add_argument("--nprobe", type=int, default=1,
-                      help="centroids probed per query token (ColBERTv2 uses 1 at k=10)")
-  parser.add_argument("--ncandidates", type=int, default=256,
-                      help="candidates kept for the rerank (ColBERTv2: 256 at k=10)")
-  parser.add_argument("--chunk_size", type=int, default=256, help="exact_search documents/step")
+  parser.add_argument("--query_lens", type=int, nargs="+", default=[113, 320])
+  parser.add_argument("--queries", type=int, default=16, help="queries per length")
+  parser.add_argument("--colbert_python", default="",
+                      help="python of an environment with colbert-ai 0.2.22 and faiss-cpu")
+  parser.add_argument("--work_dir", default="/tmp/preflmr_jax_search_bench")
   args = parser.parse_args()
-  repeats = 2 if args.quick else 3
-  sizes = args.sizes or ([2000] if args.quick else [2000, 8000, 32000])
+  sizes = args.sizes or ([2000] if args.quick else [10000, 50000])
+  query_lens = [113] if args.quick else args.query_lens
+  num_queries = 4 if args.quick else args.queries
+  colbert_python = "" if args.quick else args.colbert_python
+  os.makedirs(args.work_dir, exist_ok=True)
 
   print(f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
   print(f"python {platform.python_version()}  jax {jax.__version__}  numpy {np.__version__}  "
-        f"torch {torch.__version__}  colbert-ai {_dist_version('colbert-ai')}  "
-        f"psutil {psutil.__version__ if psutil else 'absent'}")
+        f"torch {torch.__version__}  psutil {psutil.__version__ if psutil else 'absent'}  "
+        f"colbert: {colbert_python or 'not run'}")
   print(f"jax devices: {jax.devices()}  cpus: {os.cpu_count()}  "
         f"torch threads: {torch.get_num_threads()}  machine: {platform.machine()}\n")
-  part1(sizes, repeats, args.nprobe, args.ncandidates, args.chunk_size)
-  part2(repeats)
+  part1(sizes, query_lens, num_queries, colbert_python, args.work_dir)
+  part2(2 if args.quick else 3)
 
 
 if __name__ == "__main__":
