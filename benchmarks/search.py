@@ -244,7 +244,7 @@ def part1(sizes, query_lens, num_queries, colbert_python, work_dir):
       print(f"{'':>6} index bytes, {nbits} bits: {ix_bytes / fp16_bytes:.3f} of the fp16 tokens "
             f"({fmt_bytes(fp16_bytes)}), {ix_bytes / padded_bytes:.3f} of the fp16 corpus padded "
             f"to {width} tokens ({fmt_bytes(padded_bytes)})")
-    del corpus, built
+    corpus = built = None  # free them before the next size
 
 
 def part2(repeats):

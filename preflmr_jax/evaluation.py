@@ -355,8 +355,9 @@ class IndexOptions:
     return options
 
   def check(self, k: int) -> None:
-    if self.nbits not in (1, 2, 4, 8):
-      raise ConfigError(f"--index=nbits={self.nbits}: must be one of 1, 2, 4, 8")
+    from preflmr_jax import index as plaid  # pylint: disable=g-import-not-at-top
+    if self.nbits not in plaid.NBITS:
+      raise ConfigError(f"--index=nbits={self.nbits}: must be one of {plaid.NBITS}")
     if self.centroids < 0:
       raise ConfigError(f"--index=centroids={self.centroids}: must be >= 1 (0: chosen from the "
                         "corpus size)")
@@ -420,7 +421,7 @@ def _index_search(options: IndexOptions, corpus: Corpus, k: int, cache_dir=None)
   if built is None:
     n, width = len(corpus.passages), int(corpus.lengths.max(initial=1))
     chunks = lambda: (corpus.padded(range(i, min(i + 4096, n)), width) for i in range(0, n, 4096))
-    built = plaid.build(chunks, centroids, options.nbits, corpus_key=corpus.key or "",
+    built = plaid.build(chunks, centroids, options.nbits, corpus_key=corpus.key,
                         progress=jax.process_index() == 0)
     if path:
       plaid.save(built, path)

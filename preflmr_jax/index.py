@@ -413,6 +413,11 @@ def build(corpus_chunks: Chunks, num_centroids: int, nbits: int = 2, *, kmeans_i
 
 # ---------------------------------------------------------------- search
 
+def _ranges(starts, lens):
+  """The positions starts[i]..starts[i] + lens[i] of every range, concatenated in order."""
+  return np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+
+
 def _flat(index: PlaidIndex, docs, residuals: bool):
   """The tokens of candidates docs [G, M] (-1: none), flat: codes, seg (each token's candidate, M
   for padding) [G, T] and, if asked, residuals [G, T, bytes]; T is the largest count in the
@@ -429,7 +434,7 @@ def _flat(index: PlaidIndex, docs, residuals: bool):
   packed = np.zeros((g, t, index.residuals.shape[1]), np.uint8) if residuals else None
   for i in range(g):
     n = int(total[i])
-    pos = np.repeat(starts[i] - np.cumsum(lens[i]) + lens[i], lens[i]) + np.arange(n)
+    pos = _ranges(starts[i], lens[i])
     codes[i, :n] = index.codes[pos]
     seg[i, :n] = np.repeat(np.arange(m), lens[i])
     if residuals:
@@ -519,8 +524,7 @@ def _candidates(index: PlaidIndex, ids, best, valid_q, threshold, cap):
   lens = ends - starts
   if not lens.sum():
     return np.zeros((0,), np.int64)
-  pos = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
-  docs = index.ivf_docs[pos].astype(np.int64)
+  docs = index.ivf_docs[_ranges(starts, lens)].astype(np.int64)
   # Row-major order keeps each token's lists best first: the first (token, document) is its best.
   _, first = np.unique(np.repeat(token, lens) * index.num_docs + docs, return_index=True)
   found, which = np.unique(docs[first], return_inverse=True)

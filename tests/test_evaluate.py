@@ -226,7 +226,7 @@ def test_index_flag():
     with pytest.raises(ConfigError, match=re.escape(message)):
       parse(text)
   for text, message in [("nprobe=0", "--index=nprobe=0: must be an integer >= 1"),
-                        ("nbits=3", "--index=nbits=3: must be one of 1, 2, 4, 8"),
+                        ("nbits=3", "--index=nbits=3: must be one of (1, 2, 4, 8)"),
                         ("centroids=-1", "--index=centroids=-1: must be >= 1")]:
     with pytest.raises(ConfigError, match=re.escape(message)):
       parse(text).check(10)
