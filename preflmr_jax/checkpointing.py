@@ -22,6 +22,7 @@ from the newest complete step to the newest one that restores, logging each step
 
 from __future__ import annotations
 
+import functools
 import json
 import logging as std_logging
 import signal
@@ -36,6 +37,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from preflmr_jax import storage, workdir
+from preflmr_jax.models import layer_stacks
 from preflmr_jax.user_errors import MissingPath, UserError
 
 ITEMS = ("params", "opt_state", "meta")
@@ -101,12 +103,22 @@ class CheckpointCorruptError(UserError, ValueError):
   """An array reads back with other bits than were saved."""
 
 
+def _stored_tree(item_dir: epath.Path):
+  """The tree of array metadata that an item's folder holds."""
+  return ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
+
+
 def _check_against_checkpoint(item_dir: epath.Path, abstract, item: str) -> None:
   """Raises CheckpointMismatchError naming the first array whose path or shape differs.
 
   Orbax's own error gives the two shapes but not which array they belong to.
   """
-  stored_tree = ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
+  stored_tree = _stored_tree(item_dir)
+  if item == "params" and layer_stacks.is_stacked(stored_tree) != layer_stacks.is_stacked(abstract):
+    layout = "scanned" if layer_stacks.is_stacked(stored_tree) else "per-layer"
+    raise CheckpointMismatchError(
+        f"the checkpoint {item_dir} holds {layout} layers, unlike config.model.scan_layers: a run "
+        "resumes in its own layout (config.init_params_from and evaluation convert the params)")
   # Keys are compared by name: Orbax stores a NamedTuple (optax state) as a dict.
   leaves = jax.tree_util.tree_leaves_with_path
   stored = {_key_name(p): tuple(m.shape) for p, m in leaves(stored_tree)}
@@ -358,10 +370,13 @@ def restore_params(path: storage.PathLike, abstract_params, step: int | None = N
   """
   step_dir = find_step_dir(storage.path(path, "checkpoint"), step)
   item_dir = step_dir / "params"
+  scanned = layer_stacks.is_stacked(abstract_params)
   try:
-    _check_against_checkpoint(item_dir, abstract_params, "params")
+    # Read in the layout it was written in (config.model.scan_layers), converted below.
+    stored = layer_stacks.to_layout(abstract_params, layer_stacks.is_stacked(_stored_tree(item_dir)))
+    _check_against_checkpoint(item_dir, stored, "params")
     with ocp.StandardCheckpointer() as checkpointer:
-      params = checkpointer.restore(item_dir, abstract_params)
+      params = checkpointer.restore(item_dir, stored)
     meta_file = step_dir / "meta" / "metadata"
     recorded = json.loads(meta_file.read_text()).get(CHECKSUMS, {}) if meta_file.exists() else {}
     _verify(params, recorded.get("params"), item_dir)
@@ -373,7 +388,21 @@ def restore_params(path: storage.PathLike, abstract_params, step: int | None = N
         f"{_complete_steps(step_dir.parent)}") from e
   if (bad := first_nonfinite(params)) is not None:
     raise FloatingPointError(f"checkpoint {step_dir} holds non-finite parameters (first: {bad})")
+  if layer_stacks.is_stacked(params) != scanned:
+    params = convert_layout(params, abstract_params)
   return params
+
+
+def convert_layout(params, abstract_params):
+  """`params` in the layer layout of `abstract_params` (models/layer_stacks.py), placed with its
+  shardings."""
+  scanned = layer_stacks.is_stacked(abstract_params)
+  shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), abstract_params)
+  if any(s is None for s in jax.tree.leaves(shardings, is_leaf=lambda s: s is None)):
+    shardings = None
+  convert = jax.jit(functools.partial(layer_stacks.to_layout, scanned=scanned),
+                    out_shardings=shardings)
+  return convert(params)
 
 
 class Preempted(Exception):

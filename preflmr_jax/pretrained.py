@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from preflmr_jax import conversion, storage, tokenization
+from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import token_masks
 from preflmr_jax.models.preflmr import PreFLMR, abstract_params
@@ -265,8 +266,8 @@ class PretrainedPreFLMR:
                            jnp.asarray(attention_mask, jnp.int32))
 
   def state_dict(self) -> dict[str, np.ndarray]:
-    """The parameters under their published PyTorch names."""
-    params = jax.tree.map(lambda x: np.asarray(x, np.float32), self.params)
+    """The parameters under their published PyTorch names (per layer, whatever the layout)."""
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), layer_stacks.unstack(self.params))
     return conversion.flax_to_torch(params, conversion.preflmr_rules(self.config))
 
   def _write_folder(self, folder: str) -> None:

@@ -41,6 +41,7 @@ LOGICAL_AXIS_RULES = (
     ("position", None),
     ("norm", None),
     ("proj", None),
+    (layers.STACK_AXIS, None),  # scanned layers: each device holds every layer's slice
 )
 
 
@@ -179,7 +180,8 @@ def init_sharded(init_fn, mesh: Mesh, rules, *args):
 def check_rules(rules, param_axes: set[str]) -> None:
   """Fails before compiling when `config.logical_axis_rules` has a typo, an axis the model does not
   use, a mesh axis that does not exist, or misses an axis the model uses."""
-  known = set(param_axes) | set(layers.ACTIVATION_AXES)
+  used = set(param_axes) | set(layers.ACTIVATION_AXES)
+  known = used | {layers.STACK_AXIS}  # a rule for it is harmless when nothing is scanned
   named = set()
   for rule in rules:
     if len(rule) != 2:
@@ -193,7 +195,7 @@ def check_rules(rules, param_axes: set[str]) -> None:
         raise ConfigError(f"config.logical_axis_rules: {logical!r} -> unknown mesh axis {axis!r}; "
                           f"mesh axes are {MESH_AXES}")
     named.add(logical)
-  missing = sorted(known - named)
+  missing = sorted(used - named)
   if missing:
     raise ConfigError(f"config.logical_axis_rules: no rule for logical axis {missing} (map it to "
                       "None to replicate)")

@@ -29,6 +29,7 @@ from absl import logging
 from preflmr_jax import (checkpointing, cli, data, losses, optimizer, pretrained, sharding,
                          storage, tensorboard_events, tokenization)
 from preflmr_jax import workdir as layout
+from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 from preflmr_jax.user_errors import ConfigError, MissingPath, is_int, require, require_int
@@ -201,8 +202,7 @@ def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
     if config.dropout_prng_impl != "threefry2x32":
       dropout_rng = jax.random.key(jax.random.bits(dropout_rng, dtype=jnp.uint32),
                                    impl=config.dropout_prng_impl)
-    params = model.init(params_rng, **preflmr.dummy_inputs(model_config))["params"]
-    params = nn.meta.unbox(params)
+    params = preflmr.random_params(model_config, params_rng)
     return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(dropout_rng), nonfinite_steps=jnp.int32(0),
                       first_nonfinite_step=jnp.int32(-1))
@@ -462,7 +462,8 @@ def _initial_params(config, abstract_params):
   if config.init_from:
     folder = storage.path(config.init_from, "config.init_from")
     with storage.errors("config.init_from", folder):
-      loaded = pretrained.load_pretrained(folder).params
+      loaded = pretrained.load_pretrained(folder).params  # per layer, as published
+    loaded = layer_stacks.to_layout(loaded, layer_stacks.is_stacked(abstract_params))
   elif config.init_params_from:
     folder = storage.path(config.init_params_from, "config.init_params_from")
     with storage.errors("config.init_params_from", folder):

@@ -6,7 +6,7 @@ Each worker has a temporary cache (never the user's ~/.cache) holding the SAMPLE
 tiny config trains on, written and built once; XLA's compilation cache is shared by the workers and
 their subprocesses, so that the many tests compiling the same tiny train step compile it once.
 
-Fixtures: `tiny_config` / `short_run` (configs), `sample_data_dir`, `trained_workdir` (a tiny run,
+Fixtures: `tiny_config` / `short_run` / `comparable_step` (configs), `sample_data_dir`, `trained_workdir` (a tiny run,
 trained once per session), `one_device_env` and `cli` (subprocesses), `gcs_server` / `gcs` (a GCS
 emulator and a fresh bucket).
 """
@@ -65,6 +65,21 @@ def _short(spec=TINY, **overrides):
 def tiny_config():
   """tiny_config(spec="configs/tiny.py", **{"dotted.key": value}) -> that config, overridden."""
   return _load
+
+
+# The tiny config of the sharded-step comparisons (test_train) and of the compile-only plans
+# (test_plan), which compile the same programs and so share them through the compilation cache.
+# Adam's first steps are ~lr * sign(g): rounding noise in a near-zero gradient would flip whole
+# updates. A large eps makes the update ~linear in g, so that comparisons are well conditioned.
+COMPARABLE_STEP = {"optimizer.learning_rate": 1e-2, "optimizer.mapping_learning_rate": 1e-2,
+                   "optimizer.eps": 1.0, "optimizer.warmup_steps": 0,
+                   "optimizer.schedule": "constant"}
+
+
+@pytest.fixture(scope="session")
+def comparable_step():
+  """comparable_step(**{"dotted.key": value}) -> the tiny config with COMPARABLE_STEP, overridden."""
+  return lambda **overrides: _load(**{**COMPARABLE_STEP, **overrides})
 
 
 @pytest.fixture(scope="session")

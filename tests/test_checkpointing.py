@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from preflmr_jax import checkpointing
+from preflmr_jax.models import layer_stacks
 from preflmr_jax.checkpointing import Checkpointer, PreemptionWatcher, restore_params
 
 META = {"step": 0, "rng": [0, 42], "data": {"epoch": 1, "position": 17, "order": [3, 1, 2]},
@@ -212,6 +213,33 @@ def test_restore_params_alone_from_any_path(tmp_path):
     restore_params(str(tmp_path), extra)
   with pytest.raises(ValueError, match="params/scale is in the checkpoint but not in the model"):
     restore_params(str(tmp_path), {"dense": abstract["dense"]})
+
+
+def test_params_restore_into_either_layer_layout(tmp_path):
+  """Per-layer params restore into a model with scanned layers and back (models/layer_stacks.py);
+  a run resumes only in its own layout."""
+  mesh = _mesh((2, 4))
+  rng = np.random.default_rng(0)
+  layer = lambda: {"wi": {"kernel": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)}}
+  per_layer = {"vision": {"layer_0": layer(), "layer_1": layer(), "class_embedding": jnp.ones(8)},
+               "mapping_layer_0": layer(), "mapping_layer_1": layer(), "mapping_layer_2": layer()}
+  stacked = layer_stacks.stack(per_layer)
+  assert stacked["mapping_layers"]["wi"]["kernel"].shape == (3, 8, 8)
+  sharded = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=NamedSharding(mesh, P(*([None] * (x.ndim - 2)), "data", "fsdp")
+                                               if x.ndim >= 2 else P())), tree)
+  tx = optax.adam(1e-2)
+  for saved, other in ((per_layer, stacked), (stacked, per_layer)):
+    directory = tmp_path / ("scanned" if saved is stacked else "per_layer")
+    with Checkpointer(str(directory), async_save=False) as ckpt:
+      _save(ckpt, 1, saved, tx.init(saved))
+    abstract = sharded(other)
+    got = restore_params(str(directory), abstract)
+    _assert_same(got, other)
+    assert jax.tree.map(lambda x: x.sharding, got) == jax.tree.map(lambda a: a.sharding, abstract)
+    with Checkpointer(str(directory)) as ckpt, pytest.raises(
+        checkpointing.CheckpointMismatchError, match="scan_layers"):
+      ckpt.restore(1, abstract, jax.eval_shape(tx.init, abstract))
 
 
 def test_missing_checkpoints_name_the_path(tmp_path):

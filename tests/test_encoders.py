@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from transformers.models.bert.modeling_bert import BertLayer as HFBertLayer
 
 from preflmr_jax import conversion
-from preflmr_jax.models import layers
+from preflmr_jax.models import layer_stacks, layers
 from preflmr_jax.models.bert import BertLayer, BertModel
 from preflmr_jax.models.clip import ClipVisionModel
 from preflmr_jax.models.model_config import TextConfig, VisionConfig
@@ -30,9 +30,15 @@ def _bert_params(config, torch_model):
   return conversion.torch_to_flax(torch_reference.state_dict_numpy(torch_model), rules, shapes)
 
 
-def _compare_bert(config, torch_model, ids, mask, atol):
-  params = _bert_params(config, torch_model)
-  ours, pooled = BertModel(config).apply({"params": params}, ids, mask)
+def _in_layout(params, parent, scan):
+  """A bare encoder's params in the scanned layout if `scan` (its stacks sit below `parent`)."""
+  return layer_stacks.stack({parent: params})[parent] if scan else params
+
+
+def _compare_bert(config, torch_model, ids, mask, atol, scan=False):
+  params = _in_layout(_bert_params(config, torch_model), "query_text", scan)
+  ours, pooled = BertModel(config, layers.Execution(scan_layers=scan)).apply({"params": params},
+                                                                            ids, mask)
   with torch.no_grad():
     ref = torch_model(input_ids=torch_reference.to_torch(ids).long(),
                       attention_mask=torch_reference.to_torch(mask).long())
@@ -43,14 +49,15 @@ def _compare_bert(config, torch_model, ids, mask, atol):
   assert valid.any()
 
 
-def test_bert_tiny_random_matches_transformers():
+@pytest.mark.parametrize("scan", [False, True])
+def test_bert_tiny_random_matches_transformers(scan):
   model = torch_reference.randomize_(transformers.BertModel(torch_reference.hf_bert_config(TINY_TEXT)))
   rng = np.random.default_rng(0)
   ids = rng.integers(0, TINY_TEXT.vocab_size, (3, 12)).astype(np.int32)
   mask = np.ones_like(ids)
   mask[1, 7:] = 0
   mask[2, 3:] = 0
-  _compare_bert(TINY_TEXT, model, ids, mask, atol=1e-5)
+  _compare_bert(TINY_TEXT, model, ids, mask, atol=1e-5, scan=scan)
 
 
 def test_bert_real_minilm_weights_match_transformers():
@@ -139,8 +146,8 @@ def test_bert_remat_same_values_and_grads(remat):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), g, g_ref)
 
 
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
-def test_clip_vision_matches_transformers_every_hidden_state(act):
+@pytest.mark.parametrize("act,scan", [("quick_gelu", False), ("gelu", False), ("gelu", True)])
+def test_clip_vision_matches_transformers(act, scan):
   config = VisionConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48,
                         patch_size=8, image_size=32, hidden_act=act)
   model = torch_reference.randomize_(transformers.CLIPVisionModel(torch_reference.hf_clip_config(config)), std=0.1)
@@ -149,14 +156,13 @@ def test_clip_vision_matches_transformers_every_hidden_state(act):
   rules = conversion.table_rules(conversion.clip_table(config.num_layers))
   state = {k.removeprefix("vision_model."): v
            for k, v in torch_reference.clip_state_dict_published(model).items()}
-  params = conversion.torch_to_flax(state, rules, shapes)
-  hidden, pooled = ClipVisionModel(config).apply({"params": params}, pixels)
+  params = _in_layout(conversion.torch_to_flax(state, rules, shapes), "vision", scan)
+  last, penultimate, pooled = ClipVisionModel(config, layers.Execution(scan_layers=scan)).apply(
+      {"params": params}, pixels)
   with torch.no_grad():
     ref = model(pixel_values=torch_reference.nchw(pixels), output_hidden_states=True)
-  assert len(hidden) == len(ref.hidden_states) == config.num_layers + 1
-  for ours, theirs in zip(hidden, ref.hidden_states):
-    np.testing.assert_allclose(ours, theirs.numpy(), atol=2e-5, rtol=0)
-  np.testing.assert_allclose(hidden[-1], ref.last_hidden_state.numpy(), atol=2e-5, rtol=0)
+  np.testing.assert_allclose(last, ref.last_hidden_state.numpy(), atol=2e-5, rtol=0)
+  np.testing.assert_allclose(penultimate, ref.hidden_states[-2].numpy(), atol=2e-5, rtol=0)
   np.testing.assert_allclose(pooled, ref.pooler_output.numpy(), atol=2e-5, rtol=0)
 
 

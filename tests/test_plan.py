@@ -17,9 +17,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def plans():
-  config = config_files.load_config("configs/tiny.py")
-  return {name: plan.plan(config, plan.parse_mesh(mesh), jax.devices())
+def plans(comparable_step):
+  # test_train's sharded-step comparison compiles the mixed mesh's program too (conftest).
+  return {name: plan.plan(comparable_step(), plan.parse_mesh(mesh), jax.devices())
           for name, mesh in (("data", "data=8"), ("mixed", "data=2,fsdp=2,tensor=2"))}
 
 

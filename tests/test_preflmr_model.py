@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from preflmr_jax import late_interaction, tokenization
-from preflmr_jax.models import layers
+from preflmr_jax.models import layer_stacks, layers
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
 
@@ -61,6 +61,44 @@ def test_remat_changes_nothing(setup):
     assert np.isfinite(leaf).all()
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=False),
                g, g_ref)
+
+
+def test_the_layer_table_converts_both_ways(setup):
+  config, params, _ = setup
+  scanned = dataclasses.replace(config, scan_layers=True)
+  stacked = layer_stacks.stack(params)
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  assert shapes(stacked) == shapes(preflmr.abstract_params(scanned))
+  assert stacked["mapping_layers"]["attention"]["query"]["kernel"].shape[0] == 2
+  assert "layer_0" not in stacked["vision"] and "mapping_layer_0" not in stacked
+  np.testing.assert_array_equal(stacked["query_text"]["layers"]["mlp"]["wi"]["kernel"][1],
+                                params["query_text"]["layer_1"]["mlp"]["wi"]["kernel"])
+  jax.tree.map(np.testing.assert_array_equal, layer_stacks.unstack(stacked), params)
+  assert layer_stacks.is_stacked(stacked) and not layer_stacks.is_stacked(params)
+  # Abstract trees convert too, and the stacked axis is the logical `layers` axis.
+  assert shapes(layer_stacks.unstack(preflmr.abstract_params(scanned))) == shapes(params)
+  boxed = jax.eval_shape(lambda: preflmr.PreFLMR(scanned).init(
+      jax.random.key(0), **preflmr.dummy_inputs(scanned))["params"])
+  spec = jax.tree.map(lambda b: b.names, boxed["vision"]["layers"]["mlp"]["wi"]["kernel"],
+                      is_leaf=lambda b: hasattr(b, "names"))
+  assert spec == (layers.STACK_AXIS, "embed", "mlp")
+
+
+@pytest.mark.slow
+def test_scanned_layers_equal_the_loop(setup):
+  """One nn.scan per layer stack, each layer rematerialised in it, computes what the per-layer
+  loop does, forward and backward, on the same parameters (test_encoders: scan alone vs HF)."""
+  config, params, inputs = setup
+  stacked = layer_stacks.stack(params)
+  scanned = dataclasses.replace(config, scan_layers=True, remat=True, remat_policy="dots_saveable")
+  for a, b in zip(jax.tree.leaves(_apply(scanned, stacked, inputs)),
+                  jax.tree.leaves(_apply(config, params, inputs))):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  loss = lambda c: lambda p: jnp.sum(_apply(c, p, inputs)[0][0] ** 3)
+  g_ref = jax.grad(loss(config))(params)
+  g = layer_stacks.unstack(jax.grad(loss(scanned))(stacked))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, g_ref)
+  assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(g_ref["mapping_layer_1"]))
 
 
 @pytest.mark.slow

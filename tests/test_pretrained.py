@@ -2,6 +2,7 @@
 (preflmr_jax/testing/torch_reference.py: transformers modules and the official recipe), loaded
 with `load_pretrained`; embeddings, masks and scores against that reference."""
 
+import dataclasses
 import json
 import os
 import string
@@ -16,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import preflmr_jax
 from preflmr_jax import conversion, image_processing, tokenization
+from preflmr_jax.models import layer_stacks
 from preflmr_jax.models.model_config import PreFLMRConfig, TextConfig, VisionConfig
 from preflmr_jax.testing import torch_reference
 
@@ -134,6 +136,23 @@ def test_load_pretrained_matches_pytorch_reference(checkpoint, oracle):
   assert q_mask[0, 2] == 0 and q_mask[1, 2] == 0 and d_mask_ref[1].sum() < docs["attention_mask"][1].sum()
   scores = preflmr_jax.maxsim(q, d, d_mask)
   np.testing.assert_allclose(scores, naive_maxsim(q_ref, d_ref, d_mask_ref), atol=1e-4, rtol=0)
+
+
+def test_scanned_layers_encode_and_export_the_published_weights(checkpoint, oracle):
+  published = preflmr_jax.load_pretrained(checkpoint)
+  scanned = preflmr_jax.PretrainedPreFLMR(dataclasses.replace(published.config, scan_layers=True),
+                                          layer_stacks.stack(published.params))
+  queries, pixels, docs, _, _ = _inputs()
+  q, _ = scanned.encode_queries(queries["input_ids"], queries["attention_mask"], pixels)
+  d, _ = scanned.encode_documents(docs["input_ids"], docs["attention_mask"])
+  q_ref, _ = encode_queries(oracle, queries["input_ids"], queries["attention_mask"], pixels)
+  d_ref, _ = encode_documents(oracle, docs["input_ids"], docs["attention_mask"])
+  np.testing.assert_allclose(q, q_ref, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(d, d_ref, atol=1e-5, rtol=0)
+  exported, original = scanned.state_dict(), published.state_dict()
+  assert exported.keys() == original.keys()
+  for k in original:
+    np.testing.assert_array_equal(exported[k], original[k], err_msg=k)
 
 
 def test_stage1_output_is_vision_tokens_only(tmp_path, oracle):

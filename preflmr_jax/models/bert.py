@@ -37,15 +37,6 @@ class BertLayer(nn.Module):
     return layers.constrain(x, "act_batch", "act_length", "act_embed")
 
 
-def bert_stack(config: TextConfig, *, cross_attention: bool, execution: Execution,
-               prefix: str = "layer"):
-  """`config.num_layers` BertLayers named `{prefix}_{i}` (optionally rematerialised)."""
-  # static_argnums counts `self` as 0: (x=1, mask=2, deterministic=3).
-  cls = layers.maybe_remat(BertLayer, execution, static_argnums=(3,))
-  return [cls(config, cross_attention, execution, name=f"{prefix}_{i}")
-          for i in range(config.num_layers)]
-
-
 class BertEmbeddings(nn.Module):
   config: TextConfig
   execution: Execution = Execution()
@@ -88,10 +79,11 @@ class BertModel(nn.Module):
     x = BertEmbeddings(c, ex, name="embeddings")(input_ids, token_type_ids, position_ids,
                                                 deterministic)
     x = layers.constrain(x, "act_batch", "act_length", "act_embed")
-    for layer in bert_stack(c, cross_attention=False, execution=ex):
-      x = layer(x, attention_mask, deterministic)
+    # static_argnums counts `self` as 0: (x=1, mask=2, deterministic=3).
+    stack = layers.layer_stack(BertLayer, c.num_layers, ex, c, False, ex, static_argnums=(3,))
+    x, _ = layers.apply_stack(stack, c.num_layers, x, attention_mask, deterministic)
     pooled = jnp.tanh(layers.dense(c.hidden_size, ("embed", None), ex, name="pooler")(x[:, 0]))
     return x, pooled
 
 
-__all__ = ["BertEmbeddings", "BertLayer", "BertModel", "bert_stack"]
+__all__ = ["BertEmbeddings", "BertLayer", "BertModel"]

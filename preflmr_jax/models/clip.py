@@ -26,11 +26,11 @@ class ClipLayer(nn.Module):
 
 
 class ClipVisionModel(nn.Module):
-  """Returns (hidden_states, pooler_output).
+  """Returns (last_hidden_state, penultimate_hidden_state, pooler_output).
 
-  hidden_states is a tuple of num_layers + 1 arrays [B, 1 + patches, H]: index 0 is the embedding output
-  after `pre_layrnorm`, the last is HF's `last_hidden_state` (no `post_layernorm`). pooler_output is
-  `post_layernorm` of the last CLS state. Under jit, hidden states nobody reads cost nothing.
+  The hidden states are [B, 1 + patches, H]: HF's `last_hidden_state` (no `post_layernorm`) and
+  HF's `hidden_states[-2]` (the last layer's input). pooler_output is `post_layernorm` of the last
+  CLS state.
   """
 
   config: VisionConfig
@@ -65,13 +65,11 @@ class ClipVisionModel(nn.Module):
     x = layers.layer_norm(c.layer_norm_eps, ex, name="pre_layrnorm")(x)
     x = layers.constrain(x, "act_batch", "act_length", "act_embed")
 
-    layer_cls = layers.maybe_remat(ClipLayer, ex, static_argnums=(3,))
-    hidden_states = [x]
-    for i in range(c.num_layers):
-      x = layer_cls(c, ex, name=f"layer_{i}")(x, None, deterministic)
-      hidden_states.append(x)
-    pooled = layers.layer_norm(c.layer_norm_eps, ex, name="post_layernorm")(x[:, 0])
-    return tuple(hidden_states), pooled
+    # static_argnums counts `self` as 0: (x=1, mask=2, deterministic=3).
+    stack = layers.layer_stack(ClipLayer, c.num_layers, ex, c, ex, static_argnums=(3,))
+    last, penultimate = layers.apply_stack(stack, c.num_layers, x, None, deterministic)
+    pooled = layers.layer_norm(c.layer_norm_eps, ex, name="post_layernorm")(last[:, 0])
+    return last, penultimate, pooled
 
 
 __all__ = ["ClipLayer", "ClipVisionModel"]

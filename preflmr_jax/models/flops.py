@@ -1,6 +1,6 @@
 """Analytic model FLOPs of PreFLMR: 2 per multiply-accumulate of every matmul, at padded lengths.
 
-Keys are the params tree's top-level keys (models/param_groups.py). Attention softmax, norms,
+Keys are the parameter groups (models/param_groups.py). Attention softmax, norms,
 activations and the embedding lookups are not counted; MFU figures divide these by step time.
 """
 
@@ -17,7 +17,7 @@ def _attention(q_len, kv_len, h):
 
 
 def forward_macs(mc, queries, docs):
-  """Forward matmul MACs per top-level param key of `mc` (a PreFLMRConfig) for `queries` queries
+  """Forward matmul MACs per parameter group of `mc` (a PreFLMRConfig) for `queries` queries
   and `docs` documents (padded lengths; the last vision layer is counted whole, as written, though
   only its CLS output is read)."""
   t, v, m, p = mc.text, mc.vision, mc.mapping, mc.vision.num_patches
@@ -27,37 +27,34 @@ def forward_macs(mc, queries, docs):
       _attention(p + 1, p + 1, v.hidden_size) + 2 * (p + 1) * v.hidden_size * v.intermediate_size)
   width, cross = mc.dim * mc.mapping_prefix_length, min(mc.mapping_cross_attention_length,
                                                          mc.query_maxlen)
-  key = param_groups.key
-  macs = {
-      key("query_text"): queries * bert(mc.query_maxlen),
-      key("query_head"): 0 if mc.output == "mapping_only" else
-                         queries * mc.query_maxlen * t.hidden_size * mc.dim,
-      key("vision"): queries * vision,
-      key("vision_projection"): queries * (v.hidden_size + width) * width // 2,
-      key("mapping_input"): queries * p * v.hidden_size * m.hidden_size,
-      key("mapping_output"): queries * p * m.hidden_size * mc.dim,
-      key("document_text"): docs * bert(mc.doc_maxlen),
-      key("document_head"): docs * mc.doc_maxlen * t.hidden_size * mc.dim,
+  return {
+      "query_text": queries * bert(mc.query_maxlen),
+      "query_head": 0 if mc.output == "mapping_only" else
+                    queries * mc.query_maxlen * t.hidden_size * mc.dim,
+      "vision": queries * vision,
+      "vision_projection": queries * (v.hidden_size + width) * width // 2,
+      "mapping_input": queries * p * v.hidden_size * m.hidden_size,
+      "mapping_layers": queries * m.num_layers * (
+          _attention(p, p, m.hidden_size) + _attention(p, cross, m.hidden_size)
+          + 2 * p * m.hidden_size * m.intermediate_size),
+      "mapping_output": queries * p * m.hidden_size * mc.dim,
+      "document_text": docs * bert(mc.doc_maxlen),
+      "document_head": docs * mc.doc_maxlen * t.hidden_size * mc.dim,
   }
-  for i in range(m.num_layers):
-    macs[key("mapping_layers", i)] = queries * (
-        _attention(p, p, m.hidden_size) + _attention(p, cross, m.hidden_size)
-        + 2 * p * m.hidden_size * m.intermediate_size)
-  return macs
 
 
 def trainable_groups(labels) -> set[str]:
-  """Top-level param keys with any parameter that trains (labels: optimizer.param_labels)."""
-  return {g for g, tree in labels.items()
+  """The parameter groups with any parameter that trains (labels: optimizer.param_labels)."""
+  return {param_groups.group_of(k) for k, tree in labels.items()
           if any(label != "frozen" for label in jax.tree.leaves(tree))}
 
 
 def train_flops(mc, queries, docs, trainable):
-  """One train step: forward + 2x forward for the `trainable` top-level keys + the loss's MaxSim
+  """One train step: forward + 2x forward for the `trainable` groups + the loss's MaxSim
   (backward: 1x per side that needs a gradient)."""
   macs = forward_macs(mc, queries, docs)
   total = sum(n * (3 if key in trainable else 1) for key, n in macs.items())
-  document = {k for k in macs if param_groups.in_group(k, "document")}
+  document = set(param_groups.members("document"))
   d_grad = bool(document & trainable)
   q_grad = bool(trainable - document)
   score = queries * docs * mc.query_length * mc.doc_maxlen * mc.dim
@@ -67,5 +64,5 @@ def train_flops(mc, queries, docs, trainable):
 def encode_flops(mc, kind, n):
   """Encoding `n` "documents" or (any other `kind`) queries."""
   macs = forward_macs(mc, n, n)
-  docs = sum(v for k, v in macs.items() if param_groups.in_group(k, "document"))
+  docs = sum(macs[g] for g in param_groups.members("document"))
   return 2 * (docs if kind == "documents" else sum(macs.values()) - docs)

@@ -35,6 +35,10 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 FUSED_DTYPES = {"cudnn": ("bfloat16", "float16")}
 # What `jax.nn.dot_product_attention` is asked for per fused value (tests on CPU swap in "xla").
 _FUSED_BACKEND = {"cudnn": "cudnn"}
+# Layer i of a stack is the module `{prefix}_{i}`; with `Execution.scan_layers` the stack is one
+# scanned module `stack_name(prefix)` whose parameters carry a leading layer axis, STACK_AXIS.
+LAYER_PREFIX = "layer"
+STACK_AXIS = "layers"
 # Named `jax.checkpoint_policies` for `Execution.remat_policy`.
 REMAT_POLICIES = (
     "nothing_saveable", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
@@ -52,7 +56,8 @@ def attention_dropout_error(attention: str, dropout_rate: float) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class Execution:
   """How the blocks compute, not what: compute and parameter dtypes, per-layer remat with a named
-  policy, the attention implementation. Every module takes it as one field;
+  policy, the attention implementation, layer stacks as a loop or one scan (which also changes
+  the params' layout: models/layer_stacks.py converts). Every module takes it as one field;
   `PreFLMRConfig.execution` builds it from `config.model`."""
 
   dtype: str = "float32"
@@ -60,6 +65,7 @@ class Execution:
   remat: bool = False
   remat_policy: str = "nothing_saveable"  # one of REMAT_POLICIES
   attention: str = "xla"  # one of ATTENTION_IMPLEMENTATIONS
+  scan_layers: bool = False
 
   @property
   def compute_dtype(self):
@@ -245,9 +251,37 @@ class Mlp(nn.Module):
     return dense(self.hidden_size, ("mlp", "embed"), self.execution, name="wo")(h)
 
 
-def maybe_remat(layer_cls, execution: Execution, static_argnums: tuple[int, ...]):
-  """Wraps a layer class in `nn.remat` with `execution.remat_policy` if `execution.remat`."""
-  if not execution.remat:
-    return layer_cls
-  return nn.remat(layer_cls, policy=getattr(jax.checkpoint_policies, execution.remat_policy),
-                  static_argnums=static_argnums)
+def stack_name(prefix: str) -> str:
+  """The module (and params key) of a scanned stack of `{prefix}_{i}` layers."""
+  return prefix + "s"
+
+
+def layer_stack(layer_cls, num_layers: int, execution: Execution, *args,
+                static_argnums: tuple[int, ...], prefix: str = LAYER_PREFIX):
+  """The modules of `num_layers` layers `layer_cls(*args)`, each rematerialised with
+  `execution.remat_policy` if `execution.remat` (`static_argnums` of its call, counting `self` as
+  0): a list of `{prefix}_{i}`, or with `execution.scan_layers` the one module that
+  `apply_stack` scans. Create it in `setup` or a compact method; run it with `apply_stack`."""
+  if execution.remat:
+    layer_cls = nn.remat(layer_cls, policy=getattr(jax.checkpoint_policies, execution.remat_policy),
+                         static_argnums=static_argnums)
+  if execution.scan_layers:
+    return layer_cls(*args, name=stack_name(prefix))
+  return [layer_cls(*args, name=f"{prefix}_{i}") for i in range(num_layers)]
+
+
+def apply_stack(stack, num_layers: int, x, *args):
+  """Runs `layer(x, *args)` through the layers of `layer_stack` in turn -> (last output, the
+  last layer's input). Scanned, the layers' parameters (and dropout keys) are split along a
+  leading axis named STACK_AXIS; the carry keeps the previous state for the second output, which
+  costs a copy per layer and no saved activations."""
+  if isinstance(stack, (list, tuple)):
+    previous = x
+    for layer in stack:
+      previous, x = x, layer(x, *args)
+    return x, previous
+  step = lambda layer, carry: ((layer(carry[0], *args), carry[0]), None)
+  scan = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 length=num_layers, metadata_params={nn.PARTITION_NAME: STACK_AXIS})
+  (x, previous), _ = scan(stack, (x, x))
+  return x, previous

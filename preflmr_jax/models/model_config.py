@@ -81,12 +81,15 @@ class PreFLMRConfig:
   # How the modules compute (`execution`, a layers.Execution): compute and parameter dtypes,
   # per-layer remat with a named policy, and the attention implementation: "xla" (any backend;
   # exact HF semantics incl. attention dropout) or "cudnn" (fused attention on NVIDIA GPUs;
-  # bf16/fp16, attention dropout 0).
+  # bf16/fp16, attention dropout 0); each layer stack as a Python loop or one `nn.scan` over
+  # stacked parameters (`scan_layers`: one layer compiled per stack; its own params layout,
+  # models/layer_stacks.py).
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   attention: str = "xla"
+  scan_layers: bool = False
 
   def __post_init__(self):
     # Fail here, naming the config key, rather than deep inside XLA.
@@ -145,7 +148,7 @@ class PreFLMRConfig:
   @property
   def execution(self) -> layers.Execution:
     return layers.Execution(self.dtype, self.param_dtype, self.remat, self.remat_policy,
-                            self.attention)
+                            self.attention, self.scan_layers)
 
   @property
   def query_length(self) -> int:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import re
 
+from preflmr_jax.models import layers
+
 MAPPING_LAYER_PREFIX = "mapping_layer"  # mapping layer i is `mapping_layer_<i>`
 
-# Group -> its top-level param key; "{i}" stands for a layer index (one key per layer).
+# Group -> its top-level param key; "{i}" stands for a layer index (one key per layer, or with
+# scanned layers one key for the stack, `layers.stack_name`).
 GROUPS = {
     "query_text": "query_text",  # BertModel
     "document_text": "document_text",  # BertModel
@@ -54,7 +57,14 @@ def key(group: str, i: int | None = None) -> str:
 
 def pattern(name: str) -> str:
   """A regex of the top-level keys of `name`'s groups, e.g. a `config.freeze` pattern."""
-  return "|".join(GROUPS[g].replace("{i}", r"\d+") for g in members(name))
+  return "|".join(_group_pattern(g) for g in members(name))
+
+
+def _group_pattern(group: str) -> str:
+  if "{i}" not in GROUPS[group]:
+    return GROUPS[group]
+  prefix = GROUPS[group].removesuffix("_{i}")
+  return rf"{prefix}_\d+|{layers.stack_name(prefix)}"
 
 
 def patterns(name: str) -> tuple[str, ...]:

@@ -9,12 +9,15 @@ the two vision-derived groups; text still reaches them through the mapping netwo
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from preflmr_jax.models import layers, param_groups, token_masks
-from preflmr_jax.models.bert import BertModel, bert_stack
+from preflmr_jax.models import layer_stacks, layers, param_groups, token_masks
+from preflmr_jax.models.bert import BertLayer, BertModel
 from preflmr_jax.models.clip import ClipVisionModel
 from preflmr_jax.models.model_config import PreFLMRConfig
 
@@ -61,8 +64,8 @@ class PreFLMR(nn.Module):
     self.vision = ClipVisionModel(c.vision, ex)
     self.vision_projection = VisionProjection(c)
     self.mapping_input = layers.dense(c.mapping.hidden_size, ("embed", None), ex)
-    self.mapping = bert_stack(c.mapping, cross_attention=True, execution=ex,
-                              prefix=param_groups.MAPPING_LAYER_PREFIX)
+    self.mapping = layers.layer_stack(BertLayer, c.mapping.num_layers, ex, c.mapping, True, ex,
+                                      static_argnums=(3,), prefix=param_groups.MAPPING_LAYER_PREFIX)
     self.mapping_output = layers.dense(c.dim, ("embed", "proj"), ex)
 
   def encode_queries(self, input_ids, attention_mask, pixel_values, deterministic: bool = True):
@@ -80,15 +83,15 @@ class PreFLMR(nn.Module):
     text_mask = text_mask * kept
     hidden, _ = self.query_text(input_ids, attention_mask, deterministic=deterministic)
 
-    hidden_states, _ = self.vision(pixel_values, deterministic=deterministic)
-    prefix = self.vision_projection(hidden_states[-1][:, 0])
+    last, penultimate, _ = self.vision(pixel_values, deterministic=deterministic)
+    prefix = self.vision_projection(last[:, 0])
     # Mapping network: penultimate-layer patch tokens (CLS dropped) cross-attend to the query
     # encoder's raw hidden states; no self-attention mask, and the cross-attention mask drops only
     # `query_skip_token_ids` (all ones by default; [MASK] padding is attended, as published).
     length = c.mapping_cross_attention_length
-    m = self.mapping_input(hidden_states[-2][:, 1:])
-    for layer in self.mapping:
-      m = layer(m, None, deterministic, hidden[:, :length], kept[:, :length])
+    m = self.mapping_input(penultimate[:, 1:])
+    m, _ = layers.apply_stack(self.mapping, c.mapping.num_layers, m, None, deterministic,
+                              hidden[:, :length], kept[:, :length])
     mapped = self.mapping_output(m)
 
     vision_tokens = jnp.concatenate([prefix, mapped], axis=1).astype(jnp.float32)
@@ -141,10 +144,18 @@ def abstract_params(config: PreFLMRConfig):
   return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
+def random_params(config: PreFLMRConfig, rng: jax.Array):
+  """Random parameters (no logical axis boxes) for `config`, the same for one `rng` in either
+  layer layout: drawn per layer, then stacked for `scan_layers`. Traceable (jit it)."""
+  per_layer = dataclasses.replace(config, scan_layers=False)
+  params = nn.meta.unbox(PreFLMR(per_layer).init(rng, **dummy_inputs(per_layer))["params"])
+  return layer_stacks.to_layout(params, config.scan_layers)
+
+
 def init_params(config: PreFLMRConfig, rng: jax.Array):
-  """Random parameters (boxed with logical axis metadata removed) for `config`."""
-  init = lambda rng: PreFLMR(config).init(rng, **dummy_inputs(config))["params"]
-  return nn.meta.unbox(jax.jit(init)(rng))
+  """`random_params`, jitted."""
+  return jax.jit(functools.partial(random_params, config))(rng)
 
 
-__all__ = ["PreFLMR", "VisionProjection", "abstract_params", "dummy_inputs", "init_params", "l2_normalize"]
+__all__ = ["PreFLMR", "VisionProjection", "abstract_params", "dummy_inputs", "init_params", "l2_normalize",
+           "random_params"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Mapping, Sequence
 
 from absl import app, flags
@@ -105,8 +106,10 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
   shape = dict(zip(sharding.MESH_AXES, mesh.devices.shape))
 
   setup = train.setup_train_step(config, mesh)  # the trainer's own construction
+  start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+  compile_s = time.perf_counter() - start
 
   counts = optimizer.count_trainable(setup.abstract_state.params, setup.labels)
   return {
@@ -121,6 +124,7 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
       "params_trainable": counts["trainable"],
       "flops_per_step": _flops(compiled),
       "memory_per_device": _memory(compiled),
+      "compile_s": round(compile_s, 2),  # tracing, lowering and XLA's compile
   }
 
 
@@ -146,7 +150,8 @@ def _table(result: dict) -> str:
           ("global batch", result["global_batch"]),
           ("params total", f"{result['params_total']:,}"),
           ("params trainable", f"{result['params_trainable']:,}"),
-          ("flops / step", f"{result['flops_per_step']:.4g}")]
+          ("flops / step", f"{result['flops_per_step']:.4g}"),
+          ("compile", f"{result['compile_s']:.1f} s")]
   rows += [(f"{k[:-6]} / device", size(v)) for k, v in result["memory_per_device"].items()]
   return "\n".join(f"{name:>22s}  {value}" for name, value in rows)
 

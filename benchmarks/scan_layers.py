@@ -1,0 +1,131 @@
+"""Scanned vs per-layer (looped) layer stacks: train-step compile time, step time and memory.
+
+  python benchmarks/scan_layers.py [--quick] [--tpu_python PATH] [--skip cpu,tpu]
+
+- cpu: the trainer's own step (`train.setup_train_step`, fp32, AdamW, one CPU device, synthetic
+  batches; benchmarks/run.py's train row) at the ViT-B release shapes, `config.model.scan_layers`
+  off then on: compile time (trace, lower, XLA compile), median step time, XLA's buffer bytes.
+- tpu: the compile-only plan (`preflmr_jax.tools.plan --topology`, libtpu on this CPU host) of
+  the ViT-L release and the 400m/800m scaling point, on v5e-16 (and v5e-256 without --quick), both
+  layouts: compile time and XLA's memory per device. Needs a Python with jax[tpu]
+  (`requirements-tpu-plan.txt`, e.g. in a venv made with --system-site-packages): --tpu_python.
+
+Prints a table with the ratios scanned/looped (each pair measured in this run), then one JSON
+line. Nothing is written to the committed results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+START = time.perf_counter()
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# (name, config, overrides, plan mesh per topology)
+TPU_CASES = (
+    ("ViT-L release", "configs/release.py:vit_l", {}),
+    ("400m/800m point", "configs/scaling.py:vision=400m,text=800m", {}),
+)
+TOPOLOGIES = {"v5e:4x4": 16, "v5e:16x16": 256}
+
+
+def log(msg):
+  print(f"[{time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+
+
+def cpu_rows(quick: bool) -> list[dict]:
+  sys.path.insert(0, HERE)
+  import run  # pylint: disable=import-outside-toplevel  (benchmarks/run.py's train row)
+  overrides = {"batch_size": 2, **({"model.doc_maxlen": 128} if quick else {})}
+  rows = []
+  for scan in (False, True):
+    log(f"cpu ViT-B train step, scan_layers={scan}")
+    row = run.train_row("ViT-B", run.VIT_B, {**overrides, "model.scan_layers": scan},
+                        2 if quick else 3, limit=1.0)
+    rows.append({"where": "cpu", "case": f"ViT-B train step, {row['case']}", "scan": scan,
+                 "compile_s": row["compile_s"], "step_ms": row["step_ms"],
+                 "bytes": None if row["step_gib"] is None else row["step_gib"] * 2**30,
+                 "others": row["others"]})
+    log(f"  compile {row['compile_s']:.1f} s, step {row['step_ms']:.0f} ms")
+    run.release_memory()
+  return rows
+
+
+def tpu_rows(python: str, quick: bool) -> list[dict]:
+  rows = []
+  topologies = {k: v for k, v in TOPOLOGIES.items() if not quick or v == 16}
+  for name, config, overrides in TPU_CASES:
+    for topology, devices in topologies.items():
+      for scan in (False, True):
+        args = [python, "-m", "preflmr_jax.tools.plan", f"--config={config}",
+                f"--topology={topology}", f"--mesh=data=1,fsdp={devices},tensor=1",
+                f"--batch_size={devices}", f"--config.model.scan_layers={scan}"]
+        args += [f"--config.{k}={v}" for k, v in overrides.items()]
+        log(f"tpu {name} on {topology}, scan_layers={scan}")
+        out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False,
+                             env={**os.environ, "JAX_PLATFORMS": ""})
+        if out.returncode:
+          raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+        plan = json.loads(out.stdout.strip().splitlines()[-1])
+        memory = plan["memory_per_device"]
+        rows.append({"where": f"tpu {topology}", "case": f"{name}, batch {devices}", "scan": scan,
+                     "compile_s": plan["compile_s"], "step_ms": None,
+                     "bytes": memory.get("peak_bytes") or memory["total_bytes"], "others": None})
+        log(f"  compile {plan['compile_s']:.1f} s, {rows[-1]['bytes'] / 2**30:.2f} GiB/device")
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| where | case | layers | compile | step | memory | scanned/looped |",
+           "|---|---|---|---|---|---|---|"]
+  looped = {}
+  for r in rows:
+    key = (r["where"], r["case"])
+    ratio = "-"
+    if r["scan"] and key in looped:
+      base = looped[key]
+      parts = [f"compile {r['compile_s'] / base['compile_s']:.2f}x"]
+      if r["step_ms"] and base["step_ms"]:
+        parts.append(f"step {r['step_ms'] / base['step_ms']:.2f}x")
+      if r["bytes"] and base["bytes"]:
+        parts.append(f"memory {r['bytes'] / base['bytes']:.2f}x")
+      ratio = ", ".join(parts)
+    else:
+      looped[key] = r
+    step = "-" if r["step_ms"] is None else f"{r['step_ms']:.0f} ms"
+    memory = "-" if r["bytes"] is None else f"{r['bytes'] / 2**30:.2f} GiB"
+    lines.append(f"| {r['where']} | {r['case']} | {'scanned' if r['scan'] else 'looped'} | "
+                 f"{r['compile_s']:.1f} s | {step} | {memory} | {ratio} |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="ViT-B at doc_maxlen 128, fewer steps; v5e-16 only")
+  parser.add_argument("--tpu_python", help="a Python with jax[tpu] for the compile-only rows")
+  parser.add_argument("--skip", default="", help="comma-separated sections: cpu, tpu")
+  args = parser.parse_args()
+  skip = set(filter(None, args.skip.split(",")))
+  if unknown := skip - {"cpu", "tpu"}:
+    parser.error(f"--skip: unknown section(s) {sorted(unknown)}")
+  if "tpu" not in skip and not args.tpu_python:
+    parser.error("the tpu rows need --tpu_python (a Python with jax[tpu]); or --skip tpu")
+  rows = []
+  if "tpu" not in skip:
+    rows += tpu_rows(args.tpu_python, args.quick)
+  if "cpu" not in skip:
+    rows += cpu_rows(args.quick)
+  print(table(rows))
+  print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+  main()
