@@ -24,11 +24,11 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-__all__ = ["chunk_sizes", "default_tile_bytes", "maxsim", "maxsim_chunked",
+__all__ = ["check_shapes", "chunk_sizes", "default_tile_bytes", "maxsim", "maxsim_chunked",
            "maxsim_pairwise"]
 
 
-def _check(Q, D, D_mask):
+def check_shapes(Q, D, D_mask):
   """Raises ValueError on bad ranks/shapes (at trace time: shapes are static)."""
   if Q.ndim != 3:
     raise ValueError(f"Q must be [B, Lq, dim], got shape {Q.shape}")
@@ -80,7 +80,7 @@ def maxsim(Q, D, D_mask, precision=None):
     [B, N] float32 scores. Materialises all B*Lq*N*Ld token scores; use
     `maxsim_chunked` for large N (it is also faster on CPU).
   """
-  _check(Q, D, D_mask)
+  check_shapes(Q, D, D_mask)
   return _maxsim_nb(Q, D, D_mask, precision).T
 
 
@@ -178,7 +178,7 @@ def maxsim_chunked(Q, D, D_mask, chunk_size: Optional[int] = None,
   a tile that stays in cache runs near the matmul limit, while one that spills
   to memory, or a tiny one (loop overhead), runs at a third of it.
   """
-  _check(Q, D, D_mask)
+  check_shapes(Q, D, D_mask)
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   if query_chunk_size is not None and query_chunk_size < 1:
@@ -214,7 +214,7 @@ def maxsim_chunked(Q, D, D_mask, chunk_size: Optional[int] = None,
 @functools.partial(jax.jit, static_argnames=("precision",))
 def maxsim_pairwise(Q, D, D_mask, precision=None):
   """MaxSim of Q[i] against D[i] only: [B, Lq, dim] x [B, Ld, dim] -> [B]."""
-  _check(Q, D, D_mask)
+  check_shapes(Q, D, D_mask)
   if Q.shape[0] != D.shape[0]:
     raise ValueError(
         f"pairwise scoring needs as many documents as queries: "
