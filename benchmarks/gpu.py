@@ -8,7 +8,8 @@ Train: the trainer's own step (`train.setup_train_step`) for configs/release.py:
 frozen, AdamW) in bf16 compute with fp32 master weights, on random batches padded like real ones
 (queries ~20 real tokens, documents ~180 of doc_maxlen). Rows are QUERIES:VARIANT; a variant is a
 set of config overrides (VARIANTS: the reference recipe `base`; `rbg` dropout bits; `cudnn` fused
-attention, which drops attention-probability dropout; remat policies). Every row is lowered, then
+attention, which drops attention-probability dropout; remat policies; `cudnn_scan` scanned layer
+stacks; `cudnn_pallas` the loss's MaxSim as the fused Pallas kernel). Every row is lowered, then
 all are compiled at once (minutes each on one thread), then timed one by one. MFU = model FLOPs
 (`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at the padded lengths; backward = 2x
 forward for trainable groups; the frozen vision tower forward only) / step time / the card's peak
@@ -16,8 +17,8 @@ dense bf16 FLOP/s. "XLA util" uses XLA's cost_analysis FLOPs of the compiled ste
 Encode: jitted `encode_queries` / `encode_documents`, random bf16 weights, with XLA and with cuDNN
 attention (their embeddings' max difference shows the fused path computes the same thing).
 MaxSim: `late_interaction.maxsim_chunked` of a query batch against an on-device corpus for a few
-score-tile budgets; corpus bytes read per second are compared with a device copy (`x + 1`: read +
-write) measured in the same run.
+score-tile budgets, and the fused kernel (`maxsim_kernel.maxsim_pallas`, bf16); corpus bytes read
+per second are compared with a device copy (`x + 1`: read + write) measured in the same run.
 A failing measurement is recorded with its error and the run goes on; --json / --md are rewritten
 after every measurement, so a run that is cut off keeps what it measured.
 """
@@ -48,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from preflmr_jax import (  # noqa: E402
-    config_files, data, late_interaction, optimizer, sharding, train)
+    config_files, data, late_interaction, maxsim_kernel, optimizer, sharding, train)
 from preflmr_jax.models import model_config as mc_lib  # noqa: E402
 from preflmr_jax.models.flops import encode_flops, train_flops, trainable_groups  # noqa: E402
 from preflmr_jax.models import preflmr  # noqa: E402
@@ -62,7 +63,7 @@ _CUDNN = {"dropout_prng_impl": "rbg", "model.attention": "cudnn",
           **{f"model.{s}.attention_dropout_rate": 0.0 for s in ("text", "vision", "mapping")}}
 # Rows: the reference recipe, then what raises throughput. 128 queries without remat need more
 # memory than an H100 has.
-DEFAULT_ROWS = "32:base,32:rbg,32:cudnn,64:cudnn,128:cudnn_remat"
+DEFAULT_ROWS = "32:base,32:rbg,32:cudnn,64:cudnn,64:cudnn_scan,64:cudnn_pallas,128:cudnn_remat"
 MORE_ROWS = "128:remat,128:remat_dots"
 VARIANTS = {  # dotted config overrides of the train-step rows; master weights stay fp32 in all
     "base": {},  # the reference recipe: threefry dropout everywhere, XLA attention
@@ -71,6 +72,8 @@ VARIANTS = {  # dotted config overrides of the train-step rows; master weights s
     "cudnn_remat": {**_CUDNN, "model.remat": True, "model.remat_policy": "dots_saveable"},
     "remat": {"model.remat": True, "model.remat_policy": "nothing_saveable"},
     "remat_dots": {"model.remat": True, "model.remat_policy": "dots_saveable"},
+    "cudnn_scan": {**_CUDNN, "model.scan_layers": True},  # one scanned layer per stack
+    "cudnn_pallas": {**_CUDNN, "maxsim_impl": "pallas"},  # the loss's MaxSim as one kernel
 }
 
 
@@ -300,16 +303,25 @@ class Bench:
         for tile in (tiles if dtype == "bfloat16" else tiles[:1]):
           self.attempt("maxsim", f"{dtype} {b}x{lq} tile {tile >> 20} MiB", self.maxsim, D,
                        D_mask, Q, tile, iters)
+        if dtype == "bfloat16":  # the fused kernel: no token scores in HBM
+          self.attempt("maxsim", f"{dtype} {b}x{lq} pallas", self.maxsim, D, D_mask, Q, None,
+                       iters)
 
   def maxsim(self, D, D_mask, Q, tile_bytes, iters):
+    """maxsim_chunked with `tile_bytes`, or (None) maxsim_kernel.maxsim_pallas."""
     (n, ld, dim), (b, lq, _) = D.shape, Q.shape
-    chunk, query_chunk = late_interaction.chunk_sizes(b, lq, n, ld, tile_bytes)
-    seconds = time_loop(lambda: late_interaction.maxsim_chunked(Q, D, D_mask,
-                                                                tile_bytes=tile_bytes), iters)
+    if tile_bytes is None:
+      chunk = query_chunk = None
+      run = lambda: maxsim_kernel.maxsim_pallas(Q, D, D_mask)
+    else:
+      chunk, query_chunk = late_interaction.chunk_sizes(b, lq, n, ld, tile_bytes)
+      run = lambda: late_interaction.maxsim_chunked(Q, D, D_mask, tile_bytes=tile_bytes)
+    seconds = time_loop(run, iters)
     corpus_gbps = (D.nbytes + D_mask.nbytes) / seconds / 1e9
     copy_bw = next((c["gb_per_s"] for c in self.results["copy"] if "gb_per_s" in c), None)
     return {"dtype": str(D.dtype), "queries": b, "query_tokens": lq, "docs": n, "doc_tokens": ld,
-            "dim": dim, "tile_mib": tile_bytes / 2**20, "chunk_size": chunk,
+            "dim": dim, "tile_mib": None if tile_bytes is None else tile_bytes / 2**20,
+            "chunk_size": chunk,
             "query_chunk": query_chunk, "ms": seconds * 1e3,
             "tflop_per_s": 2 * b * n * lq * ld * dim / seconds / 1e12, "docs_per_s": n / seconds,
             "corpus_gb_per_s": corpus_gbps, "of_copy_bw": corpus_gbps / copy_bw if copy_bw else None,
@@ -481,7 +493,8 @@ def tables(r):
                f"{m['num_negatives']} negative(s)/query; {m['query_length']} query tokens, "
                f"doc_maxlen {m['doc_maxlen']}; frozen: {', '.join(m['freeze']) or 'none'})",
       "encode": "Encoding (bf16 weights and compute, random weights; XLA vs cuDNN attention)",
-      "maxsim": "MaxSim (late_interaction.maxsim_chunked by score-tile budget, corpus on device)",
+      "maxsim": ("MaxSim (late_interaction.maxsim_chunked by score-tile budget, and the Pallas "
+                 "kernel; corpus on device)"),
       "copy": f"Device copy bandwidth (nominal HBM {r['nominal_hbm_tbps'] or '?'} TB/s)"}
   out = []
   for section in ("train", "encode", "maxsim", "copy"):

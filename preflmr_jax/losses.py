@@ -14,7 +14,8 @@ Without them (or with no duplicates) the loss is exactly the reference's.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,12 @@ from preflmr_jax import late_interaction
 
 def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negatives: int,
                      chunk_size: int = 0, doc_labels: Optional[jax.Array] = None,
-                     groups: int = 1, positive_labels: Optional[jax.Array] = None
+                     groups: int = 1, positive_labels: Optional[jax.Array] = None,
+                     maxsim: Optional[Callable] = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Returns (mean cross-entropy, metrics). `chunk_size` > 0 scores documents chunk by chunk so that
-  at most that many documents' token scores are live at once (same numbers). `doc_labels` int
+  at most that many documents' token scores are live at once (same numbers). `maxsim` (q, d,
+  d_mask) -> [queries, documents] scores replaces `late_interaction`'s (e.g. the fused kernel). `doc_labels` int
   `[documents]`: copies of a query's positive are masked out of its softmax; with
   `positive_labels` int `[queries, P]` (-1 pads), copies of any of its positives.
 
@@ -42,7 +45,10 @@ def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negative
                      f"{batch * group} (config.num_negatives={num_negatives})")
   if batch % groups:
     raise ValueError(f"{batch} queries do not split into {groups} groups of in-batch negatives")
-  one = lambda *args: _loss(*args, group=group, chunk_size=chunk_size)
+  if maxsim is None:
+    maxsim = (functools.partial(late_interaction.maxsim_chunked, chunk_size=chunk_size)
+              if chunk_size > 0 else late_interaction.maxsim)
+  one = lambda *args: _loss(*args, group=group, maxsim=maxsim)
   if groups == 1:
     return one(q, d, d_mask, doc_labels, positive_labels)
   split = lambda x: None if x is None else x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
@@ -51,12 +57,9 @@ def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negative
   return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
 
 
-def _loss(q, d, d_mask, doc_labels, positive_labels, *, group: int, chunk_size: int):
+def _loss(q, d, d_mask, doc_labels, positive_labels, *, group: int, maxsim: Callable):
   batch, docs = q.shape[0], d.shape[0]
-  if chunk_size > 0:
-    scores = late_interaction.maxsim_chunked(q, d, d_mask, chunk_size)
-  else:
-    scores = late_interaction.maxsim(q, d, d_mask)
+  scores = maxsim(q, d, d_mask)
   targets = jnp.arange(batch) * group
   positive = jax.nn.one_hot(targets, docs, dtype=bool)
   if doc_labels is not None:

@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec
 
 from preflmr_jax import late_interaction
 
-__all__ = ["maxsim_pallas"]
+__all__ = ["maxsim_pallas", "maxsim_sharded"]
 
 # Documents per program: bounded by the on-chip memory its [bn * Ld, Lq] float32 scores and its
 # documents take (v5e: 16 MiB of scoped VMEM, blocks double-buffered); queries per program.
@@ -116,3 +117,18 @@ def maxsim_pallas(Q, D, D_mask, interpret: bool | None = None):
   if 0 in Q.shape[:2] or 0 in D.shape[:2]:  # nothing to launch: no pairs, or no tokens
     return jnp.zeros((Q.shape[0], D.shape[0]), jnp.float32)
   return _maxsim(Q, D, D_mask, interpret)
+
+
+def maxsim_sharded(Q, D, D_mask, batch_axes: tuple[str, ...] = ()):
+  """`maxsim_pallas` inside a jit on the current mesh (`jax.set_mesh`): each device runs the
+  kernel on its own queries (Q sharded over `batch_axes`) against every document (D gathered),
+  as XLA partitions `late_interaction.maxsim`. A kernel has no partitioning rule of its own: left
+  to XLA it would score the whole batch on every device. No mesh or no `batch_axes`: the plain
+  call."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not batch_axes:
+    return maxsim_pallas(Q, D, D_mask)
+  rows = PartitionSpec(batch_axes)
+  # check_vma=False: a pallas_call's result declares no varying axes.
+  return jax.shard_map(maxsim_pallas, mesh=mesh, in_specs=(rows, PartitionSpec(), PartitionSpec()),
+                       out_specs=rows, check_vma=False)(Q, D, D_mask)

@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from preflmr_jax import (checkpointing, cli, data, losses, optimizer, pretrained, sharding,
-                         storage, tensorboard_events, tokenization)
+from preflmr_jax import (checkpointing, cli, data, losses, maxsim_kernel, optimizer, pretrained,
+                         sharding, storage, tensorboard_events, tokenization)
 from preflmr_jax import workdir as layout
 from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
@@ -52,6 +52,8 @@ DROPOUT_PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # Whose documents a query is scored against: the global batch's, or only those on its own device
 # (the official training: DDP without gathering).
 IN_BATCH_NEGATIVES = ("global", "per_device")
+# The loss's MaxSim (config.maxsim_impl): the jitted einsum, or the fused Pallas kernel.
+MAXSIM_IMPLS = ("xla", "pallas")
 
 
 def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -79,6 +81,11 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
           "must be 'stop' or 'skip'")
   require(config.in_batch_negatives in IN_BATCH_NEGATIVES, "in_batch_negatives",
           config.in_batch_negatives, f"must be one of {IN_BATCH_NEGATIVES}")
+  require(config.maxsim_impl in MAXSIM_IMPLS, "maxsim_impl", config.maxsim_impl,
+          f"must be one of {MAXSIM_IMPLS}")
+  require(config.maxsim_impl == "xla" or not config.score_chunk_size, "score_chunk_size",
+          config.score_chunk_size, "chunks the xla MaxSim only; the pallas kernel keeps no token "
+          "scores: set it to 0")
   require(all(is_int(k) and k >= 1 for k in config.eval_ks), "eval_ks", config.eval_ks,
           "must be positive integers")
   if config.eval_every_steps and config.data.source != "m2kr":
@@ -115,6 +122,12 @@ def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, la
   `labels` (optimizer.param_labels) marks frozen parameters: no gradient flows into them, which
   saves their backward pass and keeps them out of the logged gradient norm.
   """
+  scorer = None  # losses' default: late_interaction
+  if config.maxsim_impl == "pallas":
+    # One block of in-batch negatives: each device scores its own queries against every
+    # document (shard_map over the batch axes); per-device blocks are scored where they lie.
+    batch_axes = sharding.batch_axes(config.logical_axis_rules) if negative_groups == 1 else ()
+    scorer = functools.partial(maxsim_kernel.maxsim_sharded, batch_axes=batch_axes)
 
   def loss_fn(params, batch, rng):
     params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
@@ -127,7 +140,7 @@ def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, la
     return losses.contrastive_loss(
         q, d, d_mask, config.num_negatives, config.score_chunk_size,
         doc_labels=batch["doc_labels"] if mask else None, groups=negative_groups,
-        positive_labels=batch["positive_labels"] if mask else None)
+        positive_labels=batch["positive_labels"] if mask else None, maxsim=scorer)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(

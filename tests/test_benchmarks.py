@@ -52,5 +52,6 @@ def test_gpu_script_on_cpu_with_tiny_shapes(tmp_path, one_device_env):
   assert rows["8:base"]["step_ms"] > 0 and rows["8:base"]["loss"] > 0
   assert "cuDNN" in rows["8:cudnn"]["error"]  # no GPU here: recorded, and the run went on
   assert [m["chunk_size"] for m in r["maxsim"]] and r["copy"][0]["gb_per_s"] > 0
+  assert [m["ms"] > 0 for m in r["maxsim"] if m["name"].endswith("pallas")] == [True]
   assert r["profile"]["row"] == "8:base"
   assert "Train step" in (tmp_path / "gpu.md").read_text()

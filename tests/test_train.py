@@ -172,6 +172,8 @@ def test_tiny_config_learns_the_sample_task(tmp_path, source, steps, accuracy, c
     ({"nan_policy": "ignore"}, "config.nan_policy"),
     ({"in_batch_negatives": "local"}, "config.in_batch_negatives=.local.: must be one of"),
     ({"dropout_prng_impl": "philox"}, "config.dropout_prng_impl"),
+    ({"maxsim_impl": "triton"}, "config.maxsim_impl"),
+    ({"maxsim_impl": "pallas", "score_chunk_size": 8}, "config.score_chunk_size=8: chunks the xla"),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, overrides, message, short_run):
   config = short_run(**overrides)
