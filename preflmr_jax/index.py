@@ -4,6 +4,9 @@
   scores, ids = search(index, q, q_mask, k=10)                      # PLAID's settings for k
   scores, ids = search(index, q, q_mask, k=100, options=SearchOptions(nprobe=4, threshold=0.4))
   save(index, "corpus.plaid.npz"); index = load("corpus.plaid.npz")
+  save(index, "gs://b/corpus.plaid", num_shards=8)                   # a folder of 8 shards
+  mine = load_shards("gs://b/corpus.plaid", which=[0, 1])            # a host's shards
+  scores, ids = search_sharded(mine, q, q_mask, k=10)               # corpus ids, merged top-k
 
 Build streams the corpus twice, one chunk of (docs [n, Ld, dim], mask [n, Ld]) at a time: pass 1
 keeps a uniform sample of valid tokens (the `sample_size` smallest of per-token random keys) for
@@ -49,13 +52,21 @@ from preflmr_jax import storage
 from preflmr_jax.user_errors import ConfigError, is_int
 
 __all__ = ["PlaidIndex", "SearchOptions", "build", "search", "shard", "search_sharded", "decompress",
-           "save", "load", "default_num_centroids", "NBITS"]
+           "save", "load", "load_shards", "default_num_centroids", "NBITS"]
 
 NBITS = (1, 2, 4, 8)
 FORMAT = "preflmr_jax.plaid_index"
 VERSION = 1
-_ARRAYS = ("centroids", "bucket_cutoffs", "bucket_weights", "codes", "residuals", "doc_offsets",
-           "ivf_offsets", "ivf_docs")
+# A sharded index is a folder: the arrays every shard shares in SHARED_FILE, each shard's own in
+# shard_file(i, n), and META_FILE, written last (a folder without it is incomplete).
+_SHARED = ("centroids", "bucket_cutoffs", "bucket_weights")
+_OWN = ("codes", "residuals", "doc_offsets", "ivf_offsets", "ivf_docs")
+_ARRAYS = _SHARED + _OWN
+META_FILE, SHARED_FILE = "meta.json", "shared.npz"
+
+
+def shard_file(i: int, num_shards: int) -> str:
+  return f"shard_{i:05d}-of-{num_shards:05d}.npz"
 
 Chunks = Union[Sequence[tuple[np.ndarray, np.ndarray]],
                Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]]
@@ -84,6 +95,7 @@ class PlaidIndex:
   ivf_offsets: np.ndarray      # [C + 1] int64
   ivf_docs: np.ndarray         # [nnz] int32 document ids, sorted within each list
   corpus_key: str = ""         # names the corpus it was built from (checked by `load`)
+  first_doc: int = 0           # corpus id of document 0 (a shard's offset; `search_sharded`)
 
   def __post_init__(self):
     _validate(self)
@@ -626,19 +638,39 @@ def shard(index: PlaidIndex, num_shards: int) -> list[PlaidIndex]:
         index, codes=index.codes[t0:t1], residuals=index.residuals[t0:t1],
         doc_offsets=index.doc_offsets[lo:hi + 1] - t0,
         ivf_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        ivf_docs=(pairs_doc[mine] - lo).astype(np.int32)))
+        ivf_docs=(pairs_doc[mine] - lo).astype(np.int32), first_doc=index.first_doc + int(lo)))
   return shards
+
+
+def _join(shards: Sequence[PlaidIndex]) -> PlaidIndex:
+  """The inverse of `shard`: contiguous shards of one corpus as one index."""
+  first = shards[0]
+  docs = np.cumsum([0] + [s.num_docs for s in shards])
+  tokens = np.cumsum([0] + [s.codes.shape[0] for s in shards])
+  centroid_of = lambda s: np.repeat(np.arange(s.num_centroids), np.diff(s.ivf_offsets))
+  centroid = np.concatenate([centroid_of(s) for s in shards])
+  doc = np.concatenate([s.ivf_docs.astype(np.int64) + d for s, d in zip(shards, docs)])
+  order = np.lexsort((doc, centroid))
+  counts = np.bincount(centroid, minlength=first.num_centroids)
+  return dataclasses.replace(
+      first, codes=np.concatenate([s.codes for s in shards]),
+      residuals=np.concatenate([s.residuals for s in shards]),
+      doc_offsets=np.concatenate([[0]] + [s.doc_offsets[1:] + t for s, t in zip(shards, tokens)]
+                                 ).astype(np.int64),
+      ivf_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+      ivf_docs=doc[order].astype(np.int32))
 
 
 def search_sharded(shards: Sequence[PlaidIndex], q, q_mask, k: int,
                    options: Optional[SearchOptions] = None, devices=None,
                    precision=None) -> tuple[np.ndarray, np.ndarray]:
-  """`search` over the shards of one corpus (`shard`): shard i searched on devices[i] (default:
-  the local devices, in turn), all at once, and their top-k merged by score (ties: lower id).
-  Ids count documents across the shards in order. Each shard applies `options` to its own
-  documents; with every list probed and nothing pruned this is `search` on the whole index."""
+  """`search` over shards of one corpus (`shard`, `load_shards`: all of them, or a host's):
+  shard i searched on devices[i] (default: the local devices, in turn), all at once, and their
+  top-k merged by score (ties: lower id). Ids are corpus ids (each shard's `first_doc` added).
+  Each shard applies `options` to its own documents; with every list probed and nothing pruned,
+  all the shards give `search` on the whole index."""
   devices = list(devices or jax.local_devices())
-  offsets = np.cumsum([0] + [s.num_docs for s in shards])
+  offsets = [s.first_doc for s in shards]
 
   def one(i):
     with jax.default_device(devices[i % len(devices)]):
@@ -656,21 +688,19 @@ def search_sharded(shards: Sequence[PlaidIndex], q, q_mask, k: int,
 
 # ---------------------------------------------------------------- save / load
 
-def save(index: PlaidIndex, path) -> None:
-  """Writes one uncompressed .npz (arrays + a JSON `meta`), local or gs://, never half-written
-  under its name (storage.write_with)."""
-  meta = {"format": FORMAT, "version": VERSION, "nbits": index.nbits, "dim": index.dim,
+def _meta(index: PlaidIndex) -> dict:
+  return {"format": FORMAT, "version": VERSION, "nbits": index.nbits, "dim": index.dim,
           "num_centroids": index.num_centroids, "num_docs": index.num_docs,
-          "num_tokens": int(index.codes.shape[0]), "corpus_key": index.corpus_key}
+          "num_tokens": int(index.codes.shape[0]), "corpus_key": index.corpus_key,
+          "first_doc": index.first_doc}
+
+
+def _write_npz(path, arrays: dict) -> None:
   # A file object: savez must not append ".npz" to the name.
-  storage.write_with(storage.path(path, "index path"), lambda f: np.savez(
-      f, meta=np.array(json.dumps(meta)), **{name: getattr(index, name) for name in _ARRAYS}))
+  storage.write_with(path, lambda f: np.savez(f, **arrays))
 
 
-def load(path, corpus_key: Optional[str] = None, dim: Optional[int] = None) -> PlaidIndex:
-  """Reads a `save`d index; ValueError naming `path` if it is not a valid index of this version,
-  or was built for another corpus (`corpus_key`) or embedding size (`dim`) than given."""
-  path = storage.path(path, "index path")
+def _read_npz(path, names) -> dict:
   try:
     with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
       files = {name: z[name] for name in z.files}
@@ -678,28 +708,96 @@ def load(path, corpus_key: Optional[str] = None, dim: Optional[int] = None) -> P
     raise
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path}: not a readable PLAID index (.npz) file: {e}") from e
-  try:
-    meta = json.loads(str(files.pop("meta")))
-  except (KeyError, ValueError) as e:
-    raise ValueError(f"{path}: missing or unreadable index metadata") from e
+  if missing := set(names) - set(files):
+    raise ValueError(f"{path}: missing arrays {sorted(missing)}")
+  return files
+
+
+def save(index: PlaidIndex, path, num_shards: int = 1) -> None:
+  """Writes the index, local or gs://, never half-written under its name (storage.write_with).
+  num_shards=1: one uncompressed .npz (arrays + a JSON `meta`). More: a folder of that many
+  document shards (`shard`), each written as it is cut, for `load_shards` to read a host's share;
+  its META_FILE is written last."""
+  path = storage.path(path, "index path")
+  if num_shards == 1:
+    _write_npz(path, {"meta": np.array(json.dumps(_meta(index))),
+                      **{name: getattr(index, name) for name in _ARRAYS}})
+    return
+  shards = shard(index, num_shards)
+  _write_npz(path / SHARED_FILE, {name: getattr(index, name) for name in _SHARED})
+  for i, part in enumerate(shards):
+    _write_npz(path / shard_file(i, num_shards), {name: getattr(part, name) for name in _OWN})
+  meta = {**_meta(index), "shards": [{"first_doc": s.first_doc, "num_docs": s.num_docs,
+                                      "num_tokens": int(s.codes.shape[0])} for s in shards]}
+  storage.write_with(path / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+
+def _check_meta(path, meta: dict, corpus_key, dim) -> None:
   if meta.get("format") != FORMAT or meta.get("version") != VERSION:
     raise ValueError(f"{path}: expected {FORMAT} version {VERSION}, got "
                      f"{meta.get('format')} version {meta.get('version')}")
-  missing = set(_ARRAYS) - set(files)
-  if missing:
-    raise ValueError(f"{path}: missing arrays {sorted(missing)}")
+  if corpus_key is not None and meta.get("corpus_key", "") != corpus_key:
+    raise ValueError(f"{path}: built for another corpus ({meta.get('corpus_key') or 'unnamed'}, "
+                     f"not {corpus_key or 'unnamed'})")
+  if dim is not None and meta.get("dim") != dim:
+    raise ValueError(f"{path}: built for {meta.get('dim')}-dimensional embeddings, not {dim}")
+
+
+def _index(path, meta: dict, arrays: dict, expect: dict) -> PlaidIndex:
+  """A PlaidIndex from `arrays`, checked against `expect` (metadata the arrays must give)."""
   try:
-    index = PlaidIndex(nbits=meta.get("nbits"), **{name: files[name] for name in _ARRAYS},
-                       corpus_key=str(meta.get("corpus_key", "")))
+    index = PlaidIndex(nbits=meta.get("nbits"), **{name: arrays[name] for name in _ARRAYS},
+                       corpus_key=str(meta.get("corpus_key", "")),
+                       first_doc=int(expect.get("first_doc", 0)))
   except ValueError as e:
     raise ValueError(f"{path}: corrupt index: {e}") from e
   for key in ("dim", "num_centroids", "num_docs"):
-    if meta.get(key) != getattr(index, key):
-      raise ValueError(f"{path}: corrupt index: metadata {key}={meta.get(key)} but the arrays "
+    if key in expect and expect[key] != getattr(index, key):
+      raise ValueError(f"{path}: corrupt index: metadata {key}={expect[key]} but the arrays "
                        f"give {getattr(index, key)}")
-  if corpus_key is not None and index.corpus_key != corpus_key:
-    raise ValueError(f"{path}: built for another corpus ({index.corpus_key or 'unnamed'}, not "
-                     f"{corpus_key or 'unnamed'})")
-  if dim is not None and index.dim != dim:
-    raise ValueError(f"{path}: built for {index.dim}-dimensional embeddings, not {dim}")
   return index
+
+
+def load_shards(path, which: Optional[Sequence[int]] = None, corpus_key: Optional[str] = None,
+                dim: Optional[int] = None) -> list[PlaidIndex]:
+  """Shards `which` (default: all) of an index `save`d with num_shards > 1, for `search_sharded`
+  (a host's share: e.g. which=range(jax.process_index(), n, jax.process_count())). ValueError
+  naming the file for a damaged or incomplete folder, another corpus or dim (as `load`)."""
+  path = storage.path(path, "index path")
+  if not (path / META_FILE).exists():
+    raise ValueError(f"{path}: not a sharded PLAID index (no {META_FILE}: incomplete, or a "
+                     "single-file index, which `load` reads)")
+  try:
+    meta = json.loads((path / META_FILE).read_text())
+  except ValueError as e:
+    raise ValueError(f"{path / META_FILE}: unreadable index metadata: {e}") from e
+  _check_meta(path, meta, corpus_key, dim)
+  parts = meta.get("shards") or []
+  which = range(len(parts)) if which is None else which
+  if bad := [i for i in which if not is_int(i) or not 0 <= i < len(parts)]:
+    raise ConfigError(f"which={list(which)}: {path} has shards 0..{len(parts) - 1}, not {bad}")
+  shared = _read_npz(path / SHARED_FILE, _SHARED)
+  out = []
+  for i in which:
+    file = path / shard_file(i, len(parts))
+    own = _read_npz(file, _OWN)
+    out.append(_index(file, meta, {**shared, **own},
+                      {**parts[i], "dim": meta.get("dim"),
+                       "num_centroids": meta.get("num_centroids")}))
+  return out
+
+
+def load(path, corpus_key: Optional[str] = None, dim: Optional[int] = None) -> PlaidIndex:
+  """Reads a `save`d index (one file, or a sharded folder as one index); ValueError naming `path`
+  if it is not a valid index of this version, or was built for another corpus (`corpus_key`) or
+  embedding size (`dim`) than given."""
+  path = storage.path(path, "index path")
+  if (path / META_FILE).exists():
+    return _join(load_shards(path, corpus_key=corpus_key, dim=dim))
+  files = _read_npz(path, ("meta",) + _ARRAYS)
+  try:
+    meta = json.loads(str(files.pop("meta")))
+  except ValueError as e:
+    raise ValueError(f"{path}: missing or unreadable index metadata") from e
+  _check_meta(path, meta, corpus_key, dim)
+  return _index(path, meta, files, meta)

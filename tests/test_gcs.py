@@ -131,6 +131,9 @@ def test_published_folder_index_and_scaling_law_in_a_bucket(gcs, tmp_path, monke
   built = plaid.build([(docs, np.ones((16, 4), bool))], 4, 2)
   plaid.save(built, f"{bucket}/corpus.plaid.npz")
   np.testing.assert_array_equal(plaid.load(f"{bucket}/corpus.plaid.npz").codes, built.codes)
+  plaid.save(built, f"{bucket}/sharded.plaid", num_shards=2)  # a folder of shards
+  second = plaid.load_shards(f"{bucket}/sharded.plaid", which=[1])[0]
+  np.testing.assert_array_equal(second.codes, built.codes[built.doc_offsets[second.first_doc]:])
   # Scaling-law inputs (a sweep of workdirs) and outputs.
   for i, n in enumerate((1e4, 1e5, 1e6)):
     storage.write_text(workdir.results_path(workdir.eval_dir(f"{bucket}/sweep/p{i}")), json.dumps(

@@ -270,3 +270,42 @@ def test_sharded_search_equals_single_device_search(data):
   assert np.mean([len(set(g) & set(w)) / K for g, w in zip(got, np.asarray(want))]) >= 0.9
   with pytest.raises(ConfigError, match="num_shards=0"):
     plaid.shard(index, 0)
+
+
+def test_a_sharded_folder_loads_whole_or_a_hosts_share(data, tmp_path):
+  """save(num_shards=3) writes a folder; load joins it back into the index; load_shards reads
+  some shards (a host's), whose search returns corpus ids: two hosts' top-k, merged, are the
+  whole index's."""
+  _, _, q, q_mask = data
+  index = _index(data, 2)
+  folder = tmp_path / "corpus.plaid"
+  plaid.save(index, folder, num_shards=3)
+  assert sorted(p.name for p in folder.iterdir()) == [
+      "meta.json", "shard_00000-of-00003.npz", "shard_00001-of-00003.npz",
+      "shard_00002-of-00003.npz", "shared.npz"]
+  whole = plaid.load(folder, dim=DIM)
+  for name in plaid._ARRAYS:
+    np.testing.assert_array_equal(getattr(whole, name), getattr(index, name), err_msg=name)
+  options = _exhaustive(index)
+  want_scores, want = plaid.search(index, q, q_mask, K, options)
+  hosts = [plaid.load_shards(folder, which=[0, 1]), plaid.load_shards(folder, which=[2])]
+  assert hosts[1][0].first_doc == hosts[0][1].first_doc + hosts[0][1].num_docs
+  found = [plaid.search_sharded(shards, q, q_mask, K, options) for shards in hosts]
+  scores = np.concatenate([s for s, _ in found], axis=1)
+  ids = np.concatenate([i for _, i in found], axis=1)
+  assert ids.min() >= 0 and (ids[:, K:] >= hosts[1][0].first_doc).all()
+  order = np.lexsort((ids, -scores), axis=1)[:, :K]
+  np.testing.assert_array_equal(np.take_along_axis(ids, order, 1), want)
+  np.testing.assert_allclose(np.take_along_axis(scores, order, 1), want_scores, rtol=1e-5,
+                             atol=1e-5)
+
+  with pytest.raises(ConfigError, match=r"which=\[3\]: .* has shards 0..2"):
+    plaid.load_shards(folder, which=[3])
+  with pytest.raises(ValueError, match="built for another corpus"):
+    plaid.load_shards(folder, corpus_key="other")
+  (folder / "shard_00001-of-00003.npz").write_bytes(b"damaged")
+  with pytest.raises(ValueError, match="shard_00001-of-00003.npz: not a readable"):
+    plaid.load(folder)
+  (folder / "meta.json").unlink()  # as a save cut off before its last file
+  with pytest.raises(ValueError, match="corpus.plaid: not a sharded PLAID index .no meta.json"):
+    plaid.load_shards(folder)
