@@ -273,8 +273,8 @@ def layer_stack(layer_cls, num_layers: int, execution: Execution, *args,
 def apply_stack(stack, num_layers: int, x, *args):
   """Runs `layer(x, *args)` through the layers of `layer_stack` in turn -> (last output, the
   last layer's input). Scanned, the layers' parameters (and dropout keys) are split along a
-  leading axis named STACK_AXIS; the carry keeps the previous state for the second output, which
-  costs a copy per layer and no saved activations."""
+  leading axis named STACK_AXIS; the carry keeps the previous state for the second output (a copy
+  per layer, rather than every layer's output as a scan output)."""
   if isinstance(stack, (list, tuple)):
     previous = x
     for layer in stack:
