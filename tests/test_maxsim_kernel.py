@@ -74,6 +74,11 @@ def test_sharded_over_the_batch_axes_on_a_mesh():
     loss = lambda fn: lambda q, d: losses.contrastive_loss(q, d, mask, 1, maxsim=fn)[0]
     value, grads = jax.jit(jax.value_and_grad(loss(scorer), argnums=(0, 1)))(q, d)
     ref_value, ref_grads = jax.jit(jax.value_and_grad(loss(None), argnums=(0, 1)))(q, d)
+    # Per-device in-batch negatives: the loss vmaps the plain kernel over the blocks.
+    per_device = functools.partial(maxsim_kernel.maxsim_sharded, batch_axes=())
+    blocks = lambda fn: jax.jit(lambda q, d: losses.contrastive_loss(q, d, mask, 1, groups=4,
+                                                                     maxsim=fn)[0])(q, d)
+    np.testing.assert_allclose(blocks(per_device), blocks(None), rtol=1e-6)
   np.testing.assert_allclose(got, late_interaction.maxsim(q, d, mask), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
   for g, e in zip(grads, ref_grads):
