@@ -1,10 +1,11 @@
 """Scanned vs per-layer (looped) layer stacks: train-step compile time, step time and memory.
 
-  python benchmarks/scan_layers.py [--quick] [--tpu_python PATH] [--skip cpu,tpu]
+  python benchmarks/scan_layers.py [--quick] [--tpu_python PATH] [--skip cpu,tpu] [--cpu_config C]
 
 - cpu: the trainer's own step (`train.setup_train_step`, fp32, AdamW, one CPU device, synthetic
-  batches; benchmarks/run.py's train row) at the ViT-B release shapes, `config.model.scan_layers`
-  off then on: compile time (trace, lower, XLA compile), median step time, XLA's buffer bytes.
+  batches; benchmarks/run.py's train row) at the ViT-B release shapes (or `--cpu_config`),
+  `config.model.scan_layers` off then on: compile time (trace, lower, XLA compile), median step
+  time, XLA's buffer bytes.
 - tpu: the compile-only plan (`preflmr_jax.tools.plan --topology`, libtpu on this CPU host) of
   the ViT-L release and the 400m/800m scaling point, on v5e-16 (and v5e-256 without --quick), both
   layouts: compile time and XLA's memory per device. Needs a Python with jax[tpu]
@@ -40,16 +41,18 @@ def log(msg):
   print(f"[{time.perf_counter() - START:6.1f}s] {msg}", flush=True)
 
 
-def cpu_rows(quick: bool) -> list[dict]:
+def cpu_rows(quick: bool, config: str | None) -> list[dict]:
   sys.path.insert(0, HERE)
   import run  # pylint: disable=import-outside-toplevel  (benchmarks/run.py's train row)
-  overrides = {"batch_size": 2, **({"model.doc_maxlen": 128} if quick else {})}
+  name, config = ("ViT-B", run.VIT_B) if config is None else (config, config)
+  overrides = {"batch_size": 2, **({"model.doc_maxlen": 128} if quick and config == run.VIT_B
+                                   else {})}
   rows = []
   for scan in (False, True):
-    log(f"cpu ViT-B train step, scan_layers={scan}")
-    row = run.train_row("ViT-B", run.VIT_B, {**overrides, "model.scan_layers": scan},
+    log(f"cpu {name} train step, scan_layers={scan}")
+    row = run.train_row(name, config, {**overrides, "model.scan_layers": scan},
                         2 if quick else 3, limit=1.0)
-    rows.append({"where": "cpu", "case": f"ViT-B train step, {row['case']}", "scan": scan,
+    rows.append({"where": "cpu", "case": f"{name} train step, {row['case']}", "scan": scan,
                  "compile_s": row["compile_s"], "step_ms": row["step_ms"],
                  "bytes": None if row["step_gib"] is None else row["step_gib"] * 2**30,
                  "others": row["others"]})
@@ -112,6 +115,7 @@ def main():
                       help="ViT-B at doc_maxlen 128, fewer steps; v5e-16 only")
   parser.add_argument("--tpu_python", help="a Python with jax[tpu] for the compile-only rows")
   parser.add_argument("--skip", default="", help="comma-separated sections: cpu, tpu")
+  parser.add_argument("--cpu_config", help="the cpu rows' config (default: the ViT-B release)")
   args = parser.parse_args()
   skip = set(filter(None, args.skip.split(",")))
   if unknown := skip - {"cpu", "tpu"}:
@@ -122,7 +126,7 @@ def main():
   if "tpu" not in skip:
     rows += tpu_rows(args.tpu_python, args.quick)
   if "cpu" not in skip:
-    rows += cpu_rows(args.quick)
+    rows += cpu_rows(args.quick, args.cpu_config)
   print(table(rows))
   print(json.dumps({"rows": rows}))
 

@@ -55,3 +55,13 @@ def test_gpu_script_on_cpu_with_tiny_shapes(tmp_path, one_device_env):
   assert [m["ms"] > 0 for m in r["maxsim"] if m["name"].endswith("pallas")] == [True]
   assert r["profile"]["row"] == "8:base"
   assert "Train step" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_scan_layers_benchmark_on_the_tiny_config(one_device_env):
+  stdout = _run(["benchmarks/scan_layers.py", "--quick", "--skip", "tpu", "--cpu_config",
+                 "configs/tiny.py"], one_device_env)
+  rows = json.loads(stdout.strip().splitlines()[-1])["rows"]
+  assert [r["scan"] for r in rows] == [False, True]
+  assert all(r["compile_s"] > 0 and r["step_ms"] > 0 for r in rows)
+  assert "compile" in stdout.splitlines()[-2] and "x" in stdout.splitlines()[-2]  # the ratio
