@@ -29,10 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# (name, config, overrides, plan mesh per topology)
-TPU_CASES = (
-    ("ViT-L release", "configs/release.py:vit_l", {}),
-    ("400m/800m point", "configs/scaling.py:vision=400m,text=800m", {}),
+TPU_CASES = (  # (name, config)
+    ("ViT-L release", "configs/release.py:vit_l"),
+    ("400m/800m point", "configs/scaling.py:vision=400m,text=800m"),
 )
 TOPOLOGIES = {"v5e:4x4": 16, "v5e:16x16": 256}
 
@@ -64,13 +63,12 @@ def cpu_rows(quick: bool, config: str | None) -> list[dict]:
 def tpu_rows(python: str, quick: bool) -> list[dict]:
   rows = []
   topologies = {k: v for k, v in TOPOLOGIES.items() if not quick or v == 16}
-  for name, config, overrides in TPU_CASES:
+  for name, config in TPU_CASES:
     for topology, devices in topologies.items():
       for scan in (False, True):
         args = [python, "-m", "preflmr_jax.tools.plan", f"--config={config}",
                 f"--topology={topology}", f"--mesh=data=1,fsdp={devices},tensor=1",
                 f"--batch_size={devices}", f"--config.model.scan_layers={scan}"]
-        args += [f"--config.{k}={v}" for k, v in overrides.items()]
         log(f"tpu {name} on {topology}, scan_layers={scan}")
         out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False,
                              env={**os.environ, "JAX_PLATFORMS": ""})

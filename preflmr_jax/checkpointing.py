@@ -108,12 +108,14 @@ def _stored_tree(item_dir: epath.Path):
   return ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
 
 
-def _check_against_checkpoint(item_dir: epath.Path, abstract, item: str) -> None:
+def _check_against_checkpoint(item_dir: epath.Path, abstract, item: str,
+                              stored_tree=None) -> None:
   """Raises CheckpointMismatchError naming the first array whose path or shape differs.
 
-  Orbax's own error gives the two shapes but not which array they belong to.
+  Orbax's own error gives the two shapes but not which array they belong to. `stored_tree`: the
+  item's `_stored_tree`, when the caller has read it already.
   """
-  stored_tree = _stored_tree(item_dir)
+  stored_tree = _stored_tree(item_dir) if stored_tree is None else stored_tree
   if item == "params" and layer_stacks.is_stacked(stored_tree) != layer_stacks.is_stacked(abstract):
     layout = "scanned" if layer_stacks.is_stacked(stored_tree) else "per-layer"
     raise CheckpointMismatchError(
@@ -373,8 +375,9 @@ def restore_params(path: storage.PathLike, abstract_params, step: int | None = N
   scanned = layer_stacks.is_stacked(abstract_params)
   try:
     # Read in the layout it was written in (config.model.scan_layers), converted below.
-    stored = layer_stacks.to_layout(abstract_params, layer_stacks.is_stacked(_stored_tree(item_dir)))
-    _check_against_checkpoint(item_dir, stored, "params")
+    stored_tree = _stored_tree(item_dir)
+    stored = layer_stacks.to_layout(abstract_params, layer_stacks.is_stacked(stored_tree))
+    _check_against_checkpoint(item_dir, stored, "params", stored_tree)
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(item_dir, stored)
     meta_file = step_dir / "meta" / "metadata"

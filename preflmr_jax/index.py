@@ -716,8 +716,8 @@ def _read_npz(path, names) -> dict:
 def save(index: PlaidIndex, path, num_shards: int = 1) -> None:
   """Writes the index, local or gs://, never half-written under its name (storage.write_with).
   num_shards=1: one uncompressed .npz (arrays + a JSON `meta`). More: a folder of that many
-  document shards (`shard`), each written as it is cut, for `load_shards` to read a host's share;
-  its META_FILE is written last."""
+  document shards (`shard`), one file each, for `load_shards` to read a host's share; its
+  META_FILE is written last."""
   path = storage.path(path, "index path")
   if num_shards == 1:
     _write_npz(path, {"meta": np.array(json.dumps(_meta(index))),

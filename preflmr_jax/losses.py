@@ -30,8 +30,8 @@ def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negative
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Returns (mean cross-entropy, metrics). `chunk_size` > 0 scores documents chunk by chunk so that
   at most that many documents' token scores are live at once (same numbers). `maxsim` (q, d,
-  d_mask) -> [queries, documents] scores replaces `late_interaction`'s (e.g. the fused kernel). `doc_labels` int
-  `[documents]`: copies of a query's positive are masked out of its softmax; with
+  d_mask) -> [queries, documents] scores replaces `late_interaction`'s (e.g. the fused kernel).
+  `doc_labels` int `[documents]`: copies of a query's positive are masked out of its softmax; with
   `positive_labels` int `[queries, P]` (-1 pads), copies of any of its positives.
 
   `groups` > 1 splits the batch into that many equal consecutive blocks of queries with their
