@@ -154,7 +154,7 @@ def run_colbert(python, args, log):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def part1(sizes, query_lens, num_queries, colbert_python, work_dir):
+def part1(sizes, query_lens, num_queries, colbert_python, work_dir, nbits_list=NBITS):
   print(f"Part 1: {num_queries} queries per length; corpus from benchmarks/plaid_corpus.py; "
         "recall against exact search; RSS = peak growth during the build\n")
   header = (f"{'docs':>6} {'tokens':>9} {'Lq':>4}  {'method':<30} {'build s':>8} {'build RSS':>10} "
@@ -173,7 +173,7 @@ def part1(sizes, query_lens, num_queries, colbert_python, work_dir):
         yield plaid_corpus.padded(corpus, np.arange(i, min(i + 1024, n)), width)
 
     built = {}
-    for nbits in NBITS:
+    for nbits in nbits_list:
       path = os.path.join(work_dir, f"jax{n}_nbits{nbits}.plaid.npz")
       if os.path.exists(path):  # an earlier run's build and its figures
         ix = plaid.load(path)
@@ -305,6 +305,8 @@ def main():
   parser.add_argument("--sizes", type=int, nargs="+", help="corpus sizes (documents)")
   parser.add_argument("--query_lens", type=int, nargs="+", default=[113, 320])
   parser.add_argument("--queries", type=int, default=16, help="queries per length")
+  parser.add_argument("--nbits", type=int, nargs="+", default=list(NBITS),
+                      help="our index's bits per residual dimension (colbert's is 2)")
   parser.add_argument("--colbert_python", default="",
                       help="python of an environment with colbert-ai 0.2.22 and faiss-cpu")
   parser.add_argument("--work_dir", default="/tmp/preflmr_jax_search_bench")
@@ -321,7 +323,7 @@ def main():
         f"colbert: {colbert_python or 'not run'}")
   print(f"jax devices: {jax.devices()}  cpus: {os.cpu_count()}  "
         f"torch threads: {torch.get_num_threads()}  machine: {platform.machine()}\n")
-  part1(sizes, query_lens, num_queries, colbert_python, args.work_dir)
+  part1(sizes, query_lens, num_queries, colbert_python, args.work_dir, args.nbits)
   part2(2 if args.quick else 3)
 
 

@@ -5,6 +5,7 @@
   scores, ids = search(index, q, q_mask, k=100, options=SearchOptions(nprobe=4, threshold=0.4))
   save(index, "corpus.plaid.npz"); index = load("corpus.plaid.npz")
   save(index, "gs://b/corpus.plaid", num_shards=8)                   # a folder of 8 shards
+  build_sharded(chunks, "gs://b/corpus.plaid", 8, C, nbits=2)        # the same, one shard in memory
   mine = load_shards("gs://b/corpus.plaid", which=[0, 1])            # a host's shards
   scores, ids = search_sharded(mine, q, q_mask, k=10)               # corpus ids, merged top-k
 
@@ -16,7 +17,7 @@ quantised to `nbits` per dimension and packed into uint8. Bucket cutoffs are per
 quantiles of the sample's residuals (as ColBERTv2), bucket values the mean residual in each bucket.
 Decompressed tokens are re-normalised (as ColBERTv2). Inverted lists map each centroid to the sorted
 ids of the documents with a token assigned to it (CSR: ivf_offsets + ivf_docs). Memory: the
-sample, one chunk, and the compressed corpus.
+sample, one chunk, and the compressed corpus (`build`) or one shard of it (`build_sharded`).
 
 Search follows PLAID (Santhanam et al. 2022), a group of queries at a time: (1) query-centroid
 scores [Lq, C] on the device, each query token's `nprobe` best centroids, the documents of their
@@ -51,7 +52,7 @@ from tqdm import tqdm
 from preflmr_jax import storage
 from preflmr_jax.user_errors import ConfigError, is_int
 
-__all__ = ["PlaidIndex", "SearchOptions", "build", "search", "shard", "search_sharded", "decompress",
+__all__ = ["PlaidIndex", "SearchOptions", "build", "build_sharded", "search", "shard", "search_sharded", "decompress",
            "save", "load", "load_shards", "default_num_centroids", "NBITS"]
 
 NBITS = (1, 2, 4, 8)
@@ -355,29 +356,24 @@ def default_num_centroids(num_tokens: int) -> int:
   return 1 << int(np.floor(np.log2(max(16 * np.sqrt(max(num_tokens, 1)), 1))))
 
 
-def build(corpus_chunks: Chunks, num_centroids: int, nbits: int = 2, *, kmeans_iters: int = 10,
-          sample_size: int = 1 << 16, seed: int = 0, corpus_key: str = "",
-          progress: bool = False) -> PlaidIndex:
-  """Builds a PlaidIndex, streaming the corpus twice.
+@dataclasses.dataclass(frozen=True)
+class _Codec:
+  """What pass 1 learns: the centroids and residual buckets every shard shares."""
+  nbits: int
+  centroids: np.ndarray
+  bucket_cutoffs: np.ndarray
+  bucket_weights: np.ndarray
+  num_docs: int
 
-  Args:
-    corpus_chunks: a sequence of (docs [n, Ld, dim], mask [n, Ld]) NumPy chunks in corpus order, or
-      a zero-argument callable returning a fresh iterable of them (Ld may differ between chunks).
-    num_centroids: k-means clusters C (needs at least C valid tokens in the corpus).
-    nbits: bits per residual dimension, one of 1, 2, 4, 8.
-    kmeans_iters: Lloyd iterations; sample_size: tokens k-means and the quantiles see.
-    seed: sampling and initialisation seed.
-    corpus_key: recorded in the index, for `load` to check.
-    progress: show a progress bar over the chunks of each pass.
-  """
-  if nbits not in NBITS:  # before streaming anything
-    raise ValueError(f"nbits must be one of {NBITS}, got {nbits!r}")
-  source = _chunk_source(corpus_chunks)
+
+def _train(source, num_centroids, nbits, kmeans_iters, sample_size, seed, progress) -> _Codec:
+  """Pass 1: a uniform sample (the `sample_size` tokens with the smallest random keys), k-means
+  on it, and the residual buckets."""
   rng = np.random.default_rng(seed)
-  # Pass 1: uniform sample = the sample_size tokens with the smallest random keys.
-  sample, keys, dim = None, np.zeros((0,)), None
+  sample, keys, dim, num_docs = None, np.zeros((0,)), None, 0
   for docs, mask in tqdm(source(), "index: sampling", unit=" chunks", disable=not progress):
-    tokens, _ = _valid_tokens(docs, mask)
+    tokens, lens = _valid_tokens(docs, mask)
+    num_docs += lens.shape[0]
     dim = tokens.shape[1] if dim is None else dim
     if tokens.shape[1] != dim:
       raise ValueError(f"embedding dim changed between chunks: {dim} -> {tokens.shape[1]}")
@@ -395,32 +391,99 @@ def build(corpus_chunks: Chunks, num_centroids: int, nbits: int = 2, *, kmeans_i
   init = sample[rng.choice(sample.shape[0], num_centroids, replace=False)]
   centroids = _kmeans(jnp.asarray(sample), jnp.asarray(init), kmeans_iters)
   cutoffs, weights = _bucket_params(jnp.asarray(sample), centroids, nbits)
+  return _Codec(int(nbits), np.asarray(centroids, np.float32), np.asarray(cutoffs),
+                np.asarray(weights), num_docs)
 
-  # Pass 2: encode every chunk (token count padded to a power of two: few compiled shapes).
-  codes, residuals, lengths = [], [], []
+
+def _encoded(source, codec: _Codec, progress):
+  """Pass 2: (codes [t], packed residuals [t, dim * nbits / 8], lengths [n]) per chunk (token
+  count padded to a power of two: few compiled shapes)."""
+  dim = codec.centroids.shape[1]
   for docs, mask in tqdm(source(), "index: encoding", unit=" chunks", disable=not progress):
     tokens, lens = _valid_tokens(docs, mask)
     t = tokens.shape[0]
     padded = np.zeros((_pow2(t, 256), dim), np.float32)
     padded[:t] = tokens
-    c, r = _encode(padded, centroids, cutoffs, nbits)
-    codes.append(np.asarray(c)[:t])
-    residuals.append(np.asarray(r)[:t])
-    lengths.append(lens)
-  codes = np.concatenate(codes).astype(np.int32)
-  lengths = np.concatenate(lengths)
-  n = lengths.shape[0]
-  doc_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    c, r = _encode(padded, codec.centroids, codec.bucket_cutoffs, codec.nbits)
+    yield np.asarray(c)[:t].astype(np.int32), np.asarray(r)[:t], lens
 
-  # Inverted lists: unique (centroid, doc) pairs, sorted by centroid then document.
+
+def _assemble(codec: _Codec, codes, residuals, lengths, corpus_key, first_doc) -> PlaidIndex:
+  """An index of encoded documents, with their inverted lists: the unique (centroid, document)
+  pairs, sorted by centroid then document."""
+  n, c = lengths.shape[0], codec.centroids.shape[0]
   pairs = np.unique(codes.astype(np.int64) * n + np.repeat(np.arange(n), lengths))
-  counts = np.bincount(pairs // n, minlength=num_centroids)
+  counts = np.bincount(pairs // max(n, 1), minlength=c)
   return PlaidIndex(
-      nbits=int(nbits), centroids=np.asarray(centroids, np.float32),
-      bucket_cutoffs=np.asarray(cutoffs), bucket_weights=np.asarray(weights), codes=codes,
-      residuals=np.concatenate(residuals), doc_offsets=doc_offsets,
+      nbits=codec.nbits, centroids=codec.centroids, bucket_cutoffs=codec.bucket_cutoffs,
+      bucket_weights=codec.bucket_weights, codes=codes, residuals=residuals,
+      doc_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
       ivf_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-      ivf_docs=(pairs % n).astype(np.int32), corpus_key=corpus_key)
+      ivf_docs=(pairs % max(n, 1)).astype(np.int32), corpus_key=corpus_key, first_doc=first_doc)
+
+
+def build(corpus_chunks: Chunks, num_centroids: int, nbits: int = 2, *, kmeans_iters: int = 10,
+          sample_size: int = 1 << 16, seed: int = 0, corpus_key: str = "",
+          progress: bool = False) -> PlaidIndex:
+  """Builds a PlaidIndex in memory, streaming the corpus twice (`build_sharded` writes a folder
+  instead, holding one shard at a time).
+
+  Args:
+    corpus_chunks: a sequence of (docs [n, Ld, dim], mask [n, Ld]) NumPy chunks in corpus order, or
+      a zero-argument callable returning a fresh iterable of them (Ld may differ between chunks).
+    num_centroids: k-means clusters C (needs at least C valid tokens in the corpus).
+    nbits: bits per residual dimension, one of 1, 2, 4, 8.
+    kmeans_iters: Lloyd iterations; sample_size: tokens k-means and the quantiles see.
+    seed: sampling and initialisation seed.
+    corpus_key: recorded in the index, for `load` to check.
+    progress: show a progress bar over the chunks of each pass.
+  """
+  if nbits not in NBITS:  # before streaming anything
+    raise ValueError(f"nbits must be one of {NBITS}, got {nbits!r}")
+  source = _chunk_source(corpus_chunks)
+  codec = _train(source, num_centroids, nbits, kmeans_iters, sample_size, seed, progress)
+  codes, residuals, lengths = zip(*_encoded(source, codec, progress))
+  return _assemble(codec, np.concatenate(codes), np.concatenate(residuals),
+                   np.concatenate(lengths), corpus_key, 0)
+
+
+def build_sharded(corpus_chunks: Chunks, path, num_shards: int, num_centroids: int,
+                  nbits: int = 2, *, kmeans_iters: int = 10, sample_size: int = 1 << 16,
+                  seed: int = 0, corpus_key: str = "", progress: bool = False) -> None:
+  """`save(build(...), path, num_shards)` without the whole index in memory: pass 2 writes each
+  shard (the same document ranges as `shard`) as soon as its documents are encoded, so memory is
+  the sample, one chunk and one shard. Same arguments as `build`; `path` local or gs://."""
+  if nbits not in NBITS:
+    raise ValueError(f"nbits must be one of {NBITS}, got {nbits!r}")
+  if not is_int(num_shards) or num_shards < 1:
+    raise ConfigError(f"num_shards={num_shards!r}: must be an integer >= 1")
+  path = storage.path(path, "index path")
+  source = _chunk_source(corpus_chunks)
+  codec = _train(source, num_centroids, nbits, kmeans_iters, sample_size, seed, progress)
+  if num_shards > codec.num_docs:
+    raise ConfigError(f"num_shards={num_shards}: must be in [1, {codec.num_docs}] (documents)")
+  bounds = _shard_bounds(codec.num_docs, num_shards)
+
+  def shards():
+    pending, done = [], 0  # encoded chunks not yet in a shard; documents already written
+    for hi in bounds[1:].tolist():
+      while sum(len(p[2]) for p in pending) < hi - done:
+        if (chunk := next(chunks, None)) is None:
+          raise ValueError(f"{path}: the corpus yielded fewer documents in pass 2 than in "
+                           f"pass 1 ({codec.num_docs}); it must give the same chunks each time")
+        pending.append(chunk)
+      codes, residuals, lengths = (np.concatenate(a) for a in zip(*pending))
+      n = hi - done
+      t = int(lengths[:n].sum())
+      yield _assemble(codec, codes[:t], residuals[:t], lengths[:n], corpus_key, done)
+      pending = [(codes[t:], residuals[t:], lengths[n:])] if lengths.shape[0] > n else []
+      done = hi
+
+  chunks = _encoded(source, codec, progress)
+  _save_folder(path, shards(), num_shards)
+  if next(chunks, None) is not None:
+    raise ValueError(f"{path}: the corpus yielded more documents in pass 2 than in pass 1 "
+                     f"({codec.num_docs}); it must give the same chunks each time")
 
 
 # ---------------------------------------------------------------- search
@@ -620,13 +683,18 @@ def search(index: PlaidIndex, q, q_mask, k: int, options: Optional[SearchOptions
           np.concatenate(out_ids)[:b].astype(np.int32))
 
 
+def _shard_bounds(num_docs: int, num_shards: int) -> np.ndarray:
+  """[num_shards + 1] document bounds of contiguous shards, as equal as can be."""
+  return np.linspace(0, num_docs, num_shards + 1).round().astype(np.int64)
+
+
 def shard(index: PlaidIndex, num_shards: int) -> list[PlaidIndex]:
   """The index split into `num_shards` contiguous ranges of documents (as equal as can be), each
   a PlaidIndex of its own with the same centroids and buckets and its documents numbered from 0;
   for `search_sharded`."""
   if not is_int(num_shards) or not 1 <= num_shards <= max(index.num_docs, 1):
     raise ConfigError(f"num_shards={num_shards!r}: must be an integer in [1, {index.num_docs}]")
-  bounds = np.linspace(0, index.num_docs, num_shards + 1).round().astype(np.int64)
+  bounds = _shard_bounds(index.num_docs, num_shards)
   pairs_doc = index.ivf_docs.astype(np.int64)
   pairs_centroid = np.repeat(np.arange(index.num_centroids), np.diff(index.ivf_offsets))
   shards = []
@@ -723,12 +791,24 @@ def save(index: PlaidIndex, path, num_shards: int = 1) -> None:
     _write_npz(path, {"meta": np.array(json.dumps(_meta(index))),
                       **{name: getattr(index, name) for name in _ARRAYS}})
     return
-  shards = shard(index, num_shards)
-  _write_npz(path / SHARED_FILE, {name: getattr(index, name) for name in _SHARED})
+  _save_folder(path, shard(index, num_shards), num_shards)
+
+
+def _save_folder(path, shards: Iterable[PlaidIndex], num_shards: int) -> None:
+  """A sharded index folder from its shards, in order; an earlier META_FILE goes first, so that
+  the folder reads as incomplete until the new one is written, last."""
+  if (path / META_FILE).exists():
+    (path / META_FILE).unlink()
+  listed, first = [], None
   for i, part in enumerate(shards):
+    if first is None:
+      first = part
+      _write_npz(path / SHARED_FILE, {name: getattr(part, name) for name in _SHARED})
     _write_npz(path / shard_file(i, num_shards), {name: getattr(part, name) for name in _OWN})
-  meta = {**_meta(index), "shards": [{"first_doc": s.first_doc, "num_docs": s.num_docs,
-                                      "num_tokens": int(s.codes.shape[0])} for s in shards]}
+    listed.append({"first_doc": part.first_doc, "num_docs": part.num_docs,
+                   "num_tokens": int(part.codes.shape[0])})
+  meta = {**_meta(first), "num_docs": sum(p["num_docs"] for p in listed),
+          "num_tokens": sum(p["num_tokens"] for p in listed), "shards": listed}
   storage.write_with(path / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
 

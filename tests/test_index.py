@@ -309,3 +309,50 @@ def test_a_sharded_folder_loads_whole_or_a_hosts_share(data, tmp_path):
   (folder / "meta.json").unlink()  # as a save cut off before its last file
   with pytest.raises(ValueError, match="corpus.plaid: not a sharded PLAID index .no meta.json"):
     plaid.load_shards(folder)
+
+
+@pytest.mark.parametrize("num_shards", [2, 3, 7])
+def test_build_sharded_writes_what_save_of_build_writes(data, tmp_path, num_shards):
+  """Encoding straight into shard files gives the same folder as building in memory and saving:
+  shard boundaries fall inside the build's chunks (100 documents) and across them."""
+  docs, mask = data[:2]
+  chunks = [(docs[i:i + CHUNK], mask[i:i + CHUNK]) for i in range(0, N, CHUNK)]
+  options = dict(num_centroids=64, nbits=2, kmeans_iters=8, corpus_key="c")
+  whole = plaid.build(chunks, **options)
+  plaid.save(whole, tmp_path / "saved", num_shards=num_shards)
+  plaid.build_sharded(chunks, tmp_path / "built", num_shards, **options)
+  names = sorted(p.name for p in (tmp_path / "saved").iterdir())
+  assert sorted(p.name for p in (tmp_path / "built").iterdir()) == names
+  assert (tmp_path / "built" / "meta.json").read_text() == (
+      tmp_path / "saved" / "meta.json").read_text()
+  for a, b in zip(plaid.load_shards(tmp_path / "built"), plaid.load_shards(tmp_path / "saved")):
+    assert a.first_doc == b.first_doc
+    for name in plaid._ARRAYS:
+      np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_build_sharded_to_a_bucket_and_its_errors(data, gcs):
+  """A gs:// folder, written shard by shard: loads back as the in-memory build. A rebuild into
+  the folder first removes its meta.json, so a rebuild cut short never reads as complete."""
+  docs, mask = data[:2]
+  chunks = [(docs[i:i + CHUNK], mask[i:i + CHUNK]) for i in range(0, N, CHUNK)]
+  url = f"gs://{gcs.bucket}/corpus.plaid"
+  plaid.build_sharded(chunks, url, 4, num_centroids=64, kmeans_iters=8)
+  assert gcs.names("corpus.plaid/")[-1] == "corpus.plaid/shared.npz"
+  assert len(gcs.names("corpus.plaid/")) == 6
+  whole = plaid.load(url)
+  want = plaid.build(chunks, num_centroids=64, kmeans_iters=8)
+  for name in plaid._ARRAYS:
+    np.testing.assert_array_equal(getattr(whole, name), getattr(want, name), err_msg=name)
+
+  # a source whose second pass stops short (a corpus that changed between the passes)
+  passes = iter([lambda: iter(chunks), lambda: iter(chunks[:2])])
+  with pytest.raises(ValueError, match="fewer documents in pass 2 than in pass 1 .400."):
+    plaid.build_sharded(lambda: next(passes)(), url, 4, num_centroids=64, kmeans_iters=8)
+  assert "corpus.plaid/meta.json" not in gcs.names("corpus.plaid/")
+  with pytest.raises(ValueError, match="not a sharded PLAID index"):
+    plaid.load_shards(url)
+  with pytest.raises(ConfigError, match=r"num_shards=401: must be in \[1, 400\]"):
+    plaid.build_sharded(chunks, url, 401, num_centroids=64, kmeans_iters=8)
+  with pytest.raises(ConfigError, match="num_shards=0"):
+    plaid.build_sharded(chunks, url, 0, num_centroids=64, kmeans_iters=8)
