@@ -15,7 +15,9 @@ Indexing runs colbert's own CollectionIndexer (plan, k-means, residual codec, ch
 only its encoder replaced by a reader of DIR; Indexer/Launcher are avoided (they spawn processes).
 colbert picks its number of centroids itself: 2**floor(log2(16 * sqrt(num_embeddings))).
 Searching uses IndexScorer directly, as Searcher always loads a model checkpoint; one query at a
-time, as colbert searches. Both print one JSON line to stdout (colbert's chatter goes to stderr).
+time, as colbert searches. Its memory is the peak RSS growth over the loaded index (warm-up
+included), as search.py measures ours. Both print one JSON line to stdout (colbert's chatter goes
+to stderr).
 """
 
 import argparse
@@ -43,6 +45,21 @@ def peak_rss():
   own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
   return own, children
+
+
+def rss_status(field):
+  """VmRSS or VmHWM (the peak since start or since `reset_peak_rss`) of this process, bytes."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  raise KeyError(field)
+
+
+def reset_peak_rss():
+  """VmHWM := VmRSS (Linux >= 4.0), so that a later peak counts only what comes after."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 
 
 @contextlib.contextmanager
@@ -174,6 +191,8 @@ def run_search(a):
     ColBERT.try_load_torch_extensions(use_gpu=False)  # segmented_maxsim for the final scoring
     scorer = IndexScorer(a.index, use_gpu=False, load_index_with_mmap=False)
     load = time.perf_counter() - start
+    reset_peak_rss()
+    loaded_rss = rss_status("VmRSS")
     # query_maxlen cuts the query before candidate generation and centroid pruning only; the
     # final MaxSim always uses all Lq rows. Lq by default, so that every token finds candidates.
     config = ColBERTConfig(ncells=a.ncells, centroid_score_threshold=a.threshold, ndocs=a.ndocs,
@@ -188,7 +207,8 @@ def run_search(a):
       scores.append([float(x) for x in s[:a.k]])
   own, children = peak_rss()
   summary = {"seconds_per_query": statistics.median(times), "total_seconds": sum(times),
-             "load_seconds": load, "num_queries": len(queries), "query_len": lq,
+             "load_seconds": load, "search_rss_growth_bytes": rss_status("VmHWM") - loaded_rss,
+             "num_queries": len(queries), "query_len": lq,
              "query_maxlen": config.query_maxlen, "k": a.k, "ncells": a.ncells,
              "threshold": a.threshold, "ndocs": a.ndocs, "threads": a.threads,
              "min_results": min(len(i) for i in ids),

@@ -8,16 +8,17 @@ a fixed projection, documents from topic mixtures, mean ~180 tokens of at most 5
 rows; queries of 113 and 320 tokens built around a positive document):
 - exact: `search.search_streaming` over the corpus in chunks of similar length (documents sorted
   by length, each chunk padded to its longest rounded up to 64): its top-100 is the truth.
-- jax plaid: `index.build` (PLAID's number of centroids, nbits 2 and 4) and `index.search` at PLAID's
-  settings for k=10 and k=100 (`SearchOptions.for_k`) and a wider one.
+- jax plaid: `index.build` (PLAID's number of centroids; nbits 2 and 4, or --nbits) and
+  `index.search` at PLAID's settings for k=10 and k=100 (`SearchOptions.for_k`) and a wider one.
 - colbert plaid: colbert-ai 0.2.22's indexer and searcher on the same embeddings
   (benchmarks/colbert_plaid.py, run in its own environment given by --colbert_python: colbert-ai,
-  faiss-cpu, torch; not in requirements), nbits 2, at the same settings (ncells, threshold, ndocs), with
-  every query token in candidate generation (query_maxlen = Lq) and with colbert's default 32.
+  faiss-cpu, torch; not in requirements), nbits 2, at the same settings (ncells, threshold,
+  ndocs), with every query token in candidate generation (query_maxlen = Lq) and with colbert's
+  default 32.
 Reported per method: build time and peak RSS, index bytes, queries/s, speed-up over exact,
-recall@10 and @100 against exact search. colbert searches one query at a time; ours a group of
-4. Built corpora and both engines' indexes (with their build figures) are kept in --work_dir and
-reused.
+recall@10 and @100 against exact search, search memory (peak RSS growth). colbert searches one
+query at a time; ours a group of 4. Built corpora and both engines' indexes (with their build
+figures) are kept in --work_dir and reused.
 
 Part 2: `late_interaction.maxsim` / `maxsim_chunked` vs `colbert.modeling.colbert.colbert_score`
 (when colbert-ai is importable here) on the same fp32 tensors: 1 query x 32 tokens vs 1000
@@ -156,9 +157,11 @@ def run_colbert(python, args, log):
 
 def part1(sizes, query_lens, num_queries, colbert_python, work_dir, nbits_list=NBITS):
   print(f"Part 1: {num_queries} queries per length; corpus from benchmarks/plaid_corpus.py; "
-        "recall against exact search; RSS = peak growth during the build\n")
+        "recall against exact search; build RSS = peak growth during our build, colbert's "
+        "process peak (its mmap-read corpus included); search RSS = peak growth over the loaded "
+        "index, warm-up included (exact: the padded chunks)\n")
   header = (f"{'docs':>6} {'tokens':>9} {'Lq':>4}  {'method':<30} {'build s':>8} {'build RSS':>10} "
-            f"{'index':>10} {'q/s':>7} {'vs exact':>8} {'R@10':>6} {'R@100':>6}")
+            f"{'index':>10} {'q/s':>7} {'vs exact':>8} {'R@10':>6} {'R@100':>6} {'search RSS':>10}")
   print(header)
   print("-" * len(header))
   for n in sizes:
@@ -206,19 +209,22 @@ def part1(sizes, query_lens, num_queries, colbert_python, work_dir, nbits_list=N
                                                      os.cpu_count()], log)
     for lq in query_lens:
       q, _ = plaid_corpus.make_queries(corpus, num_queries, lq)
-      t_exact, truth = exact_top(corpus, q, K_MAX)
+      with PeakRss() as exact_mem:
+        t_exact, truth = exact_top(corpus, q, K_MAX)
       print(f"{n:>6} {tokens:>9} {lq:>4}  {'exact (fp32)':<30} {'-':>8} {'-':>10} "
             f"{fmt_bytes(tokens * DIM * 4):>10} {1 / t_exact:>7.2f} {1:>7.2f}x {1:>6.3f} "
-            f"{1:>6.3f}")
+            f"{1:>6.3f} {fmt_bytes(exact_mem.growth):>10}")
       for name, options, (ncells, threshold, ndocs), k in settings():
         for nbits, (ix, t_build, build_rss, ix_bytes) in built.items():
-          t, (_, found) = median_seconds(lambda: plaid.search(ix, q, None, k, options), 1)
+          with PeakRss() as search_mem:
+            t, (_, found) = median_seconds(lambda: plaid.search(ix, q, None, k, options), 1)
           t /= len(q)
           build = (f"{t_build:>8.1f} {fmt_bytes(build_rss):>10} {fmt_bytes(ix_bytes):>10}"
                    if name == "k=10" else f"{'':>8} {'':>10} {'':>10}")
           r100 = f"{recall(found, truth, 100):>6.3f}" if k >= 100 else f"{'-':>6}"
           print(f"{'':>6} {'':>9} {'':>4}  {f'jax plaid {nbits}b C={c} {name}':<30} {build} "
-                f"{1 / t:>7.2f} {t_exact / t:>7.2f}x {recall(found, truth, 10):>6.3f} {r100}")
+                f"{1 / t:>7.2f} {t_exact / t:>7.2f}x {recall(found, truth, 10):>6.3f} {r100} "
+                f"{fmt_bytes(search_mem.growth):>10}")
         if colbert_index:
           qfile = os.path.join(work_dir, f"q{n}_{lq}.npy")
           np.save(qfile, q)
@@ -238,7 +244,8 @@ def part1(sizes, query_lens, num_queries, colbert_python, work_dir, nbits_list=N
             r100 = f"{recall(found, truth, 100):>6.3f}" if k >= 100 else f"{'-':>6}"
             label = f"colbert 2b C={colbert_build['num_centroids']} {name} q{maxlen}"
             print(f"{'':>6} {'':>9} {'':>4}  {label:<30} {build} {1 / t_c:>7.2f} "
-                  f"{t_exact / t_c:>7.2f}x {recall(found, truth, 10):>6.3f} {r100}")
+                  f"{t_exact / t_c:>7.2f}x {recall(found, truth, 10):>6.3f} {r100} "
+                  f"{fmt_bytes(res['search_rss_growth_bytes']):>10}")
     padded_bytes = n * width * DIM * 2
     for nbits, (_, _, _, ix_bytes) in built.items():
       print(f"{'':>6} index bytes, {nbits} bits: {ix_bytes / fp16_bytes:.3f} of the fp16 tokens "

@@ -52,8 +52,9 @@ from tqdm import tqdm
 from preflmr_jax import storage
 from preflmr_jax.user_errors import ConfigError, is_int
 
-__all__ = ["PlaidIndex", "SearchOptions", "build", "build_sharded", "search", "shard", "search_sharded", "decompress",
-           "save", "load", "load_shards", "default_num_centroids", "NBITS"]
+__all__ = ["PlaidIndex", "SearchOptions", "build", "build_sharded", "search", "shard",
+           "search_sharded", "decompress", "save", "load", "load_shards", "default_num_centroids",
+           "NBITS"]
 
 NBITS = (1, 2, 4, 8)
 FORMAT = "preflmr_jax.plaid_index"
@@ -369,6 +370,8 @@ class _Codec:
 def _train(source, num_centroids, nbits, kmeans_iters, sample_size, seed, progress) -> _Codec:
   """Pass 1: a uniform sample (the `sample_size` tokens with the smallest random keys), k-means
   on it, and the residual buckets."""
+  if nbits not in NBITS:  # before streaming anything
+    raise ValueError(f"nbits must be one of {NBITS}, got {nbits!r}")
   rng = np.random.default_rng(seed)
   sample, keys, dim, num_docs = None, np.zeros((0,)), None, 0
   for docs, mask in tqdm(source(), "index: sampling", unit=" chunks", disable=not progress):
@@ -438,8 +441,6 @@ def build(corpus_chunks: Chunks, num_centroids: int, nbits: int = 2, *, kmeans_i
     corpus_key: recorded in the index, for `load` to check.
     progress: show a progress bar over the chunks of each pass.
   """
-  if nbits not in NBITS:  # before streaming anything
-    raise ValueError(f"nbits must be one of {NBITS}, got {nbits!r}")
   source = _chunk_source(corpus_chunks)
   codec = _train(source, num_centroids, nbits, kmeans_iters, sample_size, seed, progress)
   codes, residuals, lengths = zip(*_encoded(source, codec, progress))
@@ -453,8 +454,6 @@ def build_sharded(corpus_chunks: Chunks, path, num_shards: int, num_centroids: i
   """`save(build(...), path, num_shards)` without the whole index in memory: pass 2 writes each
   shard (the same document ranges as `shard`) as soon as its documents are encoded, so memory is
   the sample, one chunk and one shard. Same arguments as `build`; `path` local or gs://."""
-  if nbits not in NBITS:
-    raise ValueError(f"nbits must be one of {NBITS}, got {nbits!r}")
   if not is_int(num_shards) or num_shards < 1:
     raise ConfigError(f"num_shards={num_shards!r}: must be an integer >= 1")
   path = storage.path(path, "index path")

@@ -66,3 +66,19 @@ def test_scan_layers_benchmark_on_the_tiny_config(one_device_env):
   assert [r["scan"] for r in rows] == [False, True]
   assert all(r["compile_s"] > 0 and r["step_ms"] > 0 for r in rows)
   assert re.search(r"\| compile \d+\.\d\dx, step \d+\.\d\dx", stdout.splitlines()[-2])
+
+
+@pytest.mark.slow
+def test_search_benchmark_on_a_small_corpus(tmp_path, one_device_env):
+  """Exact search and our index on 300 documents (colbert-ai is not installed here): every row
+  has its figures."""
+  args = ["benchmarks/search.py", "--sizes", "300", "--query_lens", "24", "--queries", "2",
+          "--nbits", "2", "--work_dir", str(tmp_path)]
+  stdout = _run(args, one_device_env)
+  rows = [line for line in stdout.splitlines() if "exact (fp32)" in line or "jax plaid" in line]
+  assert len(rows) == 4, stdout  # exact, then k=10, k=100 and the wide setting
+  recalls = [float(x) for line in rows for x in re.findall(r"\s(\d\.\d{3})\s", line)]
+  assert recalls[:2] == [1.0, 1.0] and all(0 < r <= 1 for r in recalls), rows
+  assert re.search(r"index bytes, 2 bits: 0\.\d+ of the fp16 tokens", stdout)
+  assert "colbert_score" in stdout or "colbert-ai not importable" in stdout
+  assert (tmp_path / "jax300_nbits2.plaid.npz").exists()  # kept for the next run
