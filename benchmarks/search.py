@@ -104,6 +104,11 @@ class PeakRss:
     self.growth = self.peak - self.start
 
 
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
 def unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -180,7 +185,7 @@ def part1(sizes, query_lens, num_queries, colbert_python, work_dir, nbits_list=N
       path = os.path.join(work_dir, f"jax{n}_nbits{nbits}.plaid.npz")
       if os.path.exists(path):  # an earlier run's build and its figures
         ix = plaid.load(path)
-        stats = json.load(open(path + ".json"))
+        stats = read_json(path + ".json")
       else:
         with PeakRss() as build_mem:
           start = time.perf_counter()
@@ -202,7 +207,7 @@ def part1(sizes, query_lens, num_queries, colbert_python, work_dir, nbits_list=N
         plaid_corpus.save_for_colbert(corpus, emb)
       colbert_json = os.path.join(colbert_index, "bench.json")
       if os.path.exists(colbert_json):
-        colbert_build = json.load(open(colbert_json))
+        colbert_build = read_json(colbert_json)
       else:
         colbert_build = run_colbert(colbert_python, ["index", "--embeddings", emb, "--index",
                                                      colbert_index, "--nbits", 2, "--threads",
@@ -234,7 +239,7 @@ def part1(sizes, query_lens, num_queries, colbert_python, work_dir, nbits_list=N
                 "search", "--index", colbert_index, "--queries", qfile, "--k", k, "--ncells",
                 ncells, "--threshold", threshold, "--ndocs", ndocs, "--query-maxlen", maxlen,
                 "--threads", os.cpu_count(), "--out", out], log)
-            res = json.load(open(out))
+            res = read_json(out)
             t_c = res["seconds_per_query"]
             found = np.asarray([ids + [-1] * (k - len(ids)) for ids in res["ids"]])
             build = (f"{colbert_build['build_seconds']:>8.1f} "
