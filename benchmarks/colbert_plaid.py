@@ -4,6 +4,7 @@ Runs in its own environment (colbert-ai 0.2.22, faiss-cpu, torch CPU), as a subp
 benchmarks, so that both indexes see exactly the same embeddings:
 
   python benchmarks/colbert_plaid.py index --embeddings DIR --index DIR --nbits 2 [--kmeans-iters 4]
+      [--resume]
   python benchmarks/colbert_plaid.py search --index DIR --queries Q.npy --k 100 --ncells 2 \\
       --threshold 0.45 --ndocs 1024 --out results.json [--threads 2] [--query-maxlen 32]
 
@@ -131,12 +132,20 @@ def run_index(a):
   assert offsets[0] == 0 and offsets[-1] == len(tokens), (offsets[[0, -1]], len(tokens))
   num_docs = len(offsets) - 1
   index = os.path.abspath(a.index)
-  if os.path.isdir(index) and os.listdir(index):
-    # only ever delete what looks like an earlier colbert index
+  earlier = 0.0
+  if a.resume:
+    # colbert's own resume: it reloads plan.json and the codec and skips finished chunks
     if not os.path.exists(os.path.join(index, "plan.json")):
-      sys.exit(f"{index} is not empty and holds no colbert index (plan.json); not overwriting")
-    shutil.rmtree(index)
-  os.makedirs(index)
+      sys.exit(f"--resume: {index} holds no colbert plan.json to resume from")
+    times = [os.path.getmtime(os.path.join(index, n)) for n in os.listdir(index)]
+    earlier = max(times) - min(times)  # plan written to last chunk saved; misses the sampling
+  else:
+    if os.path.isdir(index) and os.listdir(index):
+      # only ever delete what looks like an earlier colbert index
+      if not os.path.exists(os.path.join(index, "plan.json")):
+        sys.exit(f"{index} is not empty and holds no colbert index (plan.json); not overwriting")
+      shutil.rmtree(index)
+    os.makedirs(index)
   set_threads(a.threads)
   random.seed(a.seed)  # colbert samples pids with `random`, shuffles with torch
   np.random.seed(a.seed)
@@ -147,7 +156,7 @@ def run_index(a):
                                                     root=run_root)):
       config = ColBERTConfig(nbits=a.nbits, dim=DIM, index_path=index,
                              kmeans_niters=a.kmeans_iters, doc_maxlen=512, index_bsize=a.bsize,
-                             rank=0, nranks=1)
+                             rank=0, nranks=1, resume=a.resume)
       indexer = PrecomputedCollectionIndexer(config, num_docs, PrecomputedEncoder(tokens, offsets),
                                              verbose=a.verbose)
       start = time.perf_counter()
@@ -160,7 +169,8 @@ def run_index(a):
   index_bytes = sum(os.path.getsize(os.path.join(d, n))
                     for d, _, names in os.walk(index) for n in names)
   own, children = peak_rss()
-  out = {"build_seconds": round(build, 3), "index_bytes": index_bytes,
+  out = {"build_seconds": round(earlier + build, 3), "resumed_after_seconds": round(earlier, 3),
+         "index_bytes": index_bytes,
          "num_centroids": int(meta["num_partitions"]),
          "num_embeddings": int(meta["num_embeddings"]), "num_docs": num_docs,
          "num_chunks": int(meta["num_chunks"]), "nbits": a.nbits,
@@ -230,6 +240,9 @@ def main():
   i.add_argument("--bsize", type=int, default=64, help="colbert's index_bsize (unused here)")
   i.add_argument("--threads", type=int, default=1)
   i.add_argument("--seed", type=int, default=12345)
+  i.add_argument("--resume", action="store_true",
+                 help="continue a cut-off build in --index (build_seconds then adds the earlier "
+                      "run's span, from its files' times)")
   i.add_argument("--verbose", type=int, default=1, help="colbert's verbosity (to stderr)")
   s = sub.add_parser("search", help="top-k for each query of a [B, Lq, 128] .npy")
   s.add_argument("--index", required=True)
