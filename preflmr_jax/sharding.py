@@ -201,6 +201,27 @@ def check_rules(rules, param_axes: set[str]) -> None:
                       "None to replicate)")
 
 
+def check_divisible(boxed_tree: Any, mesh: Mesh, rules) -> None:
+  """Fails before compiling when a parameter's dimension is split over mesh axes whose size does
+  not divide it (XLA's own error comes from deep inside the lowering), naming the parameter, its
+  logical axis and the mesh axes."""
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  logical = nn.get_partition_spec(boxed_tree)
+  on_mesh = nn.logical_to_mesh(logical, tuple(rules))
+  leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed_tree))[0]
+  for (path, leaf), names, axes in zip(leaves, jax.tree.leaves(logical, is_leaf=is_spec),
+                                       jax.tree.leaves(on_mesh, is_leaf=is_spec)):
+    for dim, (size, name, axis) in enumerate(zip(leaf.shape, names, axes)):
+      axis = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+      shards = math.prod(mesh.shape[a] for a in axis)
+      if size % shards:
+        raise ConfigError(
+            f"parameter {jax.tree_util.keystr(path)} {list(leaf.shape)}: dimension {dim} "
+            f"({name!r}, {size}) is split over mesh axes {list(axis)} into {shards} shards, which "
+            "do not divide it; change config.mesh, or map "
+            f"{name!r} elsewhere in config.logical_axis_rules")
+
+
 def logical_axis_names(boxed_tree: Any) -> set[str]:
   """Every logical axis name in a tree of `nn.Partitioned` boxes (e.g. abstract boxed params)."""
   names = set()

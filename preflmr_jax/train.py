@@ -199,6 +199,7 @@ def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
   boxed = jax.eval_shape(
       lambda: model.init(jax.random.key(0), **preflmr.dummy_inputs(model_config))["params"])
   sharding.check_rules(rules, sharding.logical_axis_names(boxed))
+  sharding.check_divisible(boxed, mesh, rules)
   param_shardings = nn.meta.unbox(sharding.logical_to_shardings(boxed, mesh, rules))
   abstract_params = nn.meta.unbox(boxed)
   tx, labels = optimizer.make_optimizer(config, abstract_params)

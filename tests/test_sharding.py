@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from preflmr_jax import sharding
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
+from preflmr_jax.user_errors import ConfigError
 
 RULES = sharding.LOGICAL_AXIS_RULES
 
@@ -185,6 +186,20 @@ def test_batch_shards_follow_the_devices_of_each_process():
 def test_meshes_the_processes_cannot_feed_are_refused(grid, message):
   with pytest.raises(ValueError, match=r"config.mesh \{'data': 1.*" + message):
     sharding.check_batch_sharding(_mesh(grid()), RULES)
+
+
+def test_a_parameter_its_mesh_axes_do_not_divide_is_named_before_compiling():
+  """The tiny model's `embed` (32) goes to fsdp: fsdp=2 splits it, fsdp=3 cannot."""
+  config = _tiny()
+  model = preflmr.PreFLMR(config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *_inputs(config, 1))["params"])
+  devices = np.array(jax.devices())
+  sharding.check_divisible(boxed, jax.sharding.Mesh(devices[:4].reshape(1, 2, 2),
+                                                    sharding.MESH_AXES), RULES)
+  with pytest.raises(ConfigError, match=r"parameter \[.*\] \[.*\]: dimension \d \('embed', 32\) "
+                     r"is split over mesh axes \['fsdp'\] into 3 shards, which do not divide it"):
+    sharding.check_divisible(boxed, jax.sharding.Mesh(devices[:3].reshape(1, 3, 1),
+                                                      sharding.MESH_AXES), RULES)
 
 
 def test_the_act_batch_rule_decides_the_batch_axes():
