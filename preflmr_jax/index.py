@@ -251,18 +251,48 @@ def _decompress(codes, packed, centroids, weights, nbits):
 _decompress_jit = jax.jit(_decompress, static_argnames="nbits")
 
 
+# Stage 1 scores the centroids a tile at a time, so that each [G, Lq, tile] block of scores is
+# reduced while it is in cache: the full scores are written once, as the lookup table, and never
+# read back whole (on a 2-core CPU, 320-token queries and 32k centroids: 2-3x faster than top_k,
+# max and transpose each over the whole [G, Lq, C]).
+_CENTROID_TILE = 256
+
+
 @functools.partial(jax.jit, static_argnames=("nprobe", "precision"))
 def _query_centroid_scores(q, valid_q, centroids, nprobe, precision):
   """Stage 1. q [G, Lq, dim] -> the scores as a lookup table by centroid [G, C, Lq] (0 for masked
   tokens), each valid token's `nprobe` best centroids and their scores [G, Lq, nprobe], and each
   centroid's best score over the valid tokens [G, C] (what PLAID's pruning compares with its
-  threshold)."""
-  s = jnp.einsum("gqd,cd->gqc", q, centroids, precision=precision,
-                 preferred_element_type=jnp.float32)
-  s = jnp.where(valid_q[..., None], s, 0.0)
-  best, ids = lax.top_k(s, nprobe)
-  centroid_best = jnp.max(jnp.where(valid_q[..., None], s, -jnp.inf), axis=1)
-  return jnp.swapaxes(s, 1, 2), best, ids, centroid_best
+  threshold).
+
+  A token's best centroids lie in its `nprobe` tiles with the highest maximum, so top-k runs over
+  those tiles' scores only, gathered back from the table."""
+  g, lq, dim = q.shape
+  c = centroids.shape[0]
+  tile = min(_CENTROID_TILE, _pow2(c, 1))
+  tiles = -(-c // tile)
+  padded = jnp.pad(centroids, [(0, tiles * tile - c), (0, 0)]).reshape(tiles, tile, dim)
+  real = (jnp.arange(tiles * tile) < c).reshape(tiles, tile)
+
+  def body(table, x):
+    i, cents, real_c = x
+    s = jnp.einsum("gqd,cd->gcq", q, cents, precision=precision,
+                   preferred_element_type=jnp.float32)
+    s = jnp.where(valid_q[:, None, :], s, 0.0)
+    tile_best = jnp.max(jnp.where(real_c[None, :, None], s, -jnp.inf), axis=1)
+    centroid_best = jnp.max(jnp.where(valid_q[:, None, :], s, -jnp.inf), axis=2)
+    return lax.dynamic_update_slice_in_dim(table, s, i * tile, axis=1), (tile_best,
+                                                                         centroid_best)
+
+  table = jnp.zeros((g, tiles * tile, lq), jnp.float32)
+  table, (tile_best, centroid_best) = lax.scan(body, table, (jnp.arange(tiles), padded, real))
+  top_tiles = lax.top_k(jnp.moveaxis(tile_best, 0, -1), min(nprobe, tiles))[1]  # [G, Lq, n]
+  ids = (top_tiles[..., None] * tile + jnp.arange(tile)).reshape(g, lq, -1)
+  scores = jnp.take_along_axis(table, jnp.swapaxes(ids, 1, 2), axis=1, mode="clip")
+  scores = jnp.where(ids < c, jnp.swapaxes(scores, 1, 2), -jnp.inf)
+  best, pos = lax.top_k(scores, nprobe)
+  centroid_best = jnp.moveaxis(centroid_best, 0, 1).reshape(g, -1)[:, :c]
+  return table[:, :c], best, jnp.take_along_axis(ids, pos, axis=-1), centroid_best
 
 
 _TOKENS_PER_STEP = 4096  # bounds the [tokens, Lq] scores held at once in stages 2-4

@@ -99,6 +99,32 @@ def test_candidates_cover_the_exact_top_10(data):
   assert np.mean([len(set(w) & set(c)) / K for w, c in zip(np.asarray(want), capped)]) >= 0.95
 
 
+@pytest.mark.parametrize("num_centroids, nprobe", [(600, 1), (600, 3), (600, 600), (40, 2)])
+def test_query_centroid_scores_are_their_definition(num_centroids, nprobe):
+  """Stage 1 against numpy: the scores table (0 at masked query tokens), each valid token's
+  nprobe best centroids, and each centroid's best over the valid tokens. 600 centroids span
+  three score tiles, the last one partly padding."""
+  rng = np.random.default_rng(nprobe)
+  g, lq = 3, 20
+  centroids = _unit(rng.normal(size=(num_centroids, DIM)))
+  q = _unit(rng.normal(size=(g, lq, DIM)))
+  valid = np.arange(lq) < np.array([[20], [13], [1]])
+  q = np.where(valid[..., None], q, 0.0).astype(np.float32)
+  table, best, ids, centroid_best = map(np.asarray, plaid._query_centroid_scores(
+      q, valid, centroids, nprobe, "highest"))
+  scores = np.einsum("gqd,cd->gqc", q.astype(np.float64), centroids)
+  np.testing.assert_allclose(table, np.swapaxes(scores, 1, 2), atol=1e-6)
+  # ids are distinct, score what `best` says, and `best` is the nprobe highest scores, in order
+  # (ids are not compared: near-ties order differently in float32 and float64).
+  assert all(len(set(row)) == nprobe for row in ids[valid])
+  np.testing.assert_allclose(best[valid], np.take_along_axis(scores, ids, -1)[valid], atol=1e-6)
+  np.testing.assert_allclose(best[valid], -np.sort(-scores, axis=-1)[..., :nprobe][valid],
+                             atol=1e-6)
+  np.testing.assert_allclose(centroid_best,
+                             np.max(np.where(valid[..., None], scores, -np.inf), axis=1),
+                             atol=1e-6)
+
+
 @pytest.mark.parametrize("threshold", [0.5, 0.8, -np.inf])
 def test_centroid_interaction_is_pruned_maxsim_over_centroid_scores(data, threshold):
   """Stages 2/3 against their definition: a candidate's score is the sum over query tokens of the
