@@ -29,6 +29,7 @@ from absl import logging
 from preflmr_jax import (checkpointing, cli, data, losses, maxsim_kernel, optimizer, pretrained,
                          sharding, storage, tensorboard_events, tokenization)
 from preflmr_jax import workdir as layout
+from preflmr_jax.models import flops as model_flops
 from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
@@ -185,6 +186,7 @@ class StepSetup:
   abstract_batch: dict  # ShapeDtypeStructs of one global batch, sharded as the loop feeds it
   init_state: Callable[[int], TrainState]  # seed -> state; jit it with `state_shardings`
   train_step: Callable  # jitted, donated state; call under `jax.set_mesh` + the logical rules
+  negative_groups: int  # shares of the batch whose documents are each query's negatives
 
 
 def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> StepSetup:
@@ -232,19 +234,19 @@ def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
                        out_shardings=(state_shardings, replicated))
   return StepSetup(model_config=model_config, model=model, rules=rules, tx=tx, labels=labels,
                    state_shardings=state_shardings, abstract_state=abstract_state,
-                   abstract_batch=abstract_batch, init_state=init_state, train_step=train_step)
+                   abstract_batch=abstract_batch, init_state=init_state, train_step=train_step,
+                   negative_groups=groups)
 
 
-def run_info(config: ml_collections.ConfigDict, setup: StepSetup,
-             lowered: jax.stages.Lowered) -> dict[str, Any]:
+def run_info(config: ml_collections.ConfigDict, setup: StepSetup) -> dict[str, Any]:
   """Size and compute of a run (`workdir/run.json`; the eval binary and the scaling-law tool read
-  it), from the train step as `lowered` for `setup`'s abstract state and batch.
-
-  FLOPs are XLA's cost analysis of the whole step before partitioning (all devices together, no
-  rematerialisation counted), i.e. the model's arithmetic rather than what a mesh adds.
-  """
-  cost = lowered.cost_analysis()
-  flops = float((cost or {}).get("flops", 0.0))
+  it). FLOPs are the analytic model's (`models/flops.py`: every matmul at padded lengths, backward
+  2x where a group trains), all devices together: the model's arithmetic, not what a mesh or
+  rematerialisation adds, the same for scanned and looped layers."""
+  docs = config.batch_size * (1 + config.num_negatives)
+  flops = float(model_flops.train_flops(setup.model_config, config.batch_size, docs,
+                                        model_flops.trainable_groups(setup.labels),
+                                        setup.negative_groups))
   counts = optimizer.count_trainable(setup.abstract_state.params, setup.labels)
   return {"params_total": int(counts["total"]), "params_trainable": int(counts["trainable"]),
           "train_flops_per_step": flops, "train_flops_per_example": flops / config.batch_size,
@@ -342,9 +344,7 @@ def _train(config, workdir, preemption) -> dict[str, float]:
                                     save_interval_steps=config.checkpoint_every_steps)
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-      # Lowered once: the cost analysis and the executable the loop runs share one trace.
-      lowered = setup.train_step.lower(setup.abstract_state, setup.abstract_batch)
-      info = run_info(config, setup, lowered)
+      info = run_info(config, setup)
       logging.info("%s parameters (%s trainable), global batch %d on %d device(s), %.3g GFLOPs "
                    "a step", f"{info['params_total']:,}", f"{info['params_trainable']:,}",
                    info["global_batch"], info["devices"], info["train_flops_per_step"] / 1e9)
@@ -382,8 +382,8 @@ def _train(config, workdir, preemption) -> dict[str, float]:
                    if config.eval_every_steps else None)
       log = MetricsLog(workdir, start, config.num_train_steps)
       tick = time.perf_counter()
-      train_step = lowered.compile()
-      logging.info("train step compiled in %.1f s", time.perf_counter() - tick)
+      train_step = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+      logging.info("train step lowered and compiled in %.1f s", time.perf_counter() - tick)
       try:
         preemption.stop_before_start(start)
         return _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption,

@@ -61,5 +61,32 @@ def test_the_flop_model_counts_every_group():
   assert set(macs) == set(param_groups.GROUPS)
   everything = flops.train_flops(model_config, 2, 3, set(macs))
   assert flops.train_flops(model_config, 2, 3, set()) < everything
+  # per-device negatives: each query scores half the documents
+  score = 2 * 3 * model_config.query_length * model_config.doc_maxlen * model_config.dim
+  assert everything - flops.train_flops(model_config, 2, 3, set(macs), 2) == 2 * 3 * score // 2
   assert (flops.encode_flops(model_config, "documents", 3)
           == 2 * (macs["document_text"] + macs["document_head"]))
+
+
+@pytest.mark.slow
+def test_run_info_flops_match_xlas_count_of_the_looped_step_and_ignore_scanning():
+  """run.json's training compute is the analytic model: within 5% of XLA's cost analysis of the
+  looped ViT-B step (softmax, norms and the optimiser are what XLA adds), and the same with
+  scanned layers, where XLA counts a loop's body once."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from preflmr_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  got = {}
+  for scan in (False, True):
+    config = config_files.load_config("configs/release.py:vit_b",
+                                      {"batch_size": 2, "model.scan_layers": scan})
+    setup = train.setup_train_step(config, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+      cost = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).cost_analysis()
+    got[scan] = (train.run_info(config, setup)["train_flops_per_step"], float(cost["flops"]))
+  (model, xla), (model_scanned, xla_scanned) = got[False], got[True]
+  assert model == model_scanned
+  assert 1.0 <= xla / model <= 1.05, (xla, model)
+  assert xla_scanned < 0.5 * model  # why run.json does not take XLA's count

@@ -94,7 +94,7 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
-  from preflmr_jax import optimizer, sharding, train  # pylint: disable=g-import-not-at-top
+  from preflmr_jax import sharding, train  # pylint: disable=g-import-not-at-top
 
   devices = list(jax.devices() if devices is None else devices)
   size = math.prod(int(mesh_config.get(a, 1)) for a in MESH_AXES)
@@ -111,7 +111,7 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
     compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
   compile_s = time.perf_counter() - start
 
-  counts = optimizer.count_trainable(setup.abstract_state.params, setup.labels)
+  info = train.run_info(config, setup)
   return {
       "mesh": shape,
       "devices": size,
@@ -120,9 +120,11 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
       "slice_of_data_index": _slice_of_data_index(mesh),
       "device_kind": devices[0].device_kind,
       "global_batch": int(config.batch_size),
-      "params_total": counts["total"],
-      "params_trainable": counts["trainable"],
-      "flops_per_step": _flops(compiled),
+      "params_total": info["params_total"],
+      "params_trainable": info["params_trainable"],
+      "flops_per_step": info["train_flops_per_step"],  # the model's, all devices
+      # XLA's count for one device after partitioning: a loop's body counts once (scanned layers).
+      "xla_flops_per_device": _flops(compiled),
       "memory_per_device": _memory(compiled),
       "compile_s": round(compile_s, 2),  # tracing, lowering and XLA's compile
   }
@@ -150,7 +152,8 @@ def _table(result: dict) -> str:
           ("global batch", result["global_batch"]),
           ("params total", f"{result['params_total']:,}"),
           ("params trainable", f"{result['params_trainable']:,}"),
-          ("flops / step", f"{result['flops_per_step']:.4g}"),
+          ("flops / step", f"{result['flops_per_step']:.4g} (model), "
+                           f"{result['xla_flops_per_device']:.4g} / device (XLA)"),
           ("compile", f"{result['compile_s']:.1f} s")]
   rows += [(f"{k[:-6]} / device", size(v)) for k, v in result["memory_per_device"].items()]
   return "\n".join(f"{name:>22s}  {value}" for name, value in rows)
