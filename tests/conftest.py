@@ -5,6 +5,7 @@ in worker processes (pyproject.toml's addopts: `-n auto`, at most 4; `-n 0` runs
 Each worker has a temporary cache (never the user's ~/.cache) holding the SAMPLE M2KR task that the
 tiny config trains on, written and built once; XLA's compilation cache is shared by the workers and
 their subprocesses, so that the many tests compiling the same tiny train step compile it once.
+TMPDIR points into the controller's temporary folder too: nothing is left in the system's.
 
 Fixtures: `tiny_config` / `short_run` / `comparable_step` (configs), `sample_data_dir`, `trained_workdir` (a tiny run,
 trained once per session), `one_device_env` and `cli` (subprocesses), `gcs_server` / `gcs` (a GCS
@@ -31,6 +32,11 @@ _CACHE = tempfile.TemporaryDirectory(prefix="preflmr_jax_test_cache_")
 os.environ["XDG_CACHE_HOME"] = _CACHE.name  # subprocesses (python -m ...) inherit it
 if "PYTEST_XDIST_WORKER" not in os.environ:  # pytest-xdist's workers share the controller's
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_CACHE.name, "jax_compilation_cache")
+  # What the binaries and libraries leave in the temporary folder (log files, TFDS's scratch
+  # folders) goes where the session removes it.
+  os.environ["TMPDIR"] = os.path.join(_CACHE.name, "tmp")
+  os.mkdir(os.environ["TMPDIR"])
+  tempfile.tempdir = None  # gettempdir() reads TMPDIR again
   # A size limit turns on JAX's file lock around the cache: workers write it concurrently.
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
