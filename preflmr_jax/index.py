@@ -231,7 +231,7 @@ def _unpack(p, nbits):
   per = 8 // nbits
   shifts = jnp.arange(per, dtype=jnp.uint8) * nbits
   b = (p[..., None] >> shifts) & jnp.uint8(2**nbits - 1)
-  return b.reshape(*p.shape[:-1], -1)
+  return b.reshape(*p.shape[:-1], p.shape[-1] * per)
 
 
 @functools.partial(jax.jit, static_argnames=("nbits",))

@@ -224,6 +224,12 @@ def test_found_documents_and_short_candidate_lists(data):
   assert np.isneginf(scores[0, -5:]).all() and (ids[0, -5:] == -1).all()
 
 
+def test_decompress_no_documents(data):
+  index = _index(data, 2)
+  rec, rec_mask = plaid.decompress(index, [])
+  assert rec.shape == (0, index.max_doc_len, DIM) and rec_mask.shape == (0, index.max_doc_len)
+
+
 def test_save_load_round_trip(data, tmp_path):
   docs, mask, q, q_mask = data
   index = _index(data, 2)
