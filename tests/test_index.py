@@ -141,8 +141,9 @@ def test_centroid_interaction_is_pruned_maxsim_over_centroid_scores(data, thresh
   docs[:, -5:] = -1  # padding
   live = centroid_best >= threshold
   assert 0 < live.mean() < 1 or threshold == -np.inf
-  codes, seg, _ = plaid._flat(index, docs, residuals=False, live_centroids=live)
-  got = np.asarray(plaid._centroid_interaction(table, codes, seg, docs >= 0, keep))
+  tokens = plaid._flat(index, docs, residuals=False, live_centroids=live)
+  got = np.asarray(plaid._centroid_interaction(table, tokens.codes, tokens.seg,
+                                               tokens.step_query, docs >= 0, keep))
   for i in range(g):
     want = np.full(docs.shape[1], -np.inf)
     for j, d in enumerate(docs[i]):
