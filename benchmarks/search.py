@@ -17,8 +17,10 @@ rows; queries of 113 and 320 tokens built around a positive document):
   default 32.
 Reported per method: build time and peak RSS, index bytes, queries/s, speed-up over exact,
 recall@10 and @100 against exact search, search memory (peak RSS growth). colbert searches one
-query at a time; ours a group of 4. Built corpora and both engines' indexes (with their build
-figures) are kept in --work_dir and reused.
+query at a time (queries/s: the median query's); ours a group of 4 (the median of 3 runs over all
+the queries). Built corpora and both engines' indexes (with their build figures and, for ours,
+the k-means sample size) are kept in --work_dir and reused: delete an index to rebuild it after
+changing the build.
 
 Part 2: `late_interaction.maxsim` / `maxsim_chunked` vs `colbert.modeling.colbert.colbert_score`
 (when colbert-ai is importable here) on the same fp32 tensors: 1 query x 32 tokens vs 1000
@@ -191,7 +193,8 @@ def part1(sizes, query_lens, num_queries, colbert_python, work_dir, nbits_list=N
           start = time.perf_counter()
           ix = plaid.build(chunks, c, nbits=nbits)
           seconds = time.perf_counter() - start
-        stats = {"seconds": seconds, "rss": build_mem.growth}
+        stats = {"seconds": seconds, "rss": build_mem.growth,
+                 "sample_size": plaid.default_sample_size(c)}
         plaid.save(ix, path)
         with open(path + ".json", "w") as f:
           json.dump(stats, f)
@@ -222,7 +225,7 @@ def part1(sizes, query_lens, num_queries, colbert_python, work_dir, nbits_list=N
       for name, options, (ncells, threshold, ndocs), k in settings():
         for nbits, (ix, t_build, build_rss, ix_bytes) in built.items():
           with PeakRss() as search_mem:
-            t, (_, found) = median_seconds(lambda: plaid.search(ix, q, None, k, options), 1)
+            t, (_, found) = median_seconds(lambda: plaid.search(ix, q, None, k, options), 3)
           t /= len(q)
           build = (f"{t_build:>8.1f} {fmt_bytes(build_rss):>10} {fmt_bytes(ix_bytes):>10}"
                    if name == "k=10" else f"{'':>8} {'':>10} {'':>10}")

@@ -315,6 +315,16 @@ def test_default_number_of_centroids_is_plaids():
     assert plaid.default_num_centroids(tokens) == want
 
 
+def test_k_means_sample_size(data):
+  """16 tokens per centroid by default (at least 65,536); a bad or too small size names itself."""
+  assert plaid.default_sample_size(32768) == 524288 and plaid.default_sample_size(64) == 65536
+  chunks = [data[:2]]
+  with pytest.raises(ConfigError, match="sample_size=0: must be an integer >= 1"):
+    plaid.build(chunks, num_centroids=64, sample_size=0)
+  with pytest.raises(ValueError, match=r"num_centroids=64 needs 1 <= C <= sampled valid tokens .32."):
+    plaid.build(chunks, num_centroids=64, sample_size=32)
+
+
 def test_sharded_search_equals_single_device_search(data):
   """Shards on the 8 simulated devices: with every list probed and nothing pruned, the merged
   top-k is the whole index's; with PLAID's settings each shard prunes its own documents, and the
