@@ -408,8 +408,8 @@ class _Codec:
 
 
 def default_sample_size(num_centroids: int) -> int:
-  """Tokens sampled for k-means: 16 per centroid, at least 65,536. At 2 per centroid (65,536 for
-  32,768 centroids) 2-bit recall@10 was 0.02 lower on the search benchmark's 10k corpus."""
+  """Tokens sampled for k-means: 16 per centroid, at least 65,536. With 4 per centroid 2-bit
+  recall@10 was 0.01-0.03 lower on the search benchmark's 10k corpus (docs/index.md)."""
   return max(1 << 16, 16 * num_centroids)
 
 
