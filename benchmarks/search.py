@@ -188,6 +188,10 @@ def part1(sizes, query_lens, num_queries, colbert_python, work_dir, nbits_list=N
       if os.path.exists(path):  # an earlier run's build and its figures
         ix = plaid.load(path)
         stats = read_json(path + ".json")
+        if stats.get("sample_size") != plaid.default_sample_size(c):
+          print(f"note: {path} was built with a k-means sample of {stats.get('sample_size')} "
+                f"tokens, not today's default {plaid.default_sample_size(c)}; delete it to rebuild",
+                flush=True)
       else:
         with PeakRss() as build_mem:
           start = time.perf_counter()

@@ -153,7 +153,11 @@ class Embed(nn.Module):
     ex = self.execution
     table = self.param("embedding", nn.with_logical_partitioning(default_kernel_init, self.axes),
                        (self.num_embeddings, self.features), ex.weight_dtype)
-    return embed_lookup(table.astype(ex.compute_dtype), ids)
+    # The lookup reads whole rows, gathered over the width's mesh axes like any FSDP kernel before
+    # its matmul: rows looked up in a width-sharded table would need an all-to-all to reach the
+    # batch sharding, and libtpu spends ~10 s compiling each all-to-all's routing on 256 chips.
+    table = nn.with_logical_constraint(table.astype(ex.compute_dtype), (self.axes[0], None))
+    return embed_lookup(table, ids)
 
 
 def layer_norm(eps: float, execution: Execution, *, name: str | None = None):
