@@ -7,8 +7,8 @@
   `config.model.scan_layers` off then on: compile time (trace, lower, XLA compile), median step
   time, XLA's buffer bytes.
 - tpu: the compile-only plan (`preflmr_jax.tools.plan --topology`, libtpu on this CPU host) of
-  the ViT-L release and the 400m/800m scaling point, on v5e-16 (and v5e-256 without --quick), both
-  layouts: compile time and XLA's memory per device. Needs a Python with jax[tpu]
+  the ViT-L release (without and with remat) and the 400m/800m scaling point, on v5e-16 (and
+  v5e-256 without --quick), both layouts: compile time and XLA's memory per device. Needs a Python with jax[tpu]
   (`requirements-tpu-plan.txt`, e.g. in a venv made with --system-site-packages): --tpu_python.
 
 Prints a table with the ratios scanned/looped (each pair measured in this run), then one JSON
@@ -29,9 +29,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-TPU_CASES = (  # (name, config)
-    ("ViT-L release", "configs/release.py:vit_l"),
-    ("400m/800m point", "configs/scaling.py:vision=400m,text=800m"),
+# (name, config, overrides, largest fsdp: the 400m/800m widths 1152 and 1600 do not split 256 ways,
+# so on v5e-256 its mesh is data=4 fsdp=64)
+REMAT = {"model.remat": True, "model.remat_policy": "dots_saveable"}
+TPU_CASES = (
+    ("ViT-L release", "configs/release.py:vit_l", {}, 256),
+    ("ViT-L release, remat dots_saveable", "configs/release.py:vit_l", REMAT, 256),
+    ("400m/800m point", "configs/scaling.py:vision=400m,text=800m", {}, 64),
 )
 TOPOLOGIES = {"v5e:4x4": 16, "v5e:16x16": 256}
 
@@ -63,20 +67,24 @@ def cpu_rows(quick: bool, config: str | None) -> list[dict]:
 def tpu_rows(python: str, quick: bool) -> list[dict]:
   rows = []
   topologies = {k: v for k, v in TOPOLOGIES.items() if not quick or v == 16}
-  for name, config in TPU_CASES:
+  for name, config, overrides, max_fsdp in TPU_CASES:
     for topology, devices in topologies.items():
+      fsdp = min(devices, max_fsdp)
       for scan in (False, True):
         args = [python, "-m", "preflmr_jax.tools.plan", f"--config={config}",
-                f"--topology={topology}", f"--mesh=data=1,fsdp={devices},tensor=1",
-                f"--batch_size={devices}", f"--config.model.scan_layers={scan}"]
-        log(f"tpu {name} on {topology}, scan_layers={scan}")
+                f"--topology={topology}", f"--mesh=data={devices // fsdp},fsdp={fsdp},tensor=1",
+                f"--batch_size={devices}", f"--config.model.scan_layers={scan}",
+                *(f"--config.{k}={v}" for k, v in overrides.items())]
+        log(f"tpu {name} on {topology} (fsdp={fsdp}), scan_layers={scan}")
         out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False,
                              env={**os.environ, "JAX_PLATFORMS": ""})
         if out.returncode:
           raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
         plan = json.loads(out.stdout.strip().splitlines()[-1])
         memory = plan["memory_per_device"]
-        rows.append({"where": f"tpu {topology}", "case": f"{name}, batch {devices}", "scan": scan,
+        mesh = "" if fsdp == devices else f", data={devices // fsdp} fsdp={fsdp}"
+        rows.append({"where": f"tpu {topology}", "case": f"{name}, batch {devices}{mesh}",
+                     "scan": scan,
                      "compile_s": plan["compile_s"], "step_ms": None,
                      "bytes": memory.get("peak_bytes") or memory["total_bytes"], "others": None})
         log(f"  compile {plan['compile_s']:.1f} s, {rows[-1]['bytes'] / 2**30:.2f} GiB/device")
