@@ -85,12 +85,15 @@ def test_the_layer_table_converts_both_ways(setup):
 
 
 @pytest.mark.slow
-def test_scanned_layers_equal_the_loop(setup):
-  """One nn.scan per layer stack, each layer rematerialised in it, computes what the per-layer
-  loop does, forward and backward, on the same parameters (test_encoders: scan alone vs HF)."""
+@pytest.mark.parametrize("remat_policy", [None, "dots_saveable"])
+def test_scanned_layers_equal_the_loop(setup, remat_policy):
+  """One nn.scan per layer stack, saving layers.scanned_residuals or rematerialised with a remat
+  policy, computes what the per-layer loop does, forward and backward, on the same parameters
+  (test_encoders: scan alone vs HF)."""
   config, params, inputs = setup
   stacked = layer_stacks.stack(params)
-  scanned = dataclasses.replace(config, scan_layers=True, remat=True, remat_policy="dots_saveable")
+  remat = {"remat": True, "remat_policy": remat_policy} if remat_policy else {}
+  scanned = dataclasses.replace(config, scan_layers=True, **remat)
   for a, b in zip(jax.tree.leaves(_apply(scanned, stacked, inputs)),
                   jax.tree.leaves(_apply(config, params, inputs))):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)

@@ -21,7 +21,7 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x, mask, deterministic: bool, encoder_states=None, encoder_mask=None):
     c, ex = self.config, self.execution
-    drop = lambda y: nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+    drop = lambda y: layers.Dropout(c.dropout_rate)(y, deterministic)
 
     def attention(name, q, kv, kv_mask):
       return layers.MultiHeadAttention(c.hidden_size, c.num_heads, c.attention_dropout_rate, ex,
@@ -52,7 +52,7 @@ class BertEmbeddings(nn.Module):
          + embed(c.max_position_embeddings, "position_embeddings", ("position", "embed"))(position_ids)
          + embed(c.type_vocab_size, "token_type_embeddings", (None, "embed"))(token_type_ids))
     x = layers.layer_norm(c.layer_norm_eps, self.execution, name="layer_norm")(x)
-    return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+    return layers.Dropout(c.dropout_rate)(x, deterministic)
 
 
 class BertModel(nn.Module):
