@@ -1,15 +1,17 @@
 """Scanned vs per-layer (looped) layer stacks: train-step compile time, step time and memory.
 
   python benchmarks/scan_layers.py [--quick] [--tpu_python PATH] [--skip cpu,tpu] [--cpu_config C]
+                                   [--tpu_cases vit_l,vit_l_remat,400m_800m]
 
 - cpu: the trainer's own step (`train.setup_train_step`, fp32, AdamW, one CPU device, synthetic
   batches; benchmarks/run.py's train row) at the ViT-B release shapes (or `--cpu_config`),
   `config.model.scan_layers` off then on: compile time (trace, lower, XLA compile), median step
   time, XLA's buffer bytes.
 - tpu: the compile-only plan (`preflmr_jax.tools.plan --topology`, libtpu on this CPU host) of
-  the ViT-L release (without and with remat) and the 400m/800m scaling point, on v5e-16 (and
-  v5e-256 without --quick), both layouts: compile time and XLA's memory per device. Needs a Python with jax[tpu]
-  (`requirements-tpu-plan.txt`, e.g. in a venv made with --system-site-packages): --tpu_python.
+  the ViT-L release (without and with remat) and the 400m/800m scaling point (--tpu_cases), on
+  v5e-16 (and v5e-256 without --quick), both layouts: compile time and XLA's memory per device.
+  Needs a Python with jax[tpu] (`requirements-tpu-plan.txt`, e.g. in a venv made with
+  --system-site-packages): --tpu_python.
 
 Prints a table with the ratios scanned/looped (each pair measured in this run), then one JSON
 line. Nothing is written to the committed results.
@@ -29,14 +31,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# (name, config, overrides, largest fsdp: the 400m/800m widths 1152 and 1600 do not split 256 ways,
-# so on v5e-256 its mesh is data=4 fsdp=64)
+# --tpu_cases key: (name, config, overrides, largest fsdp: the 400m/800m widths 1152 and 1600 do not
+# split 256 ways, so on v5e-256 its mesh is data=4 fsdp=64)
 REMAT = {"model.remat": True, "model.remat_policy": "dots_saveable"}
-TPU_CASES = (
-    ("ViT-L release", "configs/release.py:vit_l", {}, 256),
-    ("ViT-L release, remat dots_saveable", "configs/release.py:vit_l", REMAT, 256),
-    ("400m/800m point", "configs/scaling.py:vision=400m,text=800m", {}, 64),
-)
+TPU_CASES = {
+    "vit_l": ("ViT-L release", "configs/release.py:vit_l", {}, 256),
+    "vit_l_remat": ("ViT-L release, remat dots_saveable", "configs/release.py:vit_l", REMAT, 256),
+    "400m_800m": ("400m/800m point", "configs/scaling.py:vision=400m,text=800m", {}, 64),
+}
 TOPOLOGIES = {"v5e:4x4": 16, "v5e:16x16": 256}
 
 
@@ -64,10 +66,10 @@ def cpu_rows(quick: bool, config: str | None) -> list[dict]:
   return rows
 
 
-def tpu_rows(python: str, quick: bool) -> list[dict]:
+def tpu_rows(python: str, quick: bool, cases: list[str]) -> list[dict]:
   rows = []
   topologies = {k: v for k, v in TOPOLOGIES.items() if not quick or v == 16}
-  for name, config, overrides, max_fsdp in TPU_CASES:
+  for name, config, overrides, max_fsdp in (TPU_CASES[c] for c in cases):
     for topology, devices in topologies.items():
       fsdp = min(devices, max_fsdp)
       for scan in (False, True):
@@ -122,15 +124,20 @@ def main():
   parser.add_argument("--tpu_python", help="a Python with jax[tpu] for the compile-only rows")
   parser.add_argument("--skip", default="", help="comma-separated sections: cpu, tpu")
   parser.add_argument("--cpu_config", help="the cpu rows' config (default: the ViT-B release)")
+  parser.add_argument("--tpu_cases", default=",".join(TPU_CASES),
+                      help=f"comma-separated compile-only cases, of {list(TPU_CASES)}")
   args = parser.parse_args()
   skip = set(filter(None, args.skip.split(",")))
   if unknown := skip - {"cpu", "tpu"}:
     parser.error(f"--skip: unknown section(s) {sorted(unknown)}")
+  cases = list(filter(None, args.tpu_cases.split(",")))
+  if unknown := set(cases) - set(TPU_CASES):
+    parser.error(f"--tpu_cases: unknown case(s) {sorted(unknown)}; cases are {list(TPU_CASES)}")
   if "tpu" not in skip and not args.tpu_python:
     parser.error("the tpu rows need --tpu_python (a Python with jax[tpu]); or --skip tpu")
   rows = []
   if "tpu" not in skip:
-    rows += tpu_rows(args.tpu_python, args.quick)
+    rows += tpu_rows(args.tpu_python, args.quick, cases)
   if "cpu" not in skip:
     rows += cpu_rows(args.quick, args.cpu_config)
   print(table(rows))
