@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from preflmr_jax import cli
-from preflmr_jax.user_errors import ConfigError
+from preflmr_jax.user_errors import ConfigError, UserError
 
 def define_flags():
   """Defined only when run as a program, so that importing the module defines no absl flags."""
@@ -108,7 +108,15 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
   setup = train.setup_train_step(config, mesh)  # the trainer's own construction
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+    try:
+      compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+    except jax.errors.JaxRuntimeError as e:  # the answer a plan exists to give, not a crash
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      why = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+      raise UserError(f"the train step does not fit on {devices[0].device_kind} at global batch "
+                      f"{config.batch_size}, mesh {shape}: {why} (model.remat, "
+                      "model.scan_layers, a larger fsdp or a smaller batch need less)") from e
   compile_s = time.perf_counter() - start
 
   info = train.run_info(config, setup)
