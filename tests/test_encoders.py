@@ -140,10 +140,16 @@ def test_dropout_draws_flax_dropout_bits():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 8)), jnp.float32)
   rngs = {"dropout": jax.random.key(3)}
   for rate in (0.0, 0.1, 0.5, 1.0):
-    ours = layers.Dropout(rate).apply({}, x, False, rngs=rngs)
-    np.testing.assert_array_equal(ours, nn.Dropout(rate).apply({}, x, False, rngs=rngs))
+    for own_fusion in (True, False):
+      ours = layers.Dropout(rate, own_fusion).apply({}, x, False, rngs=rngs)
+      np.testing.assert_array_equal(ours, nn.Dropout(rate).apply({}, x, False, rngs=rngs))
     np.testing.assert_array_equal(layers.Dropout(rate).apply({}, x, True), x)
   assert 0 < np.mean(np.asarray(layers.Dropout(0.5).apply({}, x, False, rngs=rngs)) == 0) < 1
+  # The barrier that keeps the bits out of the producer's fusion (the attention probabilities' goes
+  # without): what XLA:TPU sees as the program.
+  jaxpr = lambda own: str(jax.make_jaxpr(lambda y: layers.Dropout(0.1, own).apply(
+      {}, y, False, rngs=rngs))(x))
+  assert "optimization_barrier" in jaxpr(True) and "optimization_barrier" not in jaxpr(False)
 
 
 def _scan_residual_bytes(fn, *args):
