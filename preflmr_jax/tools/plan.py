@@ -111,9 +111,10 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
     try:
       compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
     except jax.errors.JaxRuntimeError as e:  # the answer a plan exists to give, not a crash
-      if "RESOURCE_EXHAUSTED" not in str(e):
+      why = str(e).partition("RESOURCE_EXHAUSTED:")[2].strip()
+      if not why:
         raise
-      why = str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+      why = why.splitlines()[0]
       raise UserError(f"the train step does not fit on {devices[0].device_kind} at global batch "
                       f"{config.batch_size}, mesh {shape}: {why} (model.remat, "
                       "model.scan_layers, a larger fsdp or a smaller batch need less)") from e
