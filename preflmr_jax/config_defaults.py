@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       source="m2kr", tasks="", data_dir="",
       num_workers=4,  # grain worker processes (tokenisation + images); 0: in the main process
+      # Batches produced ahead of the train step per process (per worker with num_workers), each
+      # in its own thread; 0: on demand (docs/data.md: why not grain's default).
+      prefetch_batches=2,
       sample_dir="",  # SAMPLE task without data_dir: built here (default ~/.cache/preflmr_jax)
       # Optional mined negatives: <task>_rankings.jsonl files (the eval binary's output) here; the
       # top hard_negatives_depth (0: all) of each query's ranking are drawn first.

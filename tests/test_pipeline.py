@@ -3,6 +3,7 @@ negatives, mixture weights, exact iterator state, instructions, text-only querie
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -117,6 +118,23 @@ def test_training_reads_only_its_subset(data_dir):
   subset = _config(data_dir, **{"data.max_train_examples": 24, "data.subset_seed": 3})
   assert positives(subset) <= allowed  # two epochs of the 24 queries
   assert not positives(_config(data_dir)) <= allowed
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_the_iterator_reads_at_most_prefetch_batches_ahead(data_dir, monkeypatch, prefetch):
+  made = []
+  make = pipeline._HostRows.map_with_index
+  monkeypatch.setattr(pipeline._HostRows, "map_with_index",
+                      lambda self, step, pairs: made.append(step) or make(self, step, pairs))
+  it = _iterator(_config(data_dir, **{"data.prefetch_batches": prefetch}), process_index=0,
+                 process_count=1)
+  _take(it, 2)
+  deadline = time.monotonic() + 2  # the threads read ahead while the train step would run
+  while len(made) < 2 + prefetch and time.monotonic() < deadline:
+    time.sleep(0.01)
+  time.sleep(0.2)
+  it.close()
+  assert sorted(made) == list(range(2 + prefetch))  # grain's default reads 500 batches ahead
 
 
 @pytest.mark.slow
@@ -279,6 +297,7 @@ def test_text_only_query_gets_a_black_image(data_dir):
     ({"num_negatives": 64}, ValueError, "config.num_negatives=64: SAMPLE's corpus has only 64"),
     ({"data.tasks": "OKVQA"}, FileNotFoundError, "OKVQA.*not built.*preflmr_jax.data.prepare"),
     ({"data.num_workers": -1}, ValueError, "config.data.num_workers=-1"),
+    ({"data.prefetch_batches": -1}, ValueError, "config.data.prefetch_batches=-1"),
     ({"data.max_train_examples": -5}, ValueError, "config.data.max_train_examples=-5"),
 ])
 def test_bad_data_configs_name_the_key(data_dir, overrides, error, message):

@@ -475,13 +475,17 @@ class M2KRIterator:
     self._workers = int(config.data.get("num_workers", 0))
     if self._workers < 0:
       raise ConfigError(f"config.data.num_workers={self._workers} must be >= 0")
+    self._prefetch = int(config.data.prefetch_batches)
+    if self._prefetch < 0:
+      raise ConfigError(f"config.data.prefetch_batches={self._prefetch} must be >= 0")
     self._batches = _host_batches(config, model_config, tokenizer, process_index=process_index,
                                   process_count=process_count)
     self._bad = _BadRecords(max_bad_records(config))
     self._step, self._it = 0, None
 
   def _open(self):
-    ds = self._batches[self._step:].to_iter_dataset()
+    ds = self._batches[self._step:].to_iter_dataset(grain.ReadOptions(
+        num_threads=self._prefetch, prefetch_buffer_size=self._prefetch))
     if self._workers:
       if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside an absl app
         flags.FLAGS.mark_as_parsed()   # (tests, notebooks) their defaults stand
