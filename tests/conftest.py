@@ -14,6 +14,7 @@ emulator and a fresh bucket).
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ if "PYTEST_XDIST_WORKER" not in os.environ:  # pytest-xdist's workers share the 
   # A size limit turns on JAX's file lock around the cache: workers write it concurrently.
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
+import filelock  # noqa: E402
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
@@ -105,10 +107,16 @@ def sample_data_dir():
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
-  """A tiny run of 6 steps with checkpoints at 2, 4 and 6 (`short_run`). Shared: copy it before
-  changing anything in it."""
-  path = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(_short(num_train_steps=6, checkpoint_every_steps=2), str(path))
+  """A tiny run of 6 steps with checkpoints at 2, 4 and 6 (`short_run`), trained once for all
+  workers. Shared: copy it before changing anything in it."""
+  # The workers' base folders share a parent in the session's TMPDIR; the lock makes one train.
+  path = tmp_path_factory.getbasetemp().parent / "trained_workdir"
+  with filelock.FileLock(f"{path}.lock"):
+    done = path.with_suffix(".done")
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      train.train_and_evaluate(_short(num_train_steps=6, checkpoint_every_steps=2), str(path))
+      done.touch()
   return path
 
 

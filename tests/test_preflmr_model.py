@@ -69,6 +69,7 @@ def test_the_layer_table_converts_both_ways(setup):
   stacked = layer_stacks.stack(params)
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
   assert shapes(stacked) == shapes(preflmr.abstract_params(scanned))
+  assert shapes(preflmr.abstract_params(config)) == shapes(params)  # traced scanned, unstacked
   assert stacked["mapping_layers"]["attention"]["query"]["kernel"].shape[0] == 2
   assert "layer_0" not in stacked["vision"] and "mapping_layer_0" not in stacked
   np.testing.assert_array_equal(stacked["query_text"]["layers"]["mlp"]["wi"]["kernel"][1],

@@ -140,8 +140,12 @@ def dummy_inputs(config: PreFLMRConfig, batch: int = 1, doc_length: int | None =
 
 
 def abstract_params(config: PreFLMRConfig):
-  """The params tree as `jax.ShapeDtypeStruct`s (no allocation)."""
-  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  """The params tree as `jax.ShapeDtypeStruct`s (no allocation), in `config`'s layer layout."""
+  # Traced through the scanned model, one layer per stack: the 400m/800m shape in 0.3 s, not 2 s.
+  scanned = dataclasses.replace(config, scan_layers=True)
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(PreFLMR(scanned).init(
+      jax.random.key(0), **dummy_inputs(scanned))["params"]))
+  return layer_stacks.to_layout(shapes, config.scan_layers)
 
 
 def random_params(config: PreFLMRConfig, rng: jax.Array):
