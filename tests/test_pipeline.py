@@ -129,7 +129,7 @@ def test_the_iterator_reads_at_most_prefetch_batches_ahead(data_dir, monkeypatch
   it = _iterator(_config(data_dir, **{"data.prefetch_batches": prefetch}), process_index=0,
                  process_count=1)
   _take(it, 2)
-  deadline = time.monotonic() + 2  # the threads read ahead while the train step would run
+  deadline = time.monotonic() + 10  # the threads read ahead while the train step would run
   while len(made) < 2 + prefetch and time.monotonic() < deadline:
     time.sleep(0.01)
   time.sleep(0.2)
