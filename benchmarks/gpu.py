@@ -17,8 +17,9 @@ dense bf16 FLOP/s. "XLA util" uses XLA's cost_analysis FLOPs of the compiled ste
 Encode: jitted `encode_queries` / `encode_documents`, random bf16 weights, with XLA and with cuDNN
 attention (their embeddings' max difference shows the fused path computes the same thing).
 MaxSim: `late_interaction.maxsim_chunked` of a query batch against an on-device corpus for a few
-score-tile budgets, and the fused kernel (`maxsim_kernel.maxsim_pallas`, bf16); corpus bytes read
-per second are compared with a device copy (`x + 1`: read + write) measured in the same run.
+score-tile budgets, and the fused kernel (`maxsim_kernel.maxsim_pallas`, bf16; on a GPU also with
+the block shapes of --pallas_blocks); corpus bytes read per second are compared with a device copy
+(`x + 1`: read + write) measured in the same run.
 A failing measurement is recorded with its error and the run goes on; --json / --md are rewritten
 after every measurement, so a run that is cut off keeps what it measured.
 """
@@ -65,6 +66,9 @@ _CUDNN = {"dropout_prng_impl": "rbg", "model.attention": "cudnn",
 # memory than an H100 has.
 DEFAULT_ROWS = "32:base,32:rbg,32:cudnn,64:cudnn,64:cudnn_scan,64:cudnn_pallas,128:cudnn_remat"
 MORE_ROWS = "128:remat,128:remat_dots"
+# The GPU MaxSim kernel's other block shapes (per program: queries x documents x query-token tile x
+# document-token tile; powers of two).
+PALLAS_BLOCKS = "4x16x64x64,16x4x64x64,8x8x128x64,8x8x64x32,8x8x32x64"
 VARIANTS = {  # dotted config overrides of the train-step rows; master weights stay fp32 in all
     "base": {},  # the reference recipe: threefry dropout everywhere, XLA attention
     "rbg": {"dropout_prng_impl": "rbg"},  # dropout bits from the GPU's generator
@@ -306,13 +310,16 @@ class Bench:
         if dtype == "bfloat16":  # the fused kernel: no token scores in HBM
           self.attempt("maxsim", f"{dtype} {b}x{lq} pallas", self.maxsim, D, D_mask, Q, None,
                        iters)
+          for blocks in self.args.pallas_blocks if jax.default_backend() == "gpu" else ():
+            self.attempt("maxsim", f"{dtype} {b}x{lq} pallas {'x'.join(map(str, blocks))}",
+                         self.maxsim, D, D_mask, Q, None, iters, blocks)
 
-  def maxsim(self, D, D_mask, Q, tile_bytes, iters):
-    """maxsim_chunked with `tile_bytes`, or (None) maxsim_kernel.maxsim_pallas."""
+  def maxsim(self, D, D_mask, Q, tile_bytes, iters, blocks=None):
+    """maxsim_chunked with `tile_bytes`, or (None) maxsim_kernel.maxsim_pallas (GPU `blocks`)."""
     (n, ld, dim), (b, lq, _) = D.shape, Q.shape
     if tile_bytes is None:
       chunk = query_chunk = None
-      run = lambda: maxsim_kernel.maxsim_pallas(Q, D, D_mask)
+      run = lambda: maxsim_kernel.maxsim_pallas(Q, D, D_mask, gpu_blocks=blocks)
     else:
       chunk, query_chunk = late_interaction.chunk_sizes(b, lq, n, ld, tile_bytes)
       run = lambda: late_interaction.maxsim_chunked(Q, D, D_mask, tile_bytes=tile_bytes)
@@ -324,6 +331,8 @@ class Bench:
             "chunk_size": chunk,
             "query_chunk": query_chunk, "ms": seconds * 1e3,
             "tflop_per_s": 2 * b * n * lq * ld * dim / seconds / 1e12, "docs_per_s": n / seconds,
+            "of_peak": (2 * b * n * lq * ld * dim / seconds / 1e12 / self.results["peak_bf16_tflops"]
+                        if self.results["peak_bf16_tflops"] else None),
             "corpus_gb_per_s": corpus_gbps, "of_copy_bw": corpus_gbps / copy_bw if copy_bw else None,
             # f32 token scores written and read back once, if XLA does not fuse matmul and max
             "score_gb_per_s_if_unfused": 8 * b * lq * n * ld / seconds / 1e9}
@@ -478,6 +487,7 @@ COLUMNS = {  # section -> (header, key, format)
     "maxsim": [("dtype BxLq tile", "name", ""), ("docs", "docs", "d"),
                ("chunk", "chunk_size", "d"), ("query chunk", "query_chunk", "d"),
                ("ms", "ms", ".1f"), ("TFLOP/s", "tflop_per_s", ".3g"),
+               ("of bf16 peak", "of_peak", ".1%"),
                ("docs/s", "docs_per_s", ".3g"), ("corpus GB/s", "corpus_gb_per_s", ".3g"),
                ("of copy bw", "of_copy_bw", ".1%"),
                ("scores GB/s*", "score_gb_per_s_if_unfused", ".3g")],
@@ -549,7 +559,17 @@ def main():
   parser.add_argument("--profile", help="a train row (e.g. 32:cudnn) to profile: device time "
                       "per kernel after its timing")
   parser.add_argument("--compile_cache", help="persistent compile cache folder (faster reruns)")
+  parser.add_argument("--pallas_blocks", default=PALLAS_BLOCKS,
+                      help="GPU only: more MaxSim kernel rows, QUERIESxDOCSxQUERY_TOKENSxDOC_TOKENS "
+                      f"per program, comma-separated (default {PALLAS_BLOCKS}; the kernel's own "
+                      f"default is {'x'.join(map(str, maxsim_kernel.GPU_BLOCKS))})")
   args = parser.parse_args()
+  blocks = [item.split("x") for item in filter(None, args.pallas_blocks.split(","))]
+  if not all(len(b) == 4 and all(x.isdigit() and maxsim_kernel.is_pow2(int(x)) for x in b)
+             for b in blocks):
+    parser.error(f"--pallas_blocks={args.pallas_blocks!r}: expected powers of two, e.g. "
+                 "8x8x64x64,4x16x64x64")
+  args.pallas_blocks = [tuple(map(int, b)) for b in blocks]
   quick, tiny = args.quick, args.tiny
   args.config = args.config or ("configs/tiny.py" if tiny else "configs/release.py:vit_l")
   default_rows = (("8:base,8:cudnn" if quick else "8:base,8:cudnn,16:remat") if tiny else

@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.dropout_prng_impl = "threefry2x32"
   config.score_chunk_size = 0  # >0: the loss scores documents in chunks of this size
   # The loss's MaxSim: "xla" (late_interaction) or "pallas" (maxsim_kernel: one fused kernel, its
-  # token scores never in memory; interpret mode on CPU). train.MAXSIM_IMPLS.
+  # token scores never in memory; TPU / GPU kernels, interpret mode on CPU). train.MAXSIM_IMPLS.
   config.maxsim_impl = "xla"
   config.init_params_from = ""  # another run's workdir (or checkpoint step folder) to start from
   config.optimizer = ml_collections.ConfigDict(dict(

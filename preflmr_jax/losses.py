@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from preflmr_jax import late_interaction
 
@@ -57,6 +58,28 @@ def contrastive_loss(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negative
   return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
 
 
+def contrastive_loss_per_shard(q: jax.Array, d: jax.Array, d_mask: jax.Array, num_negatives: int,
+                               batch_axes: tuple[str, ...], doc_labels: Optional[jax.Array] = None,
+                               positive_labels: Optional[jax.Array] = None,
+                               maxsim: Optional[Callable] = None
+                               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`contrastive_loss` with one group per shard of the batch over `batch_axes` of the current
+  mesh, each device scoring its own group (shard_map): the per-device in-batch negatives for a
+  `maxsim` that XLA cannot partition, such as a Pallas kernel, which `groups` would vmap over the
+  sharded blocks. The same loss and metrics as `groups` = the number of shards."""
+  rows = PartitionSpec(batch_axes)
+
+  def local(q, d, d_mask, doc_labels, positive_labels):
+    loss, metrics = contrastive_loss(q, d, d_mask, num_negatives, doc_labels=doc_labels,
+                                     positive_labels=positive_labels, maxsim=maxsim)
+    return jax.tree.map(lambda x: x[None], (loss, metrics))
+
+  # check_vma=False: a pallas_call's result declares no varying axes.
+  losses, metrics = jax.shard_map(local, in_specs=rows, out_specs=rows, check_vma=False)(
+      q, d, d_mask, doc_labels, positive_labels)
+  return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+
+
 def _loss(q, d, d_mask, doc_labels, positive_labels, *, group: int, maxsim: Callable):
   batch, docs = q.shape[0], d.shape[0]
   scores = maxsim(q, d, d_mask)
@@ -83,4 +106,4 @@ def _loss(q, d, d_mask, doc_labels, positive_labels, *, group: int, maxsim: Call
   return loss, metrics
 
 
-__all__ = ["contrastive_loss"]
+__all__ = ["contrastive_loss", "contrastive_loss_per_shard"]

@@ -123,12 +123,17 @@ def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, la
   `labels` (optimizer.param_labels) marks frozen parameters: no gradient flows into them, which
   saves their backward pass and keeps them out of the logged gradient norm.
   """
-  scorer = None  # losses' default: late_interaction
-  if config.maxsim_impl == "pallas":
-    # One block of in-batch negatives: each device scores its own queries against every
-    # document (shard_map over the batch axes); per-device blocks are scored where they lie.
-    batch_axes = sharding.batch_axes(config.logical_axis_rules) if negative_groups == 1 else ()
-    scorer = functools.partial(maxsim_kernel.maxsim_sharded, batch_axes=batch_axes)
+  mask = config.mask_duplicate_positives
+  batch_axes = sharding.batch_axes(config.logical_axis_rules)
+  if config.maxsim_impl != "pallas":
+    loss = functools.partial(losses.contrastive_loss, chunk_size=config.score_chunk_size,
+                             groups=negative_groups)
+  elif negative_groups == 1:  # each device scores its own queries against every document
+    loss = functools.partial(losses.contrastive_loss, maxsim=functools.partial(
+        maxsim_kernel.maxsim_sharded, batch_axes=batch_axes))
+  else:  # each device scores its own queries against its own documents
+    loss = functools.partial(losses.contrastive_loss_per_shard, batch_axes=batch_axes,
+                             maxsim=maxsim_kernel.maxsim_pallas)
 
   def loss_fn(params, batch, rng):
     params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
@@ -137,11 +142,9 @@ def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, la
         {"params": params}, batch["query_input_ids"], batch["query_attention_mask"],
         batch["pixel_values"], batch["doc_input_ids"], batch["doc_attention_mask"],
         deterministic=False, rngs={"dropout": rng})
-    mask = config.mask_duplicate_positives
-    return losses.contrastive_loss(
-        q, d, d_mask, config.num_negatives, config.score_chunk_size,
-        doc_labels=batch["doc_labels"] if mask else None, groups=negative_groups,
-        positive_labels=batch["positive_labels"] if mask else None, maxsim=scorer)
+    return loss(q, d, d_mask, config.num_negatives,
+                doc_labels=batch["doc_labels"] if mask else None,
+                positive_labels=batch["positive_labels"] if mask else None)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(

@@ -1,15 +1,19 @@
-"""The fused Pallas MaxSim (interpret mode on CPU) against `late_interaction.maxsim`: values,
-gradients, ragged and empty documents, bf16, several blocks, and sharded on a mesh."""
+"""The fused Pallas MaxSim against `late_interaction.maxsim`: both kernels (TPU's and GPU's) in
+interpret mode for values, gradients, ragged and empty documents, bf16, several blocks, and sharded
+on a mesh; and lowered for TPU (Mosaic) and CUDA (Triton) on this CPU host, alone and inside the
+train step, so that a kernel that cannot lower fails here and not on the first accelerator."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from preflmr_jax import late_interaction, losses, maxsim_kernel, sharding
+from configs import tiny
+from preflmr_jax import late_interaction, losses, maxsim_kernel, sharding, train
 
 
 def _inputs(b, lq, n, ld, dim, seed=0):
@@ -25,28 +29,50 @@ def _inputs(b, lq, n, ld, dim, seed=0):
   return jnp.asarray(q), jnp.asarray(d), jnp.asarray(mask)
 
 
-@pytest.mark.parametrize("tile_bytes", [None, 4096])  # one document block, then many
-def test_scores_and_gradients_equal_the_einsum(tile_bytes, monkeypatch):
-  if tile_bytes:
-    monkeypatch.setattr(maxsim_kernel, "_TILE_BYTES", tile_bytes)
-  q, d, mask = _inputs(b=11, lq=7, n=13, ld=21, dim=16)  # 2 query blocks; odd lengths
-  got = maxsim_kernel.maxsim_pallas(q, d, mask)
+# (kernel, TPU score-tile bytes or GPU blocks): one document block, then many; the GPU's also
+# several query and document token tiles, and an embedding width padded to 16.
+CASES = [("tpu", None), ("tpu", 4096), ("gpu", None), ("gpu", (4, 2, 16, 16))]
+
+
+def _kernel(kernel, blocks, monkeypatch):
+  if kernel == "tpu" and blocks:
+    monkeypatch.setattr(maxsim_kernel, "_TILE_BYTES", blocks)
+  return functools.partial(maxsim_kernel.maxsim_pallas, interpret=True, kernel=kernel,
+                           gpu_blocks=blocks if kernel == "gpu" else None)
+
+
+@pytest.mark.parametrize("kernel,blocks", CASES)
+def test_scores_and_gradients_equal_the_einsum(kernel, blocks, monkeypatch):
+  fn = _kernel(kernel, blocks, monkeypatch)
+  q, d, mask = _inputs(b=11, lq=7, n=13, ld=21, dim=12)  # several query blocks; odd lengths
+  got = fn(q, d, mask)
   want = late_interaction.maxsim(q, d, mask)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   assert (got[:, 1] == 0).all()  # the empty document scores exactly 0
   weights = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
   loss = lambda fn: lambda q, d: jnp.sum(fn(q, d, mask) * weights)
-  grads = jax.grad(loss(maxsim_kernel.maxsim_pallas), argnums=(0, 1))(q, d)
+  grads = jax.grad(loss(fn), argnums=(0, 1))(q, d)
   expected = jax.grad(loss(late_interaction.maxsim), argnums=(0, 1))(q, d)
   for g, e in zip(grads, expected):
     np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
   assert np.abs(np.asarray(grads[1])[~np.asarray(mask)]).max() == 0  # padding gets no gradient
 
 
-def test_bf16_inputs_accumulate_in_float32():
+def test_the_default_is_the_tpu_kernel_interpreted_on_cpu():
+  q, d, mask = _inputs(b=3, lq=5, n=6, ld=9, dim=8)
+  np.testing.assert_array_equal(maxsim_kernel.maxsim_pallas(q, d, mask),
+                                maxsim_kernel.maxsim_pallas(q, d, mask, True, "tpu"))
+  with pytest.raises(ValueError, match="kernel='cpu'"):
+    maxsim_kernel.maxsim_pallas(q, d, mask, kernel="cpu")
+  with pytest.raises(ValueError, match="gpu_blocks=.6, 8, 64, 64.: four powers of two"):
+    maxsim_kernel.maxsim_pallas(q, d, mask, True, "gpu", gpu_blocks=(6, 8, 64, 64))
+
+
+@pytest.mark.parametrize("kernel", maxsim_kernel.KERNELS)
+def test_bf16_inputs_accumulate_in_float32(kernel):
   q, d, mask = _inputs(b=3, lq=5, n=6, ld=9, dim=32)
   q, d = q.astype(jnp.bfloat16), d.astype(jnp.bfloat16)
-  got = maxsim_kernel.maxsim_pallas(q, d, mask)
+  got = maxsim_kernel.maxsim_pallas(q, d, mask, interpret=True, kernel=kernel)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, late_interaction.maxsim(q, d, mask), rtol=1e-5, atol=1e-4)
 
@@ -74,12 +100,49 @@ def test_sharded_over_the_batch_axes_on_a_mesh():
     loss = lambda fn: lambda q, d: losses.contrastive_loss(q, d, mask, 1, maxsim=fn)[0]
     value, grads = jax.jit(jax.value_and_grad(loss(scorer), argnums=(0, 1)))(q, d)
     ref_value, ref_grads = jax.jit(jax.value_and_grad(loss(None), argnums=(0, 1)))(q, d)
-    # Per-device in-batch negatives: the loss vmaps the plain kernel over the blocks.
-    per_device = functools.partial(maxsim_kernel.maxsim_sharded, batch_axes=())
-    blocks = lambda fn: jax.jit(lambda q, d: losses.contrastive_loss(q, d, mask, 1, groups=4,
-                                                                     maxsim=fn)[0])(q, d)
-    np.testing.assert_allclose(blocks(per_device), blocks(None), rtol=1e-6)
+    # Per-device in-batch negatives: each device's queries against its own documents.
+    per_shard = lambda q, d: losses.contrastive_loss_per_shard(
+        q, d, mask, 1, axes, maxsim=maxsim_kernel.maxsim_pallas)[0]
+    groups = lambda q, d: losses.contrastive_loss(q, d, mask, 1, groups=4)[0]
+    value_per_shard, grads_per_shard = jax.jit(jax.value_and_grad(per_shard, (0, 1)))(q, d)
+    value_groups, grads_groups = jax.jit(jax.value_and_grad(groups, (0, 1)))(q, d)
+  np.testing.assert_allclose(value_per_shard, value_groups, rtol=1e-6)
+  for g, e in zip(grads_per_shard, grads_groups):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got, late_interaction.maxsim(q, d, mask), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
   for g, e in zip(grads, ref_grads):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)  # summation order across devices
+
+
+KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+@pytest.mark.parametrize("platform", KERNEL_CALLS)
+def test_the_kernel_lowers_for_tpu_and_cuda(platform):
+  """The benchmark's shapes (32 x 320 query tokens against documents of 180) and odd ones lower to
+  the platform's kernel (interpretation would be a while loop), with its gradient."""
+  for (b, lq, n, ld, dim), dtype in [((32, 320, 4096, 180, 128), jnp.bfloat16),
+                                     ((3, 7, 5, 9, 24), jnp.float32)]:
+    args = (jax.ShapeDtypeStruct((b, lq, dim), dtype), jax.ShapeDtypeStruct((n, ld, dim), dtype),
+            jax.ShapeDtypeStruct((n, ld), jnp.int32))
+    text = jax.jit(maxsim_kernel.maxsim_pallas).trace(*args).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert text.count(KERNEL_CALLS[platform]) == 1 and "while" not in text
+  loss = jax.value_and_grad(lambda q, d, m: maxsim_kernel.maxsim_pallas(q, d, m).sum(), (0, 1))
+  assert KERNEL_CALLS[platform] in jax.jit(loss).trace(*args).lower(
+      lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("negatives", ["global", "per_device"])
+def test_the_train_step_lowers_with_the_kernel(negatives):
+  """`maxsim_impl='pallas'` in the tiny train step on a 2 x 2 mesh, lowered for TPU and CUDA: one
+  kernel per device program, inside a shard_map (Mosaic refuses to be partitioned by XLA)."""
+  config = tiny.get_config()
+  config.maxsim_impl, config.in_batch_negatives, config.batch_size = "pallas", negatives, 8
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, jax.devices()[:4])
+  setup = train.setup_train_step(config, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    traced = setup.train_step.trace(setup.abstract_state, setup.abstract_batch)
+    for platform, call in KERNEL_CALLS.items():
+      assert traced.lower(lowering_platforms=(platform,)).as_text().count(call) == 1, platform

@@ -65,6 +65,16 @@ def test_sharded_train_step_equals_single_device(comparable_step):
 
 
 @pytest.mark.slow
+def test_the_pallas_maxsim_step_equals_the_xla_step_with_per_device_negatives(comparable_step):
+  """The kernel (interpreted here) in a shard_map of each device's own group, against the loss's
+  vmap over groups of XLA's MaxSim: same losses and parameters."""
+  mesh = {"data": 2, "fsdp": 2, "tensor": 1}
+  ref = _step_on_mesh(comparable_step(in_batch_negatives="per_device"), mesh)
+  _compare_steps(comparable_step(in_batch_negatives="per_device", maxsim_impl="pallas"), mesh,
+                 *ref)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("scope,groups", [("global", 1), ("per_device", 8)])
 def test_in_batch_negatives_scope_reaches_the_loss(monkeypatch, scope, groups, tiny_config):
   """per_device hands the loss one group per batch shard (the loss's own test checks that this is

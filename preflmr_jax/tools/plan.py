@@ -12,9 +12,11 @@ last line of stdout (memory is per device).
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
+import re
 import time
 from typing import Mapping, Sequence
 
@@ -82,6 +84,13 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
+def _custom_calls(compiled) -> dict[str, int]:
+  """Custom-call targets in the compiled step, with counts (a Pallas kernel is `tpu_custom_call`
+  on TPU): what runs outside XLA's own fusions."""
+  targets = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
+  return dict(sorted(collections.Counter(targets).items()))
+
+
 def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
@@ -135,6 +144,7 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
       # XLA's count for one device after partitioning: a loop's body counts once (scanned layers).
       "xla_flops_per_device": _flops(compiled),
       "memory_per_device": _memory(compiled),
+      "custom_calls": _custom_calls(compiled),
       "compile_s": round(compile_s, 2),  # tracing, lowering and XLA's compile
   }
 
