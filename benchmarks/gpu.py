@@ -9,7 +9,8 @@ frozen, AdamW) in bf16 compute with fp32 master weights, on random batches padde
 (queries ~20 real tokens, documents ~180 of doc_maxlen). Rows are QUERIES:VARIANT; a variant is a
 set of config overrides (VARIANTS: the reference recipe `base`; `rbg` dropout bits; `cudnn` fused
 attention, which drops attention-probability dropout; remat policies; `cudnn_scan` scanned layer
-stacks; `cudnn_pallas` the loss's MaxSim as the fused Pallas kernel). Every row is lowered, then
+stacks; `*_graphs` scanned stacks with their loops recorded into CUDA graphs (XLA_OPTIONS);
+`cudnn_pallas` the loss's MaxSim as the fused Pallas kernel). Every row is lowered, then
 all are compiled at once (minutes each on one thread), then timed one by one. MFU = model FLOPs
 (`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at the padded lengths; backward = 2x
 forward for trainable groups; the frozen vision tower forward only) / step time / the card's peak
@@ -64,7 +65,8 @@ _CUDNN = {"dropout_prng_impl": "rbg", "model.attention": "cudnn",
           **{f"model.{s}.attention_dropout_rate": 0.0 for s in ("text", "vision", "mapping")}}
 # Rows: the reference recipe, then what raises throughput. 128 queries without remat need more
 # memory than an H100 has.
-DEFAULT_ROWS = "32:base,32:rbg,32:cudnn,64:cudnn,64:cudnn_scan,64:cudnn_pallas,128:cudnn_remat"
+DEFAULT_ROWS = ("32:base,32:rbg,32:cudnn,64:cudnn,64:cudnn_scan,64:cudnn_scan_graphs,"
+                "64:cudnn_pallas,128:cudnn_remat")
 MORE_ROWS = "128:remat,128:remat_dots"
 # The GPU MaxSim kernel's other block shapes (per program: queries x documents x query-token tile x
 # document-token tile; powers of two).
@@ -78,7 +80,15 @@ VARIANTS = {  # dotted config overrides of the train-step rows; master weights s
     "remat_dots": {"model.remat": True, "model.remat_policy": "dots_saveable"},
     "cudnn_scan": {**_CUDNN, "model.scan_layers": True},  # one scanned layer per stack
     "cudnn_pallas": {**_CUDNN, "maxsim_impl": "pallas"},  # the loss's MaxSim as one kernel
+    "cudnn_scan_graphs": {**_CUDNN, "model.scan_layers": True},  # + XLA_OPTIONS
+    "scan_graphs": {"dropout_prng_impl": "rbg", "model.scan_layers": True},  # + XLA_OPTIONS
 }
+# XLA options of the variants that have them (`compile(compiler_options)`): fewer kernel launches
+# per step, by recording the scanned layers' loops (WHILE) and conditionals into CUDA graphs with
+# the default command types.
+_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
+                                            "CONDITIONAL"}
+XLA_OPTIONS = {"cudnn_scan_graphs": _GRAPHS, "scan_graphs": _GRAPHS}
 
 
 def log(msg):
@@ -152,11 +162,12 @@ def time_loop(fn, iters, warmup=1):
   return (time.perf_counter() - t) / iters
 
 
-def compile_lowered(lowered):
+def compile_lowered(lowered, options=None):
   """-> (compiled, seconds, XLA FLOPs of the compiled (else the lowered) computation or None).
-  Thread-safe: the rows' compiles run side by side (XLA releases the GIL)."""
+  `options`: XLA compiler options. Thread-safe: the rows' compiles run side by side (XLA releases
+  the GIL)."""
   t = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = lowered.compile(options)
   seconds = time.perf_counter() - t
   for stage in (compiled, lowered):
     try:
@@ -174,16 +185,17 @@ def compile_timed(jitted, *args):
   return compile_lowered(jitted.lower(*args))
 
 
-def compile_all(lowered: dict) -> dict:
-  """name -> compile_lowered(...) or the exception, compiling every entry at once."""
-  def one(x):
+def compile_all(lowered: dict, options: dict | None = None) -> dict:
+  """name -> compile_lowered(...) or the exception, compiling every entry at once (with
+  `options[name]`, if any)."""
+  def one(name):
     try:
-      return compile_lowered(x)
+      return compile_lowered(lowered[name], (options or {}).get(name))
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
       return e
   with concurrent.futures.ThreadPoolExecutor(max(1, len(lowered))) as pool:
-    return dict(zip(lowered, pool.map(one, lowered.values())))
+    return dict(zip(lowered, pool.map(one, lowered)))
 
 
 def profile(fn, calls, top=40):
@@ -403,9 +415,13 @@ class Bench:
       return setup.train_step.lower(setup.abstract_state, batch), batch
 
   def fresh_state(self, config, setup):
-    """Random fp32 params (built once, then carried from row to row: every row's step has the
-    same state shapes but the dropout key's), AdamW state, the row's dropout key."""
-    if self.state is None or any(x.is_deleted() for x in jax.tree.leaves(self.state.params)):
+    """Random fp32 params (built once per parameter layout, then carried from row to row: rows of
+    one layout, per-layer or scanned, have the same state shapes but the dropout key's), AdamW
+    state, the row's dropout key."""
+    if (self.state is None or any(x.is_deleted() for x in jax.tree.leaves(self.state.params))
+        or jax.tree.structure(self.state.params) != jax.tree.structure(
+            setup.abstract_state.params)):
+      self.state = None  # frees the other layout's state first
       params = random_params(setup.abstract_state.params, jnp.float32)
       self.state = train.TrainState(
           step=jnp.int32(0), params=params, opt_state=jax.jit(setup.tx.init)(params),
@@ -421,7 +437,7 @@ class Bench:
     docs = queries * (1 + config.num_negatives)
     row = {"queries": queries, "docs": docs, "variant": variant, "compile_s": compile_s,
            **{k.replace("model.", ""): v for k, v in VARIANTS[variant].items()
-              if "dropout_rate" not in k}}
+              if "dropout_rate" not in k}, **XLA_OPTIONS.get(variant, {})}
     mem, stats = compiled.memory_analysis(), memory_stats()
     if mem is not None:  # bytes beyond the (donated) arguments, from XLA's buffer assignment
       need = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -464,7 +480,8 @@ class Bench:
         traceback.print_exc()
         self.results["train"].append({"name": name, "error": f"{type(e).__name__}: {e}"[:2000]})
     log(f"train: compiling {len(lowered)} steps at once")
-    compiled = compile_all(lowered)
+    compiled = compile_all(lowered, {f"{q}:{v}": XLA_OPTIONS[v] for q, v in rows
+                                     if v in XLA_OPTIONS})
     for queries, variant in rows:
       name = f"{queries}:{variant}"
       if name in compiled:
