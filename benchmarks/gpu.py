@@ -322,7 +322,8 @@ class Bench:
         if dtype == "bfloat16":  # the fused kernel: no token scores in HBM
           self.attempt("maxsim", f"{dtype} {b}x{lq} pallas", self.maxsim, D, D_mask, Q, None,
                        iters)
-          for blocks in self.args.pallas_blocks if jax.default_backend() == "gpu" else ():
+          nvidia = "nvidia" in self.results["device_kind"].lower()  # Triton: CUDA only
+          for blocks in self.args.pallas_blocks if nvidia else ():
             self.attempt("maxsim", f"{dtype} {b}x{lq} pallas {'x'.join(map(str, blocks))}",
                          self.maxsim, D, D_mask, Q, None, iters, blocks)
 
@@ -336,15 +337,16 @@ class Bench:
       chunk, query_chunk = late_interaction.chunk_sizes(b, lq, n, ld, tile_bytes)
       run = lambda: late_interaction.maxsim_chunked(Q, D, D_mask, tile_bytes=tile_bytes)
     seconds = time_loop(run, iters)
+    tflops = 2 * b * n * lq * ld * dim / seconds / 1e12
+    peak = self.results["peak_bf16_tflops"]
     corpus_gbps = (D.nbytes + D_mask.nbytes) / seconds / 1e9
     copy_bw = next((c["gb_per_s"] for c in self.results["copy"] if "gb_per_s" in c), None)
     return {"dtype": str(D.dtype), "queries": b, "query_tokens": lq, "docs": n, "doc_tokens": ld,
             "dim": dim, "tile_mib": None if tile_bytes is None else tile_bytes / 2**20,
             "chunk_size": chunk,
             "query_chunk": query_chunk, "ms": seconds * 1e3,
-            "tflop_per_s": 2 * b * n * lq * ld * dim / seconds / 1e12, "docs_per_s": n / seconds,
-            "of_peak": (2 * b * n * lq * ld * dim / seconds / 1e12 / self.results["peak_bf16_tflops"]
-                        if self.results["peak_bf16_tflops"] else None),
+            "tflop_per_s": tflops, "of_peak": tflops / peak if peak else None,
+            "docs_per_s": n / seconds,
             "corpus_gb_per_s": corpus_gbps, "of_copy_bw": corpus_gbps / copy_bw if copy_bw else None,
             # f32 token scores written and read back once, if XLA does not fuse matmul and max
             "score_gb_per_s_if_unfused": 8 * b * lq * n * ld / seconds / 1e9}
@@ -581,12 +583,11 @@ def main():
                       f"per program, comma-separated (default {PALLAS_BLOCKS}; the kernel's own "
                       f"default is {'x'.join(map(str, maxsim_kernel.GPU_BLOCKS))})")
   args = parser.parse_args()
-  blocks = [item.split("x") for item in filter(None, args.pallas_blocks.split(","))]
-  if not all(len(b) == 4 and all(x.isdigit() and maxsim_kernel.is_pow2(int(x)) for x in b)
-             for b in blocks):
-    parser.error(f"--pallas_blocks={args.pallas_blocks!r}: expected powers of two, e.g. "
-                 "8x8x64x64,4x16x64x64")
-  args.pallas_blocks = [tuple(map(int, b)) for b in blocks]
+  try:
+    args.pallas_blocks = [maxsim_kernel.check_gpu_blocks(int(x) for x in item.split("x"))
+                          for item in filter(None, args.pallas_blocks.split(","))]
+  except ValueError as e:
+    parser.error(f"--pallas_blocks={args.pallas_blocks!r}: {e}")
   quick, tiny = args.quick, args.tiny
   args.config = args.config or ("configs/tiny.py" if tiny else "configs/release.py:vit_l")
   default_rows = (("8:base,8:cudnn" if quick else "8:base,8:cudnn,16:remat") if tiny else

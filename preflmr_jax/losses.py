@@ -15,6 +15,7 @@ Without them (or with no duplicates) the loss is exactly the reference's.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Optional
 
 import jax
@@ -64,9 +65,18 @@ def contrastive_loss_per_shard(q: jax.Array, d: jax.Array, d_mask: jax.Array, nu
                                maxsim: Optional[Callable] = None
                                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`contrastive_loss` with one group per shard of the batch over `batch_axes` of the current
-  mesh, each device scoring its own group (shard_map): the per-device in-batch negatives for a
-  `maxsim` that XLA cannot partition, such as a Pallas kernel, which `groups` would vmap over the
-  sharded blocks. The same loss and metrics as `groups` = the number of shards."""
+  mesh (`jax.set_mesh`), each device scoring its own group (shard_map): the per-device in-batch
+  negatives for a `maxsim` that XLA cannot partition, such as a Pallas kernel, which `groups`
+  would vmap over the sharded blocks. The same loss and metrics as `groups` = the number of
+  shards."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not batch_axes:
+    raise ValueError(f"per-shard groups need a mesh and batch axes; got batch_axes={batch_axes} "
+                     f"on mesh {dict(mesh.shape) if not mesh.empty else None}")
+  shards = math.prod(mesh.shape[a] for a in batch_axes)
+  if q.shape[0] % shards:
+    raise ValueError(f"{q.shape[0]} queries do not split into {shards} groups of in-batch "
+                     f"negatives (the shards of {batch_axes})")
   rows = PartitionSpec(batch_axes)
 
   def local(q, d, d_mask, doc_labels, positive_labels):
@@ -74,9 +84,10 @@ def contrastive_loss_per_shard(q: jax.Array, d: jax.Array, d_mask: jax.Array, nu
                                      positive_labels=positive_labels, maxsim=maxsim)
     return jax.tree.map(lambda x: x[None], (loss, metrics))
 
-  # check_vma=False: a pallas_call's result declares no varying axes.
-  losses, metrics = jax.shard_map(local, in_specs=rows, out_specs=rows, check_vma=False)(
-      q, d, d_mask, doc_labels, positive_labels)
+  # check_vma=False: a pallas_call's result declares no varying axes. Every input is sharded, so
+  # the backward pass needs no reduction across devices.
+  losses, metrics = jax.shard_map(local, mesh=mesh, in_specs=rows, out_specs=rows,
+                                  check_vma=False)(q, d, d_mask, doc_labels, positive_labels)
   return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
 
 

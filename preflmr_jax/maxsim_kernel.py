@@ -8,8 +8,8 @@ query tokens, and writes only the [bq, bn] scores.
 
 There are two kernels, and the platform the computation is compiled for picks one
 (`lax.platform_dependent`, so a compile-only lowering for a TPU topology on a CPU host gets the
-TPU kernel): Mosaic on TPU, Triton on NVIDIA GPUs. Elsewhere (CPU) the TPU kernel runs in
-interpret mode.
+TPU kernel): Mosaic on TPU, Triton on NVIDIA GPUs (CUDA). Elsewhere (CPU; ROCm, untried) the TPU
+kernel runs in interpret mode.
 
 The gradient (`jax.custom_vjp`) is the XLA path's (`late_interaction.maxsim_chunked`,
 rematerialised chunk by chunk), so that training with the kernel has the reference's gradients
@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec
 
 from preflmr_jax import late_interaction
 
-__all__ = ["GPU_BLOCKS", "KERNELS", "is_pow2", "maxsim_pallas", "maxsim_sharded"]
+__all__ = ["GPU_BLOCKS", "KERNELS", "check_gpu_blocks", "maxsim_pallas", "maxsim_sharded"]
 
 # Documents per program: bounded by the on-chip memory its [bn * Ld, Lq] float32 scores and its
 # documents take (v5e: 16 MiB of scoped VMEM, blocks double-buffered); queries per program.
@@ -109,8 +109,14 @@ def _pow2(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
 
-def is_pow2(n: int) -> bool:
-  return n > 0 and n & (n - 1) == 0
+def check_gpu_blocks(blocks) -> tuple[int, int, int, int]:
+  """`blocks` as the GPU kernel takes them, or ValueError naming them."""
+  blocks = tuple(blocks)
+  if not (len(blocks) == 4 and all(isinstance(x, int) and x > 0 and x & (x - 1) == 0
+                                   for x in blocks) and min(blocks[2:]) >= _GPU_MIN_TILE):
+    raise ValueError(f"gpu_blocks={blocks}: four powers of two (queries, documents per program; "
+                     f"query, document tokens per tile, each >= {_GPU_MIN_TILE})")
+  return blocks
 
 
 def _gpu_kernel(q_ref, d_ref, m_ref, o_ref, *, tq, td):
@@ -143,11 +149,8 @@ def _gpu_kernel(q_ref, d_ref, m_ref, o_ref, *, tq, td):
 
 def _gpu_forward(Q, D, D_mask, interpret, blocks=None):
   (b, lq, dim), (n, ld, _) = Q.shape, D.shape
-  if blocks is not None and (len(blocks) != 4 or not all(map(is_pow2, blocks))):
-    raise ValueError(f"gpu_blocks={blocks}: four powers of two (queries, documents, query tokens, "
-                     "document tokens per program)")
   bq, bn, tq, td = blocks or GPU_BLOCKS
-  bq, bn = min(bq, _pow2(b)), min(bn, _pow2(n))
+  bq, bn = min(bq, _pow2(b)), min(bn, _pow2(n))  # no larger than the padded inputs
   tq = max(_GPU_MIN_TILE, min(tq, _pow2(lq)))
   td = max(_GPU_MIN_TILE, min(td, _pow2(ld)))
   width = max(_GPU_MIN_TILE, _pow2(dim))
@@ -200,19 +203,25 @@ _maxsim.defvjp(_maxsim_fwd, _maxsim_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "kernel", "gpu_blocks"))
-def maxsim_pallas(Q, D, D_mask, interpret: bool | None = None, kernel: str | None = None,
+def maxsim_pallas(Q, D, D_mask, interpret: bool = False, kernel: str | None = None,
                   gpu_blocks: tuple[int, int, int, int] | None = None):
   """`late_interaction.maxsim`'s [B, N] float32 scores from the fused kernel (same arguments;
   differentiable in Q and D).
 
   `kernel=None`: the kernel of the platform the call is compiled for (TPU: Mosaic; CUDA: Triton;
-  elsewhere the TPU kernel in Pallas' interpret mode). `kernel="tpu"` / `"gpu"` picks one, in
-  interpret mode with `interpret=True` (tests). `gpu_blocks`: the GPU kernel's (queries,
-  documents, query tokens, document tokens) per program, default `GPU_BLOCKS`.
+  elsewhere the TPU kernel in Pallas' interpret mode). `kernel="tpu"` / `"gpu"` lowers that one.
+  `interpret=True` runs the kernel (the TPU one unless `kernel="gpu"`) in interpret mode on any
+  platform (tests). `gpu_blocks`: the GPU kernel's queries and documents per program and query
+  and document tokens per score tile (`check_gpu_blocks`), default `GPU_BLOCKS`.
   """
   late_interaction.check_shapes(Q, D, D_mask)
   if kernel not in (None, *KERNELS):
     raise ValueError(f"kernel={kernel!r}: must be None or one of {KERNELS}")
+  if gpu_blocks is not None:
+    check_gpu_blocks(gpu_blocks)
+    if kernel == "tpu" or (interpret and kernel is None):
+      raise ValueError(f"gpu_blocks={gpu_blocks} with kernel={kernel!r}, interpret={interpret}: "
+                       "only the GPU kernel has them")
   if 0 in Q.shape[:2] or 0 in D.shape[:2]:  # nothing to launch: no pairs, or no tokens
     return jnp.zeros((Q.shape[0], D.shape[0]), jnp.float32)
   return _maxsim(Q, D, D_mask, interpret, kernel, gpu_blocks)

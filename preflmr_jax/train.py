@@ -118,7 +118,8 @@ def make_train_step(model: preflmr.PreFLMR, tx: optax.GradientTransformation, la
   """(state, batch) -> (state, metrics). Pure; the caller jits it with shardings and donation.
 
   `negative_groups` (losses.contrastive_loss's `groups`): 1 scores every query against the whole
-  global batch; the number of batch shards gives per-device in-batch negatives.
+  global batch; the number of batch shards gives per-device in-batch negatives (the Pallas path
+  then takes its groups from the mesh: one per batch shard).
 
   `labels` (optimizer.param_labels) marks frozen parameters: no gradient flows into them, which
   saves their backward pass and keeps them out of the logged gradient norm.

@@ -44,10 +44,10 @@ def _kernel(kernel, blocks, monkeypatch):
 @pytest.mark.parametrize("kernel,blocks", CASES)
 def test_scores_and_gradients_equal_the_einsum(kernel, blocks, monkeypatch):
   fn = _kernel(kernel, blocks, monkeypatch)
-  q, d, mask = _inputs(b=11, lq=7, n=13, ld=21, dim=12)  # several query blocks; odd lengths
+  q, d, mask = _inputs(b=11, lq=37, n=13, ld=21, dim=12)  # several query blocks; odd lengths
   got = fn(q, d, mask)
   want = late_interaction.maxsim(q, d, mask)
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=5e-5)  # sums of 37 terms, scores ~200
   assert (got[:, 1] == 0).all()  # the empty document scores exactly 0
   weights = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
   loss = lambda fn: lambda q, d: jnp.sum(fn(q, d, mask) * weights)
@@ -58,14 +58,23 @@ def test_scores_and_gradients_equal_the_einsum(kernel, blocks, monkeypatch):
   assert np.abs(np.asarray(grads[1])[~np.asarray(mask)]).max() == 0  # padding gets no gradient
 
 
-def test_the_default_is_the_tpu_kernel_interpreted_on_cpu():
+def test_the_default_is_the_tpu_kernel_interpreted_on_cpu(monkeypatch):
+  q, d, mask = _inputs(b=3, lq=5, n=6, ld=9, dim=8)  # shapes of no other test: a fresh trace
+  # Every platform's branch is traced; the CPU's result is the interpreted one's.
+  monkeypatch.setattr(maxsim_kernel, "_tpu_forward",
+                      lambda Q, D, m, interpret: jnp.full((3, 6), 7.0 if interpret else 8.0))
+  np.testing.assert_array_equal(maxsim_kernel.maxsim_pallas(q, d, mask), 7.0)
+
+
+def test_bad_kernel_and_gpu_blocks_are_refused():
   q, d, mask = _inputs(b=3, lq=5, n=6, ld=9, dim=8)
-  np.testing.assert_array_equal(maxsim_kernel.maxsim_pallas(q, d, mask),
-                                maxsim_kernel.maxsim_pallas(q, d, mask, True, "tpu"))
   with pytest.raises(ValueError, match="kernel='cpu'"):
     maxsim_kernel.maxsim_pallas(q, d, mask, kernel="cpu")
-  with pytest.raises(ValueError, match="gpu_blocks=.6, 8, 64, 64.: four powers of two"):
-    maxsim_kernel.maxsim_pallas(q, d, mask, True, "gpu", gpu_blocks=(6, 8, 64, 64))
+  for blocks in [(6, 8, 64, 64), (8, 8, 8, 64), (8, 8, 64)]:
+    with pytest.raises(ValueError, match="four powers of two .* each >= 16"):
+      maxsim_kernel.maxsim_pallas(q, d, mask, True, "gpu", gpu_blocks=blocks)
+  with pytest.raises(ValueError, match="only the GPU kernel has them"):
+    maxsim_kernel.maxsim_pallas(q, d, mask, True, gpu_blocks=(8, 8, 64, 64))
 
 
 @pytest.mark.parametrize("kernel", maxsim_kernel.KERNELS)
@@ -100,13 +109,25 @@ def test_sharded_over_the_batch_axes_on_a_mesh():
     loss = lambda fn: lambda q, d: losses.contrastive_loss(q, d, mask, 1, maxsim=fn)[0]
     value, grads = jax.jit(jax.value_and_grad(loss(scorer), argnums=(0, 1)))(q, d)
     ref_value, ref_grads = jax.jit(jax.value_and_grad(loss(None), argnums=(0, 1)))(q, d)
-    # Per-device in-batch negatives: each device's queries against its own documents.
-    per_shard = lambda q, d: losses.contrastive_loss_per_shard(
-        q, d, mask, 1, axes, maxsim=maxsim_kernel.maxsim_pallas)[0]
-    groups = lambda q, d: losses.contrastive_loss(q, d, mask, 1, groups=4)[0]
-    value_per_shard, grads_per_shard = jax.jit(jax.value_and_grad(per_shard, (0, 1)))(q, d)
-    value_groups, grads_groups = jax.jit(jax.value_and_grad(groups, (0, 1)))(q, d)
+    # Per-device in-batch negatives: each device's queries against its own documents, with
+    # duplicate positives masked (documents 0 and 1 are one passage, left out of query 0's
+    # softmax; document 4, query 2's positive, is that passage too, in another group).
+    labels = np.asarray([0, 0, 2, 3, 0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])
+    doc_labels, positive_labels = rows(jnp.asarray(labels)), rows(jnp.asarray(labels[::2, None]))
+    loss = lambda fn, **kw: jax.jit(jax.value_and_grad(lambda q, d: fn(
+        q, d, mask, 1, doc_labels=doc_labels, positive_labels=positive_labels, **kw), (0, 1),
+                                                       has_aux=True))
+    (value_per_shard, metrics_per_shard), grads_per_shard = loss(
+        losses.contrastive_loss_per_shard, batch_axes=axes,
+        maxsim=maxsim_kernel.maxsim_pallas)(q, d)
+    (value_groups, metrics_groups), grads_groups = loss(losses.contrastive_loss, groups=4)(q, d)
+    with pytest.raises(ValueError, match="6 queries do not split into 4 groups"):
+      losses.contrastive_loss_per_shard(q[:6], d[:12], mask[:12], 1, axes)
+  with pytest.raises(ValueError, match="need a mesh and batch axes"):
+    losses.contrastive_loss_per_shard(q, d, mask, 1, axes)
   np.testing.assert_allclose(value_per_shard, value_groups, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), metrics_per_shard,
+               metrics_groups)
   for g, e in zip(grads_per_shard, grads_groups):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got, late_interaction.maxsim(q, d, mask), rtol=1e-6, atol=1e-6)
@@ -122,16 +143,15 @@ KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 def test_the_kernel_lowers_for_tpu_and_cuda(platform):
   """The benchmark's shapes (32 x 320 query tokens against documents of 180) and odd ones lower to
   the platform's kernel (interpretation would be a while loop), with its gradient."""
-  for (b, lq, n, ld, dim), dtype in [((32, 320, 4096, 180, 128), jnp.bfloat16),
-                                     ((3, 7, 5, 9, 24), jnp.float32)]:
-    args = (jax.ShapeDtypeStruct((b, lq, dim), dtype), jax.ShapeDtypeStruct((n, ld, dim), dtype),
-            jax.ShapeDtypeStruct((n, ld), jnp.int32))
-    text = jax.jit(maxsim_kernel.maxsim_pallas).trace(*args).lower(
-        lowering_platforms=(platform,)).as_text()
+  shapes = lambda b, lq, n, ld, dim, dtype: (
+      jax.ShapeDtypeStruct((b, lq, dim), dtype), jax.ShapeDtypeStruct((n, ld, dim), dtype),
+      jax.ShapeDtypeStruct((n, ld), jnp.int32))
+  lower = lambda fn, args: jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  for args in [shapes(32, 320, 4096, 180, 128, jnp.bfloat16), shapes(3, 7, 5, 9, 24, jnp.float32)]:
+    text = lower(maxsim_kernel.maxsim_pallas, args)
     assert text.count(KERNEL_CALLS[platform]) == 1 and "while" not in text
   loss = jax.value_and_grad(lambda q, d, m: maxsim_kernel.maxsim_pallas(q, d, m).sum(), (0, 1))
-  assert KERNEL_CALLS[platform] in jax.jit(loss).trace(*args).lower(
-      lowering_platforms=(platform,)).as_text()
+  assert KERNEL_CALLS[platform] in lower(loss, shapes(16, 32, 64, 512, 128, jnp.bfloat16))
 
 
 @pytest.mark.parametrize("negatives", ["global", "per_device"])
