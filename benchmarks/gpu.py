@@ -84,8 +84,8 @@ VARIANTS = {  # dotted config overrides of the train-step rows; master weights s
     "scan_graphs": {"dropout_prng_impl": "rbg", "model.scan_layers": True},  # + XLA_OPTIONS
 }
 # XLA options of the variants that have them (`compile(compiler_options)`): fewer kernel launches
-# per step, by recording the scanned layers' loops (WHILE) and conditionals into CUDA graphs with
-# the default command types.
+# per step, by recording the scanned layers' loops (WHILE) and conditionals into CUDA graphs too.
+# The option takes the whole list of command types here (XLA refuses "+WHILE" as a value).
 _GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
                                             "CONDITIONAL"}
 XLA_OPTIONS = {"cudnn_scan_graphs": _GRAPHS, "scan_graphs": _GRAPHS}
