@@ -174,7 +174,7 @@ def _gpu_forward(Q, D, D_mask, interpret, blocks=None):
 def _forward(Q, D, D_mask, interpret, kernel, blocks):
   gpu = functools.partial(_gpu_forward, blocks=blocks)
   if kernel is not None:
-    return (gpu if kernel == "gpu" else _tpu_forward)(Q, D, D_mask, bool(interpret))
+    return (gpu if kernel == "gpu" else _tpu_forward)(Q, D, D_mask, interpret)
   if interpret:
     return _tpu_forward(Q, D, D_mask, True)
   return lax.platform_dependent(

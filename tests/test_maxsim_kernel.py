@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import tiny
 from preflmr_jax import late_interaction, losses, maxsim_kernel, sharding, train
 
 
@@ -155,11 +154,10 @@ def test_the_kernel_lowers_for_tpu_and_cuda(platform):
 
 
 @pytest.mark.parametrize("negatives", ["global", "per_device"])
-def test_the_train_step_lowers_with_the_kernel(negatives):
+def test_the_train_step_lowers_with_the_kernel(negatives, tiny_config):
   """`maxsim_impl='pallas'` in the tiny train step on a 2 x 2 mesh, lowered for TPU and CUDA: one
   kernel per device program, inside a shard_map (Mosaic refuses to be partitioned by XLA)."""
-  config = tiny.get_config()
-  config.maxsim_impl, config.in_batch_negatives, config.batch_size = "pallas", negatives, 8
+  config = tiny_config(maxsim_impl="pallas", in_batch_negatives=negatives, batch_size=8)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, jax.devices()[:4])
   setup = train.setup_train_step(config, mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from preflmr_jax import config_files
@@ -33,9 +34,16 @@ def test_plan_reports_memory_flops_and_params(plans):
     assert result["flops_per_step"] > 0 and result["xla_flops_per_device"] > 0
     assert 0 < result["params_trainable"] <= result["params_total"]
     assert result["slices"] == 1 and result["slice_of_data_index"] == [0] * result["mesh"]["data"]
-    assert isinstance(result["custom_calls"], dict)  # CI's TPU plan finds the Pallas kernel in it
   assert plans["mixed"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
   assert plans["data"]["params_total"] == plans["mixed"]["params_total"]
+
+
+def test_custom_calls_counts_the_compiled_kernels():
+  """CI's TPU plan finds the Pallas kernel this way (`tpu_custom_call`); on CPU, LAPACK's."""
+  compile_ = lambda fn: jax.jit(fn).lower(jnp.eye(4)).compile()
+  assert plan._custom_calls(compile_(lambda x: jnp.linalg.cholesky(x) + jnp.linalg.cholesky(2 * x))
+                            ) == {"lapack_spotrf_ffi": 2}
+  assert plan._custom_calls(compile_(lambda x: 2 * x)) == {}
 
 
 def test_fsdp_shards_the_state(plans):
