@@ -20,8 +20,17 @@ import jax.numpy as jnp
 # HF BERT and CLIP initialise linears with N(0, 0.02); only the shapes matter for converted checkpoints.
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
+
+def gelu(x: jax.Array) -> jax.Array:
+  """HF's "gelu": the exact erf form, written as PyTorch computes it. `jax.nn.gelu(x,
+  approximate=False)` goes through erfc, which XLA expands into ~90 elementwise ops (erf: ~10);
+  fused into the MLP's matmuls, that made XLA:TPU fail and retry two fusions of the scanned ViT-L
+  train step for v5e-256 (docs/performance.md)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form.
+    "gelu": gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu": jax.nn.relu,
