@@ -239,6 +239,21 @@ def test_activations_match_transformers(name):
   np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=0, atol=4e-6)
 
 
+def test_gelu_in_bfloat16_rounds_once_like_pytorch():
+  """PyTorch's GELU computes bfloat16 inputs in float32 and rounds the result (and the gradient)
+  once; in bfloat16 arithmetic they would be a bfloat16 step off (1.6e-2 near 3, 7.8e-3)."""
+  rng = np.random.default_rng(0)
+  x = np.concatenate([np.linspace(-12, 12, 4801), 3 * rng.normal(size=4000)]).astype(np.float32)
+  xt = torch.tensor(x).to(torch.bfloat16).requires_grad_()
+  ACT2FN["gelu"](xt).sum().backward()
+  y, grad = jax.vmap(jax.value_and_grad(layers.gelu))(jnp.asarray(x, jnp.bfloat16))
+  assert y.dtype == grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32),
+                             ACT2FN["gelu"](xt).detach().float().numpy(), rtol=0, atol=3e-5)
+  np.testing.assert_allclose(np.asarray(grad, np.float32), xt.grad.float().numpy(), rtol=0,
+                             atol=3e-6)
+
+
 @pytest.mark.parametrize("act,scan", [("quick_gelu", False), ("gelu", False), ("gelu", True)])
 def test_clip_vision_matches_transformers(act, scan):
   config = VisionConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48,

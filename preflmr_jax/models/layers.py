@@ -22,11 +22,13 @@ default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """HF's "gelu": the exact erf form, written as PyTorch computes it. `jax.nn.gelu(x,
-  approximate=False)` goes through erfc, which XLA expands into ~90 elementwise ops (erf: ~10);
-  fused into the MLP's matmuls, that made XLA:TPU fail and retry two fusions of the scanned ViT-L
-  train step for v5e-256 (docs/performance.md)."""
-  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
+  """HF's "gelu": the exact erf form, computed as PyTorch does, in float32 for bfloat16 / float16
+  inputs and rounded once (in bfloat16 arithmetic it is a rounding step off, values and gradients).
+  `jax.nn.gelu(x, approximate=False)` goes through erfc, which XLA expands into ~90 elementwise ops
+  (erf: ~10); fused into the MLP's matmuls, that made XLA:TPU fail and retry two fusions of the
+  scanned ViT-L train step for v5e-256 (docs/performance.md)."""
+  y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return (0.5 * y * (1.0 + jax.lax.erf(y * 0.5**0.5))).astype(x.dtype)
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
