@@ -626,7 +626,7 @@ def main():
     bench.attempt("copy", "x + 1", bench.copy_bandwidth, (64 if tiny else 4096) << 20, 10)
   if "maxsim" not in skip:
     bench.guarded("maxsim", bench.maxsim_section,
-                  1024 if tiny else 4096 * (24 if quick else 48),  # ~100k / ~200k documents
+                  256 if tiny else 4096 * (24 if quick else 48),  # ~100k / ~200k documents
                   (4,) if tiny else (32,) if quick else (32, 1),  # query batches
                   32 if tiny else bench.mc.query_length,
                   (1 << 20,) if tiny else tuple(m << 20 for m in (256, 64, 1024)),
