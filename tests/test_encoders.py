@@ -225,12 +225,17 @@ def test_bert_remat_same_values_and_grads(remat):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), g, g_ref)
 
 
+def _activation_inputs():
+  """[-12, 12] evenly, tails included, and draws around 0."""
+  rng = np.random.default_rng(0)
+  return np.concatenate([np.linspace(-12, 12, 4801), 3 * rng.normal(size=4000)]).astype(np.float32)
+
+
 @pytest.mark.parametrize("name", sorted(layers.ACTIVATIONS))
 def test_activations_match_transformers(name):
   """Each activation and its gradient equal transformers' ACT2FN entry within float32 rounding,
   tails included (a tanh-approximated "gelu" would be off by 1e-3)."""
-  rng = np.random.default_rng(0)
-  x = np.concatenate([np.linspace(-12, 12, 4801), 3 * rng.normal(size=4000)]).astype(np.float32)
+  x = _activation_inputs()
   xt = torch.tensor(x, requires_grad=True)
   yt = ACT2FN[name](xt)
   yt.sum().backward()
@@ -242,14 +247,14 @@ def test_activations_match_transformers(name):
 def test_gelu_in_bfloat16_rounds_once_like_pytorch():
   """PyTorch's GELU computes bfloat16 inputs in float32 and rounds the result (and the gradient)
   once; in bfloat16 arithmetic they would be a bfloat16 step off (1.6e-2 near 3, 7.8e-3)."""
-  rng = np.random.default_rng(0)
-  x = np.concatenate([np.linspace(-12, 12, 4801), 3 * rng.normal(size=4000)]).astype(np.float32)
+  x = _activation_inputs()
   xt = torch.tensor(x).to(torch.bfloat16).requires_grad_()
-  ACT2FN["gelu"](xt).sum().backward()
+  yt = ACT2FN["gelu"](xt)
+  yt.sum().backward()
   y, grad = jax.vmap(jax.value_and_grad(layers.gelu))(jnp.asarray(x, jnp.bfloat16))
   assert y.dtype == grad.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(y, np.float32),
-                             ACT2FN["gelu"](xt).detach().float().numpy(), rtol=0, atol=3e-5)
+  np.testing.assert_allclose(np.asarray(y, np.float32), yt.detach().float().numpy(), rtol=0,
+                             atol=3e-5)
   np.testing.assert_allclose(np.asarray(grad, np.float32), xt.grad.float().numpy(), rtol=0,
                              atol=3e-6)
 
