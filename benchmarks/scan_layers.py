@@ -1,6 +1,7 @@
 """Scanned vs per-layer (looped) layer stacks: train-step compile time, step time and memory.
 
-  python benchmarks/scan_layers.py [--quick] [--tpu_python PATH] [--skip cpu,tpu] [--cpu_config C]
+  python benchmarks/scan_layers.py [--quick] [--tpu_python PATH] [--gpu_python PATH]
+                                   [--skip cpu,tpu,gpu] [--cpu_config C]
                                    [--tpu_cases vit_l,vit_l_remat,400m_800m]
 
 - cpu: the trainer's own step (`train.setup_train_step`, fp32, AdamW, one CPU device, synthetic
@@ -12,6 +13,10 @@
   v5e-16 (and v5e-256 without --quick), both layouts: compile time and XLA's memory per device.
   Needs a Python with jax[tpu] (`requirements-tpu-plan.txt`, e.g. in a venv made with
   --system-site-packages): --tpu_python.
+- gpu: the same plan for NVIDIA GPUs (`--topology h100:1`, and `h100:8` without --quick; jax's
+  CUDA plugin on this CPU host, `requirements-gpu-plan.txt`: --gpu_python) of the ViT-L release
+  in bfloat16 at 32 queries per GPU (benchmarks/gpu.py's `32:base` row). XLA compiles for a chip
+  it cannot see, so it skips autotuning: on a GPU the compile takes longer.
 
 Prints a table with the ratios scanned/looped (each pair measured in this run), then one JSON
 line. Nothing is written to the committed results.
@@ -40,6 +45,8 @@ TPU_CASES = {
     "400m_800m": ("400m/800m point", "configs/scaling.py:vision=400m,text=800m", {}, 64),
 }
 TOPOLOGIES = {"v5e:4x4": 16, "v5e:16x16": 256}
+GPU_TOPOLOGIES = {"h100:1": 1, "h100:8": 8}
+GPU_QUERIES = 32  # per GPU
 
 
 def log(msg):
@@ -67,17 +74,31 @@ def cpu_rows(quick: bool, config: str | None) -> list[dict]:
 
 
 def tpu_rows(python: str, quick: bool, cases: list[str]) -> list[dict]:
-  rows = []
   topologies = {k: v for k, v in TOPOLOGIES.items() if not quick or v == 16}
-  for name, config, overrides, max_fsdp in (TPU_CASES[c] for c in cases):
+  return plan_rows(python, "tpu", topologies, [TPU_CASES[c] for c in cases], 1)
+
+
+def gpu_rows(python: str, quick: bool) -> list[dict]:
+  topologies = {k: v for k, v in GPU_TOPOLOGIES.items() if not quick or v == 1}
+  name, config, _, max_fsdp = TPU_CASES["vit_l"]
+  return plan_rows(python, "gpu", topologies, [(f"{name}, bf16", config,
+                                                {"model.dtype": "bfloat16"}, max_fsdp)],
+                   GPU_QUERIES)
+
+
+def plan_rows(python: str, where: str, topologies: dict, cases: list, per_device: int) -> list:
+  """The compile-only plan of each case on each topology, looped then scanned."""
+  rows = []
+  for name, config, overrides, max_fsdp in cases:
     for topology, devices in topologies.items():
       fsdp = min(devices, max_fsdp)
+      batch = devices * per_device
       for scan in (False, True):
         args = [python, "-m", "preflmr_jax.tools.plan", f"--config={config}",
                 f"--topology={topology}", f"--mesh=data={devices // fsdp},fsdp={fsdp},tensor=1",
-                f"--batch_size={devices}", f"--config.model.scan_layers={scan}",
+                f"--batch_size={batch}", f"--config.model.scan_layers={scan}",
                 *(f"--config.{k}={v}" for k, v in overrides.items())]
-        log(f"tpu {name} on {topology} (fsdp={fsdp}), scan_layers={scan}")
+        log(f"{where} {name} on {topology} (fsdp={fsdp}), scan_layers={scan}")
         out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False,
                              env={**os.environ, "JAX_PLATFORMS": ""})
         if out.returncode:
@@ -85,7 +106,7 @@ def tpu_rows(python: str, quick: bool, cases: list[str]) -> list[dict]:
         plan = json.loads(out.stdout.strip().splitlines()[-1])
         memory = plan["memory_per_device"]
         mesh = "" if fsdp == devices else f", data={devices // fsdp} fsdp={fsdp}"
-        rows.append({"where": f"tpu {topology}", "case": f"{name}, batch {devices}{mesh}",
+        rows.append({"where": f"{where} {topology}", "case": f"{name}, batch {batch}{mesh}",
                      "scan": scan,
                      "compile_s": plan["compile_s"], "step_ms": None,
                      "bytes": memory.get("peak_bytes") or memory["total_bytes"], "others": None})
@@ -122,22 +143,27 @@ def main():
   parser.add_argument("--quick", action="store_true",
                       help="ViT-B at doc_maxlen 128, fewer steps; v5e-16 only")
   parser.add_argument("--tpu_python", help="a Python with jax[tpu] for the compile-only rows")
-  parser.add_argument("--skip", default="", help="comma-separated sections: cpu, tpu")
+  parser.add_argument("--gpu_python", help="a Python with jax's CUDA plugin for the GPU rows")
+  parser.add_argument("--skip", default="", help="comma-separated sections: cpu, tpu, gpu")
   parser.add_argument("--cpu_config", help="the cpu rows' config (default: the ViT-B release)")
   parser.add_argument("--tpu_cases", default=",".join(TPU_CASES),
                       help=f"comma-separated compile-only cases, of {list(TPU_CASES)}")
   args = parser.parse_args()
   skip = set(filter(None, args.skip.split(",")))
-  if unknown := skip - {"cpu", "tpu"}:
+  if unknown := skip - {"cpu", "tpu", "gpu"}:
     parser.error(f"--skip: unknown section(s) {sorted(unknown)}")
   cases = list(filter(None, args.tpu_cases.split(",")))
   if unknown := set(cases) - set(TPU_CASES):
     parser.error(f"--tpu_cases: unknown case(s) {sorted(unknown)}; cases are {list(TPU_CASES)}")
   if "tpu" not in skip and not args.tpu_python:
     parser.error("the tpu rows need --tpu_python (a Python with jax[tpu]); or --skip tpu")
+  if "gpu" not in skip and not args.gpu_python:
+    parser.error("the gpu rows need --gpu_python (a Python with jax's CUDA plugin); or --skip gpu")
   rows = []
   if "tpu" not in skip:
     rows += tpu_rows(args.tpu_python, args.quick, cases)
+  if "gpu" not in skip:
+    rows += gpu_rows(args.gpu_python, args.quick)
   if "cpu" not in skip:
     rows += cpu_rows(args.quick, args.cpu_config)
   print(table(rows))

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +103,51 @@ def test_topology_compiles_for_tpu_or_says_what_to_install():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["platform"] == "tpu" and result["devices"] == 4
     assert result["memory_per_device"]["argument_bytes"] > 0 and result["flops_per_step"] > 0
+
+
+@pytest.mark.parametrize("name, expected", [("h100:8", ("h100", 1, 8)), ("H200:2x8", ("h200", 2, 8)),
+                                            ("v5e:4x4", None), ("v5e:2x2x1", None)])
+def test_gpu_topology_names(name, expected):
+  assert plan.gpu_topology(name) == expected
+
+
+@pytest.mark.parametrize("bad", ["h100", "h100:", "h100:0", "h100:0x8", "h100:2x", "h100:8x8x8"])
+def test_bad_gpu_topology_names_the_flag(bad):
+  with pytest.raises(ValueError, match=f"--topology={bad}: expected h100:GPUS or h100:HOSTSxGPUS"):
+    plan.gpu_topology(bad)
+
+
+def test_gpu_target_config_is_text_proto():
+  assert plan._text_proto({"a": 1, "b": {"c": "x", "d": {"e": 2.5}}}) == 'a: 1 b { c: "x" d { e: 2.5 } }'
+
+
+def test_a_step_over_the_gpus_memory_is_one_line():
+  """XLA's GPU compiler leaves the check to the plan: XLA's peak against the chip's memory."""
+  h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")
+  config = types.SimpleNamespace(batch_size=4096)
+  plan.check_fits_gpu({"peak_bytes": 79 * 2**30}, h100, config, {"data": 8})
+  plan.check_fits_gpu({"peak_bytes": 2**40}, types.SimpleNamespace(device_kind="cpu"), config, {})
+  with pytest.raises(plan.UserError, match=r"^the train step does not fit on NVIDIA H100 80GB HBM3 "
+                     r"at global batch 4096, mesh \{'data': 8\}: XLA's peak 80.00 GiB per device, "
+                     r"79.65 GiB on the chip"):
+    plan.check_fits_gpu({"peak_bytes": 80 * 2**30}, h100, config, {"data": 8})
+
+
+def test_num_slices_is_for_tpus():
+  with pytest.raises(ValueError, match="--num_slices is for TPU topologies, not --topology=h100:8"):
+    plan.topology_devices("h100:8", num_slices=2)
+
+
+# The GPU compile itself runs in CI's environment with jax's CUDA plugin: .ci/run.
+def test_topology_compiles_for_gpus_or_says_what_to_install():
+  out = subprocess.run(
+      [sys.executable, "-m", "preflmr_jax.tools.plan", "--config", "configs/tiny.py",
+       "--mesh", "data=1,fsdp=2,tensor=1", "--batch_size", "4", "--topology", "h100:2"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  if importlib.util.find_spec("jax_cuda12_plugin") is None:
+    assert out.returncode != 0 and "requirements-gpu-plan.txt" in out.stderr, out.stderr[-2000:]
+  else:
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["platform"] == "gpu" and result["devices"] == 2
+    assert result["device_kind"] == "NVIDIA H100 80GB HBM3"

@@ -1,11 +1,13 @@
 """Compile-only memory plan: lowers and compiles the real train step from shapes alone.
 
   python -m preflmr_jax.tools.plan --config configs/release.py:vit_l --mesh data=1,fsdp=8,tensor=1 \
-      [--batch_size N] [--topology v5e:4x4 [--num_slices 2]]
+      [--batch_size N] [--topology v5e:4x4 [--num_slices 2] | --topology h100:8]
 
 Without --topology it simulates the mesh's devices on the CPU; with it, it compiles for a real TPU
 topology (needs `pip install -r requirements-tpu-plan.txt`), of `--num_slices` slices joined by the
-data-center network (the mesh's `data` axis is split over them: `slice_of_data_index`). Nothing is allocated: parameters,
+data-center network (the mesh's `data` axis is split over them: `slice_of_data_index`), or for
+NVIDIA GPUs, `KIND:GPUS` or `KIND:HOSTSxGPUS` (needs `pip install -r requirements-gpu-plan.txt`;
+XLA compiles for the chip without one, so it skips autotuning). Nothing is allocated: parameters,
 optimiser state and the batch are ShapeDtypeStructs. Prints a table, then one JSON object as the
 last line of stdout (memory is per device).
 """
@@ -13,6 +15,7 @@ last line of stdout (memory is per device).
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import math
 import os
@@ -32,11 +35,29 @@ def define_flags():
                                   lock_config=True)
   flags.DEFINE_string("mesh", None, "Mesh shape, e.g. data=1,fsdp=8,tensor=1.")
   flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
-  flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 (needs libtpu).")
+  flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4 (needs libtpu), or GPUs, e.g. "
+                      f"h100:8 or h100:2x8 (hosts x GPUs; kinds {sorted(GPU_KINDS)}).")
   flags.DEFINE_integer("num_slices", 1, "With --topology: that many slices of it (multislice).")
 
 MESH_AXES = ("data", "fsdp", "tensor")  # = sharding.MESH_AXES (not imported: keeps jax unloaded)
 TPU_REQUIREMENTS = "pip install -r requirements-tpu-plan.txt"
+GPU_REQUIREMENTS = "pip install -r requirements-gpu-plan.txt"
+
+# What XLA's GPU compiler must know of a chip it cannot query (stream_executor's
+# GpuTargetConfigProto): NVIDIA's figures for the SXM parts; memory as the driver reports it.
+_HOPPER = dict(core_count=132, fpus_per_core=128, clock_rate_ghz=1.98, threads_per_warp=32,
+               threads_per_block_limit=1024, threads_per_core_limit=2048,
+               registers_per_block_limit=65536, registers_per_core_limit=65536,
+               shared_memory_per_block=48 * 2**10, shared_memory_per_block_optin=227 * 2**10,
+               shared_memory_per_core=228 * 2**10, l2_cache_size=50 * 2**20,
+               block_dim_limit_x=2**31 - 1, block_dim_limit_y=65535, block_dim_limit_z=65535,
+               cuda_compute_capability=dict(major=9, minor=0))
+GPU_KINDS = {  # --topology name: (device kind, chip)
+    "h100": ("NVIDIA H100 80GB HBM3",
+             dict(_HOPPER, device_memory_size=81559 * 2**20, memory_bandwidth=3_350 * 10**9)),
+    "h200": ("NVIDIA H200",
+             dict(_HOPPER, device_memory_size=143771 * 2**20, memory_bandwidth=4_800 * 10**9)),
+}
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -53,9 +74,34 @@ def parse_mesh(text: str) -> dict[str, int]:
   return mesh
 
 
+def _text_proto(fields: Mapping) -> str:
+  def value(v):
+    return f"{{ {_text_proto(v)} }}" if isinstance(v, Mapping) else json.dumps(v)
+  return " ".join(f"{k}{'' if isinstance(v, Mapping) else ':'} {value(v)}" for k, v in fields.items())
+
+
+def gpu_topology(name: str) -> tuple[str, int, int] | None:
+  """'h100:8' -> ('h100', 1, 8); 'h100:2x8' -> ('h100', 2, 8) (hosts, GPUs per host); None for a
+  name that is not a GPU kind's."""
+  kind, _, shape = name.partition(":")
+  if kind.lower() not in GPU_KINDS:
+    return None
+  match = re.fullmatch(r"(?:(\d+)x)?(\d+)", shape)
+  if not match or int(match[2]) < 1 or int(match[1] or 1) < 1:
+    raise ConfigError(f"--topology={name}: expected {kind}:GPUS or {kind}:HOSTSxGPUS, e.g. "
+                      f"{kind}:8 or {kind}:2x8")
+  return kind.lower(), int(match[1] or 1), int(match[2])
+
+
 def topology_devices(name: str, num_slices: int = 1):
-  """The devices of `num_slices` slices of a TPU topology such as 'v5e:4x4' (compile-only; nothing
-  runs on them). Each device has its `slice_index` and the `process_index` of its host."""
+  """The devices of `num_slices` slices of a TPU topology such as 'v5e:4x4', or of GPUs such as
+  'h100:2x8' (compile-only; nothing runs on them). Each device has the `process_index` of its
+  host; a TPU device its `slice_index`."""
+  gpus = gpu_topology(name)
+  if gpus:
+    if num_slices != 1:
+      raise ConfigError(f"--num_slices is for TPU topologies, not --topology={name}")
+    return _gpu_devices(*gpus)
   try:
     import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
@@ -68,6 +114,16 @@ def topology_devices(name: str, num_slices: int = 1):
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   return topologies.get_topology_desc(platform="tpu", topology_name=name,
                                       num_slices=num_slices).devices
+
+
+def _gpu_devices(kind: str, hosts: int, per_host: int):
+  if importlib.util.find_spec("jax_cuda12_plugin") is None:
+    raise RuntimeError(f"--topology={kind}:... needs jax's CUDA plugin; {GPU_REQUIREMENTS}")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  description, chip = GPU_KINDS[kind]
+  target = {"gpu_device_info": chip, "platform_name": "CUDA", "device_description_str": description}
+  return topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
+                                      target_config=_text_proto(target)).devices
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -123,11 +179,10 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
       why = str(e).partition("RESOURCE_EXHAUSTED:")[2].strip()
       if not why:
         raise
-      why = why.splitlines()[0]
-      raise UserError(f"the train step does not fit on {devices[0].device_kind} at global batch "
-                      f"{config.batch_size}, mesh {shape}: {why} (model.remat, "
-                      "model.scan_layers, a larger fsdp or a smaller batch need less)") from e
+      raise _does_not_fit(devices[0], config, shape, why.splitlines()[0]) from e
   compile_s = time.perf_counter() - start
+  memory = _memory(compiled)
+  check_fits_gpu(memory, devices[0], config, shape)
 
   info = train.run_info(config, setup)
   return {
@@ -143,10 +198,26 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
       "flops_per_step": info["train_flops_per_step"],  # the model's, all devices
       # XLA's count for one device after partitioning: a loop's body counts once (scanned layers).
       "xla_flops_per_device": _flops(compiled),
-      "memory_per_device": _memory(compiled),
+      "memory_per_device": memory,
       "custom_calls": _custom_calls(compiled),
       "compile_s": round(compile_s, 2),  # tracing, lowering and XLA's compile
   }
+
+
+def _does_not_fit(device, config, shape, why: str) -> UserError:
+  return UserError(f"the train step does not fit on {device.device_kind} at global batch "
+                   f"{config.batch_size}, mesh {shape}: {why} (model.remat, model.scan_layers, a "
+                   "larger fsdp or a smaller batch need less)")
+
+
+def check_fits_gpu(memory: Mapping[str, int], device, config, shape) -> None:
+  """XLA's GPU compiler does not check its peak against the chip's memory (the TPU's does): the
+  plan does, for the GPU kinds it knows."""
+  hbm = next((chip["device_memory_size"] for kind, chip in GPU_KINDS.values()
+              if kind == device.device_kind), None)
+  if hbm and memory.get("peak_bytes", 0) > hbm:
+    raise _does_not_fit(device, config, shape, f"XLA's peak {memory['peak_bytes'] / 2**30:.2f} "
+                        f"GiB per device, {hbm / 2**30:.2f} GiB on the chip")
 
 
 def _slice_of_data_index(mesh) -> list:
@@ -187,6 +258,8 @@ def main(argv):
   size = math.prod(mesh_config.values())
   import jax  # pylint: disable=g-import-not-at-top
   if flags.FLAGS.topology:
+    if gpu_topology(flags.FLAGS.topology):  # compiled for; the host's own backend is the CPU
+      jax.config.update("jax_platforms", "cpu")
     devices = topology_devices(flags.FLAGS.topology, flags.FLAGS.num_slices)
     if size != len(devices):
       raise app.UsageError(f"--mesh {mesh_config} has {size} devices; --topology="
