@@ -90,18 +90,22 @@ def test_cli_num_slices_needs_a_topology():
   assert out.returncode != 0 and "--num_slices needs --topology" in out.stderr
 
 
-# The TPU compile itself (one slice and two) runs in CI's jax[tpu] environment: .ci/run.
-def test_topology_compiles_for_tpu_or_says_what_to_install():
+# The compiles themselves run in CI's side environments (.ci/run): for TPU, one slice and two; for
+# GPUs, two hosts of two with the Triton kernel.
+@pytest.mark.parametrize("topology, package, requirements, platform", [
+    ("v5e:2x2", "libtpu", "requirements-tpu-plan.txt", "tpu"),
+    ("h100:2x2", "jax_cuda12_plugin", "requirements-gpu-plan.txt", "gpu")])
+def test_topology_compiles_or_says_what_to_install(topology, package, requirements, platform):
   out = subprocess.run(
       [sys.executable, "-m", "preflmr_jax.tools.plan", "--config", "configs/tiny.py",
-       "--mesh", "data=2,fsdp=2,tensor=1", "--batch_size", "4", "--topology", "v5e:2x2"],
+       "--mesh", "data=2,fsdp=2,tensor=1", "--batch_size", "4", "--topology", topology],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
-  if importlib.util.find_spec("libtpu") is None:
-    assert out.returncode != 0 and "requirements-tpu-plan.txt" in out.stderr
+  if importlib.util.find_spec(package) is None:
+    assert out.returncode != 0 and requirements in out.stderr, out.stderr[-2000:]
   else:
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["platform"] == "tpu" and result["devices"] == 4
+    assert result["platform"] == platform and result["devices"] == 4
     assert result["memory_per_device"]["argument_bytes"] > 0 and result["flops_per_step"] > 0
 
 
@@ -136,18 +140,3 @@ def test_a_step_over_the_gpus_memory_is_one_line():
 def test_num_slices_is_for_tpus():
   with pytest.raises(ValueError, match="--num_slices is for TPU topologies, not --topology=h100:8"):
     plan.topology_devices("h100:8", num_slices=2)
-
-
-# The GPU compile itself runs in CI's environment with jax's CUDA plugin: .ci/run.
-def test_topology_compiles_for_gpus_or_says_what_to_install():
-  out = subprocess.run(
-      [sys.executable, "-m", "preflmr_jax.tools.plan", "--config", "configs/tiny.py",
-       "--mesh", "data=1,fsdp=2,tensor=1", "--batch_size", "4", "--topology", "h100:2"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  if importlib.util.find_spec("jax_cuda12_plugin") is None:
-    assert out.returncode != 0 and "requirements-gpu-plan.txt" in out.stderr, out.stderr[-2000:]
-  else:
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["platform"] == "gpu" and result["devices"] == 2
-    assert result["device_kind"] == "NVIDIA H100 80GB HBM3"
