@@ -45,6 +45,7 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import jax
 from jax import lax
+from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -269,7 +270,7 @@ def _query_centroid_scores(q, valid_q, centroids, nprobe, precision):
   those tiles' scores only, gathered back from the table."""
   g, lq, dim = q.shape
   c = centroids.shape[0]
-  tile = min(_CENTROID_TILE, _pow2(c, 1))
+  tile = min(_CENTROID_TILE, pl.next_power_of_2(c))
   tiles = -(-c // tile)
   padded = jnp.pad(centroids, [(0, tiles * tile - c), (0, 0)]).reshape(tiles, tile, dim)
   real = (jnp.arange(tiles * tile) < c).reshape(tiles, tile)
@@ -387,10 +388,6 @@ def _valid_tokens(docs, mask):
   return docs[mask], mask.sum(1)  # row-major: tokens in document order
 
 
-def _pow2(n, minimum):
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
 def default_num_centroids(num_tokens: int) -> int:
   """PLAID's number of centroids for a corpus of `num_tokens` tokens: the power of two at or
   below 16 sqrt(num_tokens)."""
@@ -455,7 +452,7 @@ def _encoded(source, codec: _Codec, progress):
   for docs, mask in tqdm(source(), "index: encoding", unit=" chunks", disable=not progress):
     tokens, lens = _valid_tokens(docs, mask)
     t = tokens.shape[0]
-    padded = np.zeros((_pow2(t, 256), dim), np.float32)
+    padded = np.zeros((max(256, pl.next_power_of_2(t)), dim), np.float32)
     padded[:t] = tokens
     c, r = _encode(padded, codec.centroids, codec.bucket_cutoffs, codec.nbits)
     yield np.asarray(c)[:t].astype(np.int32), np.asarray(r)[:t], lens
@@ -547,7 +544,7 @@ def _token_bucket(n):
   """A token count rounded up to one of at most 8 sizes per octave, so that a handful of compiled
   programs serve every query group: a multiple of the larger of _TOKENS_PER_STEP and 1/16 of the
   next power of two."""
-  granule = max(_TOKENS_PER_STEP, _pow2(n, 1) // 16)
+  granule = max(_TOKENS_PER_STEP, pl.next_power_of_2(n) // 16)
   return max(-(-n // granule), 1) * granule
 
 
@@ -728,7 +725,7 @@ def search(index: PlaidIndex, q, q_mask, k: int, options: Optional[SearchOptions
     cands = [_candidates(index, ids[i], best[i], vg[i], options.threshold, options.candidates)
              for i in range(g)]
     most = max(len(c) for c in cands)
-    docs = np.full((g, _pow2(most, max(64, k))), -1, np.int64)
+    docs = np.full((g, max(64, k, pl.next_power_of_2(most))), -1, np.int64)
     for i, c in enumerate(cands):
       docs[i, :len(c)] = c
 

@@ -105,10 +105,6 @@ def _tpu_forward(Q, D, D_mask, interpret):
   return scores.transpose(0, 3, 1, 2).reshape(nq * bq, nd * bn)[:b, :n]
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
-
-
 def check_gpu_blocks(blocks) -> tuple[int, int, int, int]:
   """`blocks` as the GPU kernel takes them, or ValueError naming them."""
   blocks = tuple(blocks)
@@ -150,10 +146,11 @@ def _gpu_kernel(q_ref, d_ref, m_ref, o_ref, *, tq, td):
 def _gpu_forward(Q, D, D_mask, interpret, blocks=None):
   (b, lq, dim), (n, ld, _) = Q.shape, D.shape
   bq, bn, tq, td = blocks or GPU_BLOCKS
-  bq, bn = min(bq, _pow2(b)), min(bn, _pow2(n))  # no larger than the padded inputs
-  tq = max(_GPU_MIN_TILE, min(tq, _pow2(lq)))
-  td = max(_GPU_MIN_TILE, min(td, _pow2(ld)))
-  width = max(_GPU_MIN_TILE, _pow2(dim))
+  # No larger than the padded inputs:
+  bq, bn = min(bq, pl.next_power_of_2(b)), min(bn, pl.next_power_of_2(n))
+  tq = max(_GPU_MIN_TILE, min(tq, pl.next_power_of_2(lq)))
+  td = max(_GPU_MIN_TILE, min(td, pl.next_power_of_2(ld)))
+  width = max(_GPU_MIN_TILE, pl.next_power_of_2(dim))
   Q = _pad(_pad(_pad(Q, 2, width), 1, tq), 0, bq)  # zero query tokens add 0 to every score
   D = _pad(_pad(_pad(D, 2, width), 1, td), 0, bn)
   mask = _pad(_pad(D_mask.astype(jnp.float32), 1, td), 0, bn)
