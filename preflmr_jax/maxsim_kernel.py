@@ -8,7 +8,8 @@ query tokens, and writes only the [bq, bn] scores.
 
 There are two kernels, and the platform the computation is compiled for picks one
 (`lax.platform_dependent`, so a compile-only lowering for a TPU topology on a CPU host gets the
-TPU kernel): Mosaic on TPU, Triton on NVIDIA GPUs (CUDA). Elsewhere (CPU; ROCm, untried) the TPU
+TPU kernel): Mosaic on TPU, Triton on GPUs (CUDA; ROCm too, where it lowers but has never run,
+since interpreting the kernel there would be far slower than the einsum). Elsewhere (CPU) the TPU
 kernel runs in interpret mode.
 
 The gradient (`jax.custom_vjp`) is the XLA path's (`late_interaction.maxsim_chunked`,
@@ -176,7 +177,7 @@ def _forward(Q, D, D_mask, interpret, kernel, blocks):
     return _tpu_forward(Q, D, D_mask, True)
   return lax.platform_dependent(
       Q, D, D_mask, tpu=functools.partial(_tpu_forward, interpret=False),
-      cuda=functools.partial(gpu, interpret=False),
+      cuda=functools.partial(gpu, interpret=False), rocm=functools.partial(gpu, interpret=False),
       default=functools.partial(_tpu_forward, interpret=True))
 
 

@@ -135,11 +135,12 @@ def test_sharded_over_the_batch_axes_on_a_mesh():
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)  # summation order across devices
 
 
-KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+KERNEL_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton",
+                "rocm": "__gpu$xla.gpu.triton"}
 
 
 @pytest.mark.parametrize("platform", KERNEL_CALLS)
-def test_the_kernel_lowers_for_tpu_and_cuda(platform):
+def test_the_kernel_lowers_for_each_accelerator(platform):
   """The benchmark's shapes (32 x 320 query tokens against documents of 180) and odd ones lower to
   the platform's kernel (interpretation would be a while loop), with its gradient."""
   shapes = lambda b, lq, n, ld, dim, dtype: (
@@ -155,8 +156,8 @@ def test_the_kernel_lowers_for_tpu_and_cuda(platform):
 
 @pytest.mark.parametrize("negatives", ["global", "per_device"])
 def test_the_train_step_lowers_with_the_kernel(negatives, tiny_config):
-  """`maxsim_impl='pallas'` in the tiny train step on a 2 x 2 mesh, lowered for TPU and CUDA: one
-  kernel per device program, inside a shard_map (Mosaic refuses to be partitioned by XLA)."""
+  """`maxsim_impl='pallas'` in the tiny train step on a 2 x 2 mesh, lowered for each accelerator:
+  one kernel per device program, inside a shard_map (Mosaic refuses to be partitioned by XLA)."""
   config = tiny_config(maxsim_impl="pallas", in_batch_negatives=negatives, batch_size=8)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, jax.devices()[:4])
   setup = train.setup_train_step(config, mesh)
