@@ -10,7 +10,9 @@ frozen, AdamW) in bf16 compute with fp32 master weights, on random batches padde
 set of config overrides (VARIANTS: the reference recipe `base`; `rbg` dropout bits; `cudnn` fused
 attention, which drops attention-probability dropout; remat policies; `cudnn_scan` scanned layer
 stacks; `*_graphs` scanned stacks with their loops recorded into CUDA graphs (XLA_OPTIONS);
-`cudnn_pallas` the loss's MaxSim as the fused Pallas kernel). Every row is lowered, then
+`*_xlanorm` scanned stacks with softmax and layer norms left to XLA's own kernels instead of Triton
+fusions (XLA_OPTIONS: a third of the compile); `cudnn_pallas` the loss's MaxSim as the fused Pallas
+kernel). Every row is lowered, then
 all are compiled at once (minutes each on one thread), then timed one by one. MFU = model FLOPs
 (`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at the padded lengths; backward = 2x
 forward for trainable groups; the frozen vision tower forward only) / step time / the card's peak
@@ -66,7 +68,7 @@ _CUDNN = {"dropout_prng_impl": "rbg", "model.attention": "cudnn",
 # Rows: the reference recipe, then what raises throughput. 128 queries without remat need more
 # memory than an H100 has.
 DEFAULT_ROWS = ("32:base,32:rbg,32:cudnn,64:cudnn,64:cudnn_scan,64:cudnn_scan_graphs,"
-                "64:cudnn_pallas,128:cudnn_remat")
+                "64:cudnn_scan_xlanorm,64:cudnn_pallas,128:cudnn_remat")
 MORE_ROWS = "128:remat,128:remat_dots"
 # The GPU MaxSim kernel's other block shapes (per program: queries x documents x query-token tile x
 # document-token tile; powers of two).
@@ -82,13 +84,18 @@ VARIANTS = {  # dotted config overrides of the train-step rows; master weights s
     "cudnn_pallas": {**_CUDNN, "maxsim_impl": "pallas"},  # the loss's MaxSim as one kernel
     "cudnn_scan_graphs": {**_CUDNN, "model.scan_layers": True},  # + XLA_OPTIONS
     "scan_graphs": {"dropout_prng_impl": "rbg", "model.scan_layers": True},  # + XLA_OPTIONS
+    "cudnn_scan_xlanorm": {**_CUDNN, "model.scan_layers": True},  # + XLA_OPTIONS
 }
 # XLA options of the variants that have them (`compile(compiler_options)`): fewer kernel launches
 # per step, by recording the scanned layers' loops (WHILE) and conditionals into CUDA graphs too.
 # The option takes the whole list of command types here (XLA refuses "+WHILE" as a value).
 _GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
                                             "CONDITIONAL"}
-XLA_OPTIONS = {"cudnn_scan_graphs": _GRAPHS, "scan_graphs": _GRAPHS}
+# Without XLA's rewrite of softmax and layer norms into Triton fusions, whose tiling search is most
+# of the step's HLO passes on a GPU (compile-only for H100: 66 s -> 40 s; docs/performance.md);
+# what it costs or saves in step time is the row's to measure.
+XLA_OPTIONS = {"cudnn_scan_graphs": _GRAPHS, "scan_graphs": _GRAPHS,
+               "cudnn_scan_xlanorm": {"xla_disable_hlo_passes": "triton-softmax-rewriter"}}
 
 
 def log(msg):
