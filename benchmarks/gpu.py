@@ -11,12 +11,11 @@ set of config overrides (VARIANTS: the reference recipe `base`; `rbg` dropout bi
 attention, which drops attention-probability dropout; remat policies; `cudnn_scan` scanned layer
 stacks; `*_graphs` scanned stacks with their loops recorded into CUDA graphs (XLA_OPTIONS);
 `*_xlanorm` scanned stacks with softmax and layer norms left to XLA's own kernels instead of Triton
-fusions (XLA_OPTIONS: a third of the compile); `cudnn_pallas` the loss's MaxSim as the fused Pallas
-kernel). Every row is lowered, then
-all are compiled at once (minutes each on one thread), then timed one by one. MFU = model FLOPs
-(`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at the padded lengths; backward = 2x
-forward for trainable groups; the frozen vision tower forward only) / step time / the card's peak
-dense bf16 FLOP/s. "XLA util" uses XLA's cost_analysis FLOPs of the compiled step instead.
+fusions (XLA_OPTIONS: a shorter compile); `cudnn_pallas` the loss's MaxSim as the fused Pallas
+kernel). Every row is lowered, then all are compiled at once (minutes each on one thread), then
+timed one by one. MFU = model FLOPs (`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at
+the padded lengths; backward = 2x forward for trainable groups; the frozen vision tower forward
+only) / step time / the card's peak dense bf16 FLOP/s. "XLA util" uses XLA's cost_analysis FLOPs of the compiled step instead.
 Encode: jitted `encode_queries` / `encode_documents`, random bf16 weights, with XLA and with cuDNN
 attention (their embeddings' max difference shows the fused path computes the same thing).
 MaxSim: `late_interaction.maxsim_chunked` of a query batch against an on-device corpus for a few
@@ -92,8 +91,8 @@ VARIANTS = {  # dotted config overrides of the train-step rows; master weights s
 _GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
                                             "CONDITIONAL"}
 # Without XLA's rewrite of softmax and layer norms into Triton fusions, whose tiling search is most
-# of the step's HLO passes on a GPU (compile-only for H100: 66 s -> 40 s; docs/performance.md);
-# what it costs or saves in step time is the row's to measure.
+# of the step's HLO passes on a GPU (compile-only for H100: 57-70 s -> 40-43 s, scanned;
+# docs/performance.md); what it costs or saves in step time is the row's to measure.
 XLA_OPTIONS = {"cudnn_scan_graphs": _GRAPHS, "scan_graphs": _GRAPHS,
                "cudnn_scan_xlanorm": {"xla_disable_hlo_passes": "triton-softmax-rewriter"}}
 

@@ -15,8 +15,9 @@
   --system-site-packages): --tpu_python.
 - gpu: the same plan for NVIDIA GPUs (`--topology h100:1`, and `h100:8` without --quick; jax's
   CUDA plugin on this CPU host, `requirements-gpu-plan.txt`: --gpu_python) of the ViT-L release
-  in bfloat16 at 32 queries per GPU (benchmarks/gpu.py's `32:base` row). XLA compiles for a chip
-  it cannot see, so it skips autotuning: on a GPU the compile takes longer.
+  in bfloat16 at 32 queries per GPU (benchmarks/gpu.py's `32:base` row), also with each of
+  GPU_XLA_FLAGS in XLA_FLAGS. XLA compiles for a chip it cannot see, so it skips autotuning: on a
+  GPU the compile takes longer.
 
 Prints a table with the ratios scanned/looped (each pair measured in this run), then one JSON
 line. Nothing is written to the committed results.
@@ -47,6 +48,9 @@ TPU_CASES = {
 TOPOLOGIES = {"v5e:4x4": 16, "v5e:16x16": 256}
 GPU_TOPOLOGIES = {"h100:1": 1, "h100:8": 8}
 GPU_QUERIES = 32  # per GPU
+# The GPU rows again with these XLA flags: softmax and layer norms left to XLA's own kernels rather
+# than rewritten into Triton fusions, whose tiling search is most of the step's HLO passes.
+GPU_XLA_FLAGS = {"no Triton norms": "--xla_disable_hlo_passes=triton-softmax-rewriter"}
 
 
 def log(msg):
@@ -81,13 +85,19 @@ def tpu_rows(python: str, quick: bool, cases: list[str]) -> list[dict]:
 def gpu_rows(python: str, quick: bool) -> list[dict]:
   topologies = {k: v for k, v in GPU_TOPOLOGIES.items() if not quick or v == 1}
   name, config, _, max_fsdp = TPU_CASES["vit_l"]
-  return plan_rows(python, "gpu", topologies, [(f"{name}, bf16", config,
-                                                {"model.dtype": "bfloat16"}, max_fsdp)],
-                   GPU_QUERIES)
+  case = lambda label: [(f"{name}, bf16{label}", config, {"model.dtype": "bfloat16"}, max_fsdp)]
+  rows = plan_rows(python, "gpu", topologies, case(""), GPU_QUERIES)
+  for label, flags in GPU_XLA_FLAGS.items():
+    rows += plan_rows(python, "gpu", topologies, case(f", {label}"), GPU_QUERIES, flags)
+  return rows
 
 
-def plan_rows(python: str, where: str, topologies: dict, cases: list, per_device: int) -> list:
-  """The compile-only plan of each case on each topology, looped then scanned."""
+def plan_rows(python: str, where: str, topologies: dict, cases: list, per_device: int,
+              xla_flags: str = "") -> list:
+  """The compile-only plan of each case on each topology, looped then scanned (`xla_flags`
+  added to XLA_FLAGS)."""
+  env = {**os.environ, "JAX_PLATFORMS": "",
+         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
   rows = []
   for name, config, overrides, max_fsdp in cases:
     for topology, devices in topologies.items():
@@ -100,7 +110,7 @@ def plan_rows(python: str, where: str, topologies: dict, cases: list, per_device
                 *(f"--config.{k}={v}" for k, v in overrides.items())]
         log(f"{where} {name} on {topology} (fsdp={fsdp}), scan_layers={scan}")
         out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False,
-                             env={**os.environ, "JAX_PLATFORMS": ""})
+                             env=env)
         if out.returncode:
           raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
         plan = json.loads(out.stdout.strip().splitlines()[-1])
