@@ -15,7 +15,8 @@ fusions (XLA_OPTIONS: a shorter compile); `cudnn_pallas` the loss's MaxSim as th
 kernel). Every row is lowered, then all are compiled at once (minutes each on one thread), then
 timed one by one. MFU = model FLOPs (`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at
 the padded lengths; backward = 2x forward for trainable groups; the frozen vision tower forward
-only) / step time / the card's peak dense bf16 FLOP/s. "XLA util" uses XLA's cost_analysis FLOPs of the compiled step instead.
+only) / step time / the card's peak dense bf16 FLOP/s. "XLA util" uses XLA's cost_analysis FLOPs
+of the compiled step instead.
 Encode: jitted `encode_queries` / `encode_documents`, random bf16 weights, with XLA and with cuDNN
 attention (their embeddings' max difference shows the fused path computes the same thing).
 MaxSim: `late_interaction.maxsim_chunked` of a query batch against an on-device corpus for a few
