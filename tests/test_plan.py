@@ -109,7 +109,8 @@ def test_topology_compiles_or_says_what_to_install(topology, package, requiremen
     assert result["memory_per_device"]["argument_bytes"] > 0 and result["flops_per_step"] > 0
 
 
-@pytest.mark.parametrize("name, expected", [("h100:8", ("h100", 1, 8)), ("H200:2x8", ("h200", 2, 8)),
+@pytest.mark.parametrize("name, expected", [("h100:8", ("h100", 1, 8)),
+                                            ("H200:2x8", ("h200", 2, 8)),
                                             ("v5e:4x4", None), ("v5e:2x2x1", None)])
 def test_gpu_topology_names(name, expected):
   assert plan.gpu_topology(name) == expected
@@ -122,7 +123,8 @@ def test_bad_gpu_topology_names_the_flag(bad):
 
 
 def test_gpu_target_config_is_text_proto():
-  assert plan._text_proto({"a": 1, "b": {"c": "x", "d": {"e": 2.5}}}) == 'a: 1 b { c: "x" d { e: 2.5 } }'
+  text = plan._text_proto({"a": 1, "b": {"c": "x", "d": {"e": 2.5}}})
+  assert text == 'a: 1 b { c: "x" d { e: 2.5 } }'
 
 
 def test_a_step_over_the_gpus_memory_is_one_line():

@@ -75,9 +75,8 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def _text_proto(fields: Mapping) -> str:
-  def value(v):
-    return f"{{ {_text_proto(v)} }}" if isinstance(v, Mapping) else json.dumps(v)
-  return " ".join(f"{k}{'' if isinstance(v, Mapping) else ':'} {value(v)}" for k, v in fields.items())
+  return " ".join(f"{k} {{ {_text_proto(v)} }}" if isinstance(v, Mapping)
+                  else f"{k}: {json.dumps(v)}" for k, v in fields.items())
 
 
 def gpu_topology(name: str) -> tuple[str, int, int] | None:
