@@ -107,6 +107,8 @@ def test_topology_compiles_or_says_what_to_install(topology, package, requiremen
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["platform"] == platform and result["devices"] == 4
     assert result["memory_per_device"]["argument_bytes"] > 0 and result["flops_per_step"] > 0
+    if platform == "gpu":  # read from XLA's dump of the step (tools/gpu_launches.py)
+      assert 0 < result["gpu_launches"]["launches"] < result["gpu_launches"]["kernels"]
 
 
 @pytest.mark.parametrize("name, expected", [("h100:8", ("h100", 1, 8)),

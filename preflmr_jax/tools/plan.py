@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from typing import Mapping, Sequence
 
@@ -27,6 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from preflmr_jax import cli
+from preflmr_jax.tools import gpu_launches
 from preflmr_jax.user_errors import ConfigError, UserError
 
 def define_flags():
@@ -170,16 +172,20 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
   shape = dict(zip(sharding.MESH_AXES, mesh.devices.shape))
 
   setup = train.setup_train_step(config, mesh)  # the trainer's own construction
+  gpu = devices[0].platform == "gpu"
   start = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    try:
-      compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+  with (tempfile.TemporaryDirectory() as dump, jax.set_mesh(mesh),
+        nn.logical_axis_rules(setup.rules)):
+    try:  # on GPUs XLA also writes its executable's thunks, to count the launches of a step
+      compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile(
+          gpu_launches.dump_options(dump) if gpu else None)
     except jax.errors.JaxRuntimeError as e:  # the answer a plan exists to give, not a crash
       why = str(e).partition("RESOURCE_EXHAUSTED:")[2].strip()
       if not why:
         raise
       raise _does_not_fit(devices[0], config, shape, why.splitlines()[0]) from e
-  compile_s = time.perf_counter() - start
+    compile_s = time.perf_counter() - start
+    launches = {"gpu_launches": gpu_launches.read(dump)} if gpu else {}
   memory = _memory(compiled)
   check_fits_gpu(memory, devices[0], config, shape)
 
@@ -199,7 +205,8 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
       "xla_flops_per_device": _flops(compiled),
       "memory_per_device": memory,
       "custom_calls": _custom_calls(compiled),
-      "compile_s": round(compile_s, 2),  # tracing, lowering and XLA's compile
+      "compile_s": round(compile_s, 2),  # tracing, lowering and XLA's compile (and its dump)
+      **launches,  # per step, on one GPU: see tools/gpu_launches.py
   }
 
 
@@ -245,6 +252,12 @@ def _table(result: dict) -> str:
                            f"{result['xla_flops_per_device']:.4g} / device (XLA)"),
           ("compile", f"{result['compile_s']:.1f} s")]
   rows += [(f"{k[:-6]} / device", size(v)) for k, v in result["memory_per_device"].items()]
+  if launches := result.get("gpu_launches"):
+    rows += [("launches / step", f"{launches['launches']}, of them "
+                                 f"{launches['by_kind'].get('kCommandBuffer', 0)} CUDA graphs "
+                                 f"({launches['kernels']} kernels in all)"),
+             ("slice copies / step", f"{launches['slice_copies']}, "
+                                     f"{size(launches['slice_copy_bytes']).strip()}")]
   return "\n".join(f"{name:>22s}  {value}" for name, value in rows)
 
 
