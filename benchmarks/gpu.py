@@ -9,14 +9,16 @@ frozen, AdamW) in bf16 compute with fp32 master weights, on random batches padde
 (queries ~20 real tokens, documents ~180 of doc_maxlen). Rows are QUERIES:VARIANT; a variant is a
 set of config overrides (VARIANTS: the reference recipe `base`; `rbg` dropout bits; `cudnn` fused
 attention, which drops attention-probability dropout; remat policies; `cudnn_scan` scanned layer
-stacks; `*_graphs` scanned stacks with their loops recorded into CUDA graphs (XLA_OPTIONS);
-`*_xlanorm` scanned stacks with softmax and layer norms left to XLA's own kernels instead of Triton
-fusions (XLA_OPTIONS: a shorter compile); `cudnn_pallas` the loss's MaxSim as the fused Pallas
-kernel). Every row is lowered, then all are compiled at once (minutes each on one thread), then
+stacks; `cudnn_scan_remat` scanned, saving only each layer's input; `*_graphs` scanned stacks with
+their loops recorded into CUDA graphs (XLA_OPTIONS); `*_xlanorm` scanned stacks with softmax and
+layer norms left to XLA's own kernels instead of Triton fusions (XLA_OPTIONS: a shorter compile);
+`cudnn_pallas` the loss's MaxSim as the fused Pallas kernel). Every row is lowered, then all are compiled at once (minutes each on one thread), then
 timed one by one. MFU = model FLOPs (`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at
 the padded lengths; backward = 2x forward for trainable groups; the frozen vision tower forward
 only) / step time / the card's peak dense bf16 FLOP/s. "XLA util" uses XLA's cost_analysis FLOPs
-of the compiled step instead.
+of the compiled step instead. On a GPU, "launches" is what a step makes the host issue (CUDA graphs
+and the thunks outside them) and "slice copy GiB" what its dynamic slices copy (a scanned stack's
+layer slices), read from XLA's dump of the compiled step (`preflmr_jax/tools/gpu_launches.py`).
 Encode: jitted `encode_queries` / `encode_documents`, random bf16 weights, with XLA and with cuDNN
 attention (their embeddings' max difference shows the fused path computes the same thing).
 MaxSim: `late_interaction.maxsim_chunked` of a query batch against an on-device corpus for a few
@@ -38,6 +40,7 @@ import glob
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -57,6 +60,7 @@ from preflmr_jax import (  # noqa: E402
 from preflmr_jax.models import model_config as mc_lib  # noqa: E402
 from preflmr_jax.models.flops import encode_flops, train_flops, trainable_groups  # noqa: E402
 from preflmr_jax.models import preflmr  # noqa: E402
+from preflmr_jax.tools import gpu_launches  # noqa: E402
 
 CLS, SEP, MASK, Q_MARK, D_MARK = 101, 102, 103, 1, 2
 # Dense bf16 tensor-core peak and nominal HBM bandwidth by device_kind substring, first match wins
@@ -67,9 +71,9 @@ _CUDNN = {"dropout_prng_impl": "rbg", "model.attention": "cudnn",
           **{f"model.{s}.attention_dropout_rate": 0.0 for s in ("text", "vision", "mapping")}}
 # Rows: the reference recipe, then what raises throughput. 128 queries without remat need more
 # memory than an H100 has.
-DEFAULT_ROWS = ("32:base,32:rbg,32:cudnn,64:cudnn,64:cudnn_scan,64:cudnn_scan_graphs,"
-                "64:cudnn_scan_xlanorm,64:cudnn_pallas,128:cudnn_remat")
-MORE_ROWS = "128:remat,128:remat_dots"
+DEFAULT_ROWS = ("32:base,32:rbg,32:cudnn,64:cudnn,64:cudnn_scan,64:cudnn_scan_xlanorm,"
+                "64:cudnn_pallas,128:cudnn_remat,128:cudnn_scan_remat")
+MORE_ROWS = "128:remat,128:remat_dots,64:cudnn_scan_graphs"
 # The GPU MaxSim kernel's other block shapes (per program: queries x documents x query-token tile x
 # document-token tile; powers of two).
 PALLAS_BLOCKS = "4x16x64x64,16x4x64x64,8x8x128x64,8x8x64x32,8x8x32x64"
@@ -81,14 +85,20 @@ VARIANTS = {  # dotted config overrides of the train-step rows; master weights s
     "remat": {"model.remat": True, "model.remat_policy": "nothing_saveable"},
     "remat_dots": {"model.remat": True, "model.remat_policy": "dots_saveable"},
     "cudnn_scan": {**_CUDNN, "model.scan_layers": True},  # one scanned layer per stack
+    # + the forward recomputed in the backward: a scanned layer saves only its input, so its stacks
+    # take little memory and little copying (1.8 GiB a step against 28 GiB, compile-only at 32).
+    "cudnn_scan_remat": {**_CUDNN, "model.scan_layers": True, "model.remat": True,
+                         "model.remat_policy": "nothing_saveable"},
     "cudnn_pallas": {**_CUDNN, "maxsim_impl": "pallas"},  # the loss's MaxSim as one kernel
     "cudnn_scan_graphs": {**_CUDNN, "model.scan_layers": True},  # + XLA_OPTIONS
     "scan_graphs": {"dropout_prng_impl": "rbg", "model.scan_layers": True},  # + XLA_OPTIONS
     "cudnn_scan_xlanorm": {**_CUDNN, "model.scan_layers": True},  # + XLA_OPTIONS
 }
-# XLA options of the variants that have them (`compile(compiler_options)`): fewer kernel launches
-# per step, by recording the scanned layers' loops (WHILE) and conditionals into CUDA graphs too.
-# The option takes the whole list of command types here (XLA refuses "+WHILE" as a value).
+# XLA options of the variants that have them (`compile(compiler_options)`). `_graphs`: record the
+# scanned layers' loops (WHILE) and conditionals into CUDA graphs too. jax 0.10.2's XLA records no
+# loop whose body copies a dynamic slice, as every scanned stack's does: compiled for an H100 on a
+# CPU host, the step's thunks stay the same (docs/performance.md), hence not a default row. The
+# option takes the whole list of command types (XLA refuses "+WHILE" as a value).
 _GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
                                             "CONDITIONAL"}
 # Without XLA's rewrite of softmax and layer norms into Triton fusions, whose tiling search is most
@@ -438,7 +448,7 @@ class Bench:
     key = jax.random.key_data(jax.random.key(0, impl=config.dropout_prng_impl))
     return jax.device_put(self.state.replace(rng=key), setup.state_shardings)
 
-  def train(self, queries, variant, compiled, batch, steps):
+  def train(self, queries, variant, compiled, batch, steps, dump=None):
     if isinstance(compiled, Exception):
       raise compiled
     compiled, compile_s, hw = compiled
@@ -447,6 +457,14 @@ class Bench:
     row = {"queries": queries, "docs": docs, "variant": variant, "compile_s": compile_s,
            **{k.replace("model.", ""): v for k, v in VARIANTS[variant].items()
               if "dropout_rate" not in k}, **XLA_OPTIONS.get(variant, {})}
+    if dump:  # a dump this XLA writes differently costs the count, not the row
+      try:
+        counts = gpu_launches.read(dump)
+        row.update(launches=counts["launches"], kernels=counts["kernels"],
+                   launches_by_kind=counts["by_kind"],
+                   slice_copy_gib=gib(counts["slice_copy_bytes"]))
+      except Exception as e:  # pylint: disable=broad-except
+        row["launches_error"] = f"{type(e).__name__}: {e}"[:500]
     mem, stats = compiled.memory_analysis(), memory_stats()
     if mem is not None:  # bytes beyond the (donated) arguments, from XLA's buffer assignment
       need = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -489,13 +507,20 @@ class Bench:
         traceback.print_exc()
         self.results["train"].append({"name": name, "error": f"{type(e).__name__}: {e}"[:2000]})
     log(f"train: compiling {len(lowered)} steps at once")
-    compiled = compile_all(lowered, {f"{q}:{v}": XLA_OPTIONS[v] for q, v in rows
-                                     if v in XLA_OPTIONS})
+    # On a GPU XLA also dumps each step's thunks: the launches it makes the host issue.
+    dumps = ({name: tempfile.mkdtemp() for name in lowered}
+             if jax.devices()[0].platform == "gpu" else {})
+    options = {name: {**XLA_OPTIONS.get(name.partition(":")[2], {}),
+                      **(gpu_launches.dump_options(dumps[name]) if name in dumps else {})}
+               for name in lowered}
+    compiled = compile_all(lowered, options)
     for queries, variant in rows:
       name = f"{queries}:{variant}"
       if name in compiled:
         self.attempt("train", name, self.train, queries, variant, compiled.pop(name),
-                     batches.pop(name), steps)
+                     batches.pop(name), steps, dumps.get(name))
+    for dump in dumps.values():
+      shutil.rmtree(dump, ignore_errors=True)
     self.state = None  # frees the train state
 
 
@@ -505,7 +530,8 @@ COLUMNS = {  # section -> (header, key, format)
               ("queries/s", "queries_per_s", ".4g"), ("model TFLOP", "model_tflop", ".3g"),
               ("XLA TFLOP", "xla_tflop", ".3g"), ("TFLOP/s", "tflop_per_s", ".3g"),
               ("MFU", "mfu", ".1%"), ("XLA util", "xla_util", ".1%"),
-              ("step GiB", "step_gib", ".1f"), ("compile s", "compile_s", ".0f")],
+              ("step GiB", "step_gib", ".1f"), ("launches", "launches", "d"),
+              ("slice copy GiB", "slice_copy_gib", ".1f"), ("compile s", "compile_s", ".0f")],
     "encode": [("kind batch", "name", ""), ("tokens", "tokens", "d"), ("ms", "ms", ".1f"),
                ("examples/s", "examples_per_s", ".4g"), ("TFLOP/s", "tflop_per_s", ".3g"),
                ("MFU", "mfu", ".1%"), ("max|diff| vs xla", "max_abs_diff_vs_xla", ".2g"),

@@ -17,7 +17,8 @@
   CUDA plugin on this CPU host, `requirements-gpu-plan.txt`: --gpu_python) of the ViT-L release
   in bfloat16 at 32 queries per GPU (benchmarks/gpu.py's `32:base` row), also with each of
   GPU_XLA_FLAGS in XLA_FLAGS. XLA compiles for a chip it cannot see, so it skips autotuning: on a
-  GPU the compile takes longer.
+  GPU the compile takes longer. Also what a step makes the host issue (the plan's `gpu_launches`):
+  launches (CUDA graphs and the thunks outside them) and the bytes copied by dynamic slices.
 
 Prints a table with the ratios scanned/looped (each pair measured in this run), then one JSON
 line. Nothing is written to the committed results.
@@ -119,14 +120,15 @@ def plan_rows(python: str, where: str, topologies: dict, cases: list, per_device
         rows.append({"where": f"{where} {topology}", "case": f"{name}, batch {batch}{mesh}",
                      "scan": scan,
                      "compile_s": plan["compile_s"], "step_ms": None,
-                     "bytes": memory.get("peak_bytes") or memory["total_bytes"], "others": None})
+                     "bytes": memory.get("peak_bytes") or memory["total_bytes"], "others": None,
+                     "gpu_launches": plan.get("gpu_launches")})
         log(f"  compile {plan['compile_s']:.1f} s, {rows[-1]['bytes'] / 2**30:.2f} GiB/device")
   return rows
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| where | case | layers | compile | step | memory | scanned/looped |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| where | case | layers | compile | step | memory | launches, slice copies | "
+           "scanned/looped |", "|---|---|---|---|---|---|---|---|"]
   looped = {}
   for r in rows:
     key = (r["where"], r["case"])
@@ -143,8 +145,11 @@ def table(rows: list[dict]) -> str:
       looped[key] = r
     step = "-" if r["step_ms"] is None else f"{r['step_ms']:.0f} ms"
     memory = "-" if r["bytes"] is None else f"{r['bytes'] / 2**30:.2f} GiB"
+    launches = r.get("gpu_launches")
+    launches = ("-" if not launches else
+                f"{launches['launches']}, {launches['slice_copy_bytes'] / 2**30:.1f} GiB")
     lines.append(f"| {r['where']} | {r['case']} | {'scanned' if r['scan'] else 'looped'} | "
-                 f"{r['compile_s']:.1f} s | {step} | {memory} | {ratio} |")
+                 f"{r['compile_s']:.1f} s | {step} | {memory} | {launches} | {ratio} |")
   return "\n".join(lines)
 
 
