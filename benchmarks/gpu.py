@@ -10,8 +10,8 @@ frozen, AdamW) in bf16 compute with fp32 master weights, on random batches padde
 set of config overrides (VARIANTS: the reference recipe `base`; `rbg` dropout bits; `cudnn` fused
 attention, which drops attention-probability dropout; remat policies; `cudnn_scan` scanned layer
 stacks; `cudnn_scan_remat` scanned, saving only each layer's input; `*_graphs` scanned stacks with
-their loops recorded into CUDA graphs (XLA_OPTIONS); `*_xlanorm` scanned stacks with softmax and
-layer norms left to XLA's own kernels instead of Triton fusions (XLA_OPTIONS: a shorter compile);
+their loops recorded into CUDA graphs (an XLA option); `*_xlanorm` scanned stacks with softmax and
+layer norms left to XLA's own kernels instead of Triton fusions (an XLA option: a shorter compile);
 `cudnn_pallas` the loss's MaxSim as the fused Pallas kernel). Every row is lowered, then all are compiled at once (minutes each on one thread), then
 timed one by one. MFU = model FLOPs (`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at
 the padded lengths; backward = 2x forward for trainable groups; the frozen vision tower forward
@@ -77,7 +77,19 @@ MORE_ROWS = "128:remat,128:remat_dots,64:cudnn_scan_graphs"
 # The GPU MaxSim kernel's other block shapes (per program: queries x documents x query-token tile x
 # document-token tile; powers of two).
 PALLAS_BLOCKS = "4x16x64x64,16x4x64x64,8x8x128x64,8x8x64x32,8x8x32x64"
-VARIANTS = {  # dotted config overrides of the train-step rows; master weights stay fp32 in all
+# `_graphs`: XLA also records the scanned layers' loops (WHILE) and conditionals into CUDA graphs.
+# jax 0.10.2's XLA records no loop whose body copies a dynamic slice, as every scanned stack's
+# does: compiled for an H100 on a CPU host, the step's thunks stay the same (docs/performance.md),
+# hence not a default row. The option takes the whole list of command types (XLA refuses "+WHILE").
+_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
+                                            "CONDITIONAL"}
+# `_xlanorm`: without XLA's rewrite of softmax and layer norms into Triton fusions, whose tiling
+# search is most of the step's HLO passes on a GPU (compile-only for H100: 57-70 s -> 40-43 s,
+# scanned; docs/performance.md); what it costs or saves in step time is the row's to measure.
+_XLA_NORMS = {"xla_disable_hlo_passes": "triton-softmax-rewriter"}
+# The train-step rows' settings: dotted config overrides, and XLA compile options (`xla_*` keys,
+# `compile(compiler_options)`). Master weights stay fp32 in all.
+VARIANTS = {
     "base": {},  # the reference recipe: threefry dropout everywhere, XLA attention
     "rbg": {"dropout_prng_impl": "rbg"},  # dropout bits from the GPU's generator
     "cudnn": _CUDNN,  # + cuDNN fused attention (which has no attention dropout)
@@ -90,22 +102,16 @@ VARIANTS = {  # dotted config overrides of the train-step rows; master weights s
     "cudnn_scan_remat": {**_CUDNN, "model.scan_layers": True, "model.remat": True,
                          "model.remat_policy": "nothing_saveable"},
     "cudnn_pallas": {**_CUDNN, "maxsim_impl": "pallas"},  # the loss's MaxSim as one kernel
-    "cudnn_scan_graphs": {**_CUDNN, "model.scan_layers": True},  # + XLA_OPTIONS
-    "scan_graphs": {"dropout_prng_impl": "rbg", "model.scan_layers": True},  # + XLA_OPTIONS
-    "cudnn_scan_xlanorm": {**_CUDNN, "model.scan_layers": True},  # + XLA_OPTIONS
+    "cudnn_scan_graphs": {**_CUDNN, "model.scan_layers": True, **_GRAPHS},
+    "scan_graphs": {"dropout_prng_impl": "rbg", "model.scan_layers": True, **_GRAPHS},
+    "cudnn_scan_xlanorm": {**_CUDNN, "model.scan_layers": True, **_XLA_NORMS},
 }
-# XLA options of the variants that have them (`compile(compiler_options)`). `_graphs`: record the
-# scanned layers' loops (WHILE) and conditionals into CUDA graphs too. jax 0.10.2's XLA records no
-# loop whose body copies a dynamic slice, as every scanned stack's does: compiled for an H100 on a
-# CPU host, the step's thunks stay the same (docs/performance.md), hence not a default row. The
-# option takes the whole list of command types (XLA refuses "+WHILE" as a value).
-_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
-                                            "CONDITIONAL"}
-# Without XLA's rewrite of softmax and layer norms into Triton fusions, whose tiling search is most
-# of the step's HLO passes on a GPU (compile-only for H100: 57-70 s -> 40-43 s, scanned;
-# docs/performance.md); what it costs or saves in step time is the row's to measure.
-XLA_OPTIONS = {"cudnn_scan_graphs": _GRAPHS, "scan_graphs": _GRAPHS,
-               "cudnn_scan_xlanorm": {"xla_disable_hlo_passes": "triton-softmax-rewriter"}}
+
+
+def variant_settings(variant: str) -> tuple[dict, dict]:
+  """(config overrides, XLA compile options) of a train-step variant."""
+  xla = {k: v for k, v in VARIANTS[variant].items() if k.startswith("xla_")}
+  return {k: v for k, v in VARIANTS[variant].items() if k not in xla}, xla
 
 
 def log(msg):
@@ -420,7 +426,7 @@ class Bench:
   def setup(self, variant, queries):
     """(config, StepSetup) of one train row."""
     if (variant, queries) not in self.setups:
-      config = with_overrides(self.config, VARIANTS[variant])
+      config = with_overrides(self.config, variant_settings(variant)[0])
       config.batch_size = queries
       self.setups[(variant, queries)] = config, train.setup_train_step(config, self.mesh)
     return self.setups[(variant, queries)]
@@ -456,7 +462,7 @@ class Bench:
     docs = queries * (1 + config.num_negatives)
     row = {"queries": queries, "docs": docs, "variant": variant, "compile_s": compile_s,
            **{k.replace("model.", ""): v for k, v in VARIANTS[variant].items()
-              if "dropout_rate" not in k}, **XLA_OPTIONS.get(variant, {})}
+              if "dropout_rate" not in k}}
     if dump:  # a dump this XLA writes differently costs the count, not the row
       try:
         counts = gpu_launches.read(dump)
@@ -510,7 +516,7 @@ class Bench:
     # On a GPU XLA also dumps each step's thunks: the launches it makes the host issue.
     dumps = ({name: tempfile.mkdtemp() for name in lowered}
              if jax.devices()[0].platform == "gpu" else {})
-    options = {name: {**XLA_OPTIONS.get(name.partition(":")[2], {}),
+    options = {name: {**variant_settings(name.partition(":")[2])[1],
                       **(gpu_launches.dump_options(dumps[name]) if name in dumps else {})}
                for name in lowered}
     compiled = compile_all(lowered, options)
