@@ -223,17 +223,26 @@ def compile_all(lowered: dict, options: dict | None = None) -> dict:
 
 def profile(fn, calls, top=40):
   """Device time of `calls` calls of fn by kernel (jax.profiler trace, read with ProfileData):
-  per-stream totals and the `top` kernels, in ms per call, with their HLO op where recorded."""
+  per-stream totals and the `top` kernels, in ms per call, with their HLO op where recorded; and
+  the host's time by event name (inclusive: an event's time holds its children's), to see what
+  the host does while the device waits."""
   folder = tempfile.mkdtemp()
   jax.block_until_ready(fn())
-  with jax.profiler.trace(folder):
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0  # XLA's and the runtime's events, not Python's (nor the trace's)
+  with jax.profiler.trace(folder, profiler_options=options):
     for _ in range(calls):
       out = fn()
     jax.block_until_ready(out)
   data = jax.profiler.ProfileData.from_file(
       glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
-  lines, kernels, ops = collections.Counter(), collections.Counter(), {}
+  lines, kernels, ops, host = (collections.Counter(), collections.Counter(), {},
+                               collections.Counter())
   for plane in data.planes:
+    if plane.name.startswith("/host:"):
+      for line in plane.lines:
+        for event in line.events:
+          host[event.name[:160]] += event.duration_ns / 1e6 / calls
     if not plane.name.startswith("/device:"):
       continue
     for line in plane.lines:
@@ -247,7 +256,8 @@ def profile(fn, calls, top=40):
                                              "")[:160]
   return {"lines_ms": dict(lines.most_common()),
           "top": [{"line": l, "kernel": k[:160], "ms": ms, "hlo_op": ops[(l, k)]}
-                  for (l, k), ms in kernels.most_common(top)]}
+                  for (l, k), ms in kernels.most_common(top)],
+          "host_top": [{"event": name, "ms": ms} for name, ms in host.most_common(top)]}
 
 
 def memory_stats():
@@ -593,6 +603,9 @@ def markdown(r):
     lines += ["| kernel | stream | ms | HLO op |", "|---|---|---|---|"]
     lines += [f"| {t['kernel'][:80].replace('|', '/')} | {t['line']} | {t['ms']:.2f} | "
               f"{t['hlo_op'][:80].replace('|', '/')} |" for t in p["top"]] + [""]
+    lines += ["| host event (inclusive) | ms |", "|---|---|"]
+    lines += [f"| {t['event'][:80].replace('|', '/')} | {t['ms']:.2f} |"
+              for t in p.get("host_top", [])] + [""]
   lines.append("\\*f32 token-score traffic (write + read) if XLA does not fuse the MaxSim matmul "
                "with its max over document tokens.")
   return "\n".join(lines) + "\n"
