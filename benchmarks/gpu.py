@@ -9,16 +9,17 @@ frozen, AdamW) in bf16 compute with fp32 master weights, on random batches padde
 (queries ~20 real tokens, documents ~180 of doc_maxlen). Rows are QUERIES:VARIANT; a variant is a
 set of config overrides (VARIANTS: the reference recipe `base`; `rbg` dropout bits; `cudnn` fused
 attention, which drops attention-probability dropout; remat policies; `cudnn_scan` scanned layer
-stacks; `cudnn_scan_remat` scanned, saving only each layer's input; `*_graphs` scanned stacks with
-their loops recorded into CUDA graphs (an XLA option); `*_xlanorm` scanned stacks with softmax and
-layer norms left to XLA's own kernels instead of Triton fusions (an XLA option: a shorter compile);
-`cudnn_pallas` the loss's MaxSim as the fused Pallas kernel). Every row is lowered, then all are compiled at once (minutes each on one thread), then
-timed one by one. MFU = model FLOPs (`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at
-the padded lengths; backward = 2x forward for trainable groups; the frozen vision tower forward
-only) / step time / the card's peak dense bf16 FLOP/s. "XLA util" uses XLA's cost_analysis FLOPs
-of the compiled step instead. On a GPU, "launches" is what a step makes the host issue (CUDA graphs
-and the thunks outside them) and "slice copy GiB" what its dynamic slices copy (a scanned stack's
-layer slices), read from XLA's dump of the compiled step (`preflmr_jax/tools/gpu_launches.py`).
+stacks; `cudnn_scan_remat` scanned, saving only each layer's input; `*_graphs` scanned stacks,
+asking XLA to record their loops into CUDA graphs too (an XLA option); `*_xlanorm` scanned stacks
+with softmax and layer norms left to XLA's own kernels instead of Triton fusions (an XLA option: a
+shorter compile); `cudnn_pallas` the loss's MaxSim as the fused Pallas kernel). Every row is
+lowered, then all are compiled at once (minutes each on one thread), then timed one by one. MFU =
+model FLOPs (`preflmr_jax/models/flops.py`: 2 per MAC of every matmul at the padded lengths;
+backward = 2x forward for trainable groups; the frozen vision tower forward only) / step time / the
+card's peak dense bf16 FLOP/s. "XLA util" uses XLA's cost_analysis FLOPs of the compiled step
+instead. On a GPU, "launches" is what a step makes the host issue (CUDA graphs and the thunks
+outside them) and "slice copy GiB" what its dynamic slices copy (a scanned stack's layer slices),
+read from XLA's dump of the compiled step (`preflmr_jax/tools/gpu_launches.py`).
 Encode: jitted `encode_queries` / `encode_documents`, random bf16 weights, with XLA and with cuDNN
 attention (their embeddings' max difference shows the fused path computes the same thing).
 MaxSim: `late_interaction.maxsim_chunked` of a query batch against an on-device corpus for a few
@@ -77,10 +78,10 @@ MORE_ROWS = "128:remat,128:remat_dots,64:cudnn_scan_graphs"
 # The GPU MaxSim kernel's other block shapes (per program: queries x documents x query-token tile x
 # document-token tile; powers of two).
 PALLAS_BLOCKS = "4x16x64x64,16x4x64x64,8x8x128x64,8x8x64x32,8x8x32x64"
-# `_graphs`: XLA also records the scanned layers' loops (WHILE) and conditionals into CUDA graphs.
-# jax 0.10.2's XLA records no loop whose body copies a dynamic slice, as every scanned stack's
-# does: compiled for an H100 on a CPU host, the step's thunks stay the same (docs/performance.md),
-# hence not a default row. The option takes the whole list of command types (XLA refuses "+WHILE").
+# `_graphs`: asks XLA to record the scanned layers' loops (WHILE) and conditionals into CUDA graphs
+# too. Not a default row: compiled for an H100 on a CPU host, the step's thunks stay the same
+# (docs/performance.md, "What a GPU step issues"). The option takes the whole list of command
+# types (XLA refuses "+WHILE").
 _GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
                                             "CONDITIONAL"}
 # `_xlanorm`: without XLA's rewrite of softmax and layer norms into Triton fusions, whose tiling
@@ -98,7 +99,7 @@ VARIANTS = {
     "remat_dots": {"model.remat": True, "model.remat_policy": "dots_saveable"},
     "cudnn_scan": {**_CUDNN, "model.scan_layers": True},  # one scanned layer per stack
     # + the forward recomputed in the backward: a scanned layer saves only its input, so its stacks
-    # take little memory and little copying (1.8 GiB a step against 28 GiB, compile-only at 32).
+    # take little memory and little copying (docs/performance.md, "What a GPU step issues").
     "cudnn_scan_remat": {**_CUDNN, "model.scan_layers": True, "model.remat": True,
                          "model.remat_policy": "nothing_saveable"},
     "cudnn_pallas": {**_CUDNN, "maxsim_impl": "pallas"},  # the loss's MaxSim as one kernel
@@ -529,14 +530,16 @@ class Bench:
     options = {name: {**variant_settings(name.partition(":")[2])[1],
                       **(gpu_launches.dump_options(dumps[name]) if name in dumps else {})}
                for name in lowered}
-    compiled = compile_all(lowered, options)
-    for queries, variant in rows:
-      name = f"{queries}:{variant}"
-      if name in compiled:
-        self.attempt("train", name, self.train, queries, variant, compiled.pop(name),
-                     batches.pop(name), steps, dumps.get(name))
-    for dump in dumps.values():
-      shutil.rmtree(dump, ignore_errors=True)
+    try:
+      compiled = compile_all(lowered, options)
+      for queries, variant in rows:
+        name = f"{queries}:{variant}"
+        if name in compiled:
+          self.attempt("train", name, self.train, queries, variant, compiled.pop(name),
+                       batches.pop(name), steps, dumps.get(name))
+    finally:
+      for dump in dumps.values():
+        shutil.rmtree(dump, ignore_errors=True)
     self.state = None  # frees the train state
 
 
@@ -578,7 +581,8 @@ def tables(r):
   for section in ("train", "encode", "maxsim", "copy"):
     rows = []
     for row in r[section]:
-      note = (row.get("error") or row.get("skipped") or "").splitlines()
+      note = (row.get("error") or row.get("skipped") or row.get("launches_error") or
+              "").splitlines()
       rows.append(["-" if row.get(key) is None else format(row[key], fmt)
                    for _, key, fmt in COLUMNS[section]] + [note[0][:100] if note else ""])
     out.append((titles[section], [h for h, _, _ in COLUMNS[section]] + ["note"], rows))

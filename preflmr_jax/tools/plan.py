@@ -258,6 +258,7 @@ def _table(result: dict) -> str:
                                  f"({launches['kernels']} kernels in all)"),
              ("slice copies / step", f"{launches['slice_copies']}, "
                                      f"{size(launches['slice_copy_bytes']).strip()}")]
+    rows += [("host waits on", sync) for sync in launches["host_syncs"]]
   return "\n".join(f"{name:>22s}  {value}" for name, value in rows)
 
 
@@ -269,6 +270,9 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   size = math.prod(mesh_config.values())
   import jax  # pylint: disable=g-import-not-at-top
+  # A step loaded from a persistent compilation cache is not compiled: no compile time to report,
+  # no dump of it to count GPU launches from.
+  jax.config.update("jax_enable_compilation_cache", False)
   if flags.FLAGS.topology:
     if gpu_topology(flags.FLAGS.topology):  # compiled for; the host's own backend is the CPU
       jax.config.update("jax_platforms", "cpu")

@@ -1,6 +1,6 @@
-"""Rewrites this folder's XLA GPU dump (tests/test_gpu_launches.py), with jax's CUDA plugin:
+"""Rewrites the XLA GPU dumps in this folder (tests/test_gpu_launches.py) with jax's CUDA plugin.
 
-  python tests/golden/gpu_dump/make.py    # in the plan's GPU environment (requirements-gpu-plan.txt)
+  python tests/golden/gpu_dump/make.py   # in the plan's GPU environment: requirements-gpu-plan.txt
 """
 
 import glob
@@ -17,8 +17,10 @@ KEEP = ("thunk_sequence.txt", "thunk_sequence_after_thunk_passes.txt", "thunk_me
         "gpu_after_optimizations.txt")
 
 
-def f(x, ws):
-  def layer(c, w):  # seven kernels: enough for XLA to record them into a CUDA graph
+def scan(x, ws):
+  """A 3-step scan of seven kernels (enough for XLA to record them into a CUDA graph) stacking
+  one output, then seven kernels."""
+  def layer(c, w):
     h = c @ w
     h = jnp.tanh(h) * jax.nn.sigmoid(h.sum(0))
     h = h / jnp.sqrt((h * h).sum(-1, keepdims=True) + 1.0)
@@ -30,16 +32,30 @@ def f(x, ws):
   return jnp.log1p(jnp.abs(b)) @ jnp.exp(c.T @ a) + jnp.sort(a) * jnp.tanh(c.mean())
 
 
+def nested(x, ws, p):
+  """A 2-step scan of a 3-step scan, then a conditional: too few kernels for a CUDA graph."""
+  def outer(c, w):
+    return jax.lax.scan(lambda c, v: (jnp.tanh(c @ v) + c, None), c, w)[0], None
+
+  c = jax.lax.scan(outer, x, ws)[0]
+  return jax.lax.cond(p > 0, lambda c: jnp.sin(c) @ c, lambda c: jnp.cos(c).T, c)
+
+
 def main():
   jax.config.update("jax_platforms", "cpu")
   gpu = jax.sharding.SingleDeviceSharding(plan.topology_devices("h100:1")[0])
-  shapes = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=gpu) for s in ((64, 64), (3, 64, 64))]
+  spec = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=gpu)
   here = os.path.dirname(os.path.abspath(__file__))
-  with tempfile.TemporaryDirectory() as dump:
-    jax.jit(f).lower(*shapes).compile(gpu_launches.dump_options(dump))
-    for path in glob.glob(os.path.join(dump, "*")):
-      if path.endswith(KEEP):
-        shutil.copy(path, here)
+  for fn, args in ((scan, (spec(64, 64), spec(3, 64, 64))),
+                   (nested, (spec(64, 64), spec(2, 3, 64, 64), spec(dtype=jnp.int32)))):
+    out = os.path.join(here, fn.__name__)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    with tempfile.TemporaryDirectory() as dump:
+      jax.jit(fn).lower(*args).compile(gpu_launches.dump_options(dump))
+      for path in glob.glob(os.path.join(dump, "*")):
+        if path.endswith(KEEP):
+          shutil.copy(path, out)
 
 
 if __name__ == "__main__":
