@@ -67,7 +67,9 @@ def test_a_loop_without_a_known_trip_count_runs_its_condition_and_waits(tmp_path
   hlo.write_text(text.replace('"known_trip_count":{"n":"3"}', '"known_trip_count":null'))
   counts = gpu_launches.read(str(dump))
   assert len(counts["host_syncs"]) == 1 and "trip count unknown" in counts["host_syncs"][0]
-  assert counts["launches"] == 3 + 2 + 4 + 1  # one iteration: a lower bound
+  # One iteration (a lower bound): the condition's kernel and its copy to the host, twice.
+  assert counts["by_kind"]["kWhile"] == 2
+  assert counts["launches"] == 3 + 2 * 2 + 4 + 1
 
 
 def test_a_sequence_it_cannot_read_is_an_error(tmp_path):
@@ -79,7 +81,7 @@ def test_a_sequence_it_cannot_read_is_an_error(tmp_path):
 
 
 def test_a_folder_without_a_dump_names_it(tmp_path):
-  with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no XLA GPU dump"):
+  with pytest.raises(FileNotFoundError, match=f"no XLA GPU dump .* in {tmp_path}"):
     gpu_launches.read(str(tmp_path))
 
 
@@ -89,3 +91,60 @@ def test_two_modules_in_one_folder_are_refused(tmp_path):
     shutil.copy(path, dump / path.name.replace("module_0001", "module_0002"))
   with pytest.raises(ValueError, match="more than one module's dump"):
     gpu_launches.read(str(dump))
+
+
+def _sequence(tmp_path, text):
+  path = tmp_path / "sequence.txt"
+  path.write_text(text)
+  thunks, end = gpu_launches._parse(gpu_launches._lines(str(path)), 0, 0)
+  return thunks, end
+
+
+def test_a_conditional_inside_a_branch_keeps_its_own_branches(tmp_path):
+  """Labels belong to the thunk two columns to their left: the inner conditional's branches stay
+  its own, the outer one's next branch the outer one's (written as XLA prints them)."""
+  thunks, end = _sequence(tmp_path, """\
+001: kConditional  [source | sink]
+  false_branch:
+    002: kConditional [source | sink]
+      false_branch:
+        003: kCustomKernel [source | sink] a
+      true_branch:
+        004: kCustomKernel [source | sink] b
+  true_branch:
+    005: kCustomKernel [source | sink] c
+006: kCustomKernel [source | sink] d
+""")
+  assert end == 10 and [t.index for t in thunks] == [1, 6]
+  outer = thunks[0].sections
+  assert [t.index for t in outer["true_branch"]] == [5]
+  inner = outer["false_branch"][0].sections
+  assert {k: [t.index for t in v] for k, v in inner.items()} == {"false_branch": [3],
+                                                                 "true_branch": [4]}
+
+
+def test_an_empty_branch_takes_nothing_after_it(tmp_path):
+  thunks, end = _sequence(tmp_path, """\
+001: kConditional  [source | sink]
+  false_branch:
+    002: kCustomKernel [source | sink] a
+  true_branch:
+003: kCustomKernel [source | sink] b
+""")
+  assert end == 5 and [t.index for t in thunks] == [1, 3]
+  assert thunks[0].sections["true_branch"] == []
+
+
+def test_a_slice_handed_to_a_library_call_is_no_copy():
+  """A dynamic-slice fusion that points cuBLAS at a slice (its result a tuple, as XLA prints a
+  library call's) copies nothing; one that copies the slice writes its bytes."""
+  sliced = ("  %p0 = f32[4,8,8]{2,1,0} parameter(0)",
+            "  %p1 = s32[] parameter(1)",
+            "  %c = s32[] constant(0)",
+            "  %ds = f32[1,8,8]{2,1,0} dynamic-slice(%p0, %p1, %c, %c), "
+            "dynamic_slice_sizes={1,8,8}")
+  gemm = ("  %b = f32[8,8]{1,0} bitcast(%ds)",
+          '  ROOT %cc = (f32[8,8]{1,0}, s8[4194304]{0}) custom-call(%b, %b), '
+          'custom_call_target="__cublas$gemm"')
+  assert gpu_launches._slice_bytes([*sliced, *gemm]) is None
+  assert gpu_launches._slice_bytes([*sliced, "  ROOT %cp = f32[1,8,8]{2,1,0} copy(%ds)"]) == 256

@@ -31,7 +31,6 @@ import glob
 import math
 import os
 import re
-from typing import Iterator
 
 # Bits per element of XLA's element types (f8e4m3fn, f8e5m2, ...: 8).
 _BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "bf16": 16, "f16": 16, "s16": 16, "u16": 16,
@@ -41,7 +40,7 @@ _COMPUTATION = re.compile(r"(?:ENTRY )?%([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*)")
 # A dynamic-slice fusion holding one of these points a library call or a kernel at a slice (no
 # copy of its own); the others copy a slice out of a stack or write an update into one.
-_COMPUTES = {"custom-call", "fusion", "dot", "convolution"}
+_COMPUTES = re.compile(r"\s(custom-call|fusion|dot|convolution)\(")
 
 
 def dump_options(folder: str) -> dict[str, object]:
@@ -70,28 +69,33 @@ def _lines(path: str) -> list[tuple[int, int | None, str]]:
   return out
 
 
-def _owns(kind: str, label: str, sections: dict) -> bool:
-  """Whether the section `label`, met right after `kind`'s thunk or its sections, is its own: a
-  loop has a condition then a body, a conditional its branches (XLA prints a loop's "condition:"
-  label unindented at any depth, so labels go by kind, not by indent)."""
-  if kind == "kWhile":
-    return label == ("condition" if not sections else "body" if len(sections) == 1 else None)
-  return kind == "kConditional" and label not in ("condition", "body")
+def _owns(kind: str, own_indent: int, label: str, label_indent: int, sections: dict) -> bool:
+  """Whether a section label met right after a thunk (or its sections) is the thunk's own: XLA
+  prints a loop's "condition:" unindented at any depth, then its "body:", and a conditional's
+  branches, two columns right of the thunk."""
+  if kind == "kWhile" and not sections:
+    return label == "condition"
+  own = label_indent == own_indent + 2 and label not in sections
+  return own and (label == "body" if kind == "kWhile" else kind == "kConditional")
 
 
 def _parse(lines, i: int, indent: int) -> tuple[list[_Thunk], int]:
-  """The thunks at `indent` from line i on, each with what is nested under it; stops at a label
-  or a shallower line."""
+  """The thunks from line i on, down to `indent` (the first one's indent is theirs), each with
+  what is nested under it; stops at a label or a shallower line."""
   thunks = []
   while i < len(lines) and lines[i][1] is not None and lines[i][0] >= indent:
     own_indent, index, kind = lines[i]
     i += 1
     nested = []
     if i < len(lines) and lines[i][1] is not None and lines[i][0] > own_indent:
+      if kind not in ("kCommandBuffer", "kDynamicSliceFusion"):
+        raise ValueError(f"thunk {index} ({kind}) nests thunks; tools/gpu_launches.py does not "
+                         "know how that kind runs them")
       nested, i = _parse(lines, i, lines[i][0])
     sections = {}
-    while i + 1 < len(lines) and lines[i][1] is None and _owns(kind, lines[i][2], sections):
-      sections[lines[i][2]], i = _parse(lines, i + 1, lines[i + 1][0])
+    while (i < len(lines) and lines[i][1] is None
+           and _owns(kind, own_indent, lines[i][2], lines[i][0], sections)):
+      sections[lines[i][2]], i = _parse(lines, i + 1, own_indent + 1)
     thunks.append(_Thunk(kind, index, nested, sections))
   return thunks, i
 
@@ -130,11 +134,11 @@ def _slice_bytes(fused: list[str]) -> int | None:
   for one that copies nothing."""
   shapes, total = {}, 0
   for line in fused:
+    if _COMPUTES.search(line):  # before the shape: a library call's result is a tuple
+      return None
     if not (m := _INSTRUCTION.match(line)):
       continue
     name, dtype, dims, op, args = m.groups()
-    if op in _COMPUTES:
-      return None
     shapes[name] = (dtype, dims)
     if op == "dynamic-slice":
       total += _bytes(dtype, dims)
@@ -146,20 +150,35 @@ def _slice_bytes(fused: list[str]) -> int | None:
   return total
 
 
-def _walk(comps, name: str, times: int) -> Iterator[tuple[str, int]]:
-  """(computation, runs per execution) from `name` through loop bodies (trip count times, once
-  when unknown), calls and conditional branches (every branch, as if each ran)."""
-  yield name, times
+def _branches(line: str) -> list[str]:
+  """A conditional's branch computations (`branch_computations={...}`, or true / false)."""
+  listed = line.partition("branch_computations={")[2].partition("}")[0]
+  return (re.findall(r"%([\w.\-]+)", listed) if listed else
+          [b for key in ("true_computation", "false_computation") if (b := _attr(line, key))])
+
+
+def _slice_copies(comps, name: str) -> tuple[int, int]:
+  """(copies, bytes) of one run of computation `name`, through its loops (trip count times, once
+  when unknown), calls and the larger branch of each conditional."""
+  copies = copy_bytes = 0
   for line in comps.get(name, ()):
+    runs, callees = 1, []
     if " while(" in line:
       n = _trip_count(line)
-      yield from _walk(comps, _attr(line, "body"), times * (1 if n is None else n))
+      runs, callees = (1 if n is None else n), [_attr(line, "body")]
+    elif " call(" in line:
+      callees = [_attr(line, "to_apply")]
     elif " conditional(" in line:
-      for branch in re.findall(r"%([\w.\-]+)", line.partition("branch_computations={")[2]
-                               .partition("}")[0]):
-        yield from _walk(comps, branch, times)
-    elif " call(" in line and (callee := _attr(line, "to_apply")):
-      yield from _walk(comps, callee, times)
+      n, b = max((_slice_copies(comps, b) for b in _branches(line)), default=(0, 0))
+      copies, copy_bytes = copies + n, copy_bytes + b
+    elif '"name":"dynamic_slice_fusion"' in line:
+      written = _slice_bytes(comps.get(_attr(line, "calls"), []))
+      if written is not None:
+        copies, copy_bytes = copies + 1, copy_bytes + written
+    for callee in filter(None, callees):
+      n, b = _slice_copies(comps, callee)
+      copies, copy_bytes = copies + runs * n, copy_bytes + runs * b
+  return copies, copy_bytes
 
 
 def _find(folder: str, suffix: str) -> str | None:
@@ -178,8 +197,8 @@ def read(folder: str) -> dict:
   hlo = _find(folder, "_gpu_after_optimizations.txt")
   if not (sequence and metadata and hlo):
     raise FileNotFoundError(
-        f"{folder}: no XLA GPU dump (thunk sequence, thunk metadata and optimised HLO); a step "
-        "loaded from jax's persistent compilation cache is not compiled, and leaves none")
+        f"no XLA GPU dump (a step from jax's persistent compilation cache leaves none) in "
+        f"{folder}: it needs the thunk sequence, the thunk metadata and the optimised HLO")
   lines = _lines(sequence)
   thunks, end = _parse(lines, 0, 0)
   if end < len(lines):
@@ -198,17 +217,21 @@ def read(folder: str) -> dict:
     """(launches by kind, kernels) of `times` runs of `thunks`."""
     launches, kernels = collections.Counter(), 0
     for t in thunks:
-      parts = []  # a loop's sections: (thunks, runs)
       name = names.get(t.index, f"thunk {t.index}")
+      parts = []  # a loop's sections: (thunks, runs)
       if t.kind == "kWhile":
-        n = trips.get(name)
-        if n is None:  # the condition runs every iteration; outside a graph the host waits on it
-          syncs.extend([] if in_graph else [f"{name} (a loop, trip count unknown)"])
+        if name not in trips:
+          raise ValueError(f"{sequence}: loop thunk {t.index} ({name}) is no loop of {hlo}")
+        n = trips[name]
+        if n is None:  # each of its conditions copied to the host, which waits on it
           parts = [(t.sections.get("condition", []), 2 * times),
                    (t.sections.get("body", []), times)]
-        else:
+          if not in_graph:
+            syncs.append(f"{name} (a loop, trip count unknown)")
+            launches[t.kind] += 2 * times
+        else:  # XLA runs the body n times without its condition
           parts = [(t.sections.get("body", []), n * times)]
-      elif t.kind == "kConditional":  # outside a graph: its predicate copied to the host
+      elif t.kind == "kConditional":  # its predicate copied to the host, which waits on it
         if not in_graph:
           syncs.append(f"{name} (a conditional)")
           launches[t.kind] += times
@@ -229,18 +252,10 @@ def read(folder: str) -> dict:
     return launches, kernels
 
   by_kind, kernels = count(thunks, 1, False)
-  comps = _computations(hlo_text)
   entry = re.search(r"^ENTRY %([\w.\-]+)", hlo_text, re.M)
   if entry is None:
     raise ValueError(f"{hlo}: no ENTRY computation")
-  copies = copy_bytes = 0
-  for comp, times in _walk(comps, entry.group(1), 1):
-    for line in comps.get(comp, ()):
-      if '"name":"dynamic_slice_fusion"' in line and (fused := _attr(line, "calls")):
-        written = _slice_bytes(comps.get(fused, []))
-        if written is not None:
-          copies += times
-          copy_bytes += times * written
+  copies, copy_bytes = _slice_copies(_computations(hlo_text), entry.group(1))
   return {"launches": sum(by_kind.values()), "kernels": kernels,
           "by_kind": dict(by_kind.most_common()), "slice_copies": copies,
           "slice_copy_bytes": copy_bytes, "host_syncs": syncs}
