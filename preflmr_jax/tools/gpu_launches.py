@@ -12,15 +12,16 @@ holds the loops' trip counts.
 
   options = dump_options(folder)       # compile options: XLA writes the dump into `folder`
   counts = read(folder)                # per call of the executable:
-    launches          what the host issues: command buffers, and thunks outside them
+    launches          what the host issues: command buffers, thunks outside them, and the
+                      predicate copies of conditionals and of loops of unknown length
     kernels           kernels, copies and library calls, inside command buffers or not
     by_kind           launches by thunk kind (kCommandBuffer, kCustomKernel, kConditional, ...)
     slice_copies      copies of dynamic slices: in a scanned layer stack, each layer's parameter
     slice_copy_bytes  slices and saved activations out of (or into) their stacks, and the bytes
                       they write (each also reads as many)
-    host_syncs        loops without a known trip count and conditionals, each waiting for the
-                      device (per iteration for a loop); the counts take one iteration of such a
-                      loop and the larger branch of a conditional
+    host_syncs        loops without a known trip count and conditionals (outside command
+                      buffers), each waiting for the device (per iteration, for a loop); the counts
+                      take one iteration of such a loop and the larger branch of a conditional
 """
 
 from __future__ import annotations
