@@ -146,7 +146,7 @@ def table(rows: list[dict]) -> str:
     step = "-" if r["step_ms"] is None else f"{r['step_ms']:.0f} ms"
     memory = "-" if r["bytes"] is None else f"{r['bytes'] / 2**30:.2f} GiB"
     launches = r.get("gpu_launches")
-    launches = ("-" if not launches else
+    launches = ("-" if not launches or "error" in launches else
                 f"{launches['launches']}, {launches['slice_copy_bytes'] / 2**30:.1f} GiB")
     lines.append(f"| {r['where']} | {r['case']} | {'scanned' if r['scan'] else 'looped'} | "
                  f"{r['compile_s']:.1f} s | {step} | {memory} | {launches} | {ratio} |")

@@ -144,3 +144,20 @@ def test_a_step_over_the_gpus_memory_is_one_line():
 def test_num_slices_is_for_tpus():
   with pytest.raises(ValueError, match="--num_slices is for TPU topologies, not --topology=h100:8"):
     plan.topology_devices("h100:8", num_slices=2)
+
+
+@pytest.mark.parametrize("launches, shown", [
+    ({"launches": 5, "kernels": 40, "by_kind": {"kCommandBuffer": 3}, "slice_copies": 2,
+      "slice_copy_bytes": 3 * 2**20, "host_syncs": ["cond.1 (a conditional)"]},
+     ["launches / step  5, of them 3 CUDA graphs (40 kernels in all)",
+      "slice copies / step  2, 3.00 MiB", "host waits on  cond.1 (a conditional)"]),
+    ({"error": "ValueError: line 7 does not follow"},
+     ["launches / step  not counted: ValueError: line 7 does not follow"])])
+def test_the_table_shows_the_gpu_launches(launches, shown):
+  """A dump this XLA writes differently costs the counts, not the plan."""
+  result = {"mesh": {"data": 1}, "devices": 1, "device_kind": "NVIDIA H100 80GB HBM3",
+            "slices": 1, "global_batch": 8, "params_total": 10, "params_trainable": 5,
+            "flops_per_step": 1e9, "xla_flops_per_device": 0.0, "compile_s": 1.0,
+            "memory_per_device": {"total_bytes": 2**30}, "gpu_launches": launches}
+  lines = [" ".join(line.split()) for line in plan._table(result).splitlines()]
+  assert lines[-len(shown):] == [" ".join(line.split()) for line in shown]

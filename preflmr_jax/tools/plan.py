@@ -155,6 +155,14 @@ def _flops(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
+def _read_launches(dump: str) -> dict:
+  """The dump's counts; a dump this XLA writes differently costs the counts, not the plan."""
+  try:
+    return gpu_launches.read(dump)
+  except (OSError, ValueError) as e:
+    return {"error": f"{type(e).__name__}: {e}"}
+
+
 def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None) -> dict:
   """Compiles `config`'s train step for `mesh_config` on `devices` (default: all); returns the plan."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -185,7 +193,7 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
         raise
       raise _does_not_fit(devices[0], config, shape, why.splitlines()[0]) from e
     compile_s = time.perf_counter() - start
-    launches = {"gpu_launches": gpu_launches.read(dump)} if gpu else {}
+    launches = {"gpu_launches": _read_launches(dump)} if gpu else {}
   memory = _memory(compiled)
   check_fits_gpu(memory, devices[0], config, shape)
 
@@ -252,7 +260,10 @@ def _table(result: dict) -> str:
                            f"{result['xla_flops_per_device']:.4g} / device (XLA)"),
           ("compile", f"{result['compile_s']:.1f} s")]
   rows += [(f"{k[:-6]} / device", size(v)) for k, v in result["memory_per_device"].items()]
-  if launches := result.get("gpu_launches"):
+  launches = result.get("gpu_launches")
+  if launches and "error" in launches:
+    rows.append(("launches / step", f"not counted: {launches['error']}"))
+  elif launches:
     rows += [("launches / step", f"{launches['launches']}, of them "
                                  f"{launches['by_kind'].get('kCommandBuffer', 0)} CUDA graphs "
                                  f"({launches['kernels']} kernels in all)"),
