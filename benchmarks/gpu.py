@@ -85,8 +85,8 @@ PALLAS_BLOCKS = "4x16x64x64,16x4x64x64,8x8x128x64,8x8x64x32,8x8x32x64"
 _GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,"
                                             "CONDITIONAL"}
 # `_xlanorm`: without XLA's rewrite of softmax and layer norms into Triton fusions, whose tiling
-# search is most of the step's HLO passes on a GPU (compile-only for H100: 57-70 s -> 40-43 s,
-# scanned; docs/performance.md); what it costs or saves in step time is the row's to measure.
+# search is most of the step's HLO passes on a GPU (a shorter compile: docs/performance.md, "Where
+# that GPU compile goes"); what it costs or saves in step time is the row's to measure.
 _XLA_NORMS = {"xla_disable_hlo_passes": "triton-softmax-rewriter"}
 # The train-step rows' settings: dotted config overrides, and XLA compile options (`xla_*` keys,
 # `compile(compiler_options)`). Master weights stay fp32 in all.
