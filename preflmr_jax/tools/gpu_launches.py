@@ -81,8 +81,9 @@ def _owns(kind: str, own_indent: int, label: str, label_indent: int, sections: d
 
 
 def _parse(lines, i: int, indent: int) -> tuple[list[_Thunk], int]:
-  """The thunks from line i on, down to `indent` (the first one's indent is theirs), each with
-  what is nested under it; stops at a label or a shallower line."""
+  """The thunks from line i on indented by `indent` or more, each with what is nested under it
+  (the lines right after it, further right) and its sections; stops at a label it does not own or
+  at a line indented less."""
   thunks = []
   while i < len(lines) and lines[i][1] is not None and lines[i][0] >= indent:
     own_indent, index, kind = lines[i]
