@@ -474,14 +474,12 @@ class Bench:
     row = {"queries": queries, "docs": docs, "variant": variant, "compile_s": compile_s,
            **{k.replace("model.", ""): v for k, v in VARIANTS[variant].items()
               if "dropout_rate" not in k}}
-    if dump:  # a dump this XLA writes differently costs the count, not the row
-      try:
-        counts = gpu_launches.read(dump)
-        row.update(launches=counts["launches"], kernels=counts["kernels"],
-                   launches_by_kind=counts["by_kind"],
-                   slice_copy_gib=gib(counts["slice_copy_bytes"]))
-      except Exception as e:  # pylint: disable=broad-except
-        row["launches_error"] = f"{type(e).__name__}: {e}"[:500]
+    counts = gpu_launches.read_or_error(dump) if dump else {}  # an unread dump costs the counts
+    if "error" in counts:
+      row["launches_error"] = counts["error"][:500]
+    elif counts:
+      row.update(launches=counts["launches"], kernels=counts["kernels"],
+                 launches_by_kind=counts["by_kind"], slice_copy_gib=gib(counts["slice_copy_bytes"]))
     mem, stats = compiled.memory_analysis(), memory_stats()
     if mem is not None:  # bytes beyond the (donated) arguments, from XLA's buffer assignment
       need = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes

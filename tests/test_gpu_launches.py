@@ -83,6 +83,10 @@ def test_a_sequence_it_cannot_read_is_an_error(tmp_path):
 def test_a_folder_without_a_dump_names_it(tmp_path):
   with pytest.raises(FileNotFoundError, match=f"no XLA GPU dump .* in {tmp_path}"):
     gpu_launches.read(str(tmp_path))
+  # What the plan and gpu.py report instead of stopping.
+  assert gpu_launches.read_or_error(str(tmp_path))["error"].startswith(
+      "FileNotFoundError: no XLA GPU dump")
+  assert gpu_launches.read_or_error(SCAN)["launches"] == 16
 
 
 def test_two_modules_in_one_folder_are_refused(tmp_path):

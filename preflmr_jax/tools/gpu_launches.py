@@ -11,7 +11,8 @@ changed it), with each thunk's HLO name (`*.thunk_metadata.txt`) and the optimis
 holds the loops' trip counts.
 
   options = dump_options(folder)       # compile options: XLA writes the dump into `folder`
-  counts = read(folder)                # per call of the executable:
+  counts = read(folder)                # per call of the executable (read_or_error: {"error": ...}
+                                       # instead of raising, for reports that go on without):
     launches          what the host issues: command buffers, thunks outside them, and the
                       predicate copies of conditionals and of loops of unknown length
     kernels           kernels, copies and library calls, inside command buffers or not
@@ -261,3 +262,11 @@ def read(folder: str) -> dict:
   return {"launches": sum(by_kind.values()), "kernels": kernels,
           "by_kind": dict(by_kind.most_common()), "slice_copies": copies,
           "slice_copy_bytes": copy_bytes, "host_syncs": syncs}
+
+
+def read_or_error(folder: str) -> dict:
+  """`read(folder)`, or {"error": why} for a dump it cannot read (e.g. another XLA's format)."""
+  try:
+    return read(folder)
+  except Exception as e:  # pylint: disable=broad-except  (foreign input: any parse failure)
+    return {"error": f"{type(e).__name__}: {e}"}

@@ -155,14 +155,6 @@ def _flops(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-def _read_launches(dump: str) -> dict:
-  """The dump's counts; a dump this XLA writes differently costs the counts, not the plan."""
-  try:
-    return gpu_launches.read(dump)
-  except (OSError, ValueError) as e:
-    return {"error": f"{type(e).__name__}: {e}"}
-
-
 def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None) -> dict:
   """Compiles `config`'s train step for `mesh_config` on `devices` (default: all); returns the plan."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -193,7 +185,8 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
         raise
       raise _does_not_fit(devices[0], config, shape, why.splitlines()[0]) from e
     compile_s = time.perf_counter() - start
-    launches = {"gpu_launches": _read_launches(dump)} if gpu else {}
+    # A dump this XLA writes differently costs the counts, not the plan.
+    launches = {"gpu_launches": gpu_launches.read_or_error(dump)} if gpu else {}
   memory = _memory(compiled)
   check_fits_gpu(memory, devices[0], config, shape)
 
