@@ -152,3 +152,26 @@ def test_a_slice_handed_to_a_library_call_is_no_copy():
           'custom_call_target="__cublas$gemm"')
   assert gpu_launches._slice_bytes([*sliced, *gemm]) is None
   assert gpu_launches._slice_bytes([*sliced, "  ROOT %cp = f32[1,8,8]{2,1,0} copy(%ds)"]) == 256
+
+
+def test_an_async_collective_is_one_launch(tmp_path):
+  """On several GPUs XLA starts collectives on their own stream: the start (which nests the
+  collective) and the wait are each a launch (lines as XLA prints them for the tiny step on
+  two hosts of two H100s)."""
+  (tmp_path / "m.thunk_sequence_after_thunk_passes.txt").write_text("""\
+026: kAsyncStart    [prev=000 (1)  | next=031 (5) ] stream=communication_stream[0], async_id=26
+    025: kAllGather [source | sink] kAllGather
+027: kCopy          [source        | next=029 (2) ] kCopy
+029: kCustomKernel  [prev=027 (2)  | next=000 (3) ] loop_add_fusion_43 grid: [1, 1, 1]
+030: kAsyncDone     [source        | sink         ] async_id=26
+000: kCommandBuffer [prev=000 (2)  | next=000 (2) ]
+    140: kCustomKernel [source        | next=144 (4) ] loop_transpose_fusion_36 grid: [16, 1, 1]
+    141: kCustomKernel [source        | next=143 (2) ] loop_transpose_fusion_28 grid: [64, 1, 1]
+""")
+  (tmp_path / "m.thunk_metadata.txt").write_text("")
+  hlo = tmp_path / "m.sm_9.0a_gpu_after_optimizations.txt"
+  hlo.write_text("ENTRY %main.1 () -> f32[] {\n}\n")
+  counts = gpu_launches.read(str(tmp_path))
+  assert counts["by_kind"] == {"kAsyncStart": 1, "kCopy": 1, "kCustomKernel": 1, "kAsyncDone": 1,
+                               "kCommandBuffer": 1}
+  assert counts["launches"] == 5 and counts["kernels"] == 4 + 2

@@ -38,6 +38,9 @@ import re
 _BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "bf16": 16, "f16": 16, "s16": 16, "u16": 16,
          "f32": 32, "s32": 32, "u32": 32, "f64": 64, "s64": 64, "u64": 64, "c64": 64, "c128": 128}
 _THUNK = re.compile(r"(\d+): (\w+)")
+# Thunks printed with others nested under them: a command buffer's are its kernels; a dynamic-slice
+# fusion's is its copy and an async start's the collective it starts, each one kernel in all.
+_NESTS = ("kCommandBuffer", "kDynamicSliceFusion", "kAsyncStart")
 _COMPUTATION = re.compile(r"(?:ENTRY )?%([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*)")
 # A dynamic-slice fusion holding one of these points a library call or a kernel at a slice (no
@@ -91,7 +94,7 @@ def _parse(lines, i: int, indent: int) -> tuple[list[_Thunk], int]:
     i += 1
     nested = []
     if i < len(lines) and lines[i][1] is not None and lines[i][0] > own_indent:
-      if kind not in ("kCommandBuffer", "kDynamicSliceFusion"):
+      if kind not in _NESTS:
         raise ValueError(f"thunk {index} ({kind}) nests thunks; tools/gpu_launches.py does not "
                          "know how that kind runs them")
       nested, i = _parse(lines, i, lines[i][0])
@@ -246,7 +249,6 @@ def read(folder: str) -> dict:
       else:
         if not in_graph:
           launches[t.kind] += times
-        # What a dynamic-slice fusion nests is its own copy: one kernel.
         kernels += (count(t.nested, times, True)[1] if t.kind == "kCommandBuffer" else times)
       for part, runs in parts:
         sub_launches, sub_kernels = count(part, runs, in_graph)
