@@ -15,7 +15,8 @@ holds the loops' trip counts.
                                        # instead of raising, for reports that go on without):
     launches          what the host issues: command buffers, thunks outside them, and the
                       predicate copies of conditionals and of loops of unknown length
-    kernels           kernels, copies and library calls, inside command buffers or not
+    kernels           kernels, copies and library calls, inside command buffers or not (a
+                      stream's wait for another is a launch, not a kernel)
     by_kind           launches by thunk kind (kCommandBuffer, kCustomKernel, kConditional, ...)
     slice_copies      copies of dynamic slices: in a scanned layer stack, each layer's parameter
     slice_copy_bytes  slices and saved activations out of (or into) their stacks, and the bytes
@@ -41,6 +42,8 @@ _THUNK = re.compile(r"(\d+): (\w+)")
 # Thunks printed with others nested under them: a command buffer's are its kernels; a dynamic-slice
 # fusion's is its copy and an async start's the collective it starts, each one kernel in all.
 _NESTS = ("kCommandBuffer", "kDynamicSliceFusion", "kAsyncStart")
+# Thunks that make a stream wait for another's work: the host issues them, no kernel runs.
+_WAITS = ("kAsyncDone", "kWaitForStreams")
 _COMPUTATION = re.compile(r"(?:ENTRY )?%([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*)")
 # A dynamic-slice fusion holding one of these points a library call or a kernel at a slice (no
@@ -249,7 +252,10 @@ def read(folder: str) -> dict:
       else:
         if not in_graph:
           launches[t.kind] += times
-        kernels += (count(t.nested, times, True)[1] if t.kind == "kCommandBuffer" else times)
+        if t.kind == "kCommandBuffer":
+          kernels += count(t.nested, times, True)[1]
+        elif t.kind not in _WAITS:
+          kernels += times
       for part, runs in parts:
         sub_launches, sub_kernels = count(part, runs, in_graph)
         launches.update(sub_launches)

@@ -15,6 +15,7 @@ last line of stdout (memory is per device).
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import json
 import math
@@ -174,7 +175,8 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
   setup = train.setup_train_step(config, mesh)  # the trainer's own construction
   gpu = devices[0].platform == "gpu"
   start = time.perf_counter()
-  with (tempfile.TemporaryDirectory() as dump, jax.set_mesh(mesh),
+  with (tempfile.TemporaryDirectory() if gpu else contextlib.nullcontext() as dump,
+        jax.set_mesh(mesh),
         nn.logical_axis_rules(setup.rules)):
     try:  # on GPUs XLA also writes its executable's thunks, to count the launches of a step
       compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile(
