@@ -188,7 +188,8 @@ class StepSetup:
   state_shardings: TrainState
   abstract_state: TrainState  # ShapeDtypeStructs carrying `state_shardings`
   abstract_batch: dict  # ShapeDtypeStructs of one global batch, sharded as the loop feeds it
-  init_state: Callable[[int], TrainState]  # seed -> state; jit it with `state_shardings`
+  # (seed, params or None) -> state, the params random if None; jit it with `state_shardings`
+  init_state: Callable[..., TrainState]
   train_step: Callable  # jitted, donated state; call under `jax.set_mesh` + the logical rules
   negative_groups: int  # shares of the batch whose documents are each query's negatives
 
@@ -217,18 +218,20 @@ def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
                                                      param_shardings, mesh),
       rng=replicated, nonfinite_steps=replicated, first_nonfinite_step=replicated)
 
-  def init_state(seed):
+  def init_state(seed, params=None):
     params_rng, dropout_rng = jax.random.split(jax.random.key(seed))
     if config.dropout_prng_impl != "threefry2x32":
       dropout_rng = jax.random.key(jax.random.bits(dropout_rng, dtype=jnp.uint32),
                                    impl=config.dropout_prng_impl)
-    params = preflmr.random_params(model_config, params_rng)
+    if params is None:
+      params = preflmr.random_params(model_config, params_rng)
     return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(dropout_rng), nonfinite_steps=jnp.int32(0),
                       first_nonfinite_step=jnp.int32(-1))
 
-  abstract_state = _abstract_with(jax.eval_shape(functools.partial(init_state, 0)),
-                                  state_shardings)
+  abstract_state = _abstract_with(
+      jax.eval_shape(functools.partial(init_state, 0), abstract_params),
+      state_shardings)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                             sharding=sharding.batch_sharding(mesh, v.ndim, rules))
                     for k, v in data.batch_spec(config, model_config).items()}
@@ -359,11 +362,10 @@ def _train(config, workdir, preemption) -> dict[str, float]:
         resume = ckpt.latest_step() is not None
       preemption.stop_before_start()
       if not resume:  # created sharded: nothing is materialised on one host
-        state = jax.jit(setup.init_state, static_argnums=0,
-                        out_shardings=state_shardings)(config.seed)
+        # Loaded params pass through: no random draw to compile and throw away.
         loaded = _initial_params(config, setup.abstract_state.params)
-        if loaded is not None:
-          state = state.replace(params=loaded)
+        state = jax.jit(setup.init_state, static_argnums=0, donate_argnums=1,
+                        out_shardings=state_shardings)(config.seed, loaded)
         start = 0
       else:
         with storage.errors("--workdir", workdir):

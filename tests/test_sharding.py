@@ -65,12 +65,12 @@ def test_sharded_forward_equals_single_device(mesh_config):
   model = preflmr.PreFLMR(config)
   batch = 8
   inputs = _inputs(config, batch)
-  params = preflmr.init_params(config, jax.random.key(0))
+  init = lambda rng: model.init(rng, *_inputs(config, 1))["params"]
+  params = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
   fwd = lambda p, *x: model.apply({"params": p}, *x)
   (q_ref, qm_ref), (d_ref, dm_ref) = jax.jit(fwd)(params, *inputs)
 
   mesh = sharding.make_mesh(mesh_config)
-  init = lambda rng: model.init(rng, *_inputs(config, 1))["params"]
   sharded_params, shardings = sharding.init_sharded(init, mesh, RULES, jax.random.key(0))
   # Created sharded, with the same values as the unsharded init (up to float rounding of the
   # initialiser's arithmetic under a different compilation).

@@ -274,19 +274,29 @@ def test_sigterm_saves_the_current_step_and_stops_then_resumes_exactly(trained_w
 
 @pytest.mark.slow
 def test_init_params_from_another_run_and_from_a_published_folder(trained_workdir, tmp_path,
-                                                                  tiny_config, short_run):
-  """With zero learning rates the final parameters are exactly the starting ones."""
+                                                                  tiny_config, short_run,
+                                                                  monkeypatch):
+  """With zero learning rates the final parameters are exactly the starting ones; no random
+  parameters are drawn (their init compiles for minutes at the release shapes)."""
   frozen_lr = {"optimizer.learning_rate": 0.0, "optimizer.mapping_learning_rate": 0.0}
   source = _final_params(trained_workdir, tiny_config())
-  train.train_and_evaluate(short_run(num_train_steps=1, init_params_from=str(trained_workdir),
-                                     **frozen_lr), str(tmp_path / "b"))
-  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "b", tiny_config()), source)
-
   model_config = mc.PreFLMRConfig.from_dict(tiny_config().model)
   published = preflmr.init_params(model_config, jax.random.key(7))
+
+  def train_without_drawing(config, workdir):
+    def no_draw(*_):
+      raise AssertionError("random parameters drawn for a run that loads its parameters")
+    with monkeypatch.context() as m:
+      m.setattr(preflmr, "random_params", no_draw)
+      train.train_and_evaluate(config, workdir)
+
+  train_without_drawing(short_run(num_train_steps=1, init_params_from=str(trained_workdir),
+                                  **frozen_lr), str(tmp_path / "b"))
+  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "b", tiny_config()), source)
+
   preflmr_jax.PretrainedPreFLMR(model_config, published).save_pretrained(str(tmp_path / "pub"))
-  train.train_and_evaluate(short_run(num_train_steps=1, init_from=str(tmp_path / "pub"), **frozen_lr),
-                           str(tmp_path / "c"))
+  train_without_drawing(short_run(num_train_steps=1, init_from=str(tmp_path / "pub"), **frozen_lr),
+                        str(tmp_path / "c"))
   jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "c", tiny_config()),
                jax.device_get(published))
 
