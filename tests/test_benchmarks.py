@@ -47,10 +47,11 @@ def test_quick_runs_never_rewrite_the_committed_results(one_device_env):
 def test_gpu_script_on_cpu_with_tiny_shapes(tmp_path, one_device_env):
   env = {**one_device_env, "JAX_PLATFORMS": "cpu"}
   _run(["benchmarks/gpu.py", "--tiny", "--quick", "--skip", "encode", "--profile", "8:base",
-        "--train_rows", "8:base,8:cudnn,8:scan_graphs",
+        "--train_rows", "8:base,8:cudnn,8:scan_graphs", "--compile_group", "2",
         "--json", str(tmp_path / "gpu.json"), "--md", str(tmp_path / "gpu.md")], env)
   r = json.loads((tmp_path / "gpu.json").read_text())
   rows = {row["name"]: row for row in r["train"]}
+  assert sorted(rows) == ["8:base", "8:cudnn", "8:scan_graphs"]  # from two groups
   assert rows["8:base"]["step_ms"] > 0 and rows["8:base"]["loss"] > 0
   assert "cuDNN" in rows["8:cudnn"]["error"]  # no GPU here: recorded, and the run went on
   # XLA accepts the GPU options on any backend (a misspelt type is refused at compile).
