@@ -476,12 +476,12 @@ class Bench:
     row = {"queries": queries, "docs": docs, "variant": variant, "compile_s": compile_s,
            **{k.replace("model.", ""): v for k, v in VARIANTS[variant].items()
               if "dropout_rate" not in k}}
-    counts = gpu_launches.read_or_error(dump) if dump else {}  # an unread dump costs the counts
-    if "error" in counts:
-      row["launches_error"] = counts["error"][:500]
-    elif counts:
-      row.update(launches=counts["launches"], kernels=counts["kernels"],
-                 launches_by_kind=counts["by_kind"], slice_copy_gib=gib(counts["slice_copy_bytes"]))
+    issued = gpu_launches.read_or_error(dump) if dump else {}  # an unread dump costs the counts
+    if "error" in issued:
+      row["launches_error"] = issued["error"][:500]
+    elif issued:
+      row.update(launches=issued["launches"], kernels=issued["kernels"],
+                 launches_by_kind=issued["by_kind"], slice_copy_gib=gib(issued["slice_copy_bytes"]))
     mem, stats = compiled.memory_analysis(), memory_stats()
     if mem is not None:  # bytes beyond the (donated) arguments, from XLA's buffer assignment
       need = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
