@@ -24,6 +24,7 @@ query's ranking (passage indices, best first).
 
 from __future__ import annotations
 
+import functools
 import json
 import textwrap
 from typing import NamedTuple, Optional
@@ -133,9 +134,9 @@ def _load(config, checkpoint: Optional[str], step: Optional[int], mesh, rules):
   tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
   tokenization.check_mask_ids(tokenizer, model_config.instruction_token_id,
                               model_config.skip_token_ids)
-  model = preflmr.PreFLMR(model_config)
-  init = lambda rng: model.init(rng, **preflmr.dummy_inputs(model_config))["params"]
-  params, _ = sharding.init_sharded(init, mesh, rules, jax.random.key(config.seed))
+  params, _ = sharding.init_sharded(functools.partial(preflmr.random_params, model_config), mesh,
+                                    rules, jax.random.key(config.seed),
+                                    logical=preflmr.logical_params(model_config))
   return model_config, params, tokenizer, tokenizer, "random weights, no --checkpoint"
 
 

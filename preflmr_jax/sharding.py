@@ -167,13 +167,15 @@ def batch_sharding(mesh: Mesh, rank: int, rules) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(batch_axes(rules) or None, *([None] * (rank - 1))))
 
 
-def init_sharded(init_fn, mesh: Mesh, rules, *args):
-  """Runs `init_fn(*args)` (returning boxed variables) jitted so that every parameter is created
-  directly in its sharding; returns (unboxed variables, their shardings)."""
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = logical_to_shardings(abstract, mesh, rules)
+def init_sharded(init_fn, mesh: Mesh, rules, *args, logical=None):
+  """Runs `init_fn(*args)` jitted so that every parameter is created directly in its sharding;
+  returns (unboxed variables, their shardings). `init_fn` returns boxed variables, or unboxed ones
+  when `logical` (their boxed abstract tree, which names the logical axes) is given."""
+  if logical is None:
+    logical = jax.eval_shape(init_fn, *args)
+  shardings = logical_to_shardings(logical, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
-    variables = jax.jit(init_fn, out_shardings=shardings)(*args)
+    variables = jax.jit(init_fn, out_shardings=nn.meta.unbox(shardings))(*args)
   return nn.meta.unbox(variables), nn.meta.unbox(shardings)
 
 

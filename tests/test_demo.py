@@ -4,10 +4,12 @@ bad flags."""
 import json
 import re
 
+import jax
 import numpy as np
 import pytest
 
-from preflmr_jax import demo
+from preflmr_jax import demo, sharding
+from preflmr_jax.models import preflmr
 
 pytestmark = pytest.mark.slow  # each test runs the demo in a subprocess
 
@@ -39,6 +41,22 @@ def test_demo_tiny_prints_and_writes_scores(tmp_path, cli):
   assert np.isfinite(scores).all() and scores.std() > 0
   # Each score is a sum of at most query_length cosine similarities.
   assert (np.abs(scores) <= 32 + 4 + 16).all()
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_demo_random_weights_are_the_seeds_random_params_sharded(tiny_config, scan_layers):
+  """Without a checkpoint the demo draws `preflmr.random_params` (one layer's init per stack: the
+  per-layer init compiles for minutes at ViT-L shapes) in the config's layout, created sharded."""
+  config = tiny_config(**{"model.scan_layers": scan_layers, "mesh.fsdp": 2, "mesh.tensor": 2,
+                          "seed": 3})
+  mesh = sharding.make_mesh(config.mesh)
+  model_config, params, *_, weights = demo._load(config, None, None, mesh,
+                                                 tuple(config.logical_axis_rules))
+  assert weights == "random weights, no --checkpoint"
+  want = preflmr.init_params(model_config, jax.random.key(3))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), params, want)
+  split = [x for x in jax.tree.leaves(params) if x.addressable_shards[0].data.shape != x.shape]
+  assert split and all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(params))
 
 
 def test_demo_tiny_samples_are_sample_task_items():

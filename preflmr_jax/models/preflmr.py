@@ -147,6 +147,12 @@ def abstract_params(config: PreFLMRConfig):
   return layer_stacks.to_layout(shapes, config.scan_layers)
 
 
+def logical_params(config: PreFLMRConfig):
+  """The params tree as `jax.ShapeDtypeStruct`s boxed with their logical axis names (no
+  allocation), in `config`'s layer layout: what shardings are made from."""
+  return jax.eval_shape(lambda: PreFLMR(config).init(jax.random.key(0), **dummy_inputs(config))["params"])
+
+
 def _init(config: PreFLMRConfig, rng: jax.Array):
   """The model's own init, unboxed, in `config`'s layout."""
   return nn.meta.unbox(PreFLMR(config).init(rng, **dummy_inputs(config))["params"])
@@ -167,4 +173,4 @@ def init_params(config: PreFLMRConfig, rng: jax.Array):
 
 
 __all__ = ["PreFLMR", "VisionProjection", "abstract_params", "dummy_inputs", "init_params", "l2_normalize",
-           "random_params"]
+           "logical_params", "random_params"]
