@@ -342,6 +342,8 @@ def find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
     if step is not None and step != int(path.name):
       raise ValueError(f"step={step} asked for, but {path} is step {path.name}")
     return path
+  if path.name in ITEMS and (path.parent / "params").is_dir():
+    raise MissingPath(f"{path} is one item of a checkpoint: pass its step folder {path.parent}")
   directory = workdir.checkpoints_dir(path) if workdir.checkpoints_dir(path).is_dir() else path
   if step is None:
     step = _latest_complete(directory)

@@ -100,13 +100,19 @@ def _flag_error(e: BaseException, argv: Sequence[str] = ()) -> str:
   chain = [e]
   while chain[-1].__cause__ or chain[-1].__context__:
     chain.append(chain[-1].__cause__ or chain[-1].__context__)
-  text = next((str(c) for c in chain if "Did you mean" in str(c)), str(chain[-1])).strip()
+  # ml_collections raises KeyError("'key'") (with a suggestion when it has one) from KeyError('key'),
+  # and re-raises a config file's error as its type with the traceback as message: the innermost
+  # UserError is the one line.
+  keys = [c for c in chain if isinstance(c, KeyError)]
+  source = next((c for c in chain if "Did you mean" in str(c)), None)
+  source = source or next((c for c in reversed(chain) if isinstance(c, user_errors.UserError)), None)
+  text = str(source or (keys[0] if keys else chain[-1])).strip()
   if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
     try:
       text = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       pass
-  unknown = re.match(r"'([^']*)'(\n|$)", text) if isinstance(chain[-1], KeyError) else None
+  unknown = re.match(r"'([^']*)'(\n|$)", text) if keys else None
   if unknown:
     key = unknown.group(1)
     flag = next((a.partition("=")[0] for a in argv if a.startswith("--config.")

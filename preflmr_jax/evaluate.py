@@ -129,8 +129,13 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
   output = storage.path(output, "--output")
   if split not in m2kr.SPLITS:
     raise ConfigError(f"--split={split!r}: expected one of {m2kr.SPLITS}")
-  tasks = [m2kr.canonical_task(t, data_dir) for t in tasks or
-           [t for t, _ in pipeline.parse_tasks(config.data.tasks, data_dir)]]
+  if batch_size < 1:
+    raise ConfigError(f"--batch_size={batch_size}: must be >= 1")
+  try:
+    tasks = [m2kr.canonical_task(t, data_dir) for t in tasks]
+  except ValueError as e:
+    raise ConfigError(f"--tasks={','.join(tasks)}: {e}") from None
+  tasks = tasks or [t for t, _ in pipeline.parse_tasks(config.data.tasks, data_dir)]
   if not tasks:
     raise ConfigError("no tasks to evaluate: pass --tasks or set config.data.tasks")
   # What can fail without the model fails before it is loaded: every task's data, and the

@@ -21,6 +21,9 @@ def _one_line_error(run) -> str:
      'of "num_train_step"?'),
     ((TINY, "--config.mesh.dta=2"), 'error: --config.mesh.dta: no such config key. Did you mean '
      '"data"'),
+    ((TINY, "--config.foo=1"), "error: --config.foo: no such config key."),
+    ((TINY, "--config.data.num_negatives=2"), "error: --config.data.num_negatives: no such config "
+     "key."),
     ((TINY, "--config.num_train_steps=many"), "error: --config.num_train_steps=many: invalid "
      "literal for int()"),
     ((TINY, "--config.num_train_steps=0"), "error: config.num_train_steps=0: must be an integer >= 1"),
@@ -28,6 +31,8 @@ def _one_line_error(run) -> str:
     ((TINY, "--config.mesh.data=3"), "error: config.mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs "
      "3 devices, but 1 are available"),
     (("--config=configs/nope.py",), "error: --config=configs/nope.py: no such file"),
+    (("--config=configs/tiny.py:width=abc",), "error: configs/tiny.py: argument 'width=abc': "
+     "width='abc' is not of type int"),
     (("--config=configs/tiny.py:width=6",), "error: configs/tiny.py: width=6 is not a positive "
      "multiple of 4"),
     ((TINY, "--no_such_flag=1"), "error: Unknown command line flag 'no_such_flag'"),
@@ -76,3 +81,25 @@ def test_a_data_dir_without_the_sample_says_how_to_build_it(tmp_path, cli):
   assert "M2KR SAMPLE" in line and "are not built" in line, line
   assert f"python -m preflmr_jax.data.sample --out DIR --data_dir {tmp_path}" in line
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--tasks=SAMPL",), "error: --tasks=SAMPL: unknown M2KR task 'SAMPL'"),
+    (("--batch_size=0",), "error: --batch_size=0: must be >= 1"),
+    (("--batch_size=-3",), "error: --batch_size=-3: must be >= 1"),
+    (("--split=tset",), "error: --split='tset': expected one of"),
+])
+def test_evaluation_mistakes_are_one_line(trained_workdir, tmp_path, cli, args, message):
+  output = tmp_path / "eval"
+  line = _one_line_error(cli("preflmr_jax.evaluate", TINY, f"--checkpoint={trained_workdir}",
+                             f"--output={output}", *args))
+  assert line.startswith(message), line
+  assert not output.exists()
+
+
+def test_a_checkpoint_item_as_checkpoint_names_its_step_folder(trained_workdir, tmp_path, cli):
+  item = trained_workdir / "checkpoints" / "6" / "params"
+  line = _one_line_error(cli("preflmr_jax.evaluate", TINY, f"--checkpoint={item}",
+                             f"--output={tmp_path / 'eval'}"))
+  assert line == (f"error: --checkpoint={item}: {item} is one item of a checkpoint: pass its step "
+                  f"folder {item.parent}")

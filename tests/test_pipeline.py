@@ -330,6 +330,13 @@ def test_mined_hard_negatives_are_drawn_first_never_a_positive(data_dir, tmp_pat
       assert mined <= set(negs) and pos not in negs
 
 
+def test_a_missing_hard_negatives_folder_is_an_error(data_dir, tmp_path):
+  config = _config(data_dir, **{"data.hard_negatives_dir": str(tmp_path / "typo")})
+  with pytest.raises(FileNotFoundError, match=f"config.data.hard_negatives_dir={tmp_path / 'typo'}: "
+                     "no such folder"):
+    _iterator(config, process_index=0, process_count=1)
+
+
 def test_malformed_rankings_name_the_line(data_dir, tmp_path):
   (tmp_path / "SAMPLE_rankings.jsonl").write_text('{"question_id": "a", "passage_ids": []}\nnope\n')
   config = _config(data_dir, **{"data.hard_negatives_dir": str(tmp_path)})

@@ -428,12 +428,17 @@ class _Subset:
 def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, list[int]]]:
   """`config.data.hard_negatives_dir/<task>_rankings.jsonl` (the eval binary's rankings: one
   `{"question_id", "passage_ids": [best first]}` per line), top `hard_negatives_depth` kept as
-  corpus indices; None when the folder is unset or has no file for `task`."""
+  corpus indices; None when the folder is unset or has no file for `task`. A folder that does not
+  exist is an error (a typo would quietly train without the mined negatives)."""
+  key = "config.data.hard_negatives_dir"
   folder = config.data.get("hard_negatives_dir") or ""
   if not folder:
     return None
-  path = layout.rankings_path(storage.path(folder, "config.data.hard_negatives_dir"), task)
+  folder = storage.path(folder, key)
+  storage.must_exist(folder, key)
+  path = layout.rankings_path(folder, task)
   if not path.exists():
+    logging.info("%s: no %s, so no hard negatives for it", task, path)
     return None
   depth = int(config.data.get("hard_negatives_depth", 0)) or None
   mined = {}
