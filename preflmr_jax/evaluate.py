@@ -148,6 +148,8 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
     storage.check_writable(storage.path(cache_dir, "--embedding_cache"), "--embedding_cache")
   mesh = evaluation.eval_mesh()
   restored = restore(config, checkpoint, step, mesh)
+  logging.info("evaluating %s%s", restored.checkpoint,
+               "" if restored.step is None else f", step {restored.step}")
   encoder = evaluation.Encoder(restored.model_config, restored.params, restored.query_tokenizer,
                                restored.document_tokenizer, mesh, batch_size)
   size = {"params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(restored.params)),
@@ -158,7 +160,8 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
                                                 cache_dir=cache_dir, index=index)
     result.update(checkpoint=restored.checkpoint, step=restored.step, split=split, **size)
     results[task] = result
-    logging.info("%s/%s: %s", task, split, {k: v for k, v in result.items() if "@" in k})
+    logging.info("%s/%s: %s", task, split,
+                 " ".join(f"{k}={v:.4f}" for k, v in result.items() if "@" in k))
     if write:  # after each task: a later task's failure keeps the finished ones
       storage.write_text(layout.rankings_path(output, task),
                          "".join(json.dumps(r) + "\n" for r in rankings))

@@ -383,6 +383,10 @@ def _train(config, workdir, preemption) -> dict[str, float]:
             first_nonfinite_step=put(jnp.int32(meta.get("first_nonfinite_step", -1))))
         train_iter.set_state(meta["data"])
         logging.info("resumed from %s at step %d", workdir, start)
+        if start >= config.num_train_steps:
+          logging.info("nothing to train: config.num_train_steps=%d (raise it to train further)",
+                       config.num_train_steps)
+          return {}
       evaluator = (make_evaluator(config, setup, mesh, state.params, tokenizer)
                    if config.eval_every_steps else None)
       log = MetricsLog(workdir, start, config.num_train_steps)

@@ -3,6 +3,7 @@ learns the sample task, bad configs fail before compiling, non-finite steps neve
 checkpoint, SIGTERM saves and stops."""
 
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -116,7 +117,7 @@ def _final_params(workdir, config, step=None):
 
 
 @pytest.mark.slow
-def test_resume_is_exact(trained_workdir, tmp_path, short_run):
+def test_resume_is_exact(trained_workdir, tmp_path, short_run, caplog):
   """Stopped after step 3 (saved off the 2-step interval, as the last step), then resumed to step
   6: the same parameters and losses as the straight 6-step run."""
   base = {"num_train_steps": 6, "checkpoint_every_steps": 2}
@@ -128,6 +129,11 @@ def test_resume_is_exact(trained_workdir, tmp_path, short_run):
   a, b = _read_metrics(trained_workdir), _read_metrics(tmp_path)
   assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=1e-5)
+  # Run again, finished: nothing compiles or trains.
+  with caplog.at_level(logging.INFO):
+    assert train.train_and_evaluate(config, str(tmp_path)) == {}
+  assert "nothing to train: config.num_train_steps=6" in caplog.text
+  assert "compiled" not in caplog.text and _read_metrics(tmp_path) == b
 
 
 @pytest.mark.slow
@@ -158,7 +164,7 @@ def test_tiny_config_learns_the_sample_task(tmp_path, source, steps, accuracy, c
             env={"XLA_FLAGS": ""})
   assert out.returncode == 0, out.stderr[-3000:]
   console = (out.stdout + out.stderr).strip().splitlines()
-  assert len(console) <= 40 and f"done: {steps} steps" in console[-2], console
+  assert len(console) <= 40 and f"done: step {steps} in" in console[-2], console
   metrics = _read_metrics(workdir)
   assert metrics[-1]["step"] == steps
   assert metrics[0]["accuracy"] < 0.25, metrics[0]  # chance: 1/16
