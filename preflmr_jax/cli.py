@@ -100,12 +100,13 @@ def _flag_error(e: BaseException, argv: Sequence[str] = ()) -> str:
   chain = [e]
   while chain[-1].__cause__ or chain[-1].__context__:
     chain.append(chain[-1].__cause__ or chain[-1].__context__)
-  # ml_collections raises KeyError("'key'") (with a suggestion when it has one) from KeyError('key'),
-  # and re-raises a config file's error as its type with the traceback as message: the innermost
-  # UserError is the one line.
+  # ml_collections raises KeyError("'key'") (with a suggestion when it has one) from
+  # KeyError('key'), and re-raises a config file's error as its type with the traceback as
+  # message: the innermost UserError is the one line.
   keys = [c for c in chain if isinstance(c, KeyError)]
   source = next((c for c in chain if "Did you mean" in str(c)), None)
-  source = source or next((c for c in reversed(chain) if isinstance(c, user_errors.UserError)), None)
+  source = source or next((c for c in reversed(chain) if isinstance(c, user_errors.UserError)),
+                          None)
   text = str(source or (keys[0] if keys else chain[-1])).strip()
   if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
     try:

@@ -150,7 +150,8 @@ def abstract_params(config: PreFLMRConfig):
 def logical_params(config: PreFLMRConfig):
   """The params tree as `jax.ShapeDtypeStruct`s boxed with their logical axis names (no
   allocation), in `config`'s layer layout: what shardings are made from."""
-  return jax.eval_shape(lambda: PreFLMR(config).init(jax.random.key(0), **dummy_inputs(config))["params"])
+  return jax.eval_shape(
+      lambda: PreFLMR(config).init(jax.random.key(0), **dummy_inputs(config))["params"])
 
 
 def _init(config: PreFLMRConfig, rng: jax.Array):
