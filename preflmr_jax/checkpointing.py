@@ -122,19 +122,28 @@ def _check_against_checkpoint(item_dir: epath.Path, abstract, item: str,
         f"the checkpoint {item_dir} holds {layout} layers, unlike config.model.scan_layers: a run "
         "resumes in its own layout (config.init_params_from and evaluation convert the params)")
   # Keys are compared by name: Orbax stores a NamedTuple (optax state) as a dict.
-  leaves = jax.tree_util.tree_leaves_with_path
-  stored = {_key_name(p): tuple(m.shape) for p, m in leaves(stored_tree)}
-  wanted = {_key_name(p): tuple(np.shape(x)) for p, x in leaves(abstract)}
+  difference = first_difference(abstract, stored_tree, f"the checkpoint {item_dir}", item)
+  if difference:
+    raise CheckpointMismatchError(difference)
+
+
+def first_difference(wanted, got, source: str, item: str = "params", dtypes: bool = False
+                     ) -> str | None:
+  """The first array whose path or shape (and dtype, with `dtypes`) differs between the trees
+  `wanted` (the model's) and `got` (from `source`), described; None when they agree."""
+  def table(tree):
+    return {_key_name(p): (tuple(np.shape(x)), np.dtype(x.dtype).name) if dtypes
+            else tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  stored, wanted = table(got), table(wanted)
   if missing := sorted(wanted.keys() - stored.keys()):
-    raise CheckpointMismatchError(f"{item}/{missing[0]} is not in the checkpoint "
-                                  f"({len(missing)} missing; checkpoint {item_dir})")
+    return f"{item}/{missing[0]} is not in {source} ({len(missing)} missing)"
   if extra := sorted(stored.keys() - wanted.keys()):
-    raise CheckpointMismatchError(f"{item}/{extra[0]} is in the checkpoint but not in the model "
-                                  f"({len(extra)} such; checkpoint {item_dir})")
-  for name, shape in wanted.items():
-    if stored[name] != shape:
-      raise CheckpointMismatchError(f"{item}/{name}: the checkpoint {item_dir} has shape "
-                                    f"{stored[name]}, the model expects {shape}")
+    return f"{item}/{extra[0]} is in {source} but not in the model ({len(extra)} such)"
+  for name, want in wanted.items():
+    if stored[name] != want:
+      what = "shape, dtype" if dtypes else "shape"
+      return f"{item}/{name}: {source} has {what} {stored[name]}, the model expects {want}"
+  return None
 
 
 # meta's key for the arrays' checksums: OCDBT files carry none, so a flipped bit would restore.
@@ -340,7 +349,7 @@ def find_step_dir(path: epath.Path, step: int | None) -> epath.Path:
       raise MissingPath(f"{path} is not a complete checkpoint (no {COMMIT_FILE}: an "
                         "interrupted or still running save)")
     if step is not None and step != int(path.name):
-      raise ValueError(f"step={step} asked for, but {path} is step {path.name}")
+      raise MissingPath(f"step {step} asked for, but {path} is step {path.name}'s folder")
     return path
   if path.name in ITEMS and (path.parent / "params").is_dir():
     raise MissingPath(f"{path} is one item of a checkpoint: pass its step folder {path.parent}")

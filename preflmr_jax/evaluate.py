@@ -57,9 +57,9 @@ class Restored:
 
 
 def _is_published(path: epath.Path) -> bool:
-  return (path / pretrained.CONFIG_FILE).is_file() and any(
-      p.name.startswith("model") and p.name.endswith((".safetensors", ".safetensors.index.json"))
-      for p in path.iterdir())
+  """A published folder (its config.json; `load_pretrained` names what else is missing or bad)
+  rather than a workdir or a step folder."""
+  return (path / pretrained.CONFIG_FILE).is_file()
 
 
 def check_checkpoint(checkpoint: str, step: Optional[int] = None) -> None:

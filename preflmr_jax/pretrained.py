@@ -31,7 +31,7 @@ from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import token_masks
 from preflmr_jax.models.preflmr import PreFLMR, abstract_params
-from preflmr_jax.user_errors import MissingPath
+from preflmr_jax.user_errors import BadFile, MissingPath
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -68,7 +68,14 @@ def _to_hf(c, fields: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _fail(folder, key: str, msg: str):
-  raise ValueError(f"{epath.Path(folder) / CONFIG_FILE}: {key}: {msg}")
+  raise BadFile(f"{epath.Path(folder) / CONFIG_FILE}: {key}: {msg}")
+
+
+def _read_json(path: epath.Path) -> dict[str, Any]:
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:  # truncated or not JSON
+    raise BadFile(f"{path}: not valid JSON ({e})") from None
 
 
 # `FLMRConfig`'s defaults (what a key missing from config.json means to the official code).
@@ -98,6 +105,9 @@ def _tokenizer_length(tokenizer, key: str, default: int) -> int:
 def model_config_from_hf(hf: Mapping[str, Any], folder: storage.PathLike, query_tokenizer=None,
                          document_tokenizer=None) -> mc.PreFLMRConfig:
   """Our `PreFLMRConfig` from a published `config.json` dict (missing keys mean FLMRConfig's defaults)."""
+  if hf.get("model_type", "flmr") != "flmr":
+    _fail(folder, "model_type", f"{hf['model_type']!r}: not a PreFLMR checkpoint (model_type "
+          "'flmr')")
   hf = {**FLMR_DEFAULTS, **hf}
   for key, want in _REQUIRED.items():
     if hf[key] != want:
@@ -118,7 +128,7 @@ def model_config_from_hf(hf: Mapping[str, Any], folder: storage.PathLike, query_
       _fail(folder, "transformer_mapping_config_base",
             f"{base!r} is neither 'bert-base-uncased' nor a local folder with a BERT {CONFIG_FILE} "
             "(models are never downloaded from a hub)")
-    mapping = _from_hf(json.loads((path / CONFIG_FILE).read_text()), _BERT_FIELDS,
+    mapping = _from_hf(_read_json(path / CONFIG_FILE), _BERT_FIELDS,
                        _HF_BERT_DEFAULTS)
   layers = hf["transformer_mapping_num_hidden_layers"]
   if not isinstance(layers, int) or layers < 1:
@@ -193,25 +203,31 @@ def _load_file(path: epath.Path) -> dict[str, np.ndarray]:
         for key in f.keys():
           out[key] = np.asarray(f.get_tensor(key))
     except Exception as e:  # a truncated or foreign file: name it
-      raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+      raise BadFile(f"{path}: not a readable safetensors file ({e})") from e
   return out
 
 
 def read_safetensors(folder: storage.PathLike) -> dict[str, np.ndarray]:
   """All tensors of `model.safetensors` (or its sharded form); refuses pickle-based weights."""
+  path = weights_file(folder)
+  if path.name == WEIGHTS_FILE:
+    return _load_file(path)
+  state = {}
+  for shard in sorted(set(_read_json(path)["weight_map"].values())):
+    state.update(_load_file(path.parent / shard))
+  return state
+
+
+def weights_file(folder: storage.PathLike) -> epath.Path:
+  """`model.safetensors`, else its index (sharded weights); a folder without them is an error,
+  which names pickle-based weights if it holds those."""
   folder = epath.Path(folder)
-  single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX_FILE
-  if single.is_file():
-    return _load_file(single)
-  if index.is_file():
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    state = {}
-    for shard in shards:
-      state.update(_load_file(folder / shard))
-    return state
+  for path in (folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX_FILE):
+    if path.is_file():
+      return path
   pickled = [n for n in ("pytorch_model.bin", "model.bin") if (folder / n).is_file()]
   if pickled:
-    raise ValueError(
+    raise BadFile(
         f"{folder / pickled[0]}: refusing to read pickle-based weights (unpickling runs "
         "arbitrary code). Convert once in a trusted environment, e.g. `python -c \"import torch; "
         "from safetensors.torch import save_file; save_file({k: v.contiguous() for k, v in "
@@ -280,7 +296,9 @@ class PretrainedPreFLMR:
       os.makedirs(os.path.join(folder, base))
       with open(os.path.join(folder, base, CONFIG_FILE), "w") as f:
         json.dump({"model_type": "bert", **_to_hf(self.config.mapping, _BERT_FIELDS)}, f, indent=2)
-    save_file(self.state_dict(), os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
+    weights = os.path.join(folder, WEIGHTS_FILE)
+    save_file(self.state_dict(), weights, metadata={"format": "pt"})
+    os.chmod(weights, storage.creation_mode())  # safetensors makes it private (0600)
     for side, name in TOKENIZER_DIRS.items():
       tok = getattr(self, f"{side}_tokenizer")
       if tok is not None:
@@ -311,9 +329,7 @@ class PretrainedPreFLMR:
     parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+    os.chmod(tmp, storage.creation_mode(0o777))  # mkdtemp makes it private
     try:
       self._write_folder(tmp)
       if dest.exists():
@@ -337,7 +353,7 @@ def load_pretrained(path: storage.PathLike, dtype: str = "float32") -> Pretraine
   config_path = path / CONFIG_FILE
   if not config_path.is_file():
     raise MissingPath(f"{path}: no {CONFIG_FILE}")
-  hf = json.loads(config_path.read_text())
+  hf = _read_json(config_path)
   tokenizers = {}
   for side, name in TOKENIZER_DIRS.items():
     folder = path / name
@@ -352,4 +368,4 @@ def load_pretrained(path: storage.PathLike, dtype: str = "float32") -> Pretraine
 
 
 __all__ = ["PretrainedPreFLMR", "hf_config_from_model", "load_pretrained", "model_config_from_hf",
-           "read_safetensors"]
+           "read_safetensors", "weights_file"]

@@ -356,7 +356,9 @@ def _train(config, workdir, preemption) -> dict[str, float]:
                    info["global_batch"], info["devices"], info["train_flops_per_step"] / 1e9)
       if jax.process_index() == 0:
         with storage.errors("--workdir", workdir):
-          storage.write_text(layout.run_info_path(workdir), json.dumps(info, indent=2))
+          # With the config of this start (its overrides, init_from, ...): what the run was.
+          recorded = {**info, "config": json.loads(config.to_json_best_effort())}
+          storage.write_text(layout.run_info_path(workdir), json.dumps(recorded, indent=2))
       with storage.errors("--workdir", workdir):
         resume = ckpt.latest_step() is not None
       preemption.stop_before_start()
@@ -471,33 +473,42 @@ def _check_init_sources(config) -> None:
     with storage.errors("config.init_from", folder):
       if not (folder / pretrained.CONFIG_FILE).exists():
         raise MissingPath(f"config.init_from={folder}: not a published PreFLMR folder (no "
-                          f"{pretrained.CONFIG_FILE})")
+                          f"{pretrained.CONFIG_FILE}); a run's workdir or step folder goes in "
+                          "config.init_params_from")
+      pretrained.weights_file(folder)
   elif config.init_params_from:
     folder = storage.path(config.init_params_from, "config.init_params_from")
     storage.must_exist(folder, "config.init_params_from")
     with storage.errors("config.init_params_from", folder):
-      checkpointing.find_step_dir(folder, None)
+      if (folder / pretrained.CONFIG_FILE).exists():
+        raise ConfigError(f"config.init_params_from={folder}: a published PreFLMR folder; it goes "
+                          "in config.init_from")
+      try:
+        checkpointing.find_step_dir(folder, None)
+      except MissingPath as e:
+        raise MissingPath(f"config.init_params_from={folder}: {e}") from None
 
 
 def _initial_params(config, abstract_params):
   """Params from `config.init_from` (a published PreFLMR folder) or `config.init_params_from`
   (another run), placed with `abstract_params`' shardings; None when neither is set."""
   if config.init_from:
-    folder = storage.path(config.init_from, "config.init_from")
-    with storage.errors("config.init_from", folder):
+    key = "config.init_from"
+    folder = storage.path(config.init_from, key)
+    with storage.errors(key, folder):
       loaded = pretrained.load_pretrained(folder).params  # per layer, as published
     loaded = layer_stacks.to_layout(loaded, layer_stacks.is_stacked(abstract_params))
   elif config.init_params_from:
-    folder = storage.path(config.init_params_from, "config.init_params_from")
-    with storage.errors("config.init_params_from", folder):
+    key = "config.init_params_from"
+    folder = storage.path(config.init_params_from, key)
+    with storage.errors(key, folder):
       loaded = checkpointing.restore_params(folder, abstract_params)
   else:
     return None
-  want = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), abstract_params)
-  got = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), loaded)
-  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-    raise ConfigError(f"the parameters from {config.init_from or config.init_params_from} do not "
-                      "match config.model (different shapes or dtypes)")
+  difference = checkpointing.first_difference(abstract_params, loaded, "the folder", dtypes=True)
+  if difference:
+    raise ConfigError(f"{key}={folder} does not match config.model: {difference}")
+  logging.info("parameters from %s=%s", key, folder)
   return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), loaded, abstract_params)
 
 

@@ -17,6 +17,10 @@ class ConfigError(UserError, ValueError):
   """A config value or flag that cannot work (checked before anything is compiled)."""
 
 
+class BadFile(UserError, ValueError):
+  """A file that is not what it should be: truncated, corrupt, another format or another model."""
+
+
 class MissingPath(UserError, FileNotFoundError):
   """A path (or its bucket) that does not exist."""
 

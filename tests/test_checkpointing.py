@@ -211,7 +211,7 @@ def test_restore_params_alone_from_any_path(tmp_path):
   extra = dict(abstract, dense=dict(abstract["dense"], gain=abstract["scale"]))
   with pytest.raises(ValueError, match="params/dense/gain is not in the checkpoint"):
     restore_params(str(tmp_path), extra)
-  with pytest.raises(ValueError, match="params/scale is in the checkpoint but not in the model"):
+  with pytest.raises(ValueError, match="params/scale is in the checkpoint .* but not in the model"):
     restore_params(str(tmp_path), {"dense": abstract["dense"]})
 
 

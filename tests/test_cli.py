@@ -1,9 +1,12 @@
 """A user's mistake on the command line is one line, `error: ...`, exit status 2, no traceback, and
 leaves no output folder behind; an internal error keeps its traceback (cli.py)."""
 
+import shutil
+
 import pytest
 
-from preflmr_jax import exit_codes
+import preflmr_jax
+from preflmr_jax import config_files, evaluate, exit_codes
 
 TINY = "--config=configs/tiny.py"
 
@@ -103,3 +106,35 @@ def test_a_checkpoint_item_as_checkpoint_names_its_step_folder(trained_workdir, 
                              f"--output={tmp_path / 'eval'}"))
   assert line == (f"error: --checkpoint={item}: {item} is one item of a checkpoint: pass its step "
                   f"folder {item.parent}")
+
+
+def test_a_broken_published_folder_is_one_line_naming_the_file(trained_workdir, tmp_path, cli):
+  """What a published folder can lack or hold instead of PreFLMR weights, each named."""
+  restored = evaluate.restore(config_files.load_config("configs/tiny.py"), str(trained_workdir))
+  good = tmp_path / "pub"
+  preflmr_jax.PretrainedPreFLMR(restored.model_config, restored.params).save_pretrained(good)
+  config_json = (good / "config.json").read_bytes()
+  weights = (good / "model.safetensors").read_bytes()
+  cases = {  # files replaced (None: removed)
+      "no_weights": ({"model.safetensors": None}, "no model.safetensors"),
+      "pickle": ({"model.safetensors": None, "pytorch_model.bin": b"\x80"},
+                 "refusing to read pickle-based weights"),
+      "truncated": ({"model.safetensors": weights[:100]},
+                    "model.safetensors: not a readable safetensors file"),
+      "bad_json": ({"config.json": config_json[:50]}, "config.json: not valid JSON"),
+      "bert": ({"config.json": b'{"model_type": "bert"}'},
+               "config.json: model_type: 'bert': not a PreFLMR checkpoint"),
+  }
+  for name, (files, message) in cases.items():
+    folder = tmp_path / name
+    shutil.copytree(good, folder)
+    for file, content in files.items():
+      (folder / file).unlink() if content is None else (folder / file).write_bytes(content)
+    line = _one_line_error(cli("preflmr_jax.evaluate", TINY, f"--checkpoint={folder}",
+                               f"--output={tmp_path / 'eval'}"))
+    assert message in line and str(folder) in line, (name, line)
+  step_folder = trained_workdir / "checkpoints" / "6"
+  line = _one_line_error(cli("preflmr_jax.evaluate", TINY, f"--checkpoint={step_folder}",
+                             "--step=4", f"--output={tmp_path / 'eval'}"))
+  assert line == (f"error: --checkpoint={step_folder}: step 4 asked for, but {step_folder} is step "
+                  "6's folder")

@@ -5,6 +5,7 @@ with `load_pretrained`; embeddings, masks and scores against that reference."""
 import dataclasses
 import json
 import os
+import stat
 import string
 
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from safetensors.flax import save_file as save_flax
 from safetensors.numpy import load_file, save_file
 
 import preflmr_jax
-from preflmr_jax import conversion, image_processing, tokenization
+from preflmr_jax import conversion, image_processing, storage, tokenization
 from preflmr_jax.models import layer_stacks
 from preflmr_jax.models.model_config import PreFLMRConfig, TextConfig, VisionConfig
 from preflmr_jax.testing import torch_reference
@@ -189,6 +190,9 @@ def test_save_load_round_trip_is_exact(tmp_path, checkpoint):
   assert second.document_tokenizer.get_vocab() == first.document_tokenizer.get_vocab()
   # No temporary folder left behind.
   assert sorted(os.listdir(tmp_path)) == ["copy"]
+  # Every file readable as config.json (written by open()) is: safetensors makes its own private.
+  mode = lambda name: stat.S_IMODE(os.stat(tmp_path / "copy" / name).st_mode)
+  assert mode("model.safetensors") == mode("config.json") == storage.creation_mode()
 
 
 def test_trained_model_saves_in_published_layout(tmp_path, checkpoint):

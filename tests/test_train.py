@@ -305,6 +305,19 @@ def test_init_params_from_another_run_and_from_a_published_folder(trained_workdi
                         str(tmp_path / "c"))
   jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "c", tiny_config()),
                jax.device_get(published))
+  recorded = layout.read_run_info(tmp_path / "c")["config"]  # where the run started from
+  assert recorded["init_from"] == str(tmp_path / "pub") and recorded["num_train_steps"] == 1
+
+  # A folder under the other key says where it goes; a model that does not fit names the array.
+  with pytest.raises(ValueError, match="a published PreFLMR folder; it goes in config.init_from"):
+    train.train_and_evaluate(short_run(init_params_from=str(tmp_path / "pub")), str(tmp_path / "d"))
+  with pytest.raises(FileNotFoundError, match="workdir or step folder goes in config.init_params_"):
+    train.train_and_evaluate(short_run(init_from=str(trained_workdir)), str(tmp_path / "d"))
+  wider = tiny_config("configs/tiny.py:width=64", init_from=str(tmp_path / "pub"))
+  with pytest.raises(ValueError, match=r"config.init_from=.*pub does not match config.model: "
+                     r"params/document_head/kernel: the folder has shape, dtype \(\(32, 16\), "
+                     r"'float32'\), the model expects \(\(64, 16\), 'float32'\)"):
+    train.train_and_evaluate(wider, str(tmp_path / "e"))
 
 
 @pytest.mark.slow

@@ -1,0 +1,71 @@
+"""Export a trained run as a published PreFLMR folder: the HF layout that `load_pretrained`, the eval
+binary and the official PyTorch code read.
+
+  python -m preflmr_jax.export --config configs/tiny.py --checkpoint WORKDIR [--step N] \
+      --output FOLDER [--overwrite]
+
+`--checkpoint` is what the eval binary takes: a run's workdir (its latest complete step; `--step N`
+for another) or one step's folder (a published folder is re-written). Only the parameters are
+read. FOLDER gets `config.json` (the model config under the official keys, plus the mask token ids
+of the run's vocab), `model.safetensors` (float32, per layer whatever the run's layout) and
+`query_tokenizer/` + `context_tokenizer/` (the run's `config.tokenizer`, which encodes both sides),
+so the folder loads with its tokenizers and needs no `--config`. It appears whole or not at all
+(`PretrainedPreFLMR.save_pretrained`); an existing folder is replaced only with `--overwrite`, and
+only if it holds a published folder. FOLDER may be a gs:// URL. Multi-host, process 0 writes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+from absl import flags, logging
+from ml_collections import config_flags
+
+from preflmr_jax import cli, evaluate, pretrained, storage
+from preflmr_jax.user_errors import NotWritable
+
+
+def export(config, checkpoint: str, output: str, step: Optional[int] = None,
+           overwrite: bool = False) -> evaluate.Restored:
+  """Writes the parameters of `checkpoint` (and the run's tokenizers) to `output` as a published
+  folder; returns what was restored."""
+  dest = storage.path(output, "--output")
+  with storage.errors("--output", dest):
+    taken = dest.is_dir() and any(dest.iterdir())
+    if taken and not overwrite:
+      raise NotWritable(f"--output={dest}: exists and is not empty (--overwrite replaces a "
+                        "published folder)")
+    if taken and not (dest / pretrained.CONFIG_FILE).is_file():
+      raise NotWritable(f"--output={dest}: not a published folder (no {pretrained.CONFIG_FILE}); "
+                        "not replacing it")
+  evaluate.check_checkpoint(checkpoint, step)
+  restored = evaluate.restore(config, checkpoint, step)
+  if jax.process_index() == 0:
+    model = pretrained.PretrainedPreFLMR(restored.model_config, jax.device_get(restored.params),
+                                         query_tokenizer=restored.query_tokenizer,
+                                         document_tokenizer=restored.document_tokenizer)
+    with storage.errors("--output", dest):
+      model.save_pretrained(dest, overwrite=overwrite)
+  return restored
+
+
+def _main(argv):
+  del argv  # cli.run refuses extra arguments
+  f = flags.FLAGS
+  restored = export(_CONFIG.value, f.checkpoint, f.output, f.step, f.overwrite)
+  step = "" if restored.step is None else f", step {restored.step}"
+  logging.info("exported %s%s to %s", restored.checkpoint, step, f.output)
+
+
+__all__ = ["export"]
+
+if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
+                                            lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A run's workdir or one step's folder.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
+  flags.DEFINE_string("output", None, "The published folder to write.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing published folder at --output.")
+  flags.mark_flags_as_required(["config", "checkpoint", "output"])
+  cli.run(_main, outputs=["output"])
