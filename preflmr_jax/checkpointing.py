@@ -132,7 +132,7 @@ def first_difference(wanted, got, source: str, item: str = "params", dtypes: boo
   """The first array whose path or shape (and dtype, with `dtypes`) differs between the trees
   `wanted` (the model's) and `got` (from `source`), described; None when they agree."""
   def table(tree):
-    return {_key_name(p): (tuple(np.shape(x)), np.dtype(x.dtype).name) if dtypes
+    return {_key_name(p): f"{tuple(np.shape(x))} {np.dtype(x.dtype).name}" if dtypes
             else tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
   stored, wanted = table(got), table(wanted)
   if missing := sorted(wanted.keys() - stored.keys()):
@@ -141,8 +141,7 @@ def first_difference(wanted, got, source: str, item: str = "params", dtypes: boo
     return f"{item}/{extra[0]} is in {source} but not in the model ({len(extra)} such)"
   for name, want in wanted.items():
     if stored[name] != want:
-      what = "shape, dtype" if dtypes else "shape"
-      return f"{item}/{name}: {source} has {what} {stored[name]}, the model expects {want}"
+      return f"{item}/{name}: {source} has shape {stored[name]}, the model expects {want}"
   return None
 
 

@@ -38,12 +38,18 @@ def _is_main_process() -> bool:
   return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
+# `logging.info(..., extra=FILE_ONLY)`: a line for the log file (and --verbosity=1), not the console.
+FILE_ONLY = {"file_only": True}
+
+
 class _ConsoleFilter(py_logging.Filter):
   """The project's INFO lines (on process 0) and everyone's warnings; everything when verbose."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if record.levelno >= py_logging.WARNING or logging.get_verbosity() >= logging.DEBUG:
       return True
+    if getattr(record, "file_only", False):
+      return False
     return record.pathname.startswith(_PACKAGE_DIR) and _is_main_process()
 
 

@@ -207,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   rules = tuple(config.logical_axis_rules)
   model_config, params, query_tokenizer, doc_tokenizer, weights = _load(
       config, checkpoint, step, mesh, rules)
-  logging.debug("mesh %s, model %s", dict(mesh.shape), model_config)
+  logging.info("mesh %s, model %s", dict(mesh.shape), model_config, extra=cli.FILE_ONLY)
   queries, passages = sample_items(query_tokenizer)
   scores = _scores(model_config, params, query_tokenizer, doc_tokenizer, queries, passages, mesh,
                    rules)

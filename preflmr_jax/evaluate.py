@@ -43,7 +43,7 @@ from preflmr_jax import workdir as layout
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
-from preflmr_jax.user_errors import ConfigError, MissingPath
+from preflmr_jax.user_errors import BadFile, ConfigError, MissingPath
 
 
 @dataclasses.dataclass
@@ -56,12 +56,6 @@ class Restored:
   step: Optional[int]  # None for a published folder
 
 
-def _is_published(path: epath.Path) -> bool:
-  """A published folder (its config.json; `load_pretrained` names what else is missing or bad)
-  rather than a workdir or a step folder."""
-  return (path / pretrained.CONFIG_FILE).is_file()
-
-
 def check_checkpoint(checkpoint: str, step: Optional[int] = None) -> None:
   """A published folder, or a workdir / step folder holding a complete checkpoint (`step`, default
   the latest), or a one-line error naming --checkpoint."""
@@ -71,7 +65,7 @@ def check_checkpoint(checkpoint: str, step: Optional[int] = None) -> None:
   except MissingPath as e:
     raise MissingPath(f"{e}; {checkpointing.train_first(folder)}") from None
   with storage.errors("--checkpoint", folder):
-    if _is_published(folder):
+    if pretrained.is_published(folder):
       return
     try:
       checkpointing.find_step_dir(folder, step)
@@ -87,10 +81,13 @@ def restore(config, checkpoint: str, step: Optional[int] = None,
   folder = storage.path(checkpoint, "--checkpoint")
   storage.must_exist(folder, "--checkpoint")
   with storage.errors("--checkpoint", folder):
-    published = _is_published(folder)
+    published = pretrained.is_published(folder)
   if published:
     with storage.errors("--checkpoint", folder):
-      model = pretrained.load_pretrained(folder)
+      try:
+        model = pretrained.load_pretrained(folder)
+      except (BadFile, MissingPath) as e:  # they name the file; this names the flag too
+        raise type(e)(f"--checkpoint={folder}: {e}") from None
     query_tok, doc_tok = model.query_tokenizer, model.document_tokenizer
     if query_tok is None or doc_tok is None:  # a folder without tokenizers: the config's
       query_tok = doc_tok = tokenization.tokenizer_from_config(config.tokenizer)
@@ -132,7 +129,7 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
   if batch_size < 1:
     raise ConfigError(f"--batch_size={batch_size}: must be >= 1")
   try:
-    tasks = [m2kr.canonical_task(t, data_dir) for t in tasks]
+    tasks = [m2kr.canonical_task(t, data_dir) for t in tasks or ()]
   except ValueError as e:
     raise ConfigError(f"--tasks={','.join(tasks)}: {e}") from None
   tasks = tasks or [t for t, _ in pipeline.parse_tasks(config.data.tasks, data_dir)]

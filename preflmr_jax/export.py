@@ -23,7 +23,6 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from preflmr_jax import cli, evaluate, pretrained, storage
-from preflmr_jax.user_errors import NotWritable
 
 
 def export(config, checkpoint: str, output: str, step: Optional[int] = None,
@@ -31,14 +30,8 @@ def export(config, checkpoint: str, output: str, step: Optional[int] = None,
   """Writes the parameters of `checkpoint` (and the run's tokenizers) to `output` as a published
   folder; returns what was restored."""
   dest = storage.path(output, "--output")
-  with storage.errors("--output", dest):
-    taken = dest.is_dir() and any(dest.iterdir())
-    if taken and not overwrite:
-      raise NotWritable(f"--output={dest}: exists and is not empty (--overwrite replaces a "
-                        "published folder)")
-    if taken and not (dest / pretrained.CONFIG_FILE).is_file():
-      raise NotWritable(f"--output={dest}: not a published folder (no {pretrained.CONFIG_FILE}); "
-                        "not replacing it")
+  with storage.errors("--output", dest):  # before the checkpoint is read
+    pretrained.check_destination(dest, overwrite, "--output")
   evaluate.check_checkpoint(checkpoint, step)
   restored = evaluate.restore(config, checkpoint, step)
   if jax.process_index() == 0:

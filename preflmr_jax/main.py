@@ -32,10 +32,11 @@ def main(argv):
   start = time.monotonic()
   try:
     last = train.train_and_evaluate(config, _WORKDIR.value)
-    shown = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "accuracy") if k in last)
-    logging.info("done: step %d in %s%s; checkpoints, metrics.jsonl and TensorBoard events in %s",
-                 config.num_train_steps, cli.duration(time.monotonic() - start),
-                 f" ({shown})" if shown else "", _WORKDIR.value)
+    if last:  # else nothing to train, and the trainer said so
+      shown = ", ".join(f"{k}={last[k]:.4g}" for k in ("loss", "accuracy") if k in last)
+      logging.info("done: step %d in %s (%s); checkpoints, metrics.jsonl and TensorBoard events "
+                   "in %s", config.num_train_steps, cli.duration(time.monotonic() - start), shown,
+                   _WORKDIR.value)
   except checkpointing.Preempted as e:  # a scheduler restarts on this status, not on a failure
     logging.warning("%s", e)
     sys.exit(exit_codes.PREEMPTED)

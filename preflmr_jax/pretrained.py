@@ -31,7 +31,7 @@ from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import token_masks
 from preflmr_jax.models.preflmr import PreFLMR, abstract_params
-from preflmr_jax.user_errors import BadFile, MissingPath
+from preflmr_jax.user_errors import BadFile, MissingPath, NotWritable
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -314,11 +314,7 @@ class PretrainedPreFLMR:
     remote = storage.is_remote(dest)
     if not remote:
       dest = epath.Path(os.path.abspath(dest))
-    if dest.is_dir() and any(dest.iterdir()):
-      if not overwrite:
-        raise FileExistsError(f"{dest} exists and is not empty; pass overwrite=True to replace it")
-      if not (dest / CONFIG_FILE).is_file():
-        raise FileExistsError(f"{dest} does not hold a checkpoint ({CONFIG_FILE}); not replacing it")
+    check_destination(dest, overwrite)
     if remote:
       with tempfile.TemporaryDirectory(prefix="preflmr_jax_save_") as tmp:
         self._write_folder(tmp)
@@ -338,6 +334,25 @@ class PretrainedPreFLMR:
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
+
+
+def is_published(folder: epath.Path) -> bool:
+  """A published folder (its config.json) rather than a run's workdir or step folder, which never
+  hold one; `load_pretrained` names whatever else it lacks."""
+  return (folder / CONFIG_FILE).is_file()
+
+
+def check_destination(dest: epath.Path, overwrite: bool, what: str = "") -> None:
+  """`save_pretrained` writes `dest` if it is empty or missing, or, with `overwrite`, replaces a
+  published folder; anything else is `NotWritable` (prefixed `what=dest: ` when given)."""
+  if not (dest.is_dir() and any(dest.iterdir())):
+    return
+  named = f"{what}={dest}: " if what else f"{dest} "
+  if not overwrite:
+    raise NotWritable(f"{named}exists and is not empty; "
+                      f"{'pass --overwrite' if what else 'pass overwrite=True'} to replace it")
+  if not is_published(dest):
+    raise NotWritable(f"{named}is not a published folder (no {CONFIG_FILE}); not replacing it")
 
 
 def load_pretrained(path: storage.PathLike, dtype: str = "float32") -> PretrainedPreFLMR:
@@ -367,5 +382,5 @@ def load_pretrained(path: storage.PathLike, dtype: str = "float32") -> Pretraine
   return PretrainedPreFLMR(config, params, hf, tokenizers["query"], tokenizers["document"])
 
 
-__all__ = ["PretrainedPreFLMR", "hf_config_from_model", "load_pretrained", "model_config_from_hf",
-           "read_safetensors", "weights_file"]
+__all__ = ["PretrainedPreFLMR", "check_destination", "hf_config_from_model", "is_published",
+           "load_pretrained", "model_config_from_hf", "read_safetensors", "weights_file"]

@@ -33,7 +33,8 @@ from preflmr_jax.models import flops as model_flops
 from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
-from preflmr_jax.user_errors import ConfigError, MissingPath, is_int, require, require_int
+from preflmr_jax.user_errors import (BadFile, ConfigError, MissingPath, is_int, require,
+                                     require_int)
 
 
 @flax.struct.dataclass
@@ -386,8 +387,8 @@ def _train(config, workdir, preemption) -> dict[str, float]:
         train_iter.set_state(meta["data"])
         logging.info("resumed from %s at step %d", workdir, start)
         if start >= config.num_train_steps:
-          logging.info("nothing to train: config.num_train_steps=%d (raise it to train further)",
-                       config.num_train_steps)
+          logging.info("nothing to train: at step %d, config.num_train_steps=%d (raise it to "
+                       "train further)", start, config.num_train_steps)
           return {}
       evaluator = (make_evaluator(config, setup, mesh, state.params, tokenizer)
                    if config.eval_every_steps else None)
@@ -471,16 +472,19 @@ def _check_init_sources(config) -> None:
     folder = storage.path(config.init_from, "config.init_from")
     storage.must_exist(folder, "config.init_from")
     with storage.errors("config.init_from", folder):
-      if not (folder / pretrained.CONFIG_FILE).exists():
+      if not pretrained.is_published(folder):
         raise MissingPath(f"config.init_from={folder}: not a published PreFLMR folder (no "
                           f"{pretrained.CONFIG_FILE}); a run's workdir or step folder goes in "
                           "config.init_params_from")
-      pretrained.weights_file(folder)
+      try:
+        pretrained.weights_file(folder)
+      except (BadFile, MissingPath) as e:
+        raise type(e)(f"config.init_from={folder}: {e}") from None
   elif config.init_params_from:
     folder = storage.path(config.init_params_from, "config.init_params_from")
     storage.must_exist(folder, "config.init_params_from")
     with storage.errors("config.init_params_from", folder):
-      if (folder / pretrained.CONFIG_FILE).exists():
+      if pretrained.is_published(folder):
         raise ConfigError(f"config.init_params_from={folder}: a published PreFLMR folder; it goes "
                           "in config.init_from")
       try:

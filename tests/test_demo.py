@@ -35,6 +35,9 @@ def test_demo_tiny_prints_and_writes_scores(tmp_path, cli):
   run = cli("preflmr_jax.demo", "--config", "configs/tiny.py", "--workdir", str(tmp_path))
   assert run.returncode == 0, run.stderr[-3000:]
   assert "MaxSim scores" in run.stdout and "random weights, no --checkpoint" in run.stdout
+  # The model config goes to the log file (named on the last line), not the console.
+  log_file = run.stderr.strip().splitlines()[-1].split("full log: ")[1]
+  assert "PreFLMRConfig(" not in run.stderr and "PreFLMRConfig(" in open(log_file).read()
   out = _read_scores(tmp_path)
   scores = np.array(out["scores"])
   assert scores.shape == (len(demo.SHAPE_QUERIES), len(demo.SHAPE_QUERIES + demo.SHAPE_DISTRACTORS))

@@ -33,7 +33,7 @@ def test_export_refuses_a_folder_in_the_way(trained_workdir, tmp_path, cli):
   run = cli("preflmr_jax.export", "--config=configs/tiny.py", f"--checkpoint={trained_workdir}",
             f"--output={tmp_path / 'notes'}", "--overwrite")
   assert run.returncode == 2 and run.stderr.strip() == (
-      f"error: --output={tmp_path / 'notes'}: not a published folder (no config.json); not "
+      f"error: --output={tmp_path / 'notes'}: is not a published folder (no config.json); not "
       "replacing it"), run.stderr[-3000:]
   assert (tmp_path / "notes" / "keep.txt").read_text() == "keep me"
   run = cli("preflmr_jax.export", "--config=configs/tiny.py", f"--checkpoint={trained_workdir}",
@@ -41,5 +41,9 @@ def test_export_refuses_a_folder_in_the_way(trained_workdir, tmp_path, cli):
   assert run.returncode == 0, run.stderr[-3000:]
   assert f"exported {trained_workdir}, step 6 to {tmp_path / 'pub'}" in run.stderr
   run = cli("preflmr_jax.export", "--config=configs/tiny.py", f"--checkpoint={trained_workdir}",
-            f"--output={tmp_path / 'pub'}")
-  assert run.returncode == 2 and "exists and is not empty (--overwrite" in run.stderr
+            f"--output={tmp_path / 'pub'}", "--step=2")
+  assert run.returncode == 2 and "exists and is not empty; pass --overwrite" in run.stderr
+  run = cli("preflmr_jax.export", "--config=configs/tiny.py", f"--checkpoint={trained_workdir}",
+            f"--output={tmp_path / 'pub'}", "--step=2", "--overwrite")  # a published folder: replaced
+  assert run.returncode == 0 and "step 2 to" in run.stderr, run.stderr[-3000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "pub"]

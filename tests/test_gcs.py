@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from preflmr_jax import checkpointing, storage, workdir
+from preflmr_jax import checkpointing, storage, user_errors, workdir
 from preflmr_jax.data import m2kr
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_published_folder_index_and_scaling_law_in_a_bucket(gcs, tmp_path, monke
   loaded = preflmr_jax.load_pretrained(f"{bucket}/pub")
   jax.tree.map(np.testing.assert_array_equal, loaded.params, jax.device_get(params))
   assert loaded.query_tokenizer.get_vocab() == tok.get_vocab()
-  with pytest.raises(FileExistsError, match="not empty"):
+  with pytest.raises(user_errors.NotWritable, match="not empty"):
     preflmr_jax.PretrainedPreFLMR(config, params).save_pretrained(f"{bucket}/pub")
   # The PLAID index.
   docs = np.random.default_rng(0).standard_normal((16, 4, 8)).astype(np.float32)

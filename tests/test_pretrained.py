@@ -21,6 +21,7 @@ from preflmr_jax import conversion, image_processing, storage, tokenization
 from preflmr_jax.models import layer_stacks
 from preflmr_jax.models.model_config import PreFLMRConfig, TextConfig, VisionConfig
 from preflmr_jax.testing import torch_reference
+from preflmr_jax.user_errors import NotWritable
 
 TEXT = TextConfig(vocab_size=tokenization.TINY_VOCAB_SIZE, hidden_size=32, num_layers=2, num_heads=4,
                   intermediate_size=37, max_position_embeddings=64)
@@ -292,9 +293,9 @@ def test_save_refuses_to_clobber_a_folder_that_is_not_a_checkpoint(tmp_path, che
   model = preflmr_jax.load_pretrained(checkpoint)
   (tmp_path / "notes").mkdir()
   (tmp_path / "notes" / "my_notes.txt").write_text("keep me")
-  with pytest.raises(FileExistsError, match="not empty"):
+  with pytest.raises(NotWritable, match="exists and is not empty; pass overwrite=True"):
     model.save_pretrained(str(tmp_path / "notes"))
-  with pytest.raises(FileExistsError, match="does not hold a checkpoint"):
+  with pytest.raises(NotWritable, match="is not a published folder"):
     model.save_pretrained(str(tmp_path / "notes"), overwrite=True)
   assert (tmp_path / "notes" / "my_notes.txt").read_text() == "keep me"
   model.save_pretrained(str(tmp_path / "ckpt"))

@@ -132,7 +132,7 @@ def test_resume_is_exact(trained_workdir, tmp_path, short_run, caplog):
   # Run again, finished: nothing compiles or trains.
   with caplog.at_level(logging.INFO):
     assert train.train_and_evaluate(config, str(tmp_path)) == {}
-  assert "nothing to train: config.num_train_steps=6" in caplog.text
+  assert "nothing to train: at step 6, config.num_train_steps=6" in caplog.text
   assert "compiled" not in caplog.text and _read_metrics(tmp_path) == b
 
 
@@ -315,8 +315,8 @@ def test_init_params_from_another_run_and_from_a_published_folder(trained_workdi
     train.train_and_evaluate(short_run(init_from=str(trained_workdir)), str(tmp_path / "d"))
   wider = tiny_config("configs/tiny.py:width=64", init_from=str(tmp_path / "pub"))
   with pytest.raises(ValueError, match=r"config.init_from=.*pub does not match config.model: "
-                     r"params/document_head/kernel: the folder has shape, dtype \(\(32, 16\), "
-                     r"'float32'\), the model expects \(\(64, 16\), 'float32'\)"):
+                     r"params/document_head/kernel: the folder has shape \(32, 16\) float32, the "
+                     r"model expects \(64, 16\) float32"):
     train.train_and_evaluate(wider, str(tmp_path / "e"))
 
 
