@@ -173,7 +173,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   own, extra = shell.split_command(argv)
   backend = argparse.ArgumentParser(add_help=False)
   backend.add_argument("--backend", choices=BACKENDS, default="local")
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[backend])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[backend])
   parser.add_argument("config", help="A config file with sweep(), FILE[:ARG].")
   parser.add_argument("--workdir_root", default="",
                       help=f"Folder of the sweeps' workdirs (local default {LOCAL_ROOT}); for the "

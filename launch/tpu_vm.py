@@ -197,7 +197,7 @@ def pod_from_args(args: argparse.Namespace) -> Pod:
 
 
 def main(argv: Sequence[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("action", choices=("create", "install", "run", "logs", "stop", "delete"))
   add_flags(parser)
   parser.add_argument("--job", default="run", help="Log name (~/preflmr_logs/JOB.log).")

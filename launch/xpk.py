@@ -137,7 +137,7 @@ def cluster_from_args(args: argparse.Namespace) -> Cluster:
 
 
 def main(argv: Sequence[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("action", choices=("build", "run", "logs", "delete"))
   add_flags(parser)
   parser.add_argument("--workload", default="")
