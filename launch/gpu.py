@@ -4,7 +4,7 @@ the exact commands (and the sbatch script) and runs nothing.
   python launch/gpu.py slurm --nodes 2 --gpus_per_node 8 --job tiny [--partition P] -- \
       python -m preflmr_jax.main --config configs/tiny.py --workdir gs://BUCKET/tiny \
       --config.distributed=True
-  python launch/gpu.py hosts --hosts gpu0,gpu1 [--port 29500] [--remote_dir ~/preflmr_jax] -- \
+  python launch/gpu.py hosts --hosts gpu0,gpu1 [--port 29500] [--remote_dir '~/preflmr_jax'] -- \
       python -m preflmr_jax.main ... --config.distributed=True
 
 `slurm` submits a batch job (sbatch reads the script from stdin) whose srun starts one process per
