@@ -34,11 +34,10 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 from absl import app, flags, logging
-from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from preflmr_jax import (checkpointing, cli, evaluation, pretrained, sharding, storage,
-                         tokenization)
+                         tokenization, user_errors)
 from preflmr_jax import workdir as layout
 from preflmr_jax.data import m2kr, pipeline
 from preflmr_jax.models import model_config as mc
@@ -67,10 +66,8 @@ def check_checkpoint(checkpoint: str, step: Optional[int] = None) -> None:
   with storage.errors("--checkpoint", folder):
     if pretrained.is_published(folder):
       return
-    try:
+    with user_errors.naming("--checkpoint", folder, MissingPath):
       checkpointing.find_step_dir(folder, step)
-    except MissingPath as e:
-      raise MissingPath(f"--checkpoint={folder}: {e}") from None
 
 
 def restore(config, checkpoint: str, step: Optional[int] = None,
@@ -84,10 +81,8 @@ def restore(config, checkpoint: str, step: Optional[int] = None,
     published = pretrained.is_published(folder)
   if published:
     with storage.errors("--checkpoint", folder):
-      try:
+      with user_errors.naming("--checkpoint", folder, BadFile, MissingPath):
         model = pretrained.load_pretrained(folder)
-      except (BadFile, MissingPath) as e:  # they name the file; this names the flag too
-        raise type(e)(f"--checkpoint={folder}: {e}") from None
     query_tok, doc_tok = model.query_tokenizer, model.document_tokenizer
     if query_tok is None or doc_tok is None:  # a folder without tokenizers: the config's
       query_tok = doc_tok = tokenization.tokenizer_from_config(config.tokenizer)

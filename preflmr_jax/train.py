@@ -33,7 +33,7 @@ from preflmr_jax.models import flops as model_flops
 from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
-from preflmr_jax.user_errors import (BadFile, ConfigError, MissingPath, is_int, require,
+from preflmr_jax.user_errors import (BadFile, ConfigError, MissingPath, is_int, naming, require,
                                      require_int)
 
 
@@ -476,10 +476,8 @@ def _check_init_sources(config) -> None:
         raise MissingPath(f"config.init_from={folder}: not a published PreFLMR folder (no "
                           f"{pretrained.CONFIG_FILE}); a run's workdir or step folder goes in "
                           "config.init_params_from")
-      try:
+      with naming("config.init_from", folder, BadFile, MissingPath):
         pretrained.weights_file(folder)
-      except (BadFile, MissingPath) as e:
-        raise type(e)(f"config.init_from={folder}: {e}") from None
   elif config.init_params_from:
     folder = storage.path(config.init_params_from, "config.init_params_from")
     storage.must_exist(folder, "config.init_params_from")
@@ -487,10 +485,8 @@ def _check_init_sources(config) -> None:
       if pretrained.is_published(folder):
         raise ConfigError(f"config.init_params_from={folder}: a published PreFLMR folder; it goes "
                           "in config.init_from")
-      try:
+      with naming("config.init_params_from", folder, MissingPath):
         checkpointing.find_step_dir(folder, None)
-      except MissingPath as e:
-        raise MissingPath(f"config.init_params_from={folder}: {e}") from None
 
 
 def _initial_params(config, abstract_params):

@@ -6,6 +6,9 @@ The command-line programs print a `UserError` as that one line and exit with sta
 builtin a library caller would catch (a `ConfigError` is a `ValueError`, ...).
 """
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 
 
@@ -39,6 +42,16 @@ class Unreachable(UserError, ConnectionError):
 
 class NotWritable(UserError, OSError):
   """An output location that cannot be written."""
+
+
+@contextlib.contextmanager
+def naming(what: str, value, *types: type[UserError]) -> Iterator[None]:
+  """Re-raises a `types` error from the block (default: any UserError) as the same type, its
+  message prefixed `what=value: `: a lower layer names the file, this the flag or key."""
+  try:
+    yield
+  except types or UserError as e:
+    raise type(e)(f"{what}={value}: {e}") from None
 
 
 def require(ok: bool, key: str, value, why: str) -> None:
