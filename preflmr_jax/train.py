@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import secrets
 import time
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from preflmr_jax import (checkpointing, cli, data, losses, maxsim_kernel, optimizer, pretrained,
                          sharding, storage, tensorboard_events, tokenization)
@@ -358,8 +360,10 @@ def _train(config, workdir, preemption) -> dict[str, float]:
       if jax.process_index() == 0:
         with storage.errors("--workdir", workdir):
           # With the config of this start (its overrides, init_from, ...): what the run was.
-          recorded = {**info, "config": json.loads(config.to_json_best_effort())}
+          recorded = {**info, "config": json.loads(config.to_json_best_effort()),
+                      "start_id": secrets.randbits(31)}
           storage.write_text(layout.run_info_path(workdir), json.dumps(recorded, indent=2))
+      _check_workdir_shared(workdir)
       with storage.errors("--workdir", workdir):
         resume = ckpt.latest_step() is not None
       preemption.stop_before_start()
@@ -407,6 +411,28 @@ def _train(config, workdir, preemption) -> dict[str, float]:
     ckpt.close()
     if hasattr(train_iter, "close"):  # grain worker processes
       train_iter.close()
+
+
+def _check_workdir_shared(workdir) -> None:
+  """Raises ConfigError on every process unless all of them read back the run.json that process
+  0 wrote for this start. Hosts that each have their own folder at --workdir (a local path on a
+  pod) would otherwise fail at the first checkpoint save, hours in, or resume from steps that
+  only one host holds."""
+  if jax.process_count() == 1:
+    return
+  multihost_utils.sync_global_devices("preflmr_jax:run_info_written")
+  try:
+    here = (layout.read_run_info(workdir) or {}).get("start_id", -1)
+  except (OSError, ValueError):  # a partial file of another start: not this start's either
+    here = -1
+  seen = multihost_utils.process_allgather(np.int32(here))
+  blind = [i for i, s in enumerate(seen) if s != seen[0]]
+  if blind:
+    raise ConfigError(
+        f"--workdir={workdir}: process(es) {', '.join(map(str, blind))} of {len(seen)} do not see "
+        f"the {layout.RUN_INFO} that process 0 wrote there for this start; every host of a "
+        "multi-host run needs the same workdir: a gs:// path or a folder on a filesystem that all "
+        "hosts mount (docs/storage.md)")
 
 
 def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, log,

@@ -1,7 +1,7 @@
 """A training run's workdir, defined once: what lives where. Every reader and writer uses it.
 
   <workdir>/                      a local folder or a gs:// prefix (docs/storage.md)
-    run.json                      size and compute of the run (train.run_info), its config
+    run.json                      size and compute of the run (train.run_info), its config, start_id
     metrics.jsonl                 one JSON object per logged step: read_metrics()
     events.out.tfevents.*         TensorBoard scalars (tensorboard_events.py)
     checkpoints/<step>/           Orbax: params/, opt_state/, meta/, and commit_success.txt last

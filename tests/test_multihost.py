@@ -35,14 +35,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_two_processes(argv, tmp_path, tag):
+def _start_two_processes(argv, tmp_path, tag, own_args=lambda i: []):
   port = _free_port()
   procs = []
   for i in range(2):
     env = _env(DEVICES_PER_PROCESS, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
     log = open(tmp_path / f"{tag}{i}.log", "w")
-    procs.append((subprocess.Popen([sys.executable, "-m", *argv, "--config.distributed=True"],
+    procs.append((subprocess.Popen([sys.executable, "-m", *argv, *own_args(i),
+                                    "--config.distributed=True"],
                                    cwd=shell.REPO_ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT), log))
   return procs
@@ -134,3 +135,15 @@ def test_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path):
   assert len(steps) == 1 and 3 <= int(steps[0]) < 100000, steps
   for log in logs:  # both hosts stopped at that step
     assert f"preempted: saved step {steps[0]}, rerun to resume" in log
+
+
+@pytest.mark.slow
+def test_hosts_with_their_own_workdir_stop_before_training(tmp_path):
+  # A local path on a pod: each host has its own folder there. Here each process gets its own.
+  procs = _start_two_processes(["preflmr_jax.main", f"--config={SMOKE}"], tmp_path, "train",
+                               own_args=lambda i: [f"--workdir={tmp_path}/host{i}"])
+  logs = _wait(procs, tmp_path, "train", status=exit_codes.USAGE)
+  assert (f"error: --workdir={tmp_path}/host0: process(es) 1 of 2 do not see the run.json that "
+          "process 0 wrote there for this start") in logs[0], logs[0][-3000:]
+  assert not (tmp_path / "host0" / "checkpoints").exists() or not os.listdir(
+      tmp_path / "host0" / "checkpoints")
