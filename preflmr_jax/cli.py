@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import logging as py_logging
 import math
 import os
@@ -24,12 +26,14 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Callable, Sequence
+from collections.abc import Iterable, Iterator, Sized
+from typing import Callable, Sequence, TypeVar
 
 from absl import app, flags, logging
 
 from preflmr_jax import exit_codes, user_errors
 
+T = TypeVar("T")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -71,6 +75,41 @@ def duration(seconds: float) -> str:
   minutes, secs = divmod(int(round(seconds)), 60)
   hours, minutes = divmod(minutes, 60)
   return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def progress(items: Iterable[T], what: str, unit: str = "", show: bool = True,
+             every: float = 60.0) -> Iterator[T]:
+  """`items`, with their progress shown by the main process when `show`: a tqdm bar on a
+  terminal; elsewhere (a pipe, a pod's log file), where a bar redrawn with carriage returns is one
+  unreadable line, a log line at most every `every` seconds."""
+  if not show or not _is_main_process():
+    yield from items
+    return
+  if sys.stderr.isatty():
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    yield from tqdm(items, desc=what, unit=unit)
+    return
+  total = len(items) if isinstance(items, Sized) else None
+  start = last = time.monotonic()
+  for done, item in enumerate(items, 1):
+    yield item
+    now = time.monotonic()
+    if now - last >= every and done != total:
+      last = now
+      left = f", {duration((now - start) / done * (total - done))} left" if total else ""
+      logging.info("%s: %d%s%s done%s", what, done, f"/{total}" if total else "", unit, left)
+
+
+@contextlib.contextmanager
+def prints_to_log_file() -> Iterator[None]:
+  """What a library prints to stdout inside the block goes to the log file only, line by line."""
+  printed = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(printed):
+      yield
+  finally:
+    for line in printed.getvalue().splitlines():
+      logging.info("%s", line, extra=FILE_ONLY)
 
 
 def log_file_path(program: str) -> str:

@@ -90,7 +90,7 @@ def shape_items() -> tuple[list[Query], list[tuple[str, str]]]:
     rng = np.random.default_rng([_SHAPE_SEED, c])
     # Drawn at the sample's size and resized by the model's preprocessing, as in training.
     image = synthetic.draw_image(c, rng, sample.DEFAULT_IMAGE_SIZE)
-    question, instruction = synthetic.make_question(c, rng, sample.SHAPE_QUESTION_PROB)
+    question, instruction = synthetic.make_question(c, rng, synthetic.SHAPE_QUESTION_PROB)
     queries.append(Query(instruction, question, image, f"a {name}", sample.passage_id(c)))
   classes = sorted(_class_id(name) for name in SHAPE_QUERIES + SHAPE_DISTRACTORS)
   return queries, [(sample.passage_id(c), synthetic.passage(c)) for c in classes]
@@ -204,7 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   """Returns the [queries, passages] score matrix (also printed as rankings, and written to
   workdir/scores.json)."""
   mesh = sharding.make_mesh(config.mesh)
-  rules = tuple(config.logical_axis_rules)
+  rules = sharding.axis_rules(config.logical_axis_rules)
   model_config, params, query_tokenizer, doc_tokenizer, weights = _load(
       config, checkpoint, step, mesh, rules)
   logging.info("mesh %s, model %s", dict(mesh.shape), model_config, extra=cli.FILE_ONLY)

@@ -27,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from preflmr_jax import metrics, search, sharding, storage, tokenization
+from preflmr_jax import cli, metrics, search, sharding, storage, tokenization
 from preflmr_jax.data import features, m2kr
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import preflmr
@@ -70,7 +70,7 @@ class Encoder:
 
   def __init__(self, model_config: mc.PreFLMRConfig, params, query_tokenizer, document_tokenizer,
                mesh: Mesh, batch_size: int = 64, rules: Sequence = sharding.LOGICAL_AXIS_RULES):
-    self.config, self.mesh, self.rules = model_config, mesh, tuple(rules)
+    self.config, self.mesh, self.rules = model_config, mesh, sharding.axis_rules(rules)
     self.batch_sharding = sharding.batch_sharding(mesh, 1, self.rules)
     shards = sharding.num_batch_shards(mesh, self.rules)
     self.batch_size = -(-batch_size // shards) * shards  # a multiple of the batch shards
@@ -212,7 +212,6 @@ def _fingerprint(params, model_config, ids: Sequence[str], texts: Sequence[str])
 
 def _encode_own_passages(encoder: Encoder, texts: Sequence[str], task: str):
   """This process's rows of the corpus, encoded: (passage indices, packed tokens, lengths)."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   # Batches of similar lengths (sorted by characters) so that few are padded far past their
   # documents' ends. Every process tokenises its rows of every batch first: the batch widths must
   # be agreed before encoding.
@@ -222,8 +221,7 @@ def _encode_own_passages(encoder: Encoder, texts: Sequence[str], task: str):
       [encoder.doc_tok([texts[batch[r]] for r in encoder._local(len(batch))],  # pylint: disable=protected-access
                        padding="longest")["input_ids"].shape[1] for batch in batches])).max(0)
   passages, tokens, lengths = [], [], []
-  for batch, width in tqdm(list(zip(batches, widths)), desc=f"{task} passages",
-                           disable=jax.process_index() != 0):
+  for batch, width in cli.progress(list(zip(batches, widths)), f"{task} passages", " batches"):
     e, m = encoder.encode_documents([texts[i] for i in batch],
                                     _round_width(int(width), encoder.config.doc_maxlen))
     for (rows, emb), (_, mask) in zip(_shards_owned(e), _shards_owned(m)):
@@ -445,7 +443,6 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
   reports its recall@k against exact search and the search time of both (exact search still
   runs, to compare).
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   passages = m2kr.load_passages(data_dir, task, split)
   queries = m2kr.load_queries(data_dir, task, split)
   num_queries = min(len(queries), max_queries or len(queries))
@@ -458,8 +455,8 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
   indexed = _index_search(index, corpus, k, cache_dir) if index else None
   rankings, positives, answers = [], [], []
   seconds, overlap = {"exact": 0.0, "index": 0.0}, []
-  for rows in tqdm(list(_batches(num_queries, encoder.batch_size)), desc=f"{task} queries",
-                   disable=jax.process_index() != 0):
+  for rows in cli.progress(list(_batches(num_queries, encoder.batch_size)), f"{task} queries",
+                          " batches"):
     records = queries.__getitems__(rows)
     q, _ = encoder.encode_queries([r["question"] for r in records],
                                   [r["instruction"] for r in records],

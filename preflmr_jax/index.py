@@ -48,9 +48,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from preflmr_jax import storage
+from preflmr_jax import cli, storage
 from preflmr_jax.user_errors import ConfigError, is_int
 
 __all__ = ["PlaidIndex", "SearchOptions", "build", "build_sharded", "search", "shard",
@@ -421,7 +420,7 @@ def _train(source, num_centroids, nbits, kmeans_iters, sample_size, seed, progre
     raise ConfigError(f"sample_size={sample_size!r}: must be an integer >= 1")
   rng = np.random.default_rng(seed)
   sample, keys, dim, num_docs = None, np.zeros((0,)), None, 0
-  for docs, mask in tqdm(source(), "index: sampling", unit=" chunks", disable=not progress):
+  for docs, mask in cli.progress(source(), "index: sampling", " chunks", progress):
     tokens, lens = _valid_tokens(docs, mask)
     num_docs += lens.shape[0]
     dim = tokens.shape[1] if dim is None else dim
@@ -449,7 +448,7 @@ def _encoded(source, codec: _Codec, progress):
   """Pass 2: (codes [t], packed residuals [t, dim * nbits / 8], lengths [n]) per chunk (token
   count padded to a power of two: few compiled shapes)."""
   dim = codec.centroids.shape[1]
-  for docs, mask in tqdm(source(), "index: encoding", unit=" chunks", disable=not progress):
+  for docs, mask in cli.progress(source(), "index: encoding", " chunks", progress):
     tokens, lens = _valid_tokens(docs, mask)
     t = tokens.shape[0]
     padded = np.zeros((max(256, pl.next_power_of_2(t)), dim), np.float32)

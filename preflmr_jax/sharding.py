@@ -141,10 +141,16 @@ def _topology_grid(shape, devices, make) -> np.ndarray:
   return np.asarray(devices).reshape(shape)
 
 
+def axis_rules(rules) -> tuple:
+  """`config.logical_axis_rules` as nested tuples: a config file may write lists, and jit, flax's
+  rule context and the cached shard counts below need the rules hashable."""
+  return tuple(map(axis_rules, rules)) if isinstance(rules, (list, tuple)) else rules
+
+
 def logical_to_shardings(logical_tree: Any, mesh: Mesh, rules) -> Any:
   """Boxed (nn.Partitioned) abstract variables or PartitionSpecs of logical names -> NamedShardings."""
   specs = nn.get_partition_spec(logical_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
+  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules(rules))
 
 
 def batch_axes(rules) -> tuple[str, ...]:
@@ -174,7 +180,7 @@ def init_sharded(init_fn, mesh: Mesh, rules, *args, logical=None):
   if logical is None:
     logical = jax.eval_shape(init_fn, *args)
   shardings = logical_to_shardings(logical, mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules(rules)):
     variables = jax.jit(init_fn, out_shardings=nn.meta.unbox(shardings))(*args)
   return nn.meta.unbox(variables), nn.meta.unbox(shardings)
 
@@ -209,7 +215,7 @@ def check_divisible(boxed_tree: Any, mesh: Mesh, rules) -> None:
   logical axis and the mesh axes."""
   is_spec = lambda x: isinstance(x, PartitionSpec)
   logical = nn.get_partition_spec(boxed_tree)
-  on_mesh = nn.logical_to_mesh(logical, tuple(rules))
+  on_mesh = nn.logical_to_mesh(logical, axis_rules(rules))
   leaves = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed_tree))[0]
   for (path, leaf), names, axes in zip(leaves, jax.tree.leaves(logical, is_leaf=is_spec),
                                        jax.tree.leaves(on_mesh, is_leaf=is_spec)):
@@ -330,7 +336,7 @@ def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], rules) -> di
   The global shape is explicit: the local rows times the number of batch shards over this
   process's. The local rows fill this process's shards in ascending order (`process_batch_rows`).
   """
-  mine, total = _process_shard_counts(mesh, rules, jax.process_index())
+  mine, total = _process_shard_counts(mesh, axis_rules(rules), jax.process_index())
   out = {}
   for key, value in local_batch.items():
     value = np.asarray(value)

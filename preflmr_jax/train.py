@@ -205,7 +205,7 @@ def setup_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
   """
   model_config = mc.PreFLMRConfig.from_dict(config.model)
   model = preflmr.PreFLMR(model_config)
-  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  rules = sharding.axis_rules(config.logical_axis_rules)
   boxed = preflmr.logical_params(model_config)
   sharding.check_rules(rules, sharding.logical_axis_names(boxed))
   sharding.check_divisible(boxed, mesh, rules)

@@ -1,11 +1,13 @@
 """A user's mistake on the command line is one line, `error: ...`, exit status 2, no traceback, and
 leaves no output folder behind; an internal error keeps its traceback (cli.py)."""
 
+import logging
 import shutil
 
 import pytest
 
 import preflmr_jax
+from preflmr_jax import cli as console
 from preflmr_jax import config_files, evaluate, exit_codes
 
 TINY = "--config=configs/tiny.py"
@@ -138,3 +140,28 @@ def test_a_broken_published_folder_is_one_line_naming_the_file(trained_workdir, 
                              "--step=4", f"--output={tmp_path / 'eval'}"))
   assert line == (f"error: --checkpoint={step_folder}: step 4 asked for, but {step_folder} is step "
                   "6's folder")
+
+
+def test_progress_off_a_terminal_is_log_lines_not_a_bar(capfd, caplog):
+  caplog.set_level(logging.INFO)
+  assert list(console.progress(range(4), "SAMPLE passages", " batches", every=0)) == [0, 1, 2, 3]
+  lines = [r.getMessage() for r in caplog.records]
+  assert lines[0].startswith("SAMPLE passages: 1/4 batches done, ") and lines[0].endswith(" left")
+  assert len(lines) == 3  # none for the last one: the caller says what comes next
+  assert "\r" not in capfd.readouterr().err
+  caplog.clear()
+  assert list(console.progress(iter("ab"), "index: encoding", " chunks", every=0)) == ["a", "b"]
+  assert [r.getMessage() for r in caplog.records] == ["index: encoding: 1 chunks done",
+                                                      "index: encoding: 2 chunks done"]
+  caplog.clear()
+  assert list(console.progress(range(3), "hidden", show=False, every=0)) == [0, 1, 2]
+  assert not caplog.records
+
+
+def test_what_a_library_prints_goes_to_the_log_file_only(capsys, caplog):
+  caplog.set_level(logging.INFO)
+  with console.prints_to_log_file():
+    print("Downloading and preparing dataset\nDataset prepared.")
+  assert capsys.readouterr().out == ""
+  assert [(r.getMessage(), r.file_only) for r in caplog.records] == [
+      ("Downloading and preparing dataset", True), ("Dataset prepared.", True)]

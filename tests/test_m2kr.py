@@ -141,10 +141,11 @@ def test_the_reader_finds_the_builds_without_the_build_code():
   assert not [name for name in imported if "m2kr_build" in name], imported
 
 
-def test_rerun_reuses_notes_changes_and_rebuilds_on_request(tmp_path):
+def test_rerun_reuses_notes_changes_and_rebuilds_on_request(tmp_path, capfd):
   source = sample.write_sample(str(tmp_path / "s"), queries_per_class={"test": 1})
   images, data_dir = os.path.join(source, "images"), str(tmp_path / "d")
   first = m2kr_build.build(source, images, ["SAMPLE"], data_dir)
+  assert "Downloading and preparing" not in capfd.readouterr().out  # TFDS's: log file only
   assert [w["split"] for w in first.written] == ["test_passages", "test"]
   assert {n.split for n in first.notes} == {"train", "valid", "train_passages", "valid_passages"}
   again = m2kr_build.build(source, images, ["SAMPLE"], data_dir)

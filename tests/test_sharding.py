@@ -6,6 +6,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -260,3 +261,14 @@ def test_global_batch_has_the_explicit_global_shape():
   np.testing.assert_array_equal(batch["d"], np.arange(24).reshape(24, 1))
   with pytest.raises(ValueError, match=r"batch\['q'\]: 4 rows do not split evenly over .* 8"):
     sharding.global_batch(mesh, {"q": np.zeros((4, 3))}, RULES)
+
+
+def test_rules_a_config_file_writes_as_lists_work_like_tuples():
+  config = ml_collections.ConfigDict({"logical_axis_rules": RULES})
+  config.logical_axis_rules = [[k, list(v) if isinstance(v, tuple) else v] for k, v in RULES]
+  as_lists = config.logical_axis_rules
+  assert isinstance(as_lists[0], list)  # ml_collections keeps what the file wrote
+  assert sharding.axis_rules(as_lists) == sharding.axis_rules(RULES) == RULES
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  batch = sharding.global_batch(mesh, {"d": np.arange(24).reshape(24, 1)}, as_lists)
+  assert batch["d"].sharding.spec == P(("data", "fsdp"), None)

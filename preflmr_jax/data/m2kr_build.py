@@ -59,7 +59,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from preflmr_jax import storage
+from preflmr_jax import cli, storage
 from preflmr_jax.data import m2kr
 from preflmr_jax.data.m2kr import (PASSAGE_SPLITS, SPLITS, TASKS, TRAIN_SPLIT, VERSION, PathLike,
                                    canonical_task, dataset_dir, passage_split)
@@ -760,7 +760,8 @@ def _build_into(build_dir: str, kind: str, task: str, plan: dict[str, list[str]]
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     # TFDS draws progress bars straight to the terminal: only when debugging (--verbosity=1).
     tfds.display_progress_bar(logging.getLogger().isEnabledFor(logging.DEBUG))
-    with tempfile.TemporaryDirectory() as downloads:  # Nothing is downloaded.
+    # TFDS prints "Downloading and preparing" lines of its own.
+    with tempfile.TemporaryDirectory() as downloads, cli.prints_to_log_file():
       try:
         builder.download_and_prepare(
             download_dir=downloads,

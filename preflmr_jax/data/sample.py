@@ -40,7 +40,6 @@ from preflmr_jax.data import m2kr, m2kr_build, synthetic
 TASK = "SAMPLE"
 QUERIES_PER_CLASS = {"train": 24, "valid": 2, "test": 4}
 DEFAULT_IMAGE_SIZE = 64
-SHAPE_QUESTION_PROB = 0.9  # As the synthetic source's default.
 IMAGES = "images"
 MARKER = "sample.json"
 
@@ -82,7 +81,7 @@ def _queries(split: str, count: int, seed: int, image_size: int, images_dir: str
     for class_id in range(synthetic.NUM_CLASSES):
       rng = np.random.default_rng([seed, stream, class_id, k])
       image = synthetic.draw_image(class_id, rng, image_size)
-      question, instruction = synthetic.make_question(class_id, rng, SHAPE_QUESTION_PROB)
+      question, instruction = synthetic.make_question(class_id, rng, synthetic.SHAPE_QUESTION_PROB)
       img_path = f"{split}/{class_id:02d}_{k:02d}.png"
       image.save(os.path.join(images_dir, img_path), format="PNG")
       rows["question_id"].append(f"{TASK}_{split}_{class_id:02d}_{k:02d}")

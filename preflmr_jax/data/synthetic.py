@@ -97,7 +97,7 @@ _MIN_IMAGE_SIZE = 16
 _COLOUR_JITTER = 12
 # Mostly shape-naming questions: a tiny model with a frozen random vision tower reads colour from
 # the image quickly but shape slowly; generic questions keep some shape-from-image signal.
-_SHAPE_QUESTION_PROB = 0.9
+SHAPE_QUESTION_PROB = 0.9
 
 
 def class_colour(class_id: int) -> int:
@@ -221,7 +221,7 @@ class SyntheticIterator:
           f"needs {config.batch_size * (1 + self.num_negatives)} distinct documents per step but "
           f"the synthetic task has {NUM_CLASSES} classes")
     self.seed = require_int("seed", config.seed, 0)
-    self.shape_question_prob = float(config.data.get("shape_question_prob", _SHAPE_QUESTION_PROB))
+    self.shape_question_prob = float(config.data.get("shape_question_prob", SHAPE_QUESTION_PROB))
     if not 0 <= self.shape_question_prob <= 1:
       raise ConfigError(f"config.data.shape_question_prob={self.shape_question_prob} is not in "
                         f"[0, 1]")
