@@ -150,7 +150,7 @@ def hosts_from_args(args: argparse.Namespace) -> Hosts:
 
 
 def main(argv: Sequence[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = shell.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("scheduler", choices=("slurm", "hosts"))
   add_flags(parser)
   parser.add_argument("--job", default="preflmr", help="slurm: job name.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import os
@@ -47,6 +48,32 @@ class Command:
 
 def command(*argv: str, stdin: Optional[str] = None, comment: str = "") -> Command:
   return Command(tuple(argv), stdin, comment)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser, taking a flag spelled with '-' or '_' alike (`--max-restarts`,
+  `--max_restarts`): the trainer's flags use '_', gcloud's and xpk's '-', and the launchers mix
+  the two."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault("epilog", "Flags take '-' or '_' alike: --dry-run, --dry_run.")
+    super().__init__(*args, **kwargs)
+
+  def parse_known_args(self, args=None, namespace=None):
+    args = sys.argv[1:] if args is None else list(args)
+    spelled = {_flag_key(s): s for s in self._option_string_actions if s.startswith("--")}
+
+    def respell(arg: str) -> str:
+      name, eq, value = arg.partition("=")
+      if " " in name or not name.startswith("--"):  # a value (e.g. --eval_flags "--k v")
+        return arg
+      return spelled.get(_flag_key(name), name) + eq + value
+
+    return super().parse_known_args([respell(a) for a in args], namespace)
+
+
+def _flag_key(name: str) -> str:
+  return name.replace("-", "_")
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -149,9 +149,10 @@ def launch(args: argparse.Namespace, extra: Sequence[str]) -> None:
       commands = gpu.host_commands(gpu.hosts_from_args(args), line, comment)
     jobs.append((gpu.execute_together if args.backend == "hosts" else shell.execute, commands))
   if steps:
-    jobs.append((shell.execute, tpu_vm.run(tpu_vm.pod_from_args(args), steps,
-                                           f"{len(steps)} points, one after another",
-                                           args.max_restarts)))
+    jobs.append((shell.execute, tpu_vm.run(
+        tpu_vm.pod_from_args(args), steps,
+        f"{len(steps)} points, one after another (jobs {', '.join(job for job, _ in steps)})",
+        args.max_restarts)))
   for i, (execute, commands) in enumerate(jobs):
     try:
       execute(commands, args.dry_run)
@@ -171,9 +172,9 @@ def launch(args: argparse.Namespace, extra: Sequence[str]) -> None:
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   own, extra = shell.split_command(argv)
-  backend = argparse.ArgumentParser(add_help=False)
+  backend = shell.ArgumentParser(add_help=False)
   backend.add_argument("--backend", choices=BACKENDS, default="local")
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[backend])
+  parser = shell.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[backend])
   parser.add_argument("config", help="A config file with sweep(), FILE[:ARG].")
   parser.add_argument("--workdir_root", default="",
                       help=f"Folder of the sweeps' workdirs (local default {LOCAL_ROOT}); for the "

@@ -54,14 +54,15 @@ RUNTIME_VERSIONS = {
 }
 
 # A TPU is held through /dev/accel* (v4 and older) or /dev/vfio/* (v5e, v5p, v6e); libtpu also
-# refuses to start while /tmp/libtpu_lockfile is left from a killed run.
+# refuses to start while its lockfile is left from a killed run.
+LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"
 TPU_HOLDERS = "sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null"
 FREE_TPU = (
     f'if [ -f {RUN_PID} ]; then kill -9 -- "-$(cat {RUN_PID})" 2>/dev/null; rm -f {RUN_PID}; fi',
     f'pids=$({TPU_HOLDERS} | sort -u)',
     'if [ -n "$pids" ]; then sudo kill -9 $pids; fi',
     f'for i in $(seq 30); do [ -z "$({TPU_HOLDERS})" ] && break; sleep 1; done',
-    "sudo rm -f /tmp/libtpu_lockfile",
+    f"sudo rm -f {LIBTPU_LOCKFILE}",
 )
 
 
@@ -135,7 +136,7 @@ def _step(job: str, command: str, max_restarts: int) -> str:
   """`command`, rerun while it is preempted (`shell.restart_loop`), with its output and each
   attempt's start time and exit status appended to the job's log."""
   # A run ended by SIGTERM before it could clean up may leave libtpu's lockfile (`FREE_TPU`).
-  return (f"{shell.restart_loop(command, max_restarts, 'sudo rm -f /tmp/libtpu_lockfile')} "
+  return (f"{shell.restart_loop(command, max_restarts, f'sudo rm -f {LIBTPU_LOCKFILE}')} "
           f">> {log_path(job)} 2>&1")
 
 
@@ -179,27 +180,33 @@ REQUIRED = ("tpu", "zone")  # flags without a usable default
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
+  """The pod and how a run restarts (what `run` and a sweep need)."""
   parser.add_argument("--tpu", default="", help="TPU VM (pod) name (required).")
   parser.add_argument("--zone", default="", help="Required.")
   parser.add_argument("--project", default="", help="Default: gcloud's configured project.")
-  parser.add_argument("--accelerator", default=Pod.accelerator, help="e.g. v5litepod-256.")
-  parser.add_argument("--version", default="", help="TPU VM software version (default: the one "
-                      "Google lists for the accelerator's generation).")
-  parser.add_argument("--spot", action="store_true", help="Create spot (preemptible) capacity.")
   parser.add_argument("--max-restarts", dest="max_restarts", type=shell.non_negative,
                       default=shell.MAX_RESTARTS,
                       help="run: times a preempted command (exit status 143) is started again on "
                       "the pod.")
 
 
+def add_create_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--accelerator", default=Pod.accelerator, help="create: e.g. v5litepod-256.")
+  parser.add_argument("--version", default="", help="create: TPU VM software version (default: "
+                      "the one Google lists for the accelerator's generation).")
+  parser.add_argument("--spot", action="store_true", help="create: spot (preemptible) capacity.")
+
+
 def pod_from_args(args: argparse.Namespace) -> Pod:
-  return Pod(args.tpu, args.zone, args.project, args.accelerator, args.version, args.spot)
+  created = {k: getattr(args, k) for k in ("accelerator", "version", "spot") if hasattr(args, k)}
+  return Pod(args.tpu, args.zone, args.project, **created)
 
 
 def main(argv: Sequence[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = shell.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("action", choices=("create", "install", "run", "logs", "stop", "delete"))
   add_flags(parser)
+  add_create_flags(parser)
   parser.add_argument("--job", default="run", help="Log name (~/preflmr_logs/JOB.log).")
   parser.add_argument("--worker", type=int, default=0, help="logs: which worker's log.")
   parser.add_argument("--lines", type=int, default=200, help="logs: lines shown before following "

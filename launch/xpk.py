@@ -28,7 +28,7 @@ import shlex
 import sys
 from typing import Sequence
 
-from launch import shell, tpu_vm  # pylint: disable=g-import-not-at-top
+from launch import shell, tpu_vm
 
 # xpk's own rule for workload names.
 WORKLOAD_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -137,7 +137,7 @@ def cluster_from_args(args: argparse.Namespace) -> Cluster:
 
 
 def main(argv: Sequence[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = shell.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("action", choices=("build", "run", "logs", "delete"))
   add_flags(parser)
   parser.add_argument("--workload", default="")

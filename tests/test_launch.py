@@ -204,6 +204,23 @@ def test_launcher_flag_errors(capsys, nothing_runs):
   assert "--worker=first: a worker index" in capsys.readouterr().err
 
 
+def test_flags_take_dashes_or_underscores(capsys):
+  args, extra = sweep.parse(
+      ["configs/scaling.py", "--backend", "tpu-vm", "--tpu", "t", "--zone", "z", "--dry_run",
+       "--workdir-root=gs://b/s", "--max_restarts", "5", "--eval-flags", "--split=valid --x-y=1",
+       "--", "--config.batch_size=16"])
+  assert (args.dry_run, args.workdir_root, args.max_restarts) == (True, "gs://b/s", 5)
+  assert args.eval_flags == "--split=valid --x-y=1" and extra == ["--config.batch_size=16"]
+  with pytest.raises(SystemExit):
+    sweep.parse(["configs/scaling.py", "--dry_runs"])
+  assert "unrecognized arguments: --dry_runs" in capsys.readouterr().err
+  # A sweep's tpu-vm flags are the pod's and the restarts', not pod creation's.
+  with pytest.raises(SystemExit):
+    sweep.parse(["configs/scaling.py", "--backend=tpu-vm", "--help"])
+  shown = capsys.readouterr().out
+  assert "--max-restarts" in shown and "--accelerator" not in shown and "'-' or '_'" in shown
+
+
 @pytest.mark.parametrize("accelerator, version", [
     ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-256", "v2-alpha-tpuv5-lite"),
     ("v5p-128", "v2-alpha-tpuv5"), ("v6e-16", "v2-alpha-tpuv6e")])
