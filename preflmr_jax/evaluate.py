@@ -164,7 +164,8 @@ def run(config, checkpoint: str, tasks: Sequence[str], split: str, data_dir: str
 
 def _train_flops(checkpoint: str, step: Optional[int]) -> Optional[float]:
   """Training compute up to `step`: the trainer's FLOPs per step (`run.json` in the workdir, found
-  from the workdir or a step folder) times the step; None for a published folder or an older run."""
+  from the workdir or a step folder) times the step; None for a published folder or a workdir
+  without run.json."""
   if step is None:
     return None
   folder = storage.path(checkpoint, "--checkpoint")

@@ -84,7 +84,7 @@ def maxsim(Q, D, D_mask, precision=None):
   return _maxsim_nb(Q, D, D_mask, precision).T
 
 
-def _pad_to(x, axis, multiple, value):
+def pad_to_multiple(x, axis: int, multiple: int, value=0):
   """Pads `axis` of x up to a multiple of `multiple` with `value`."""
   pad = -x.shape[axis] % multiple
   if pad == 0:
@@ -101,8 +101,8 @@ def _chunked_over_docs(Q, D, D_mask, chunk_size, precision):
     return jnp.zeros((Q.shape[0], 0), jnp.float32)
   chunk = min(chunk_size, n)
   # Padding documents are fully masked (score 0) and sliced off below.
-  D = _pad_to(D, 0, chunk, 0)
-  D_mask = _pad_to(D_mask.astype(bool), 0, chunk, False)
+  D = pad_to_multiple(D, 0, chunk, 0)
+  D_mask = pad_to_multiple(D_mask.astype(bool), 0, chunk, False)
   steps = D.shape[0] // chunk
   # Strided chunks: step k scores documents {c * steps + k}. Splitting N as
   # (chunk, steps) keeps the leading factor, so a D sharded over N stays
@@ -198,7 +198,7 @@ def maxsim_chunked(Q, D, D_mask, chunk_size: Optional[int] = None,
   b, lq, dim = Q.shape
   qc = query_chunk_size
   # Zero padding queries score 0 and are sliced off. Strided split as above.
-  Qp = _pad_to(Q, 0, qc, 0)
+  Qp = pad_to_multiple(Q, 0, qc, 0)
   steps = Qp.shape[0] // qc
   Qp = Qp.reshape(qc, steps, lq, dim)
 

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import PartitionSpec
 
 from preflmr_jax import late_interaction
@@ -103,8 +104,7 @@ def _loss(q, d, d_mask, doc_labels, positive_labels, *, group: int, maxsim: Call
     metrics_mask = ~duplicate
   else:
     metrics_mask = jnp.ones_like(positive)
-  log_probs = jax.nn.log_softmax(scores, axis=-1)
-  loss = -jnp.mean(jnp.take_along_axis(log_probs, targets[:, None], axis=-1))
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(scores, targets))
 
   negative = metrics_mask & ~positive
   metrics = {

@@ -1,4 +1,4 @@
-"""Entry point: train (and, as later issues land, evaluate) a config in a workdir.
+"""Entry point: train a config in a workdir (evaluation: `python -m preflmr_jax.evaluate`).
 
   python -m preflmr_jax.main --config configs/tiny.py --workdir /tmp/preflmr_tiny [--config.key=value]
 

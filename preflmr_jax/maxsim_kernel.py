@@ -76,13 +76,7 @@ def _tpu_kernel(q_ref, d_ref, m_ref, o_ref):
     o_ref[:, i:i + 1] = jnp.sum(best, axis=1, keepdims=True)
 
 
-def _pad(x, axis, multiple):
-  pad = -x.shape[axis] % multiple
-  if not pad:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
+_pad = late_interaction.pad_to_multiple
 
 
 def _tpu_forward(Q, D, D_mask, interpret):

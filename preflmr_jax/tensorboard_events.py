@@ -1,7 +1,7 @@
 """TensorBoard scalars written through `storage` (a local folder or gs://), without TensorFlow.
 
 clu's SummaryWriter writes with `tf.summary`, i.e. TensorFlow's own GCS client, which neither
-follows STORAGE_EMULATOR_HOST nor is wanted once TensorFlow leaves the default install. This
+follows STORAGE_EMULATOR_HOST nor comes with the default install (no TensorFlow). This
 writer builds the same event records (the `tensorboard` package's pure-Python protos and record
 framing) and appends them to one `events.out.tfevents.*` file per run start with
 `storage.Appender` (on gs:// the object is rewritten whole at most every few seconds and at flush).

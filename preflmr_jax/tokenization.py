@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 
 from preflmr_jax import storage
-from preflmr_jax.models.token_masks import PAD_ID  # noqa: F401  (one of the special ids below)
+# `tiny_vocab()` pads with [unusedN] up to TINY_VOCAB_SIZE.
+from preflmr_jax.models.token_masks import PAD_ID, TINY_VOCAB_SIZE  # noqa: F401
 from preflmr_jax.user_errors import ConfigError, MissingPath
 
 if TYPE_CHECKING:
@@ -126,7 +127,6 @@ capital france paris london english museum war history population born known nam
 _TINY_SUFFIXES = ("s", "es", "ed", "ing", "ly", "er", "est", "ion", "tion", "al", "ic", "ity",
                   "ment", "ness", "able", "ful", "less", "ous", "ive", "ize", "ist", "an")
 
-TINY_VOCAB_SIZE = 768  # A multiple of 128; `tiny_vocab()` pads with [unusedN] to reach it.
 
 
 @functools.lru_cache(maxsize=None)

@@ -47,7 +47,7 @@ from preflmr_jax import storage, tokenization
 from preflmr_jax import workdir as layout
 from preflmr_jax.data import batch as batch_lib
 from preflmr_jax.data import features, instructions, m2kr
-from preflmr_jax.user_errors import ConfigError
+from preflmr_jax.user_errors import ConfigError, require_int
 
 SOURCE = "m2kr"
 
@@ -96,7 +96,7 @@ def cache_root() -> str:
 
 def resolve_data_dir(config) -> str:
   """`config.data.data_dir`; for the SAMPLE task with none set, builds the sample on first use."""
-  data_dir = config.data.get("data_dir") or ""
+  data_dir = config.data.data_dir
   tasks = [t for t, _ in parse_tasks(config.data.tasks, data_dir or None)]
   if data_dir:
     return os.fspath(storage.path(data_dir, "config.data.data_dir"))
@@ -104,7 +104,7 @@ def resolve_data_dir(config) -> str:
     raise ConfigError(f"config.data.data_dir is not set; build the tasks {tasks} with "
                       "python -m preflmr_jax.data.prepare (docs/data.md)")
   from preflmr_jax.data import sample  # pylint: disable=g-import-not-at-top
-  root = os.path.expanduser(config.data.get("sample_dir")
+  root = os.path.expanduser(config.data.sample_dir
                             or os.path.join(cache_root(), "m2kr_sample"))
   sample.ensure_sample(os.path.join(root, "source"), os.path.join(root, "tfds"))
   return os.path.join(root, "tfds")
@@ -357,10 +357,10 @@ def _host_batches(config, model_config, tokenizer, *, process_index: int,
   queries = [m2kr.load_queries(data_dir, task, split) for task, _ in tasks]
   if sized(config.data.tasks):
     tasks = [(task, f * len(records)) for (task, f), records in zip(tasks, queries)]
-  limit = int(config.data.get("max_train_examples", 0) or 0)
+  limit = require_int("data.max_train_examples", config.data.max_train_examples, 0, " (0: all)")
   if limit:
-    queries = [_Subset(records, train_subset(len(records), task, share,
-                                             int(config.data.get("subset_seed", 0))))
+    seed = require_int("data.subset_seed", config.data.subset_seed, 0)
+    queries = [_Subset(records, train_subset(len(records), task, share, seed))
                for (task, _), records, share in zip(tasks, queries, subset_shares(tasks, limit))]
   _check(config, tasks, corpora, queries)
   makers = []
@@ -380,11 +380,8 @@ def _host_batches(config, model_config, tokenizer, *, process_index: int,
 
 def max_bad_records(config) -> int:
   """`config.data.max_bad_records`: how many records that do not decode a process replaces."""
-  limit = config.data.max_bad_records
-  if not isinstance(limit, int) or limit < 0:
-    raise ConfigError(f"config.data.max_bad_records={limit!r} must be an integer >= 0 "
-                      "(0: stop at the first record that does not decode)")
-  return limit
+  return require_int("data.max_bad_records", config.data.max_bad_records, 0,
+                     " (0: stop at the first record that does not decode)")
 
 
 def subset_shares(tasks: Sequence[tuple[str, float]], total: int) -> list[int]:
@@ -431,7 +428,7 @@ def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, li
   corpus indices; None when the folder is unset or has no file for `task`. A folder that does not
   exist is an error (a typo would quietly train without the mined negatives)."""
   key = "config.data.hard_negatives_dir"
-  folder = config.data.get("hard_negatives_dir") or ""
+  folder = config.data.hard_negatives_dir
   if not folder:
     return None
   folder = storage.path(folder, key)
@@ -440,7 +437,8 @@ def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, li
   if not path.exists():
     logging.info("%s: no %s, so no hard negatives for it", task, path)
     return None
-  depth = int(config.data.get("hard_negatives_depth", 0)) or None
+  depth = require_int("data.hard_negatives_depth", config.data.hard_negatives_depth, 0,
+                      " (0: all)") or None
   mined = {}
   with path.open() as f:
     for line_number, line in enumerate(f, 1):
@@ -477,12 +475,8 @@ class M2KRIterator:
                process_count: int = 1):
     if tokenizer is None:
       tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
-    self._workers = int(config.data.get("num_workers", 0))
-    if self._workers < 0:
-      raise ConfigError(f"config.data.num_workers={self._workers} must be >= 0")
-    self._prefetch = int(config.data.prefetch_batches)
-    if self._prefetch < 0:
-      raise ConfigError(f"config.data.prefetch_batches={self._prefetch} must be >= 0")
+    self._workers = require_int("data.num_workers", config.data.num_workers, 0)
+    self._prefetch = require_int("data.prefetch_batches", config.data.prefetch_batches, 0)
     self._batches = _host_batches(config, model_config, tokenizer, process_index=process_index,
                                   process_count=process_count)
     self._bad = _BadRecords(max_bad_records(config))

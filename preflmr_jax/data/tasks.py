@@ -24,9 +24,10 @@ from typing import Any, Optional
 from etils import epath
 
 from preflmr_jax import storage
+from preflmr_jax.data import instructions
 from preflmr_jax.user_errors import ConfigError
 
-TYPES = ("vqa", "caption", "image_to_document", "text")
+TYPES = tuple(instructions.BY_TYPE)
 FIELDS = ("type", "headline")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*$")
 _HEADLINE = re.compile(r"(Recall|PseudoRecall)@[1-9][0-9]*$")

@@ -10,7 +10,8 @@ import dataclasses
 from typing import Any, Mapping
 
 from preflmr_jax.models import layers
-from preflmr_jax.models.token_masks import BERT_UNCASED_COLON_ID, BERT_UNCASED_PUNCTUATION_IDS
+from preflmr_jax.models.token_masks import (BERT_UNCASED_COLON_ID, BERT_UNCASED_PUNCTUATION_IDS,
+                                            TINY_VOCAB_SIZE)
 from preflmr_jax.user_errors import ConfigError
 
 _OUTPUTS = ("full", "mapping_only")
@@ -189,8 +190,8 @@ def _build(cls, d, where):
 # ----------------------------------------------------------------------------------------------
 
 TEXT_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=768, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                 max_position_embeddings=128),
+    "tiny": dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, num_layers=2, num_heads=4,
+                 intermediate_size=64, max_position_embeddings=128),
     "minilm_l6": dict(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
     "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),  # 109.5M
     "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),  # 335.1M

@@ -114,10 +114,8 @@ class PreFLMR(nn.Module):
       raise ValueError(f"document input_ids have length {input_ids.shape[-1]} > "
                        f"config.model.doc_maxlen={c.doc_maxlen}")
     hidden, _ = self.document_text(input_ids, attention_mask, deterministic=deterministic)
-    if c.mask_punctuation:
-      d_mask = token_masks.document_token_mask(input_ids, c.skip_token_ids)
-    else:
-      d_mask = (input_ids != 0).astype(jnp.float32)
+    d_mask = token_masks.document_token_mask(input_ids,
+                                             c.skip_token_ids if c.mask_punctuation else ())
     d = self.document_head(hidden).astype(jnp.float32) * d_mask[..., None]
     return layers.constrain(l2_normalize(d), "act_batch", "act_length", None), d_mask
 

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 
 PAD_ID = 0  # [PAD] in the BERT vocabs (bert-base-uncased and the tiny one)
+TINY_VOCAB_SIZE = 768  # the tiny vocab (tokenization.tiny_vocab), a multiple of 128
 
 # `tokenization.mask_token_ids(bert-base-uncased)`: ":" and the single-punctuation token ids, the
 # released checkpoints' vocab; checked against the real vocab in the tests.

@@ -150,10 +150,7 @@ def _custom_calls(compiled) -> dict[str, int]:
 
 
 def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
+  return float((compiled.cost_analysis() or {}).get("flops", 0.0))
 
 
 def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None) -> dict:
