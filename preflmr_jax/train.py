@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from preflmr_jax import (checkpointing, cli, data, losses, maxsim_kernel, optimizer, pretrained,
@@ -337,15 +338,13 @@ def _train(config, workdir, preemption) -> dict[str, float]:
   validate(config, mesh)
   _check_init_sources(config)
   setup = setup_train_step(config, mesh)
-  model_config, state_shardings = setup.model_config, setup.state_shardings
-  replicated = state_shardings.step
   tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
-  tokenization.check_mask_ids(tokenizer, model_config.instruction_token_id,
-                              model_config.skip_token_ids)
+  tokenization.check_mask_ids(tokenizer, setup.model_config.instruction_token_id,
+                              setup.model_config.skip_token_ids)
   storage.ensure_dir(workdir, "--workdir")
 
   # ---------------------------------------------------------------- data and checkpoints
-  train_iter = data.make_train_iterator(config, model_config, tokenizer,
+  train_iter = data.make_train_iterator(config, setup.model_config, tokenizer,
                                         process_index=jax.process_index(),
                                         process_count=jax.process_count())
   ckpt = checkpointing.Checkpointer(layout.checkpoints_dir(workdir),
@@ -353,47 +352,13 @@ def _train(config, workdir, preemption) -> dict[str, float]:
                                     save_interval_steps=config.checkpoint_every_steps)
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-      info = run_info(config, setup)
-      logging.info("%s parameters (%s trainable), global batch %d on %d device(s), %.3g GFLOPs "
-                   "a step", f"{info['params_total']:,}", f"{info['params_trainable']:,}",
-                   info["global_batch"], info["devices"], info["train_flops_per_step"] / 1e9)
-      if jax.process_index() == 0:
-        with storage.errors("--workdir", workdir):
-          # With the config of this start (its overrides, init_from, ...): what the run was.
-          recorded = {**info, "config": json.loads(config.to_json_best_effort()),
-                      "start_id": secrets.randbits(31)}
-          storage.write_text(layout.run_info_path(workdir), json.dumps(recorded, indent=2))
-      _check_workdir_shared(workdir)
-      with storage.errors("--workdir", workdir):
-        resume = ckpt.latest_step() is not None
+      _write_run_info(config, setup, workdir)
       preemption.stop_before_start()
-      if not resume:  # created sharded: nothing is materialised on one host
-        # Loaded params pass through: no random draw to compile and throw away.
-        loaded = _initial_params(config, setup.abstract_state.params)
-        state = jax.jit(setup.init_state, static_argnums=0, donate_argnums=1,
-                        out_shardings=state_shardings)(config.seed, loaded)
-        start = 0
-      else:
-        with storage.errors("--workdir", workdir):
-          start, params, opt_state, meta = ckpt.restore_latest(setup.abstract_state.params,
-                                                               setup.abstract_state.opt_state)
-        put = lambda x: jax.device_put(x, replicated)
-        if np.shape(meta["rng"]) != setup.abstract_state.rng.shape:
-          raise ConfigError(f"{workdir}: checkpoint {start}'s dropout key has shape "
-                            f"{np.shape(meta['rng'])}, config.dropout_prng_impl="
-                            f"{config.dropout_prng_impl!r} needs {setup.abstract_state.rng.shape}: "
-                            "resume with the impl the run started with")
-        state = TrainState(
-            step=put(jnp.int32(start)), params=params, opt_state=opt_state,
-            rng=put(np.asarray(meta["rng"], np.uint32)),
-            nonfinite_steps=put(jnp.int32(meta.get("nonfinite_steps", 0))),
-            first_nonfinite_step=put(jnp.int32(meta.get("first_nonfinite_step", -1))))
-        train_iter.set_state(meta["data"])
-        logging.info("resumed from %s at step %d", workdir, start)
-        if start >= config.num_train_steps:
-          logging.info("nothing to train: at step %d, config.num_train_steps=%d (raise it to "
-                       "train further)", start, config.num_train_steps)
-          return {}
+      state, start = _start_state(config, setup, ckpt, train_iter, workdir)
+      if start >= config.num_train_steps:
+        logging.info("nothing to train: at step %d, config.num_train_steps=%d (raise it to "
+                     "train further)", start, config.num_train_steps)
+        return {}
       evaluator = (make_evaluator(config, setup, mesh, state.params, tokenizer)
                    if config.eval_every_steps else None)
       log = MetricsLog(workdir, start, config.num_train_steps)
@@ -411,6 +376,52 @@ def _train(config, workdir, preemption) -> dict[str, float]:
     ckpt.close()
     if hasattr(train_iter, "close"):  # grain worker processes
       train_iter.close()
+
+
+def _write_run_info(config, setup: StepSetup, workdir) -> None:
+  """Logs the run's size and writes run.json (process 0), with the config of this start (its
+  overrides, init_from, ...): what the run was. Then every process checks that it sees it."""
+  info = run_info(config, setup)
+  logging.info("%s parameters (%s trainable), global batch %d on %d device(s), %.3g GFLOPs "
+               "a step", f"{info['params_total']:,}", f"{info['params_trainable']:,}",
+               info["global_batch"], info["devices"], info["train_flops_per_step"] / 1e9)
+  if jax.process_index() == 0:
+    with storage.errors("--workdir", workdir):
+      recorded = {**info, "config": json.loads(config.to_json_best_effort()),
+                  "start_id": secrets.randbits(31)}
+      storage.write_text(layout.run_info_path(workdir), json.dumps(recorded, indent=2))
+  _check_workdir_shared(workdir)
+
+
+def _start_state(config, setup: StepSetup, ckpt, train_iter, workdir) -> tuple[TrainState, int]:
+  """(state, its step): the latest checkpoint's (the data iterator set to where it was), else a
+  new state, created sharded (nothing is materialised on one host) from the loaded parameters
+  or random ones."""
+  with storage.errors("--workdir", workdir):
+    resume = ckpt.latest_step() is not None
+  if not resume:
+    # Loaded params pass through: no random draw to compile and throw away.
+    loaded = _initial_params(config, setup.abstract_state.params)
+    state = jax.jit(setup.init_state, static_argnums=0, donate_argnums=1,
+                    out_shardings=setup.state_shardings)(config.seed, loaded)
+    return state, 0
+  with storage.errors("--workdir", workdir):
+    start, params, opt_state, meta = ckpt.restore_latest(setup.abstract_state.params,
+                                                         setup.abstract_state.opt_state)
+  if np.shape(meta["rng"]) != setup.abstract_state.rng.shape:
+    raise ConfigError(f"{workdir}: checkpoint {start}'s dropout key has shape "
+                      f"{np.shape(meta['rng'])}, config.dropout_prng_impl="
+                      f"{config.dropout_prng_impl!r} needs {setup.abstract_state.rng.shape}: "
+                      "resume with the impl the run started with")
+  put = lambda x: jax.device_put(x, setup.state_shardings.step)  # replicated
+  state = TrainState(
+      step=put(jnp.int32(start)), params=params, opt_state=opt_state,
+      rng=put(np.asarray(meta["rng"], np.uint32)),
+      nonfinite_steps=put(jnp.int32(meta.get("nonfinite_steps", 0))),
+      first_nonfinite_step=put(jnp.int32(meta.get("first_nonfinite_step", -1))))
+  train_iter.set_state(meta["data"])
+  logging.info("resumed from %s at step %d", workdir, start)
+  return state, start
 
 
 def _check_workdir_shared(workdir) -> None:
@@ -490,47 +501,54 @@ def _check_finite(state: TrainState, config) -> None:
     logging.warning("%d non-finite steps skipped so far (first: step %d)", bad, first)
 
 
-def _check_init_sources(config) -> None:
-  """The folder to start from exists, checked before anything compiles."""
+def _init_source(config) -> tuple[str, epath.Path] | None:
+  """(config key, folder) of the run's starting point, if it has one."""
   if config.init_from and config.init_params_from:
     raise ConfigError("set at most one of config.init_from and config.init_params_from")
-  if config.init_from:
-    folder = storage.path(config.init_from, "config.init_from")
-    storage.must_exist(folder, "config.init_from")
-    with storage.errors("config.init_from", folder):
-      if not pretrained.is_published(folder):
-        raise MissingPath(f"config.init_from={folder}: not a published PreFLMR folder (no "
+  for name in ("init_from", "init_params_from"):
+    if config[name]:
+      return f"config.{name}", storage.path(config[name], f"config.{name}")
+  return None
+
+
+def _check_init_sources(config) -> None:
+  """The folder to start from exists and is of its key's kind, checked before anything compiles:
+  a published folder for init_from, a run's workdir or step folder for init_params_from."""
+  source = _init_source(config)
+  if source is None:
+    return
+  key, folder = source
+  storage.must_exist(folder, key)
+  with storage.errors(key, folder):
+    published = pretrained.is_published(folder)
+    if key == "config.init_from":
+      if not published:
+        raise MissingPath(f"{key}={folder}: not a published PreFLMR folder (no "
                           f"{pretrained.CONFIG_FILE}); a run's workdir or step folder goes in "
                           "config.init_params_from")
-      with naming("config.init_from", folder, BadFile, MissingPath):
+      with naming(key, folder, BadFile, MissingPath):
         pretrained.weights_file(folder)
-  elif config.init_params_from:
-    folder = storage.path(config.init_params_from, "config.init_params_from")
-    storage.must_exist(folder, "config.init_params_from")
-    with storage.errors("config.init_params_from", folder):
-      if pretrained.is_published(folder):
-        raise ConfigError(f"config.init_params_from={folder}: a published PreFLMR folder; it goes "
-                          "in config.init_from")
-      with naming("config.init_params_from", folder, MissingPath):
+    else:
+      if published:
+        raise ConfigError(f"{key}={folder}: a published PreFLMR folder; it goes in "
+                          "config.init_from")
+      with naming(key, folder, MissingPath):
         checkpointing.find_step_dir(folder, None)
 
 
 def _initial_params(config, abstract_params):
   """Params from `config.init_from` (a published PreFLMR folder) or `config.init_params_from`
   (another run), placed with `abstract_params`' shardings; None when neither is set."""
-  if config.init_from:
-    key = "config.init_from"
-    folder = storage.path(config.init_from, key)
-    with storage.errors(key, folder):
-      loaded = pretrained.load_pretrained(folder).params  # per layer, as published
-    loaded = layer_stacks.to_layout(loaded, layer_stacks.is_stacked(abstract_params))
-  elif config.init_params_from:
-    key = "config.init_params_from"
-    folder = storage.path(config.init_params_from, key)
-    with storage.errors(key, folder):
-      loaded = checkpointing.restore_params(folder, abstract_params)
-  else:
+  source = _init_source(config)
+  if source is None:
     return None
+  key, folder = source
+  with storage.errors(key, folder):
+    if key == "config.init_from":
+      loaded = pretrained.load_pretrained(folder).params  # per layer, as published
+      loaded = layer_stacks.to_layout(loaded, layer_stacks.is_stacked(abstract_params))
+    else:
+      loaded = checkpointing.restore_params(folder, abstract_params)
   difference = checkpointing.first_difference(abstract_params, loaded, "the folder", dtypes=True)
   if difference:
     raise ConfigError(f"{key}={folder} does not match config.model: {difference}")
