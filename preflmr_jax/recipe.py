@@ -66,8 +66,9 @@ def published(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   Confirmed in the official code: AdamW with eps 1e-8 and weight decay 0 (no parameter excluded),
   a constant learning rate without warmup (scheduler "none"), no gradient clipping, the mapping
-  structures at 1e-4 and everything else at 1e-5, and per-device in-batch negatives (DDP without
-  gathering). Not confirmed: the negatives per query (4 as in the official fine-tuning example;
+  structures at 1e-4 and everything else at 1e-5, per-device in-batch negatives (DDP without
+  gathering), and a loss that takes a query's positives found elsewhere in the batch for
+  negatives (`mask_duplicate_positives=False`). Not confirmed: the negatives per query (4 as in the official fine-tuning example;
   its internal pre-training config's default is 1), batch size, accumulation and steps (set on
   the official command lines, which are not published); ours are config defaults.
   """
@@ -75,5 +76,6 @@ def published(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           schedule="constant", warmup_steps=0, weight_decay=0.0,
                           decay_params="all", grad_clip_norm=0.0, eps=1e-8)
   config.in_batch_negatives = "per_device"
+  config.mask_duplicate_positives = False
   config.num_negatives = 4
   return config

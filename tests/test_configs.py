@@ -165,7 +165,9 @@ def test_stage_configs_apply_the_recipe_to_the_shape(stage, shape):
       learning_rate=1e-5, mapping_learning_rate=1e-4, schedule="constant", warmup_steps=0,
       weight_decay=0.0, decay_params="all", grad_clip_norm=0.0, eps=1e-8)}
   assert (config["in_batch_negatives"], config["num_negatives"]) == ("per_device", 4)
-  recipe_keys = {"model", "freeze", "data", "optimizer", "in_batch_negatives", "num_negatives"}
+  assert config["mask_duplicate_positives"] is False  # the reference loss
+  recipe_keys = {"model", "freeze", "data", "optimizer", "in_batch_negatives", "num_negatives",
+                 "mask_duplicate_positives"}
   assert ({k: v for k, v in config.items() if k not in recipe_keys}
           == {k: v for k, v in base.items() if k not in recipe_keys})
 

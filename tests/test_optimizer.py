@@ -137,6 +137,7 @@ def test_stage_presets():
         1e-5, 1e-4, "constant", 0)
     assert (opt.weight_decay, opt.grad_clip_norm, opt.eps) == (0.0, 0.0, 1e-8)
     assert config.in_batch_negatives == "per_device" and config.num_negatives == 4
+    assert not config.mask_duplicate_positives
   assert config_files.load_config("configs/stage.py:2,vit_l").data.tasks == "E-VQA"
   with pytest.raises(ValueError, match="configs/stage.py: shape='vit_h' is not one of"):
     config_files.load_config("configs/stage.py:2,vit_h")
