@@ -7,10 +7,14 @@ text:   base (BERT-base, 110M), large (BERT-large, 335M), 800m (width 1600 x 24 
 Both text encoders (query and document) take the text shape; the mapping network takes its width.
 Parameters, FLOPs and memory per point: docs/scaling_grid.md.
 
-The whole grid as a sweep (one train -> eval job per point), then the scaling-law fit:
+The whole grid as a sweep (one train -> eval job per point), then the scaling-law fit. The points
+carry the model only, with the defaults' run settings (global batch 8, float32): a pod run gives
+its own after `--` (those of docs/launching.md's example are for a v5e-16), with its data:
 
   python launch/sweep.py configs/scaling.py --backend tpu-vm --tpu NAME --zone ZONE \
-      --workdir_root gs://my-bucket/sweeps --dry-run
+      --workdir_root gs://my-bucket/sweeps -- --config.mesh.fsdp=16 --config.batch_size=16 \
+      --config.model.dtype=bfloat16 --config.tokenizer=... --config.data.data_dir=... \
+      --config.data.tasks=...
   python -m preflmr_jax.tools.scaling_law --sweep_dir gs://my-bucket/sweeps/scaling
 
 `configs/scaling.py:smoke` stands in for the grid on a CPU: three widths of the tiny model on the

@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.init_params_from = ""  # another run's workdir (or checkpoint step folder) to start from
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-5,  # everything trainable but the mapping structures
-      mapping_learning_rate=1e-4,  # vision MLP, mapping network and their linears
+      # Vision MLP, mapping network and their linears: the official configs' rate.
+      mapping_learning_rate=recipe.MAPPING_LEARNING_RATE,
       schedule="linear",  # after warmup: "linear" or "cosine" decay to end_fraction, or "constant"
       warmup_steps=0,
       end_fraction=0.0,

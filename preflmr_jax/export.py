@@ -56,7 +56,8 @@ __all__ = ["export"]
 if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                             lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "A run's workdir or one step's folder.")
+  flags.DEFINE_string("checkpoint", None, "A run's workdir, one step's folder, or a published "
+                      "folder.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
   flags.DEFINE_string("output", None, "The published folder to write.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing published folder at --output.")
