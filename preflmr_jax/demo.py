@@ -126,9 +126,8 @@ def _load(config, checkpoint: Optional[str], step: Optional[int], mesh, rules):
   init_from = config.get("init_from")
   if init_from:
     loaded = pretrained.load_pretrained(init_from)
-    query_tokenizer = loaded.query_tokenizer or tokenization.tokenizer_from_config(config.tokenizer)
-    return (loaded.config, loaded.params, query_tokenizer,
-            loaded.document_tokenizer or query_tokenizer,
+    return (loaded.config, loaded.params,
+            *loaded.tokenizers(lambda: tokenization.tokenizer_from_config(config.tokenizer)),
             f"weights from config.init_from={init_from}, no --checkpoint")
   model_config = mc.PreFLMRConfig.from_dict(config.model)
   tokenizer = tokenization.tokenizer_from_config(config.tokenizer)

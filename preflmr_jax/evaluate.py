@@ -83,9 +83,8 @@ def restore(config, checkpoint: str, step: Optional[int] = None,
     with storage.errors("--checkpoint", folder):
       with user_errors.naming("--checkpoint", folder, BadFile, MissingPath):
         model = pretrained.load_pretrained(folder)
-    query_tok, doc_tok = model.query_tokenizer, model.document_tokenizer
-    if query_tok is None or doc_tok is None:  # a folder without tokenizers: the config's
-      query_tok = doc_tok = tokenization.tokenizer_from_config(config.tokenizer)
+    query_tok, doc_tok = model.tokenizers(
+        lambda: tokenization.tokenizer_from_config(config.tokenizer))
     return Restored(model.config, jax.device_put(model.params, replicated), query_tok, doc_tok,
                     checkpoint, None)
   model_config = mc.PreFLMRConfig.from_dict(config.model)

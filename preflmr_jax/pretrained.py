@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -259,6 +259,14 @@ class PretrainedPreFLMR:
       return model.apply({"params": params}, ids, mask, method=PreFLMR.encode_documents)
 
     self._queries, self._documents = jax.jit(queries), jax.jit(documents)
+
+  def tokenizers(self, fallback: Callable[[], Any]) -> tuple[Any, Any]:
+    """(query, document) tokenizers: the folder's; one it lacks is the other (they share the
+    vocab); `fallback()` (e.g. the config's) for both when it has neither."""
+    query = self.query_tokenizer or self.document_tokenizer
+    if query is None:
+      query = fallback()
+    return query, self.document_tokenizer or query
 
   def _check_ids(self, input_ids):
     # Out-of-range ids would embed as NaN (jnp.take's fill), never as an error.

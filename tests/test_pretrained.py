@@ -344,3 +344,13 @@ def test_unsupported_or_missing_config_values_name_the_key(tmp_path, checkpoint,
 def test_punctuation_ids_cover_string_punctuation():
   _, punct = tokenization.mask_token_ids(tokenization.tiny_tokenizer())
   assert len(punct) == len(string.punctuation)
+
+
+def test_a_folder_missing_a_tokenizer_uses_its_other_one_or_the_fallback():
+  model = lambda q, d: preflmr_jax.PretrainedPreFLMR(reference_config(), None, query_tokenizer=q,
+                                                     document_tokenizer=d)
+  no_call = lambda: pytest.fail("the fallback is for a folder without tokenizers")
+  assert model("q", "d").tokenizers(no_call) == ("q", "d")
+  assert model("q", None).tokenizers(no_call) == ("q", "q")
+  assert model(None, "d").tokenizers(no_call) == ("d", "d")
+  assert model(None, None).tokenizers(lambda: "config's") == ("config's", "config's")
