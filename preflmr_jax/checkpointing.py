@@ -1,4 +1,4 @@
-"""Orbax checkpoints for training runs: async saves, keep-N, resume, preemption.
+"""Orbax checkpoints for training runs: async saves, keep-N, resume.
 
   ckpt = Checkpointer(workdir.checkpoints_dir(path), max_to_keep=3, save_interval_steps=1000)
   if ckpt.latest_step() is not None:  # the newest step that restores, walking back past damage
@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import logging as std_logging
-import signal
 from typing import Any
 
 import jax
@@ -416,61 +415,3 @@ def convert_layout(params, abstract_params):
   convert = jax.jit(functools.partial(layer_stacks.to_layout, scanned=scanned),
                     out_shardings=shardings)
   return convert(params)
-
-
-class Preempted(Exception):
-  """Training stopped on a preemption notice; `step` is the step it saved (None: it stopped
-  before taking a step, with nothing new to save). `python -m preflmr_jax.main` exits with
-  `exit_codes.PREEMPTED`."""
-
-  def __init__(self, step: int | None):
-    self.step = step
-    super().__init__(f"preempted: saved step {step}, rerun to resume" if step is not None else
-                     "preempted before the first step: nothing new to save, rerun to resume")
-
-
-class PreemptionWatcher:
-  """Turns a preemption notice (SIGTERM) into `should_stop(step)`, so the loop saves and exits.
-
-  One process: a SIGTERM handler sets a flag. Several processes: all hosts must stop at the same
-  step, so ask JAX's preemption sync service, which runs its own SIGTERM notifier; a Python handler
-  would replace that notifier, so none is installed there.
-  """
-
-  def __init__(self):
-    self._stop = False
-    self._multihost = jax.process_count() > 1
-    self._installed = False
-    if not self._multihost:
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-      self._installed = True
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: checkpointing and stopping at the next step boundary")
-    self._stop = True
-
-  def should_stop(self, step: int) -> bool:
-    """Call once per step, on every host; True from the step at which to save and stop."""
-    if self._multihost and not self._stop:
-      self._stop = ocp.multihost.reached_preemption(step)
-    return self._stop
-
-  def stop_before_start(self, step: int | None = None) -> None:
-    """Raises Preempted(None) if a notice came during set-up. `step` (the step training resumes
-    from, the same on every host) lets several processes agree; without it only this process's
-    own signal is seen, which is all there is with one process."""
-    if (self._stop if step is None else self.should_stop(step)):
-      raise Preempted(None)
-
-  def close(self) -> None:
-    if self._installed:
-      # None: the old handler was not set from Python; the default is the best we can put back.
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
-      self._installed = False
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()

@@ -15,7 +15,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from preflmr_jax import checkpointing, cli, exit_codes, sharding, train
+from preflmr_jax import cli, exit_codes, preemption, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
                                           lock_config=True)
@@ -37,7 +37,7 @@ def main(argv):
       logging.info("done: step %d in %s (%s); checkpoints, metrics.jsonl and TensorBoard events "
                    "in %s", config.num_train_steps, cli.duration(time.monotonic() - start), shown,
                    _WORKDIR.value)
-  except checkpointing.Preempted as e:  # a scheduler restarts on this status, not on a failure
+  except preemption.Preempted as e:  # a scheduler restarts on this status, not on a failure
     logging.warning("%s", e)
     sys.exit(exit_codes.PREEMPTED)
 

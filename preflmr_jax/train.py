@@ -29,8 +29,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from preflmr_jax import (checkpointing, cli, data, losses, maxsim_kernel, optimizer, pretrained,
-                         sharding, storage, tensorboard_events, tokenization)
+from preflmr_jax import (checkpointing, cli, data, losses, maxsim_kernel, optimizer, preemption,
+                         pretrained, sharding, storage, tensorboard_events, tokenization)
 from preflmr_jax import workdir as layout
 from preflmr_jax.models import flops as model_flops
 from preflmr_jax.models import layer_stacks
@@ -324,15 +324,15 @@ class MetricsLog:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics.
 
-  Raises `checkpointing.Preempted` after a preemption notice (SIGTERM): at the next step boundary
+  Raises `preemption.Preempted` after a preemption notice (SIGTERM): at the next step boundary
   once that step is saved, or at once, with nothing new to save, before the first step.
   """
   # A notice during set-up (data, compilation, restore) stops the run before it takes a step.
-  with checkpointing.PreemptionWatcher() as preemption:
-    return _train(config, storage.path(workdir, "--workdir"), preemption)
+  with preemption.PreemptionWatcher() as watcher:
+    return _train(config, storage.path(workdir, "--workdir"), watcher)
 
 
-def _train(config, workdir, preemption) -> dict[str, float]:
+def _train(config, workdir, watcher) -> dict[str, float]:
   # ---------------------------------------------------------------------------------- setup
   mesh = sharding.make_mesh(config.mesh)
   validate(config, mesh)
@@ -353,7 +353,7 @@ def _train(config, workdir, preemption) -> dict[str, float]:
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       _write_run_info(config, setup, workdir)
-      preemption.stop_before_start()
+      watcher.stop_before_start()
       state, start = _start_state(config, setup, ckpt, train_iter, workdir)
       if start >= config.num_train_steps:
         logging.info("nothing to train: at step %d, config.num_train_steps=%d (raise it to "
@@ -366,8 +366,8 @@ def _train(config, workdir, preemption) -> dict[str, float]:
       train_step = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
       logging.info("train step lowered and compiled in %.1f s", time.perf_counter() - tick)
       try:
-        preemption.stop_before_start(start)
-        return _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption,
+        watcher.stop_before_start(start)
+        return _loop(config, mesh, state, start, train_step, train_iter, ckpt, watcher,
                      log, evaluator)
       finally:
         log.close()
@@ -446,7 +446,7 @@ def _check_workdir_shared(workdir) -> None:
         "hosts mount (docs/storage.md)")
 
 
-def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, log,
+def _loop(config, mesh, state, start, train_step, train_iter, ckpt, watcher, log,
           evaluator=None):
   """Steps start+1 .. num_train_steps; returns the last logged metrics."""
   pending, last = [], {}
@@ -455,7 +455,7 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, 
     batch = sharding.global_batch(mesh, next(train_iter), config.logical_axis_rules)
     state, metrics = train_step(state, batch)
     pending.append(metrics)
-    stop = preemption.should_stop(step)
+    stop = watcher.should_stop(step)
     is_last = step == config.num_train_steps
     evaluate_now = evaluator and (step % config.eval_every_steps == 0 or is_last) and not stop
     if step % config.log_every_steps == 0 or is_last or stop or evaluate_now:
@@ -481,7 +481,7 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, preemption, 
       log.flush()  # the log never lags behind a checkpoint (object storage: see MetricsLog)
       logging.info("checkpoint of step %d saving in the background", step)
     if stop:
-      raise checkpointing.Preempted(step)
+      raise preemption.Preempted(step)
   return last
 
 

@@ -18,7 +18,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from preflmr_jax import checkpointing
 from preflmr_jax.models import layer_stacks
-from preflmr_jax.checkpointing import Checkpointer, PreemptionWatcher, restore_params
+from preflmr_jax.checkpointing import Checkpointer, restore_params
+from preflmr_jax.preemption import PreemptionWatcher
 
 META = {"step": 0, "rng": [0, 42], "data": {"epoch": 1, "position": 17, "order": [3, 1, 2]},
         "config": {"model": "tiny", "lr": 1e-4}}

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from preflmr_jax import checkpointing, data, exit_codes, train
+from preflmr_jax import checkpointing, data, exit_codes, preemption, train
 from preflmr_jax import workdir as layout
 from preflmr_jax.checkpointing import Checkpointer, restore_params
 from preflmr_jax.models import model_config as mc
@@ -200,7 +200,7 @@ def test_sigterm_during_set_up_stops_before_the_first_step(tmp_path, monkeypatch
   calls = []
   setup = train.setup_train_step
   monkeypatch.setattr(train, "setup_train_step", lambda *a: calls.append(1) or setup(*a))
-  with pytest.raises(checkpointing.Preempted, match="before the first step"):
+  with pytest.raises(preemption.Preempted, match="before the first step"):
     train.train_and_evaluate(short_run(num_train_steps=4), str(tmp_path))
   assert calls and not (tmp_path / "metrics.jsonl").exists()
   assert not glob.glob(str(tmp_path / "checkpoints" / "[0-9]*"))

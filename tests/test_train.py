@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import preflmr_jax
-from preflmr_jax import checkpointing, data, sharding, tokenization, train
+from preflmr_jax import checkpointing, data, preemption, sharding, tokenization, train
 from preflmr_jax import workdir as layout
 from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
@@ -265,7 +265,7 @@ def test_sigterm_saves_the_current_step_and_stops_then_resumes_exactly(trained_w
   handler = signal.getsignal(signal.SIGTERM)
   with monkeypatch.context() as m:
     m.setattr(data, "make_train_iterator", lambda *a, **k: _SigtermAt(make(*a, **k), 3))
-    with pytest.raises(checkpointing.Preempted, match="saved step 3"):
+    with pytest.raises(preemption.Preempted, match="saved step 3"):
       train.train_and_evaluate(short_run(**base), str(tmp_path / "preempted"))
   assert signal.getsignal(signal.SIGTERM) == handler  # the trainer's handler is gone again
   ckpt = checkpointing.Checkpointer(str(tmp_path / "preempted" / "checkpoints"))
