@@ -62,14 +62,18 @@ class ArgumentParser(argparse.ArgumentParser):
   def parse_known_args(self, args=None, namespace=None):
     args = sys.argv[1:] if args is None else list(args)
     spelled = {_flag_key(s): s for s in self._option_string_actions if s.startswith("--")}
-
-    def respell(arg: str) -> str:
+    respelled, is_value = [], False
+    for arg in args:
       name, eq, value = arg.partition("=")
-      if " " in name or not name.startswith("--"):  # a value (e.g. --eval_flags "--k v")
-        return arg
-      return spelled.get(_flag_key(name), name) + eq + value
-
-    return super().parse_known_args([respell(a) for a in args], namespace)
+      if is_value or not name.startswith("--") or " " in name:  # e.g. --eval_flags "--k=v x"
+        respelled.append(arg)
+        is_value = False
+        continue
+      name = spelled.get(_flag_key(name), name)
+      action = self._option_string_actions.get(name)
+      is_value = action is not None and not eq and action.nargs != 0  # the next one is its value
+      respelled.append(name + eq + value)
+    return super().parse_known_args(respelled, namespace)
 
 
 def _flag_key(name: str) -> str:

@@ -2,9 +2,9 @@
 limit) becomes a stop at a step boundary that every process agrees on, after which the trainer
 saves that step and exits with `exit_codes.PREEMPTED`.
 
-  with PreemptionWatcher() as preemption:
+  with PreemptionWatcher() as watcher:
     ...
-    if preemption.should_stop(step):  # on every process, once per step
+    if watcher.should_stop(step):  # on every process, once per step
       save(step); raise Preempted(step)
 """
 

@@ -263,10 +263,10 @@ class PretrainedPreFLMR:
   def tokenizers(self, fallback: Callable[[], Any]) -> tuple[Any, Any]:
     """(query, document) tokenizers: the folder's; one it lacks is the other (they share the
     vocab); `fallback()` (e.g. the config's) for both when it has neither."""
-    query = self.query_tokenizer or self.document_tokenizer
+    query, document = self.query_tokenizer, self.document_tokenizer
     if query is None:
-      query = fallback()
-    return query, self.document_tokenizer or query
+      query = fallback() if document is None else document
+    return query, query if document is None else document
 
   def _check_ids(self, input_ids):
     # Out-of-range ids would embed as NaN (jnp.take's fill), never as an error.

@@ -68,9 +68,10 @@ def published(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   a constant learning rate without warmup (scheduler "none"), no gradient clipping, the mapping
   structures at 1e-4 and everything else at 1e-5, per-device in-batch negatives (DDP without
   gathering), and a loss that takes a query's positives found elsewhere in the batch for
-  negatives (`mask_duplicate_positives=False`). Not confirmed: the negatives per query (4 as in the official fine-tuning example;
-  its internal pre-training config's default is 1), batch size, accumulation and steps (set on
-  the official command lines, which are not published); ours are config defaults.
+  negatives (`mask_duplicate_positives=False`). Not confirmed: the negatives per query (4 as in
+  the official fine-tuning example; its internal pre-training config's default is 1), batch size,
+  accumulation and steps (set on the official command lines, which are not published); ours are
+  config defaults.
   """
   config.optimizer.update(learning_rate=1e-5, mapping_learning_rate=MAPPING_LEARNING_RATE,
                           schedule="constant", warmup_steps=0, weight_decay=0.0,

@@ -385,12 +385,61 @@ def _write_run_info(config, setup: StepSetup, workdir) -> None:
   logging.info("%s parameters (%s trainable), global batch %d on %d device(s), %.3g GFLOPs "
                "a step", f"{info['params_total']:,}", f"{info['params_trainable']:,}",
                info["global_batch"], info["devices"], info["train_flops_per_step"] / 1e9)
+  start_id, failure = secrets.randbits(31), None
   if jax.process_index() == 0:
-    with storage.errors("--workdir", workdir):
-      recorded = {**info, "config": json.loads(config.to_json_best_effort()),
-                  "start_id": secrets.randbits(31)}
-      storage.write_text(layout.run_info_path(workdir), json.dumps(recorded, indent=2))
-  _check_workdir_shared(workdir)
+    try:
+      with storage.errors("--workdir", workdir):
+        recorded = {**info, "config": json.loads(config.to_json_best_effort()),
+                    "start_id": start_id}
+        storage.write_text(layout.run_info_path(workdir), json.dumps(recorded, indent=2))
+    except Exception as e:  # pylint: disable=broad-except  (raised once the others know)
+      start_id, failure = -1, e
+  if jax.process_count() > 1:  # also waits for process 0's write
+    start_id = int(multihost_utils.broadcast_one_to_all(np.int32(start_id)))
+  if failure is not None:
+    raise failure
+  if start_id < 0:
+    raise ConfigError(f"--workdir={workdir}: process 0 could not write {layout.RUN_INFO} there "
+                      "(its log says why)")
+  _check_workdir_shared(workdir, start_id)
+
+
+# How long a process waits for run.json to show this start's id: a mounted workdir may serve the
+# previous start's file from its attribute caches for a while (gcsfuse: 60 s by default).
+SHARED_WORKDIR_WAIT_S = 65
+
+
+def _check_workdir_shared(workdir, start_id: int) -> None:
+  """Raises ConfigError on every process unless all of them read back the run.json that process
+  0 wrote for this start (`start_id`). Hosts that each have their own folder at --workdir (a local
+  path on a pod) would otherwise fail at the first checkpoint save, hours in, or resume from
+  steps that only one host holds."""
+  if jax.process_count() == 1:
+    return
+  deadline = time.monotonic() + SHARED_WORKDIR_WAIT_S
+  while (seen := _start_id(workdir))[0] != start_id and time.monotonic() < deadline:
+    time.sleep(2)
+  if seen[0] != start_id:
+    logging.warning("%s: start_id %d after %d s, not this start's %d%s",
+                    layout.run_info_path(workdir), seen[0], SHARED_WORKDIR_WAIT_S, start_id,
+                    f" ({seen[1]})" if seen[1] else "")
+  sees = multihost_utils.process_allgather(np.int32(seen[0] == start_id))
+  blind = [str(i) for i, ok in enumerate(sees) if not ok]
+  if blind:
+    raise ConfigError(
+        f"--workdir={workdir}: process(es) {', '.join(blind)} of {len(sees)} do not see the "
+        f"{layout.RUN_INFO} that process 0 wrote there for this start; every host of a "
+        "multi-host run needs the same workdir: a gs:// path or a folder on a filesystem that all "
+        "hosts mount (docs/storage.md)")
+
+
+def _start_id(workdir) -> tuple[int, str]:
+  """(run.json's start_id as this process reads it, -1 without one; why it could not be read).
+  Never raises: every process must reach the collective that follows."""
+  try:
+    return int((layout.read_run_info(workdir) or {}).get("start_id", -1)), ""
+  except Exception as e:  # pylint: disable=broad-except
+    return -1, f"{type(e).__name__}: {e}"
 
 
 def _start_state(config, setup: StepSetup, ckpt, train_iter, workdir) -> tuple[TrainState, int]:
@@ -424,35 +473,14 @@ def _start_state(config, setup: StepSetup, ckpt, train_iter, workdir) -> tuple[T
   return state, start
 
 
-def _check_workdir_shared(workdir) -> None:
-  """Raises ConfigError on every process unless all of them read back the run.json that process
-  0 wrote for this start. Hosts that each have their own folder at --workdir (a local path on a
-  pod) would otherwise fail at the first checkpoint save, hours in, or resume from steps that
-  only one host holds."""
-  if jax.process_count() == 1:
-    return
-  multihost_utils.sync_global_devices("preflmr_jax:run_info_written")
-  try:
-    here = (layout.read_run_info(workdir) or {}).get("start_id", -1)
-  except (OSError, ValueError):  # a partial file of another start: not this start's either
-    here = -1
-  seen = multihost_utils.process_allgather(np.int32(here))
-  blind = [i for i, s in enumerate(seen) if s != seen[0]]
-  if blind:
-    raise ConfigError(
-        f"--workdir={workdir}: process(es) {', '.join(map(str, blind))} of {len(seen)} do not see "
-        f"the {layout.RUN_INFO} that process 0 wrote there for this start; every host of a "
-        "multi-host run needs the same workdir: a gs:// path or a folder on a filesystem that all "
-        "hosts mount (docs/storage.md)")
-
-
 def _loop(config, mesh, state, start, train_step, train_iter, ckpt, watcher, log,
           evaluator=None):
   """Steps start+1 .. num_train_steps; returns the last logged metrics."""
   pending, last = [], {}
+  rules = sharding.axis_rules(config.logical_axis_rules)
   tick = time.perf_counter()
   for step in range(start + 1, config.num_train_steps + 1):
-    batch = sharding.global_batch(mesh, next(train_iter), config.logical_axis_rules)
+    batch = sharding.global_batch(mesh, next(train_iter), rules)
     state, metrics = train_step(state, batch)
     pending.append(metrics)
     stop = watcher.should_stop(step)

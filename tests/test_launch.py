@@ -211,6 +211,8 @@ def test_flags_take_dashes_or_underscores(capsys):
        "--", "--config.batch_size=16"])
   assert (args.dry_run, args.workdir_root, args.max_restarts) == (True, "gs://b/s", 5)
   assert args.eval_flags == "--split=valid --x-y=1" and extra == ["--config.batch_size=16"]
+  args, _ = sweep.parse(["configs/scaling.py", "--eval_flags", "--dry_run=x --split=valid"])
+  assert args.eval_flags == "--dry_run=x --split=valid" and not args.dry_run  # a value, kept
   with pytest.raises(SystemExit):
     sweep.parse(["configs/scaling.py", "--dry_runs"])
   assert "unrecognized arguments: --dry_runs" in capsys.readouterr().err

@@ -147,3 +147,17 @@ def test_hosts_with_their_own_workdir_stop_before_training(tmp_path):
           "process 0 wrote there for this start") in logs[0], logs[0][-3000:]
   assert not (tmp_path / "host0" / "checkpoints").exists() or not os.listdir(
       tmp_path / "host0" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_a_run_json_process_0_cannot_write_stops_every_host(tmp_path):
+  (tmp_path / "w" / layout.RUN_INFO).mkdir(parents=True)  # a folder where the file goes
+  procs = _start_two_processes(["preflmr_jax.main", f"--config={SMOKE}", f"--workdir={tmp_path}/w"],
+                               tmp_path, "train")
+  codes = [proc.wait(timeout=600) for proc, _ in procs]  # neither waits on the other for ever
+  for _, log in procs:
+    log.close()
+  logs = [(tmp_path / f"train{i}.log").read_text() for i in range(2)]
+  assert codes[0] != 0 and codes[1] == exit_codes.USAGE, logs
+  assert (f"error: --workdir={tmp_path}/w: process 0 could not write run.json there (its log says "
+          "why)") in logs[1], logs[1][-3000:]
