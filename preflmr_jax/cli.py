@@ -4,7 +4,8 @@
   warnings and errors. The libraries' INFO lines (Orbax's saves, TFDS, JAX's backend probing) go
   only to the log file, `preflmr_jax.<program>.<host>.<pid>.log` in `--log_dir` (default: the
   temporary folder). `--verbosity=1` puts everything on the console. On a pod only process 0
-  prints INFO lines.
+  prints INFO lines. A long loop shows its `progress`; what a library prints to stdout can be
+  sent to the log file (`prints_to_log_file`).
 - **User errors**: a `user_errors.UserError` (a bad config value, flag or path) or a bad flag is
   printed as one line, `error: <message>`, and the program exits with status 2
   (`exit_codes.USAGE`). Any other exception keeps its traceback (status 1).
