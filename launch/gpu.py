@@ -41,7 +41,7 @@ class Slurm:
   partition: str = ""
   time: str = ""  # e.g. 24:00:00
   max_restarts: int = shell.MAX_RESTARTS  # requeues of a preempted job
-  grace: int = 300  # seconds before the time limit at which the run gets SIGTERM, to save and stop
+  grace: int = shell.SAVE_GRACE_S  # seconds before the time limit at which the run gets SIGTERM
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ def _exit_codes():
 # command ended by SIGTERM): the launchers rerun the command, which resumes from that step.
 PREEMPTED = _exit_codes().PREEMPTED
 MAX_RESTARTS = 3  # reruns after a preemption; a run preempted again and again is not endless
+SAVE_GRACE_S = 300  # from SIGTERM to the end: a step and a checkpoint save, with room to spare
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,7 @@ class Cluster:
   zone: str = ""
   project: str = ""
   max_restarts: int = shell.MAX_RESTARTS  # preemptions and host failures; not a crash loop
-  grace: int = 300  # seconds from SIGTERM to SIGKILL: the trainer's time to save (xpk's own: 30)
+  grace: int = shell.SAVE_GRACE_S  # seconds from SIGTERM to SIGKILL (xpk's own default: 30)
   storage: tuple[str, ...] = ()  # `xpk storage attach` names mounted into the workload
 
 
