@@ -99,11 +99,12 @@ def load_points(spec: str) -> tuple[str, list[Point]]:
 def point_commands(point: Point, workdir: str, extra: Sequence[str] = (),
                    eval_flags: Sequence[str] = ()) -> list[list[str]]:
   """The train and eval command lines of one point."""
+  from preflmr_jax import workdir as layout  # pylint: disable=g-import-not-at-top
   overrides = [f"--config.{k}={v}" for k, v in point.overrides] + list(extra)
   return [["python", "-m", "preflmr_jax.main", f"--config={point.config}", f"--workdir={workdir}",
            *overrides],
           ["python", "-m", "preflmr_jax.evaluate", f"--config={point.config}",
-           f"--checkpoint={workdir}", f"--output={workdir}/eval", *overrides, *eval_flags]]
+           f"--checkpoint={workdir}", f"--output={layout.eval_dir(workdir)}", *overrides, *eval_flags]]
 
 
 def job_name(sweep: str, point: str, index: int, taken: Sequence[str] = ()) -> str:
