@@ -477,10 +477,9 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, watcher, log
           evaluator=None):
   """Steps start+1 .. num_train_steps; returns the last logged metrics."""
   pending, last = [], {}
-  rules = sharding.axis_rules(config.logical_axis_rules)
   tick = time.perf_counter()
   for step in range(start + 1, config.num_train_steps + 1):
-    batch = sharding.global_batch(mesh, next(train_iter), rules)
+    batch = sharding.global_batch(mesh, next(train_iter), config.logical_axis_rules)
     state, metrics = train_step(state, batch)
     pending.append(metrics)
     stop = watcher.should_stop(step)
