@@ -34,7 +34,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags, logging
-from ml_collections import config_flags
 from PIL import Image
 
 from preflmr_jax import (cli, evaluate, image_processing, late_interaction, pretrained, sharding,
@@ -119,7 +118,6 @@ def sample_items(query_tokenizer) -> tuple[list[Query], list[tuple[str, str]]]:
 def _load(config, checkpoint: Optional[str], step: Optional[int], mesh, rules):
   """(model config, params on `mesh`, query tokenizer, document tokenizer, what the weights are)."""
   if checkpoint:
-    evaluate.check_checkpoint(checkpoint, step)  # one line naming the flag: "train first"
     r = evaluate.restore(config, checkpoint, step, mesh)
     weights = f"checkpoint {r.checkpoint}" + (f", step {r.step}" if r.step is not None else "")
     return r.model_config, r.params, r.query_tokenizer, r.document_tokenizer, weights
@@ -231,7 +229,7 @@ def _main(argv):
   f = flags.FLAGS
   if f.step is not None and not f.checkpoint:
     raise ConfigError("--step needs --checkpoint")
-  run(_CONFIG.value, f.workdir, f.checkpoint, f.step)
+  run(f.config, f.workdir, f.checkpoint, f.step)
 
 
 __all__ = ["NATURAL_PASSAGES", "NATURAL_QUERIES", "Query", "SHAPE_DISTRACTORS", "SHAPE_QUERIES",
@@ -239,11 +237,8 @@ __all__ = ["NATURAL_PASSAGES", "NATURAL_QUERIES", "Query", "SHAPE_DISTRACTORS", 
            "shape_items"]
 
 if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                            lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "A trained workdir, a step folder or a published "
-                      "PreFLMR folder (default: random weights, or config.init_from).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
+  evaluate.define_weights_flags("A run's workdir, one step's folder or a published PreFLMR "
+                                "folder (default: random weights, or config.init_from).")
   flags.DEFINE_string("workdir", None, "Where to write scores.json (optional).")
   flags.mark_flag_as_required("config")
   cli.run(_main, outputs=["workdir"])

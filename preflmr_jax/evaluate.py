@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from preflmr_jax import (checkpointing, cli, evaluation, pretrained, sharding, storage,
@@ -55,9 +56,9 @@ class Restored:
   step: Optional[int]  # None for a published folder
 
 
-def check_checkpoint(checkpoint: str, step: Optional[int] = None) -> None:
-  """A published folder, or a workdir / step folder holding a complete checkpoint (`step`, default
-  the latest), or a one-line error naming --checkpoint."""
+def check_checkpoint(checkpoint: str, step: Optional[int] = None) -> Optional[epath.Path]:
+  """A published folder (returns None), or a workdir / step folder holding a complete checkpoint
+  (`step`, default the latest; returns its step folder), or a one-line error naming --checkpoint."""
   folder = storage.path(checkpoint, "--checkpoint")
   try:
     storage.must_exist(folder, "--checkpoint")
@@ -65,21 +66,19 @@ def check_checkpoint(checkpoint: str, step: Optional[int] = None) -> None:
     raise MissingPath(f"{e}; {checkpointing.train_first(folder)}") from None
   with storage.errors("--checkpoint", folder):
     if pretrained.is_published(folder):
-      return
+      return None
     with user_errors.naming("--checkpoint", folder, MissingPath):
-      checkpointing.find_step_dir(folder, step)
+      return checkpointing.find_step_dir(folder, step)
 
 
 def restore(config, checkpoint: str, step: Optional[int] = None,
             mesh: Optional[Mesh] = None) -> Restored:
   """Parameters (only, replicated on `mesh`, default `evaluation.eval_mesh()`) and tokenizers
-  from a workdir / step folder / published folder."""
+  from a workdir / step folder / published folder (checked as `check_checkpoint` does)."""
   replicated = NamedSharding(mesh or evaluation.eval_mesh(), P())
+  step_dir = check_checkpoint(checkpoint, step)
   folder = storage.path(checkpoint, "--checkpoint")
-  storage.must_exist(folder, "--checkpoint")
-  with storage.errors("--checkpoint", folder):
-    published = pretrained.is_published(folder)
-  if published:
+  if step_dir is None:
     with storage.errors("--checkpoint", folder):
       with user_errors.naming("--checkpoint", folder, BadFile, MissingPath):
         model = pretrained.load_pretrained(folder)
@@ -92,10 +91,18 @@ def restore(config, checkpoint: str, step: Optional[int] = None,
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           preflmr.abstract_params(model_config))
   with storage.errors("--checkpoint", folder):
-    step_dir = checkpointing.find_step_dir(folder, step)
     params = checkpointing.restore_params(step_dir, abstract)
   tok = tokenization.tokenizer_from_config(config.tokenizer)
   return Restored(model_config, params, tok, tok, checkpoint, int(step_dir.name))
+
+
+def define_weights_flags(checkpoint_help: str) -> None:
+  """--config, --checkpoint and --step, as every program that reads a run's weights (this one, the
+  demo, export) takes them."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).")
+  flags.DEFINE_string("checkpoint", None, checkpoint_help)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
 
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
@@ -201,10 +208,7 @@ def main(argv):
 
 def define_flags():
   """Defined only when run as a program (tools are imported together in tests)."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).")
-  flags.DEFINE_string("checkpoint", None, "Workdir, step folder or published PreFLMR folder.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
+  define_weights_flags("A run's workdir, one step's folder or a published PreFLMR folder.")
   flags.DEFINE_string("tasks", "", "Comma-separated M2KR tasks (default: config.data.tasks).")
   flags.DEFINE_string("split", "test", "train, valid or test.")
   flags.DEFINE_string("data_dir", "", "TFDS data_dir (default: config.data.data_dir / the sample).")

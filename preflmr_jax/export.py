@@ -20,7 +20,6 @@ from typing import Optional
 
 import jax
 from absl import flags, logging
-from ml_collections import config_flags
 
 from preflmr_jax import cli, evaluate, pretrained, storage
 
@@ -32,7 +31,6 @@ def export(config, checkpoint: str, output: str, step: Optional[int] = None,
   dest = storage.path(output, "--output")
   with storage.errors("--output", dest):  # before the checkpoint is read
     pretrained.check_destination(dest, overwrite, "--output")
-  evaluate.check_checkpoint(checkpoint, step)
   restored = evaluate.restore(config, checkpoint, step)
   if jax.process_index() == 0:
     model = pretrained.PretrainedPreFLMR(restored.model_config, jax.device_get(restored.params),
@@ -46,7 +44,7 @@ def export(config, checkpoint: str, output: str, step: Optional[int] = None,
 def _main(argv):
   del argv  # cli.run refuses extra arguments
   f = flags.FLAGS
-  restored = export(_CONFIG.value, f.checkpoint, f.output, f.step, f.overwrite)
+  restored = export(f.config, f.checkpoint, f.output, f.step, f.overwrite)
   step = "" if restored.step is None else f", step {restored.step}"
   logging.info("exported %s%s to %s", restored.checkpoint, step, f.output)
 
@@ -54,11 +52,8 @@ def _main(argv):
 __all__ = ["export"]
 
 if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).",
-                                            lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "A run's workdir, one step's folder, or a published "
-                      "folder.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
+  evaluate.define_weights_flags("A run's workdir or one step's folder (a published folder is "
+                                "re-written).")
   flags.DEFINE_string("output", None, "The published folder to write.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing published folder at --output.")
   flags.mark_flags_as_required(["config", "checkpoint", "output"])
