@@ -254,9 +254,11 @@ def write_with(p: PathLike, write: Callable[[BinaryIO], None]) -> None:
     with os.fdopen(fd, "wb") as f:
       write(f)
     os.replace(tmp, p)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
+    if isinstance(e, IsADirectoryError):
+      raise NotWritable(f"{p}: is a folder, not a file; cannot write a file in its place") from None
     raise
 
 

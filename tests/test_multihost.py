@@ -158,6 +158,7 @@ def test_a_run_json_process_0_cannot_write_stops_every_host(tmp_path):
   for _, log in procs:
     log.close()
   logs = [(tmp_path / f"train{i}.log").read_text() for i in range(2)]
-  assert codes[0] != 0 and codes[1] == exit_codes.USAGE, logs
+  assert codes == [exit_codes.USAGE, exit_codes.USAGE], logs
+  assert f"error: {tmp_path}/w/run.json: is a folder, not a file" in logs[0], logs[0][-3000:]
   assert (f"error: --workdir={tmp_path}/w: process 0 could not write run.json there (its log says "
           "why)") in logs[1], logs[1][-3000:]

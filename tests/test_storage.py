@@ -47,6 +47,11 @@ def test_local_writes_are_atomic_with_the_usual_mode(tmp_path):
   assert target.read_text() == "one"  # the old content, no temporary file left
   assert os.listdir(target.parent) == ["results.json"]
 
+  (tmp_path / "sub" / "run.json").mkdir()  # a folder where a file goes: one line, nothing left
+  with pytest.raises(storage.NotWritable, match=r"run\.json: is a folder, not a file"):
+    storage.write_text(tmp_path / "sub" / "run.json", "{}")
+  assert sorted(os.listdir(target.parent)) == ["results.json", "run.json"]
+
 
 def test_gs_writes_are_one_upload_and_failures_leave_nothing(gcs, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
