@@ -326,6 +326,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """`wait`, then releases the manager's threads."""
     self._manager.close()
 
   def __enter__(self):

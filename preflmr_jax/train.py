@@ -371,8 +371,7 @@ def _train(config, workdir, watcher) -> dict[str, float]:
                      log, evaluator)
       finally:
         log.close()
-  finally:  # also on errors: commit the saves in flight (all of them precede the error)
-    ckpt.wait()
+  finally:  # also on errors: close commits the saves in flight (all of them precede the error)
     ckpt.close()
     if hasattr(train_iter, "close"):  # grain worker processes
       train_iter.close()
