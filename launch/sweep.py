@@ -207,8 +207,9 @@ def main(argv: Sequence[str]) -> None:
   args, extra = parse(argv)
   try:
     launch(args, extra)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+  except (ValueError, FileNotFoundError) as e:  # a bad sweep file or point: the message names it
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None  # argparse's status for a usage error
 
 
 if __name__ == "__main__":

@@ -159,6 +159,11 @@ def _flag_error(e: BaseException, argv: Sequence[str] = ()) -> str:
       text = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       pass
+  if isinstance(chain[-1], SyntaxError) and chain[-1].filename:  # its str names the file's basename
+    text = f"{chain[-1].filename}, line {chain[-1].lineno}: {chain[-1].msg}"
+  if source is None and not keys and outer.startswith("flag --"):
+    # Any other error of a config file (or of its get_config call): name the flag that loaded it.
+    text = f"{outer[len('flag '):].partition(': ')[0]}: {text}"
   unknown = re.match(r"'([^']*)'(\n|$)", text) if keys else None
   if unknown:
     key = unknown.group(1)

@@ -129,8 +129,7 @@ def _load(config, checkpoint: Optional[str], step: Optional[int], mesh, rules):
             f"weights from config.init_from={init_from}, no --checkpoint")
   model_config = mc.PreFLMRConfig.from_dict(config.model)
   tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
-  tokenization.check_mask_ids(tokenizer, model_config.instruction_token_id,
-                              model_config.skip_token_ids)
+  tokenization.check_tokenizer(tokenizer, model_config)
   params, _ = sharding.init_sharded(functools.partial(preflmr.random_params, model_config), mesh,
                                     rules, jax.random.key(config.seed),
                                     logical=preflmr.logical_params(model_config))
@@ -200,6 +199,9 @@ def run(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
         checkpoint: Optional[str] = None, step: Optional[int] = None) -> np.ndarray:
   """Returns the [queries, passages] score matrix (also printed as rankings, and written to
   workdir/scores.json)."""
+  folder = storage.path(workdir, "--workdir") if workdir else None
+  if folder:  # before the work
+    storage.check_writable(folder, "--workdir")
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.axis_rules(config.logical_axis_rules)
   model_config, params, query_tokenizer, doc_tokenizer, weights = _load(
@@ -211,9 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   print(f"MaxSim scores of {len(queries)} queries x {len(passages)} passages ({weights}; "
         f"{jax.device_count()} device(s), mesh {dict(mesh.shape)})")
   print(report(queries, passages, scores))
-  if workdir:
-    folder = storage.path(workdir, "--workdir")
-    storage.ensure_dir(folder, "--workdir")
+  if folder:
     storage.write_text(folder / "scores.json", json.dumps({
         "weights": weights,
         "queries": [{"question": q.question, "instruction": q.instruction, "image": q.shows,

@@ -66,6 +66,9 @@ def check_checkpoint(checkpoint: str, step: Optional[int] = None) -> Optional[ep
     raise MissingPath(f"{e}; {checkpointing.train_first(folder)}") from None
   with storage.errors("--checkpoint", folder):
     if pretrained.is_published(folder):
+      if step is not None:
+        raise ConfigError(f"--step={step}: --checkpoint={folder} is a published folder, one set "
+                          "of weights without steps")
       return None
     with user_errors.naming("--checkpoint", folder, MissingPath):
       return checkpointing.find_step_dir(folder, step)
@@ -195,7 +198,9 @@ def main(argv):
   try:
     ks = [int(k) for k in f.ks.split(",")]
   except ValueError:
-    raise app.UsageError(f"--ks={f.ks!r}: expected comma-separated integers") from None
+    ks = []
+  if not ks or min(ks) < 1:
+    raise app.UsageError(f"--ks={f.ks!r}: expected comma-separated integers >= 1")
   cache_dir = {"": os.path.join(pipeline.cache_root(), "embeddings"), "off": None}.get(f.embedding_cache, f.embedding_cache)
   index = evaluation.IndexOptions.parse(f.index)
   if index:

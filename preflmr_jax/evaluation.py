@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import zipfile
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -287,10 +288,15 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir=None) -> Corp
     key = (f"{task}_{_fingerprint(encoder.params, encoder.config, ids, texts)}_"
            f"{jax.process_index()}of{jax.process_count()}_b{encoder.batch_size}")
     path = storage.path(cache_dir, "--embedding_cache") / f"{key}.npz"
-  hit = bool(path and path.exists())
-  if _allgather(np.asarray(hit)).all():  # every process reuses its share, or none does
-    with path.open("rb") as f, np.load(f) as cached:
-      local = (cached["passages"], cached["tokens"], cached["lengths"])
+  local = None
+  if path and path.exists():
+    try:
+      with path.open("rb") as f, np.load(f) as cached:
+        local = (cached["passages"], cached["tokens"], cached["lengths"])
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+      logging.warning("%s: cached corpus embeddings that do not load (%s: %s); encoding again",
+                      path, type(e).__name__, e)
+  if _allgather(np.asarray(local is not None)).all():  # every process reuses its share, or none
     logging.info("corpus embeddings of %s from the cache %s", task, path)
   else:
     local = _encode_own_passages(encoder, texts, task)
@@ -395,9 +401,10 @@ def _exact_search(encoder: Encoder, corpus: Corpus, k: int, chunk_size: int,
   return streamed
 
 
-def _index_search(options: IndexOptions, corpus: Corpus, k: int, cache_dir=None) -> Callable:
-  """A PLAID index of the corpus (one process) and its search: queries -> host (scores, corpus
-  indices). With `cache_dir`, the index is kept next to the corpus embeddings, keyed the same way
+def _index_search(options: IndexOptions, corpus: Corpus, k: int,
+                  cache_dir=None) -> tuple[Callable, int]:
+  """A PLAID index of the corpus (one process): its search (queries -> host (scores, corpus
+  indices)) and its number of centroids. With `cache_dir`, the index is kept next to the corpus embeddings, keyed the same way
   plus its build options, and reused."""
   from preflmr_jax import index as plaid  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
@@ -428,7 +435,7 @@ def _index_search(options: IndexOptions, corpus: Corpus, k: int, cache_dir=None)
     scores, top = plaid.search(built, np.asarray(q), None, k, search_options)
     top = np.asarray(top)  # -1 past the candidates found: stays -1, never a passage
     return np.asarray(scores), np.where(top >= 0, corpus.passages[top], -1)
-  return find
+  return find, built.num_centroids
 
 
 def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Sequence[int],
@@ -450,9 +457,12 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
     raise ValueError(f"{task}/{split}: empty corpus or no queries ({len(passages)} passages, "
                      f"{len(queries)} queries)")
   k = min(max(ks), len(passages))
+  if k < max(ks):
+    logging.warning("%s/%s has %d passages: Recall@K for K >= %d ranks all of them", task, split,
+                    len(passages), len(passages))
   corpus = encode_corpus(encoder, passages, task, cache_dir)
   exact = _exact_search(encoder, corpus, k, chunk_size, device_corpus_bytes)
-  indexed = _index_search(index, corpus, k, cache_dir) if index else None
+  indexed, centroids = _index_search(index, corpus, k, cache_dir) if index else (None, 0)
   rankings, positives, answers = [], [], []
   seconds, overlap = {"exact": 0.0, "index": 0.0}, []
   for rows in cli.progress(list(_batches(num_queries, encoder.batch_size)), f"{task} queries",
@@ -491,7 +501,7 @@ def evaluate_task(encoder: Encoder, data_dir: str, task: str, split: str, ks: Se
                 queries_without_positive_in_corpus=sum(
                     in_corpus.isdisjoint(p) for p in positives))
   if indexed:
-    result.update({"index": {"nbits": index.nbits, "centroids": index.centroids,
+    result.update({"index": {"nbits": index.nbits, "centroids": centroids,
                              **dataclasses.asdict(index.search_options(k))},
                    f"IndexRecallVsExact@{k}":
                    float(np.mean(overlap)), "index_search_seconds": seconds["index"],

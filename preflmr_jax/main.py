@@ -4,10 +4,12 @@
 
 Running it again on the same workdir resumes from the last complete checkpoint (raise
 `--config.num_train_steps` to train further). Exit status: 0 finished, 143 preempted (SIGTERM:
-the current step is saved; rerun to resume), 2 a user error (one line: a bad config value, flag or
+the current step is saved; rerun to resume), 130 interrupted (Ctrl-C, one process: the same; a
+second Ctrl-C stops at once), 2 a user error (one line: a bad config value, flag or
 path), 1 failed (exit_codes.py). What it prints: cli.py.
 """
 
+import signal
 import sys
 import time
 
@@ -39,7 +41,7 @@ def main(argv):
                    _WORKDIR.value)
   except preemption.Preempted as e:  # a scheduler restarts on this status, not on a failure
     logging.warning("%s", e)
-    sys.exit(exit_codes.PREEMPTED)
+    sys.exit(exit_codes.INTERRUPTED if e.signum == signal.SIGINT else exit_codes.PREEMPTED)
 
 
 if __name__ == "__main__":

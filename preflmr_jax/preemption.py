@@ -1,11 +1,12 @@
 """Preemption: a SIGTERM (a preemption or maintenance notice, SLURM's warning before the time
 limit) becomes a stop at a step boundary that every process agrees on, after which the trainer
-saves that step and exits with `exit_codes.PREEMPTED`.
+saves that step and exits with `exit_codes.PREEMPTED`. With one process, Ctrl-C (SIGINT) stops the
+same way (status `exit_codes.INTERRUPTED`); a second Ctrl-C stops at once.
 
   with PreemptionWatcher() as watcher:
     ...
     if watcher.should_stop(step):  # on every process, once per step
-      save(step); raise Preempted(step)
+      save(step); raise watcher.stopped(step)
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from absl import logging
 
 
 class Preempted(Exception):
-  """Training stopped on a preemption notice; `step` is the step it saved (None: it stopped
-  before taking a step, with nothing new to save). `python -m preflmr_jax.main` exits with
-  `exit_codes.PREEMPTED`."""
+  """Training stopped on a preemption notice (`signum` SIGTERM) or Ctrl-C (SIGINT); `step` is the
+  step it saved (None: it stopped before taking a step, with nothing new to save).
+  `python -m preflmr_jax.main` exits with `exit_codes.PREEMPTED` or `exit_codes.INTERRUPTED`."""
 
-  def __init__(self, step: int | None):
-    self.step = step
-    super().__init__(f"preempted: saved step {step}, rerun to resume" if step is not None else
-                     "preempted before the first step: nothing new to save, rerun to resume")
+  def __init__(self, step: int | None, signum: int = signal.SIGTERM):
+    self.step, self.signum = step, signum
+    what = "interrupted" if signum == signal.SIGINT else "preempted"
+    super().__init__(f"{what}: saved step {step}, rerun to resume" if step is not None else
+                     f"{what} before the first step: nothing new to save, rerun to resume")
 
 
 class PreemptionWatcher:
@@ -36,18 +38,26 @@ class PreemptionWatcher:
   would replace that notifier, so none is installed there.
   """
 
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self):
     self._stop = False
+    self._signum = signal.SIGTERM
     self._multihost = jax.process_count() > 1
-    self._installed = False
+    self._previous = {}
     if not self._multihost:
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-      self._installed = True
+      self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: checkpointing and stopping at the next step boundary")
-    self._stop = True
+  def _on_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT:
+      if self._stop:
+        raise KeyboardInterrupt  # a second Ctrl-C: no checkpoint, stop now
+      logging.warning("Ctrl-C: checkpointing and stopping at the next step boundary (Ctrl-C "
+                      "again to stop at once, without it)")
+    else:
+      logging.warning("SIGTERM received: checkpointing and stopping at the next step boundary")
+    self._stop, self._signum = True, signum
 
   def should_stop(self, step: int) -> bool:
     """Call once per step, on every host; True from the step at which to save and stop."""
@@ -60,13 +70,17 @@ class PreemptionWatcher:
     from, the same on every host) lets several processes agree; without it only this process's
     own signal is seen, which is all there is with one process."""
     if (self._stop if step is None else self.should_stop(step)):
-      raise Preempted(None)
+      raise self.stopped(None)
+
+  def stopped(self, step: int | None) -> Preempted:
+    """The exception that ends training after `should_stop` (`step` saved)."""
+    return Preempted(step, self._signum)
 
   def close(self) -> None:
-    if self._installed:
+    for signum, previous in self._previous.items():
       # None: the old handler was not set from Python; the default is the best we can put back.
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
-      self._installed = False
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    self._previous = {}
 
   def __enter__(self):
     return self

@@ -31,7 +31,7 @@ from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
 from preflmr_jax.models import token_masks
 from preflmr_jax.models.preflmr import PreFLMR, abstract_params
-from preflmr_jax.user_errors import BadFile, MissingPath, NotWritable
+from preflmr_jax.user_errors import BadFile, MissingPath, NotAFolder, NotWritable
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -353,9 +353,11 @@ def is_published(folder: epath.Path) -> bool:
 def check_destination(dest: epath.Path, overwrite: bool, what: str = "") -> None:
   """`save_pretrained` writes `dest` if it is empty or missing, or, with `overwrite`, replaces a
   published folder; anything else is `NotWritable` (prefixed `what=dest: ` when given)."""
+  named = f"{what}={dest}: " if what else f"{dest} "
+  if dest.is_file():
+    raise NotAFolder(f"{named}is a file, not a folder")
   if not (dest.is_dir() and any(dest.iterdir())):
     return
-  named = f"{what}={dest}: " if what else f"{dest} "
   if not overwrite:
     raise NotWritable(f"{named}exists and is not empty; "
                       f"{'pass --overwrite' if what else 'pass overwrite=True'} to replace it")

@@ -79,9 +79,14 @@ def initialize_distributed() -> None:
   for arg, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
     if var in os.environ:
       if not os.environ[var].isdigit():
-        raise ValueError(f"{var}={os.environ[var]!r}: expected a non-negative integer")
+        raise ConfigError(f"{var}={os.environ[var]!r}: expected a non-negative integer")
       kwargs[arg] = int(os.environ[var])
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:  # no cluster found, and no coordinator given
+    raise ConfigError(f"config.distributed=True: {e} (JAX found no Cloud TPU, GKE or SLURM "
+                      "cluster; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                      "JAX_PROCESS_ID, or run one process with config.distributed=False)") from None
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

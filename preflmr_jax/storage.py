@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Iterator, Optional, Union
 from etils import epath
 
 from preflmr_jax.user_errors import (ConfigError, MissingPath, NoAccess, NotAFolder, NotWritable,
-                                     Unreachable)
+                                     Unreachable, UserError)
 
 PathLike = Union[str, os.PathLike]
 
@@ -179,7 +179,10 @@ def ensure_dir(p: epath.Path, what: str) -> None:
     elif p.is_file():
       raise NotAFolder(f"{what}={p}: is a file, not a folder")
     else:
-      p.mkdir(parents=True, exist_ok=True)
+      try:
+        p.mkdir(parents=True, exist_ok=True)
+      except OSError as e:  # no permission, a read-only filesystem, a file on the way
+        raise NotWritable(f"{what}={p}: cannot create it ({e.strerror}: {e.filename})") from None
 
 
 def check_writable(p: epath.Path, what: str) -> None:
@@ -192,7 +195,7 @@ def check_writable(p: epath.Path, what: str) -> None:
       write_bytes(probe, b"")
       probe.unlink()
   except OSError as e:
-    if is_remote(p):  # `errors` named the path already
+    if is_remote(p) or isinstance(e, UserError):  # named the path already
       raise
     raise NotWritable(f"{what}={p}: cannot write there ({e})") from None
 

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from preflmr_jax import storage
+from preflmr_jax import storage, user_errors
 # `tiny_vocab()` pads with [unusedN] up to TINY_VOCAB_SIZE.
 from preflmr_jax.models.token_masks import PAD_ID, TINY_VOCAB_SIZE  # noqa: F401
-from preflmr_jax.user_errors import ConfigError, MissingPath
+from preflmr_jax.user_errors import BadFile, ConfigError, MissingPath, NotAFolder
 
 if TYPE_CHECKING:
   import transformers
@@ -64,6 +64,8 @@ def load_bert_tokenizer(path) -> "transformers.BertTokenizerFast":
   """
   folder = storage.path(path, "tokenizer folder")
   path = os.fspath(folder)
+  if folder.is_file():
+    raise NotAFolder(f"Tokenizer folder {path!r} is a file: pass the folder that holds it.")
   if not folder.is_dir():
     raise MissingPath(f"Tokenizer folder {path!r} does not exist.")
   if not any((folder / f).is_file() for f in (_VOCAB_FILE, _TOKENIZER_FILE)):
@@ -77,7 +79,7 @@ def load_bert_tokenizer(path) -> "transformers.BertTokenizerFast":
     tok = transformers.BertTokenizerFast.from_pretrained(
         local, local_files_only=True, do_lower_case=True)
   if tok.vocab_size == 0 or tok.mask_token_id is None or tok.pad_token_id is None:
-    raise ValueError(f"Tokenizer in {path!r} has no usable BERT vocabulary.")
+    raise BadFile(f"Tokenizer in {path!r} has no usable BERT vocabulary.")
   return tok
 
 
@@ -312,14 +314,24 @@ def tokenizer_from_config(name: str):
     raise ConfigError("config.tokenizer is not set: pass --config.tokenizer=<local folder with the "
                       "bert-base-uncased vocab.txt> (e.g. a PreFLMR checkpoint's query_tokenizer/), "
                       "or 'tiny'")
-  return tiny_tokenizer() if name == "tiny" else load_bert_tokenizer(name)
+  if name == "tiny":
+    return tiny_tokenizer()
+  with user_errors.naming("config.tokenizer", name, MissingPath, NotAFolder, BadFile):
+    return load_bert_tokenizer(name)
 
 
-def check_mask_ids(tokenizer, instruction_token_id: int, skip_token_ids: Sequence[int]) -> None:
-  """Fails early when `config.model`'s mask ids do not belong to `tokenizer`'s vocab."""
-  colon, punctuation = mask_token_ids(tokenizer)
+def check_tokenizer(tokenizer, model_config) -> None:
+  """Fails early when `tokenizer` does not fit `model_config` (a `PreFLMRConfig`): ids beyond the
+  text encoder's embedding table (their lookups give NaN), or mask ids of another vocab."""
   hint = ("; set --config.tokenizer to the folder of the vocab the model was built for (configs "
           "default to the bert-base-uncased ids; 'tiny' is the built-in tiny vocab)")
+  vocab_size = model_config.text.vocab_size
+  if len(tokenizer) > vocab_size:
+    raise ConfigError(f"config.model.text.vocab_size={vocab_size}: the tokenizer has "
+                      f"{len(tokenizer)} ids, beyond the embedding table{hint}")
+  colon, punctuation = mask_token_ids(tokenizer)
+  instruction_token_id, skip_token_ids = (model_config.instruction_token_id,
+                                          model_config.skip_token_ids)
   if instruction_token_id != colon:
     raise ConfigError(f"config.model.instruction_token_id={instruction_token_id} but the tokenizer "
                       f"maps {INSTRUCTION_END!r} to {colon}{hint}")

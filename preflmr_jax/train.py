@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from preflmr_jax import (checkpointing, cli, data, losses, maxsim_kernel, optimizer, preemption,
                          pretrained, sharding, storage, tensorboard_events, tokenization)
 from preflmr_jax import workdir as layout
+from preflmr_jax.data import m2kr
 from preflmr_jax.models import flops as model_flops
 from preflmr_jax.models import layer_stacks
 from preflmr_jax.models import model_config as mc
@@ -93,11 +94,17 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
           "scores: set it to 0")
   require(all(is_int(k) and k >= 1 for k in config.eval_ks), "eval_ks", config.eval_ks,
           "must be positive integers")
+  require(config.eval_split in m2kr.SPLITS, "eval_split", config.eval_split,
+          f"must be one of {m2kr.SPLITS}")
   if config.eval_every_steps and config.data.source != "m2kr":
     raise ConfigError("config.eval_every_steps needs config.data.source='m2kr' (it evaluates the "
                       f"tasks' {config.eval_split} split), got {config.data.source!r}")
   optimizer.validate(config.optimizer, config.num_train_steps)
   model_config = mc.PreFLMRConfig.from_dict(config.model)
+  platforms = sorted({d.platform for d in mesh.devices.flat})
+  require(model_config.attention != "cudnn" or platforms == ["gpu"], "model.attention",
+          model_config.attention, f"cuDNN's fused attention runs on NVIDIA GPUs; this mesh's "
+          f"devices are {', '.join(platforms)} (use 'xla')")
   # One process's share of a global batch is built in host memory: a batch that cannot fit would
   # fail inside numpy or grain, far from the key that set it.
   batch_bytes = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize
@@ -324,7 +331,8 @@ class MetricsLog:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics.
 
-  Raises `preemption.Preempted` after a preemption notice (SIGTERM): at the next step boundary
+  Raises `preemption.Preempted` after a preemption notice (SIGTERM; Ctrl-C too with one process):
+  at the next step boundary
   once that step is saved, or at once, with nothing new to save, before the first step.
   """
   # A notice during set-up (data, compilation, restore) stops the run before it takes a step.
@@ -339,9 +347,8 @@ def _train(config, workdir, watcher) -> dict[str, float]:
   _check_init_sources(config)
   setup = setup_train_step(config, mesh)
   tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
-  tokenization.check_mask_ids(tokenizer, setup.model_config.instruction_token_id,
-                              setup.model_config.skip_token_ids)
-  storage.ensure_dir(workdir, "--workdir")
+  tokenization.check_tokenizer(tokenizer, setup.model_config)
+  storage.check_writable(workdir, "--workdir")
 
   # ---------------------------------------------------------------- data and checkpoints
   train_iter = data.make_train_iterator(config, setup.model_config, tokenizer,
@@ -507,7 +514,7 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, watcher, log
       log.flush()  # the log never lags behind a checkpoint (object storage: see MetricsLog)
       logging.info("checkpoint of step %d saving in the background", step)
     if stop:
-      raise preemption.Preempted(step)
+      raise watcher.stopped(step)
   return last
 
 

@@ -41,6 +41,19 @@ def _one_line_error(run) -> str:
     (("--config=configs/tiny.py:width=6",), "error: configs/tiny.py: width=6 is not a positive "
      "multiple of 4"),
     ((TINY, "--no_such_flag=1"), "error: Unknown command line flag 'no_such_flag'"),
+    ((TINY, "--config.eval_split=validation"), "error: config.eval_split='validation': must be one "
+     "of ('train', 'valid', 'test')"),
+    ((TINY, "--config.model.attention=cudnn", "--config.model.dtype=bfloat16",
+      *(f"--config.model.{m}.attention_dropout_rate=0" for m in ("text", "vision", "mapping"))),
+     "error: config.model.attention='cudnn': cuDNN's fused attention runs on NVIDIA GPUs; this "
+     "mesh's devices are cpu"),
+    ((TINY, "--config.model.text.vocab_size=10"), "error: config.model.text.vocab_size=10: the "
+     "tokenizer has 768 ids, beyond the embedding table"),
+    ((TINY, "--config.tokenizer=configs/tiny.py"), "error: config.tokenizer=configs/tiny.py: "
+     "Tokenizer folder 'configs/tiny.py' is a file"),
+    ((TINY, "--config.distributed=True"), "error: config.distributed=True: "),
+    ((TINY, "--config.data.sample_dir=configs/tiny.py"), "error: config.data.sample_dir="
+     "configs/tiny.py: configs/tiny.py is a file, not a folder"),
 ])
 def test_training_mistakes_are_one_line(tmp_path, cli, args, message):
   workdir = tmp_path / "new" / "run"
@@ -53,6 +66,25 @@ def test_a_workdir_that_is_a_file(tmp_path, cli):
   (tmp_path / "run").write_text("")
   line = _one_line_error(cli("preflmr_jax.main", TINY, f"--workdir={tmp_path / 'run'}"))
   assert line == f"error: --workdir={tmp_path / 'run'}: is a file, not a folder"
+
+
+def test_a_workdir_that_cannot_be_created(tmp_path, cli):
+  (tmp_path / "file").write_text("")
+  line = _one_line_error(cli("preflmr_jax.main", TINY, f"--workdir={tmp_path / 'file' / 'run'}"))
+  assert line == (f"error: --workdir={tmp_path / 'file' / 'run'}: cannot create it (Not a "
+                  f"directory: {tmp_path / 'file' / 'run'})")
+
+
+def test_a_config_file_that_fails_is_named(tmp_path, cli):
+  (tmp_path / "noarg.py").write_text("def get_config():\n  return None\n")
+  (tmp_path / "syntax.py").write_text("def get_config(:\n")
+  line = _one_line_error(cli("preflmr_jax.main", f"--config={tmp_path}/noarg.py:foo",
+                             f"--workdir={tmp_path}/w"))
+  assert line.startswith(f"error: --config={tmp_path}/noarg.py:foo: get_config() takes 0 "
+                         "positional arguments but 1 was given"), line
+  line = _one_line_error(cli("preflmr_jax.main", f"--config={tmp_path}/syntax.py",
+                             f"--workdir={tmp_path}/w"))
+  assert line.startswith(f"error: {tmp_path}/syntax.py, line 1: "), line
 
 
 def test_evaluating_before_training_says_train_first(tmp_path, cli):
@@ -93,6 +125,7 @@ def test_a_data_dir_without_the_sample_says_how_to_build_it(tmp_path, cli):
     (("--batch_size=0",), "error: --batch_size=0: must be >= 1"),
     (("--batch_size=-3",), "error: --batch_size=-3: must be >= 1"),
     (("--split=tset",), "error: --split='tset': expected one of"),
+    (("--ks=0,5",), "error: --ks='0,5': expected comma-separated integers >= 1"),
 ])
 def test_evaluation_mistakes_are_one_line(trained_workdir, tmp_path, cli, args, message):
   output = tmp_path / "eval"
@@ -140,6 +173,14 @@ def test_a_broken_published_folder_is_one_line_naming_the_file(trained_workdir, 
                              "--step=4", f"--output={tmp_path / 'eval'}"))
   assert line == (f"error: --checkpoint={step_folder}: step 4 asked for, but {step_folder} is step "
                   "6's folder")
+  line = _one_line_error(cli("preflmr_jax.evaluate", TINY, f"--checkpoint={good}", "--step=4",
+                             f"--output={tmp_path / 'eval'}"))
+  assert line == (f"error: --step=4: --checkpoint={good} is a published folder, one set of "
+                  "weights without steps")
+  (tmp_path / "file").write_text("")
+  line = _one_line_error(cli("preflmr_jax.export", TINY, f"--checkpoint={trained_workdir}",
+                             f"--output={tmp_path / 'file'}"))
+  assert line == f"error: --output={tmp_path / 'file'}: is a file, not a folder"
 
 
 def test_progress_off_a_terminal_is_log_lines_not_a_bar(capfd, caplog):

@@ -75,8 +75,7 @@ def test_tiny_config_is_tiny_and_consistent():
   config = config_files.load_config("configs/tiny.py")
   model = mc.PreFLMRConfig.from_dict(config.model)
   assert count_params(model)["total"] < 1e6
-  tokenization.check_mask_ids(tokenization.tokenizer_from_config(config.tokenizer),
-                              model.instruction_token_id, model.skip_token_ids)
+  tokenization.check_tokenizer(tokenization.tokenizer_from_config(config.tokenizer), model)
 
 
 @pytest.mark.parametrize("override,key", [

@@ -168,6 +168,13 @@ def test_embedding_cache_is_reused_and_invalidated(workdir, data_dir, tmp_path, 
   assert again["SAMPLE"]["Recall@5"] == first["SAMPLE"]["Recall@5"]
   assert open(tmp_path / "a" / "SAMPLE_rankings.jsonl").read() == open(
       tmp_path / "b" / "SAMPLE_rankings.jsonl").read()
+  # A damaged entry is encoded again and replaced, with the same results.
+  [entry] = [os.path.join(cache, name) for name in os.listdir(cache)]
+  os.truncate(entry, 100)
+  damaged = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir,
+                         str(tmp_path / "d"), ks=(1, 5), cache_dir=cache)
+  assert damaged["SAMPLE"]["Recall@5"] == first["SAMPLE"]["Recall@5"]
+  assert os.path.getsize(entry) > 100
   # Another checkpoint (step 2 of the same run): other parameters, a new cache entry.
   evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir, str(tmp_path / "c"), ks=(1,),
                step=2, cache_dir=cache)

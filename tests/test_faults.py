@@ -228,6 +228,28 @@ def test_main_exits_143_on_sigterm_and_a_rerun_finishes(tmp_path, one_device_env
   assert rerun.returncode == 0, rerun.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_and_exits_130(tmp_path, one_device_env):
+  """Ctrl-C reaches the trainer and its grain workers (one process group): the step is saved, no
+  worker prints a traceback."""
+  cmd = [sys.executable, "-m", "preflmr_jax.main", "--config", "configs/tiny.py", "--workdir",
+         str(tmp_path), "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+         "--config.data.num_workers=2", "--config.optimizer.warmup_steps=0"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=one_device_env, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  deadline = time.monotonic() + 600
+  metrics = tmp_path / "metrics.jsonl"
+  while not (metrics.exists() and metrics.stat().st_size):  # training, past its first log step
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.2)
+  os.killpg(proc.pid, signal.SIGINT)
+  _, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == exit_codes.INTERRUPTED, stderr[-3000:]
+  [saved] = glob.glob(str(tmp_path / "checkpoints" / "[0-9]*"))
+  assert f"interrupted: saved step {os.path.basename(saved)}, rerun to resume" in stderr
+  assert "Traceback" not in stderr, stderr[-3000:]
+
+
 # ------------------------------------------------------------------ config values that failed late
 
 @pytest.mark.parametrize("overrides,message", [

@@ -179,10 +179,12 @@ def test_points_name_their_overrides_and_format_values(tmp_path):
     (["configs/scaling.py", "--workdir_root=gs://"], "--workdir_root=gs://: name a bucket"),
     (["configs/scaling.py", "--", "--batch_size=3"], "--config"),
     (["configs/scaling.py", "--backend=nope"], "invalid choice"),
+    (["configs/nope.py", "--dry-run"], "error: config file 'configs/nope.py' not found"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(argv, message, capsys, nothing_runs):
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit) as e:
     sweep.main(argv)
+  assert e.value.code == 2
   assert message in capsys.readouterr().err
 
 

@@ -101,7 +101,8 @@ def test_topology_compiles_or_says_what_to_install(topology, package, requiremen
        "--mesh", "data=2,fsdp=2,tensor=1", "--batch_size", "4", "--topology", topology],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   if importlib.util.find_spec(package) is None:
-    assert out.returncode != 0 and requirements in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and requirements in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
   else:
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -122,6 +123,13 @@ def test_gpu_topology_names(name, expected):
 def test_bad_gpu_topology_names_the_flag(bad):
   with pytest.raises(ValueError, match=f"--topology={bad}: expected h100:GPUS or h100:HOSTSxGPUS"):
     plan.gpu_topology(bad)
+
+
+@pytest.mark.parametrize("bad", ["a100:8", "tpu:4x4", "4x4"])
+def test_unknown_topology_kinds_name_the_known_ones(bad):
+  with pytest.raises(ValueError, match=f"--topology={bad}: expected a TPU topology such as "
+                     r"v5e:4x4 or GPUs of a known kind \(h100, h200\)"):
+    plan.topology_devices(bad)
 
 
 def test_gpu_target_config_is_text_proto():

@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import threading
 import zlib
 from typing import Any, Optional, Sequence
@@ -47,7 +48,7 @@ from preflmr_jax import storage, tokenization
 from preflmr_jax import workdir as layout
 from preflmr_jax.data import batch as batch_lib
 from preflmr_jax.data import features, instructions, m2kr
-from preflmr_jax.user_errors import ConfigError, require_int
+from preflmr_jax.user_errors import BadFile, ConfigError, NotAFolder, require_int
 
 SOURCE = "m2kr"
 
@@ -106,6 +107,9 @@ def resolve_data_dir(config) -> str:
   from preflmr_jax.data import sample  # pylint: disable=g-import-not-at-top
   root = os.path.expanduser(config.data.sample_dir
                             or os.path.join(cache_root(), "m2kr_sample"))
+  for folder in (root, os.path.join(root, "source"), os.path.join(root, "tfds")):
+    if os.path.isfile(folder):
+      raise NotAFolder(f"config.data.sample_dir={root}: {folder} is a file, not a folder")
   sample.ensure_sample(os.path.join(root, "source"), os.path.join(root, "tfds"))
   return os.path.join(root, "tfds")
 
@@ -447,11 +451,11 @@ def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, li
         ids = [str(i) for i in row["passage_ids"][:depth]]
         qid = str(row["question_id"])
       except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}:{line_number}: not a rankings line ({e!r}); expected "
-                         '{"question_id": ..., "passage_ids": [...]}') from None
+        raise BadFile(f"{path}:{line_number}: not a rankings line ({e!r}); expected "
+                      '{"question_id": ..., "passage_ids": [...]}') from None
       unknown = [i for i in ids if i not in corpus.index]
       if unknown:  # rankings of another split or build would train on the wrong passages
-        raise ValueError(
+        raise BadFile(
             f"{path}:{line_number}: passage_ids holds {unknown[:3]}, not in {task}'s train "
             "corpus: mine from the eval binary's rankings of this build's train split "
             "(python -m preflmr_jax.evaluate ... --split=train)")
@@ -462,6 +466,13 @@ def _hard_negatives(config, task: str, corpus: _Corpus) -> Optional[dict[str, li
 
 def _seed(seed: int, task: int, stream: int) -> int:
   return int(np.random.SeedSequence([seed, task, stream]).generate_state(1)[0])
+
+
+def _leave_ctrl_c_to_the_trainer(worker_index: int, worker_count: int) -> None:
+  """Grain workers ignore Ctrl-C (sent to the whole process group): the trainer saves its step and
+  closes them (preemption.py)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class M2KRIterator:
@@ -489,7 +500,7 @@ class M2KRIterator:
       if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside an absl app
         flags.FLAGS.mark_as_parsed()   # (tests, notebooks) their defaults stand
       ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
-          num_workers=self._workers))
+          num_workers=self._workers), worker_init_fn=_leave_ctrl_c_to_the_trainer)
     return iter(ds)
 
   def __iter__(self):

@@ -163,8 +163,9 @@ if __name__ == "__main__":
   flags.DEFINE_bool("rebuild_changed", False,
                     "Rebuild tasks whose source files or options changed since they were built.")
   flags.DEFINE_integer("max_image_side", m2kr_build.DEFAULT_MAX_IMAGE_SIDE,
-                       "Downscale longer images to this side (0: no limit).")
-  flags.DEFINE_integer("num_workers", None, "Image-checking threads (default min(8, CPUs)).")
+                       "Downscale longer images to this side (0: no limit).", lower_bound=0)
+  flags.DEFINE_integer("num_workers", None, "Image-checking threads (default min(8, CPUs)).",
+                       lower_bound=1)
   flags.DEFINE_enum("task_type", None, list(tasks_lib.TYPES),
                     "For a task of your own (not a published name): its type.")
   flags.DEFINE_string("headline", None, "For a task of your own: its headline metric, "

@@ -200,8 +200,10 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "Folder to write (must not exist, or be empty).")
   flags.DEFINE_string("data_dir", None, "Also build it there (TFDS), as ensure_sample does.")
   flags.DEFINE_integer("seed", 0, "Seed of the queries (the corpus is fixed).")
-  flags.DEFINE_integer("image_size", DEFAULT_IMAGE_SIZE, "Side of the square images, in px.")
+  flags.DEFINE_integer("image_size", DEFAULT_IMAGE_SIZE, "Side of the square images, in px.",
+                       lower_bound=16)
   for _split, _count in QUERIES_PER_CLASS.items():
-    flags.DEFINE_integer(f"{_split}_per_class", _count, f"{_split} queries per class.")
+    flags.DEFINE_integer(f"{_split}_per_class", _count, f"{_split} queries per class.",
+                         lower_bound=1)
   flags.mark_flag_as_required("out")
   cli.run(main, outputs=["out"])

@@ -104,23 +104,30 @@ def topology_devices(name: str, num_slices: int = 1):
     if num_slices != 1:
       raise ConfigError(f"--num_slices is for TPU topologies, not --topology={name}")
     return _gpu_devices(*gpus)
+  if not re.match(r"v\d", name.lower()):
+    raise ConfigError(f"--topology={name}: expected a TPU topology such as v5e:4x4 or GPUs of a "
+                      f"known kind ({', '.join(GPU_KINDS)}) such as h100:8")
   try:
     import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    raise RuntimeError(f"--topology={name} needs jax[tpu] (libtpu); {TPU_REQUIREMENTS}") from e
+  except ImportError:
+    raise ConfigError(f"--topology={name} needs jax[tpu] (libtpu); {TPU_REQUIREMENTS}") from None
   # Silence libtpu's warnings about the missing TPU (any value works for a compile-only run).
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
   # Compile-only: several plans may run at once (libtpu otherwise locks /tmp/libtpu_lockfile).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  return topologies.get_topology_desc(platform="tpu", topology_name=name,
-                                      num_slices=num_slices).devices
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                        num_slices=num_slices).devices
+  except jax.errors.JaxRuntimeError as e:  # libtpu's word on a name it does not take
+    raise ConfigError(f"--topology={name}: {str(e).splitlines()[0]}") from None
 
 
 def _gpu_devices(kind: str, hosts: int, per_host: int):
   if importlib.util.find_spec("jax_cuda12_plugin") is None:
-    raise RuntimeError(f"--topology={kind}:... needs jax's CUDA plugin; {GPU_REQUIREMENTS}")
+    raise ConfigError(f"--topology={kind}:... needs jax's CUDA plugin; {GPU_REQUIREMENTS}")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   description, chip = GPU_KINDS[kind]
   target = {"gpu_device_info": chip, "platform_name": "CUDA", "device_description_str": description}
