@@ -29,6 +29,8 @@ def _exit_codes():
 # The trainer's status after a SIGTERM once its checkpoint is saved (also a shell's status for a
 # command ended by SIGTERM): the launchers rerun the command, which resumes from that step.
 PREEMPTED = _exit_codes().PREEMPTED
+INTERRUPTED = _exit_codes().INTERRUPTED
+USAGE = _exit_codes().USAGE
 MAX_RESTARTS = 3  # reruns after a preemption; a run preempted again and again is not endless
 SAVE_GRACE_S = 300  # from SIGTERM to the end: a step and a checkpoint save, with room to spare
 
@@ -166,7 +168,8 @@ def is_preempted(returncode: int) -> bool:
 
 def _run(argv: Sequence[str], stdin: Optional[str]) -> int:
   """Runs `argv` from the repository root; returns its exit status. A SIGTERM to this launcher
-  is passed on to it (the trainer saves and exits `PREEMPTED`), and the launcher waits for it."""
+  is passed on to it (the trainer saves and exits `PREEMPTED`), and the launcher waits for it;
+  so it does on Ctrl-C, which the terminal sends to both (the trainer saves, exits `INTERRUPTED`)."""
   procs, signalled = [], []
 
   def forward(*_):
@@ -175,7 +178,9 @@ def _run(argv: Sequence[str], stdin: Optional[str]) -> int:
       proc.send_signal(signal.SIGTERM)
 
   main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
-  previous = signal.signal(signal.SIGTERM, forward) if main_thread else None
+  # A Python handler, not SIG_IGN, for SIGINT: the child would inherit SIG_IGN.
+  handlers = {signal.SIGTERM: forward, signal.SIGINT: lambda *_: None} if main_thread else {}
+  previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
   try:
     procs.append(subprocess.Popen(list(argv), stdin=None if stdin is None else subprocess.PIPE,
                                   text=True, cwd=REPO_ROOT))
@@ -183,8 +188,8 @@ def _run(argv: Sequence[str], stdin: Optional[str]) -> int:
       procs[0].send_signal(signal.SIGTERM)
     procs[0].communicate(stdin)
   finally:
-    if main_thread:
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
   return procs[0].returncode
 
 
@@ -192,17 +197,20 @@ def execute(commands: Sequence[Command], dry_run: bool) -> None:
   """Prints each command; unless `dry_run`, runs it from the repository root and stops at the
   first failure, naming it. `python` runs as this interpreter. A preempted command (`is_preempted`)
   stops the rest too, is reported as preempted and ends this launcher with `PREEMPTED`, so that
-  whatever runs the launcher can tell it from a failure: rerunning resumes."""
+  whatever runs the launcher can tell it from a failure: rerunning resumes (an interrupted one,
+  Ctrl-C: the same with `INTERRUPTED`)."""
   for cmd in commands:
     print(cmd, flush=True)
     if dry_run:
       continue
     argv = [sys.executable, *cmd.argv[1:]] if cmd.argv[0] == "python" else list(cmd.argv)
     code = _run(argv, cmd.stdin)
-    if is_preempted(code):
-      print(f"preempted (exit status {code}): {shlex.join(cmd.argv)}\nnothing after it ran; run "
-            "the same command again to resume from the newest complete checkpoint",
+    stopped = ("preempted", PREEMPTED) if is_preempted(code) else (
+        ("interrupted", INTERRUPTED) if code in (INTERRUPTED, -signal.SIGINT) else None)
+    if stopped:
+      print(f"{stopped[0]} (exit status {code}): {shlex.join(cmd.argv)}\nnothing after it ran; "
+            "run the same command again to resume from the newest complete checkpoint",
             file=sys.stderr, flush=True)
-      raise SystemExit(PREEMPTED)
+      raise SystemExit(stopped[1])
     if code:
       raise SystemExit(f"failed with exit status {code}: {shlex.join(cmd.argv)}")

@@ -207,9 +207,9 @@ def main(argv: Sequence[str]) -> None:
   args, extra = parse(argv)
   try:
     launch(args, extra)
-  except (ValueError, FileNotFoundError) as e:  # a bad sweep file or point: the message names it
+  except (ValueError, FileNotFoundError) as e:  # a bad sweep file or point, a missing program
     print(f"error: {e}", file=sys.stderr)
-    raise SystemExit(2) from None  # argparse's status for a usage error
+    raise SystemExit(shell.USAGE) from None
 
 
 if __name__ == "__main__":

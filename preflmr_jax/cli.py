@@ -178,8 +178,11 @@ def _one_line(text: str) -> str:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+  argv = [argv[0]] + ["--help" if a == "-h" else a for a in argv[1:]]
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl's --help (and --helpfull, ...) prints, then exits 1: not a failure
+    raise SystemExit(0 if e.code == 1 else e.code) from None
   except Exception as e:  # pylint: disable=broad-except  (parsing --config.* overrides raises any)
     logging.debug("flags", exc_info=True)
     _fail(_flag_error(e, argv))

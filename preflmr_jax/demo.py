@@ -130,6 +130,7 @@ def _load(config, checkpoint: Optional[str], step: Optional[int], mesh, rules):
   model_config = mc.PreFLMRConfig.from_dict(config.model)
   tokenizer = tokenization.tokenizer_from_config(config.tokenizer)
   tokenization.check_tokenizer(tokenizer, model_config)
+  model_config.check_devices(mesh.devices.flat)
   params, _ = sharding.init_sharded(functools.partial(preflmr.random_params, model_config), mesh,
                                     rules, jax.random.key(config.seed),
                                     logical=preflmr.logical_params(model_config))

@@ -90,12 +90,14 @@ def restore(config, checkpoint: str, step: Optional[int] = None,
     return Restored(model.config, jax.device_put(model.params, replicated), query_tok, doc_tok,
                     checkpoint, None)
   model_config = mc.PreFLMRConfig.from_dict(config.model)
+  model_config.check_devices(replicated.mesh.devices.flat)
+  tok = tokenization.tokenizer_from_config(config.tokenizer)
+  tokenization.check_tokenizer(tok, model_config)
   # Whatever mesh the checkpoint was saved from.
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           preflmr.abstract_params(model_config))
   with storage.errors("--checkpoint", folder):
     params = checkpointing.restore_params(step_dir, abstract)
-  tok = tokenization.tokenizer_from_config(config.tokenizer)
   return Restored(model_config, params, tok, tok, checkpoint, int(step_dir.name))
 
 
@@ -193,14 +195,14 @@ def main(argv):
   config = f.config
   if config.get("distributed"):
     sharding.initialize_distributed()
-  check_checkpoint(f.checkpoint, f.step)  # before the data (the sample may be built first)
-  data_dir = f.data_dir or pipeline.resolve_data_dir(config)
   try:
     ks = [int(k) for k in f.ks.split(",")]
   except ValueError:
     ks = []
   if not ks or min(ks) < 1:
     raise app.UsageError(f"--ks={f.ks!r}: expected comma-separated integers >= 1")
+  check_checkpoint(f.checkpoint, f.step)  # before the data (the sample may be built first)
+  data_dir = f.data_dir or pipeline.resolve_data_dir(config)
   cache_dir = {"": os.path.join(pipeline.cache_root(), "embeddings"), "off": None}.get(f.embedding_cache, f.embedding_cache)
   index = evaluation.IndexOptions.parse(f.index)
   if index:

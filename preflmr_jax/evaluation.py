@@ -294,6 +294,8 @@ def encode_corpus(encoder: Encoder, passages, task: str, cache_dir=None) -> Corp
       with path.open("rb") as f, np.load(f) as cached:
         local = (cached["passages"], cached["tokens"], cached["lengths"])
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+      if storage.is_access_failure(e):  # not damage: encoding again would not help
+        raise
       logging.warning("%s: cached corpus embeddings that do not load (%s: %s); encoding again",
                       path, type(e).__name__, e)
   if _allgather(np.asarray(local is not None)).all():  # every process reuses its share, or none

@@ -33,31 +33,35 @@ class Preempted(Exception):
 class PreemptionWatcher:
   """Turns a preemption notice (SIGTERM) into `should_stop(step)`, so the loop saves and exits.
 
-  One process: a SIGTERM handler sets a flag. Several processes: all hosts must stop at the same
-  step, so ask JAX's preemption sync service, which runs its own SIGTERM notifier; a Python handler
-  would replace that notifier, so none is installed there.
+  One process: SIGTERM and SIGINT (Ctrl-C) handlers set a flag. Several processes: all hosts must
+  stop at the same step, so ask JAX's preemption sync service, which runs its own SIGTERM
+  notifier; a Python handler would replace that notifier, so none is installed there (and Ctrl-C
+  stops a process without saving).
   """
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
   def __init__(self):
-    self._stop = False
+    self._stop = self._interrupted = False
     self._signum = signal.SIGTERM
     self._multihost = jax.process_count() > 1
     self._previous = {}
     if not self._multihost:
-      self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+      # A process started with Ctrl-C ignored (`nohup ... &`) keeps ignoring it.
+      signals = [signal.SIGTERM] + [signal.SIGINT] * (
+          signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+      self._previous = {s: signal.signal(s, self._on_signal) for s in signals}
 
   def _on_signal(self, signum, frame):
     del frame
     if signum == signal.SIGINT:
-      if self._stop:
+      if self._interrupted:
         raise KeyboardInterrupt  # a second Ctrl-C: no checkpoint, stop now
+      self._interrupted = True
       logging.warning("Ctrl-C: checkpointing and stopping at the next step boundary (Ctrl-C "
                       "again to stop at once, without it)")
     else:
       logging.warning("SIGTERM received: checkpointing and stopping at the next step boundary")
-    self._stop, self._signum = True, signum
+    if not self._stop:  # the first signal says what stopped the run (and its exit status)
+      self._stop, self._signum = True, signum
 
   def should_stop(self, step: int) -> bool:
     """Call once per step, on every host; True from the step at which to save and stop."""

@@ -83,10 +83,11 @@ def initialize_distributed() -> None:
       kwargs[arg] = int(os.environ[var])
   try:
     jax.distributed.initialize(**kwargs)
-  except ValueError as e:  # no cluster found, and no coordinator given
-    raise ConfigError(f"config.distributed=True: {e} (JAX found no Cloud TPU, GKE or SLURM "
-                      "cluster; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
-                      "JAX_PROCESS_ID, or run one process with config.distributed=False)") from None
+  except ValueError as e:  # e.g. no cluster found and no coordinator given
+    hint = (" (JAX found no Cloud TPU, GKE or SLURM cluster; elsewhere set "
+            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run one process "
+            "with config.distributed=False)") if "coordinator_address" in str(e) else ""
+    raise ConfigError(f"config.distributed=True: {e}{hint}") from None
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

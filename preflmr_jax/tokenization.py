@@ -328,7 +328,8 @@ def check_tokenizer(tokenizer, model_config) -> None:
   vocab_size = model_config.text.vocab_size
   if len(tokenizer) > vocab_size:
     raise ConfigError(f"config.model.text.vocab_size={vocab_size}: the tokenizer has "
-                      f"{len(tokenizer)} ids, beyond the embedding table{hint}")
+                      f"{len(tokenizer)} ids, beyond the embedding table; raise it to "
+                      f"{len(tokenizer)}{hint.replace('; set', ' or set', 1)}")
   colon, punctuation = mask_token_ids(tokenizer)
   instruction_token_id, skip_token_ids = (model_config.instruction_token_id,
                                           model_config.skip_token_ids)

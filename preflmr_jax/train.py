@@ -101,10 +101,7 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
                       f"tasks' {config.eval_split} split), got {config.data.source!r}")
   optimizer.validate(config.optimizer, config.num_train_steps)
   model_config = mc.PreFLMRConfig.from_dict(config.model)
-  platforms = sorted({d.platform for d in mesh.devices.flat})
-  require(model_config.attention != "cudnn" or platforms == ["gpu"], "model.attention",
-          model_config.attention, f"cuDNN's fused attention runs on NVIDIA GPUs; this mesh's "
-          f"devices are {', '.join(platforms)} (use 'xla')")
+  model_config.check_devices(mesh.devices.flat)
   # One process's share of a global batch is built in host memory: a batch that cannot fit would
   # fail inside numpy or grain, far from the key that set it.
   batch_bytes = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize
@@ -379,9 +376,11 @@ def _train(config, workdir, watcher) -> dict[str, float]:
       finally:
         log.close()
   finally:  # also on errors: close commits the saves in flight (all of them precede the error)
-    ckpt.close()
-    if hasattr(train_iter, "close"):  # grain worker processes
-      train_iter.close()
+    try:
+      ckpt.close()
+    finally:
+      if hasattr(train_iter, "close"):  # grain worker processes
+        train_iter.close()
 
 
 def _write_run_info(config, setup: StepSetup, workdir) -> None:

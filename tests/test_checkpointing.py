@@ -272,6 +272,33 @@ def test_preemption_watcher_sigterm_and_restores_handler():
   assert signal.getsignal(signal.SIGTERM) == previous
 
 
+def test_preemption_watcher_ctrl_c_once_saves_twice_stops():
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+  watcher = PreemptionWatcher()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(100):
+      if watcher.should_stop(1):
+        break
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C, after a SIGTERM: still a save
+    time.sleep(0.1)
+    assert watcher.should_stop(1) and watcher.stopped(1).signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+      time.sleep(1)
+  finally:
+    watcher.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # started with Ctrl-C ignored: left ignored
+  try:
+    watcher = PreemptionWatcher()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    watcher.close()
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_preemption_watcher_multihost_follows_the_sync_point(monkeypatch):
   """Several processes: no Python handler (JAX's notifier owns SIGTERM); all stop at one step."""
   previous = signal.getsignal(signal.SIGTERM)

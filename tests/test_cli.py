@@ -3,6 +3,8 @@ leaves no output folder behind; an internal error keeps its traceback (cli.py)."
 
 import logging
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -45,13 +47,12 @@ def _one_line_error(run) -> str:
      "of ('train', 'valid', 'test')"),
     ((TINY, "--config.model.attention=cudnn", "--config.model.dtype=bfloat16",
       *(f"--config.model.{m}.attention_dropout_rate=0" for m in ("text", "vision", "mapping"))),
-     "error: config.model.attention='cudnn': cuDNN's fused attention runs on NVIDIA GPUs; this "
-     "mesh's devices are cpu"),
+     "error: config.model.attention='cudnn': cuDNN's fused attention runs on NVIDIA GPUs; the "
+     "devices here are cpu"),
     ((TINY, "--config.model.text.vocab_size=10"), "error: config.model.text.vocab_size=10: the "
      "tokenizer has 768 ids, beyond the embedding table"),
     ((TINY, "--config.tokenizer=configs/tiny.py"), "error: config.tokenizer=configs/tiny.py: "
      "Tokenizer folder 'configs/tiny.py' is a file"),
-    ((TINY, "--config.distributed=True"), "error: config.distributed=True: "),
     ((TINY, "--config.data.sample_dir=configs/tiny.py"), "error: config.data.sample_dir="
      "configs/tiny.py: configs/tiny.py is a file, not a folder"),
 ])
@@ -66,6 +67,16 @@ def test_a_workdir_that_is_a_file(tmp_path, cli):
   (tmp_path / "run").write_text("")
   line = _one_line_error(cli("preflmr_jax.main", TINY, f"--workdir={tmp_path / 'run'}"))
   assert line == f"error: --workdir={tmp_path / 'run'}: is a file, not a folder"
+
+
+def test_distributed_without_a_cluster(tmp_path, one_device_env):
+  env = {k: v for k, v in one_device_env.items()  # what JAX's cluster detection reads
+         if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "KUBERNETES_", "TPU_",
+                              "MEGASCALE_"))}
+  run = subprocess.run([sys.executable, "-m", "preflmr_jax.main", TINY, "--config.distributed=True",
+                        f"--workdir={tmp_path}"], cwd=config_files.REPO_ROOT, env=env, capture_output=True,
+                       text=True, timeout=600, check=False)
+  assert _one_line_error(run).startswith("error: config.distributed=True: "), run.stderr[-3000:]
 
 
 def test_a_workdir_that_cannot_be_created(tmp_path, cli):
@@ -99,6 +110,12 @@ def test_evaluating_before_training_says_train_first(tmp_path, cli):
   assert line == (f"error: --checkpoint={tmp_path / 'none'}: no such folder; train first: "
                   f"python -m preflmr_jax.main --config CONFIG --workdir {tmp_path / 'none'}")
   assert not output.exists()
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_exits_0(cli, flag):
+  run = cli("preflmr_jax.evaluate", flag)
+  assert run.returncode == 0 and "--checkpoint" in run.stdout, run.stderr[-3000:]
 
 
 def test_an_internal_error_keeps_its_traceback(tmp_path, cli):

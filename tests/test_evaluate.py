@@ -218,6 +218,13 @@ def test_compressed_index_reports_recall_against_exact_search(workdir, data_dir,
   for again in ("r", "c"):
     assert (tmp_path / "i" / "SAMPLE_rankings.jsonl").read_text() == (
         tmp_path / again / "SAMPLE_rankings.jsonl").read_text()
+  # PLAID's own number of centroids (centroids=0) is recorded as the one built with.
+  default = evaluate.run(tiny_config(), workdir, ["SAMPLE"], "test", data_dir,
+                         str(tmp_path / "p"), ks=(1, 5), cache_dir=str(cache),
+                         index=evaluation.IndexOptions(nbits=8))["SAMPLE"]
+  [built] = [p for p in cache.glob("*.plaid.npz") if p != index_file]
+  assert built.name.endswith(f"_nbits8_c{default['index']['centroids']}.plaid.npz")
+  assert default["index"]["centroids"] > 0
 
 
 def test_index_flag():

@@ -495,6 +495,27 @@ def test_launcher_passes_sigterm_on_and_reports_the_preemption(tmp_path):
       os.killpg(launcher.pid, signal.SIGKILL)
 
 
+def test_ctrl_c_in_a_terminal_leaves_the_command_to_finish_and_is_reported(tmp_path):
+  """Ctrl-C reaches the launcher and its command (one process group): the launcher waits for the
+  command (the trainer saves, exits INTERRUPTED), says so and exits with INTERRUPTED."""
+  ready = tmp_path / "ready"
+  command = ["sh", "-c", f'trap "sleep 0.3; exit 130" INT; echo ready > {ready}; '
+             "while :; do sleep 0.05; done"]
+  code = f"from launch import shell; shell.execute([shell.command(*{command!r})], dry_run=False)"
+  launcher = subprocess.Popen([sys.executable, "-c", code], cwd=shell.REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+  try:
+    _wait_for(ready, "ready")
+    os.killpg(launcher.pid, signal.SIGINT)
+    _, err = launcher.communicate(timeout=20)
+    assert launcher.returncode == shell.INTERRUPTED, err
+    assert "interrupted (exit status 130): sh -c" in err and "Traceback" not in err
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(launcher.pid, signal.SIGKILL)
+
+
 def test_the_launchers_restart_on_the_trainers_preemption_status():
   from preflmr_jax import exit_codes  # pylint: disable=g-import-not-at-top
   assert shell.PREEMPTED == exit_codes.PREEMPTED == 128 + signal.SIGTERM

@@ -109,7 +109,8 @@ def resolve_data_dir(config) -> str:
                             or os.path.join(cache_root(), "m2kr_sample"))
   for folder in (root, os.path.join(root, "source"), os.path.join(root, "tfds")):
     if os.path.isfile(folder):
-      raise NotAFolder(f"config.data.sample_dir={root}: {folder} is a file, not a folder")
+      unset = "" if config.data.sample_dir else " (unset: the default)"
+      raise NotAFolder(f"config.data.sample_dir={root}{unset}: {folder} is a file, not a folder")
   sample.ensure_sample(os.path.join(root, "source"), os.path.join(root, "tfds"))
   return os.path.join(root, "tfds")
 

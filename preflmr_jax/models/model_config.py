@@ -146,6 +146,13 @@ class PreFLMRConfig:
       error = layers.attention_dropout_error(self.attention, sub.attention_dropout_rate)
       check(error is None, f"{name}.attention_dropout_rate", error)
 
+  def check_devices(self, devices) -> None:
+    """ConfigError unless the model can run on `devices` (cuDNN attention needs NVIDIA GPUs)."""
+    platforms = sorted({d.platform for d in devices})
+    if self.attention == "cudnn" and platforms != ["gpu"]:
+      raise ConfigError(f"config.model.attention='cudnn': cuDNN's fused attention runs on NVIDIA "
+                        f"GPUs; the devices here are {', '.join(platforms)} (use 'xla')")
+
   @property
   def execution(self) -> layers.Execution:
     return layers.Execution(self.dtype, self.param_dtype, self.remat, self.remat_policy,

@@ -104,7 +104,7 @@ def topology_devices(name: str, num_slices: int = 1):
     if num_slices != 1:
       raise ConfigError(f"--num_slices is for TPU topologies, not --topology={name}")
     return _gpu_devices(*gpus)
-  if not re.match(r"v\d", name.lower()):
+  if not re.match(r"(v|tpu)\d", name.lower()):  # v5e:4x4, tpu7x:2x2x1
     raise ConfigError(f"--topology={name}: expected a TPU topology such as v5e:4x4 or GPUs of a "
                       f"known kind ({', '.join(GPU_KINDS)}) such as h100:8")
   try:
