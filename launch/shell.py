@@ -169,7 +169,8 @@ def is_preempted(returncode: int) -> bool:
 def _run(argv: Sequence[str], stdin: Optional[str]) -> int:
   """Runs `argv` from the repository root; returns its exit status. A SIGTERM to this launcher
   is passed on to it (the trainer saves and exits `PREEMPTED`), and the launcher waits for it;
-  so it does on Ctrl-C, which the terminal sends to both (the trainer saves, exits `INTERRUPTED`)."""
+  so it does on Ctrl-C, which the terminal sends to both (the trainer saves and exits
+  `INTERRUPTED`)."""
   procs, signalled = [], []
 
   def forward(*_):

@@ -406,8 +406,8 @@ def _exact_search(encoder: Encoder, corpus: Corpus, k: int, chunk_size: int,
 def _index_search(options: IndexOptions, corpus: Corpus, k: int,
                   cache_dir=None) -> tuple[Callable, int]:
   """A PLAID index of the corpus (one process): its search (queries -> host (scores, corpus
-  indices)) and its number of centroids. With `cache_dir`, the index is kept next to the corpus embeddings, keyed the same way
-  plus its build options, and reused."""
+  indices)) and its number of centroids. With `cache_dir`, the index is kept next to the corpus
+  embeddings, keyed the same way plus its build options, and reused."""
   from preflmr_jax import index as plaid  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     raise ConfigError("--index: the compressed index runs on one process")

@@ -294,8 +294,8 @@ def _load(data_dir: PathLike, task: str, kind: str, split: str, text_keys: Seque
   if not (epath.Path(path) / "dataset_info.json").exists():
     if task == "SAMPLE":  # written, not prepared from a download
       hint = ("leave config.data.data_dir (or the eval binary's --data_dir) unset: the sample is "
-              "built on first use; or build it "
-              f"there: python -m preflmr_jax.data.sample --out DIR --data_dir {os.fspath(data_dir)}")
+              "built on first use; or build it there: python -m preflmr_jax.data.sample --out DIR "
+              f"--data_dir {os.fspath(data_dir)}")
     raise NotBuiltError(f"M2KR {task} {kind} are not built in data_dir={os.fspath(data_dir)!r} "
                         f"(no {path}): {hint}")
   builder = tfds.builder_from_directory(path)
