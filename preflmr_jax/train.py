@@ -504,6 +504,7 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, watcher, log
       log.write(step, last)
       pending, tick = [], time.perf_counter()
     if step % config.checkpoint_every_steps == 0 or is_last or stop:
+      saving = time.perf_counter()
       _check_finite(state, config)
       ckpt.save(step, state.params, state.opt_state,
                 {"step": step, "rng": np.asarray(state.rng).tolist(),
@@ -512,6 +513,7 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, watcher, log
                  "first_nonfinite_step": int(state.first_nonfinite_step)}, force=is_last or stop)
       log.flush()  # the log never lags behind a checkpoint (object storage: see MetricsLog)
       logging.info("checkpoint of step %d saving in the background", step)
+      tick += time.perf_counter() - saving  # steps/s is the steps' speed, without the save's wait
     if stop:
       raise watcher.stopped(step)
   return last
