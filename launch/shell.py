@@ -26,11 +26,11 @@ def _exit_codes():
   return module
 
 
-# The trainer's status after a SIGTERM once its checkpoint is saved (also a shell's status for a
-# command ended by SIGTERM): the launchers rerun the command, which resumes from that step.
-PREEMPTED = _exit_codes().PREEMPTED
-INTERRUPTED = _exit_codes().INTERRUPTED
-USAGE = _exit_codes().USAGE
+# The trainer's statuses. PREEMPTED: after a SIGTERM once its checkpoint is saved (also a shell's
+# status for a command ended by SIGTERM): the launchers rerun the command, which resumes from that
+# step. INTERRUPTED: the same after Ctrl-C, rerun by nobody. USAGE: a user's mistake.
+_CODES = _exit_codes()
+PREEMPTED, INTERRUPTED, USAGE = _CODES.PREEMPTED, _CODES.INTERRUPTED, _CODES.USAGE
 MAX_RESTARTS = 3  # reruns after a preemption; a run preempted again and again is not endless
 SAVE_GRACE_S = 300  # from SIGTERM to the end: a step and a checkpoint save, with room to spare
 

@@ -104,7 +104,8 @@ def point_commands(point: Point, workdir: str, extra: Sequence[str] = (),
   return [["python", "-m", "preflmr_jax.main", f"--config={point.config}", f"--workdir={workdir}",
            *overrides],
           ["python", "-m", "preflmr_jax.evaluate", f"--config={point.config}",
-           f"--checkpoint={workdir}", f"--output={layout.eval_dir(workdir)}", *overrides, *eval_flags]]
+           f"--checkpoint={workdir}", f"--output={layout.eval_dir(workdir)}", *overrides,
+           *eval_flags]]
 
 
 def job_name(sweep: str, point: str, index: int, taken: Sequence[str] = ()) -> str:

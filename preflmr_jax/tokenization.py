@@ -130,7 +130,6 @@ _TINY_SUFFIXES = ("s", "es", "ed", "ing", "ly", "er", "est", "ion", "tion", "al"
                   "ment", "ness", "able", "ful", "less", "ous", "ive", "ize", "ist", "an")
 
 
-
 @functools.lru_cache(maxsize=None)
 def _tiny_vocab() -> tuple[str, ...]:
   specials = ["[PAD]"] + [f"[unused{i}]" for i in range(99)]
@@ -323,19 +322,19 @@ def tokenizer_from_config(name: str):
 def check_tokenizer(tokenizer, model_config) -> None:
   """Fails early when `tokenizer` does not fit `model_config` (a `PreFLMRConfig`): ids beyond the
   text encoder's embedding table (their lookups give NaN), or mask ids of another vocab."""
-  hint = ("; set --config.tokenizer to the folder of the vocab the model was built for (configs "
+  hint = ("set --config.tokenizer to the folder of the vocab the model was built for (configs "
           "default to the bert-base-uncased ids; 'tiny' is the built-in tiny vocab)")
   vocab_size = model_config.text.vocab_size
   if len(tokenizer) > vocab_size:
     raise ConfigError(f"config.model.text.vocab_size={vocab_size}: the tokenizer has "
                       f"{len(tokenizer)} ids, beyond the embedding table; raise it to "
-                      f"{len(tokenizer)}{hint.replace('; set', ' or set', 1)}")
+                      f"{len(tokenizer)} or {hint}")
   colon, punctuation = mask_token_ids(tokenizer)
   instruction_token_id, skip_token_ids = (model_config.instruction_token_id,
                                           model_config.skip_token_ids)
   if instruction_token_id != colon:
     raise ConfigError(f"config.model.instruction_token_id={instruction_token_id} but the tokenizer "
-                      f"maps {INSTRUCTION_END!r} to {colon}{hint}")
+                      f"maps {INSTRUCTION_END!r} to {colon}; {hint}")
   if tuple(sorted(skip_token_ids)) != punctuation:
     raise ConfigError(f"config.model.skip_token_ids do not match the tokenizer's punctuation ids "
-                      f"{punctuation}{hint}")
+                      f"{punctuation}; {hint}")

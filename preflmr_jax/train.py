@@ -329,8 +329,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics.
 
   Raises `preemption.Preempted` after a preemption notice (SIGTERM; Ctrl-C too with one process):
-  at the next step boundary
-  once that step is saved, or at once, with nothing new to save, before the first step.
+  at the next step boundary once that step is saved, or at once, with nothing new to save, before
+  the first step.
   """
   # A notice during set-up (data, compilation, restore) stops the run before it takes a step.
   with preemption.PreemptionWatcher() as watcher:

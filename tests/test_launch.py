@@ -474,46 +474,41 @@ def test_sweep_line_evaluates_only_a_finished_training(train_status, evaluated, 
   assert marker.exists() == evaluated
 
 
-def test_launcher_passes_sigterm_on_and_reports_the_preemption(tmp_path):
-  """A local run whose launcher alone gets SIGTERM (a container's PID 1): the command gets it too,
-  and the launcher waits for it, says it was preempted and exits with PREEMPTED."""
+def _signal_a_launcher(tmp_path, trap: str, send) -> tuple[int, str]:
+  """Runs a launcher whose command runs `trap` (a shell trap) and loops; once it runs,
+  `send(launcher)`; returns the launcher's (status, stderr)."""
   ready = tmp_path / "ready"
-  command = ["sh", "-c", f'trap "exit 143" TERM; echo ready > {ready}; '
-             "while :; do sleep 0.05; done"]
+  command = ["sh", "-c", f"{trap}; echo ready > {ready}; while :; do sleep 0.05; done"]
   code = f"from launch import shell; shell.execute([shell.command(*{command!r})], dry_run=False)"
   launcher = subprocess.Popen([sys.executable, "-c", code], cwd=shell.REPO_ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
   try:
     _wait_for(ready, "ready")
-    launcher.send_signal(signal.SIGTERM)
+    send(launcher)
     _, err = launcher.communicate(timeout=20)
-    assert launcher.returncode == shell.PREEMPTED, err
-    assert "preempted (exit status 143): sh -c" in err
+    return launcher.returncode, err
   finally:
     with contextlib.suppress(ProcessLookupError):
       os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def test_launcher_passes_sigterm_on_and_reports_the_preemption(tmp_path):
+  """A local run whose launcher alone gets SIGTERM (a container's PID 1): the command gets it too,
+  and the launcher waits for it, says it was preempted and exits with PREEMPTED."""
+  code, err = _signal_a_launcher(tmp_path, 'trap "exit 143" TERM',
+                                 lambda launcher: launcher.send_signal(signal.SIGTERM))
+  assert code == shell.PREEMPTED, err
+  assert "preempted (exit status 143): sh -c" in err
 
 
 def test_ctrl_c_in_a_terminal_leaves_the_command_to_finish_and_is_reported(tmp_path):
   """Ctrl-C reaches the launcher and its command (one process group): the launcher waits for the
   command (the trainer saves, exits INTERRUPTED), says so and exits with INTERRUPTED."""
-  ready = tmp_path / "ready"
-  command = ["sh", "-c", f'trap "sleep 0.3; exit 130" INT; echo ready > {ready}; '
-             "while :; do sleep 0.05; done"]
-  code = f"from launch import shell; shell.execute([shell.command(*{command!r})], dry_run=False)"
-  launcher = subprocess.Popen([sys.executable, "-c", code], cwd=shell.REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-  try:
-    _wait_for(ready, "ready")
-    os.killpg(launcher.pid, signal.SIGINT)
-    _, err = launcher.communicate(timeout=20)
-    assert launcher.returncode == shell.INTERRUPTED, err
-    assert "interrupted (exit status 130): sh -c" in err and "Traceback" not in err
-  finally:
-    with contextlib.suppress(ProcessLookupError):
-      os.killpg(launcher.pid, signal.SIGKILL)
+  code, err = _signal_a_launcher(tmp_path, 'trap "sleep 0.3; exit 130" INT',
+                                 lambda launcher: os.killpg(launcher.pid, signal.SIGINT))
+  assert code == shell.INTERRUPTED, err
+  assert "interrupted (exit status 130): sh -c" in err and "Traceback" not in err
 
 
 def test_the_launchers_restart_on_the_trainers_preemption_status():
