@@ -484,8 +484,10 @@ def _loop(config, mesh, state, start, train_step, train_iter, ckpt, watcher, log
   pending, last = [], {}
   tick = time.perf_counter()
   for step in range(start + 1, config.num_train_steps + 1):
-    batch = sharding.global_batch(mesh, next(train_iter), config.logical_axis_rules)
-    state, metrics = train_step(state, batch)
+    # The batch has no name here: a traceback through this frame (a stop, an error) would keep it,
+    # and the shared memory of grain's workers under it, until the interpreter exits.
+    state, metrics = train_step(
+        state, sharding.global_batch(mesh, next(train_iter), config.logical_axis_rules))
     pending.append(metrics)
     stop = watcher.should_stop(step)
     is_last = step == config.num_train_steps

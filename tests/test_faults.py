@@ -231,7 +231,7 @@ def test_main_exits_143_on_sigterm_and_a_rerun_finishes(tmp_path, one_device_env
 @pytest.mark.slow
 def test_ctrl_c_saves_the_step_and_exits_130(tmp_path, one_device_env):
   """Ctrl-C reaches the trainer and its grain workers (one process group): the step is saved, no
-  worker prints a traceback."""
+  worker prints a traceback, and no batch's shared memory outlives the run."""
   cmd = [sys.executable, "-m", "preflmr_jax.main", "--config", "configs/tiny.py", "--workdir",
          str(tmp_path), "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
          "--config.data.num_workers=2", "--config.optimizer.warmup_steps=0"]
@@ -248,6 +248,7 @@ def test_ctrl_c_saves_the_step_and_exits_130(tmp_path, one_device_env):
   [saved] = glob.glob(str(tmp_path / "checkpoints" / "[0-9]*"))
   assert f"interrupted: saved step {os.path.basename(saved)}, rerun to resume" in stderr
   assert "Traceback" not in stderr, stderr[-3000:]
+  assert "leaked shared_memory" not in stderr, stderr[-3000:]
 
 
 # ------------------------------------------------------------------ config values that failed late
