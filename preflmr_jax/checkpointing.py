@@ -104,7 +104,26 @@ class CheckpointCorruptError(UserError, ValueError):
 
 def _stored_tree(item_dir: epath.Path):
   """The tree of array metadata that an item's folder holds."""
-  return ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
+  try:
+    return ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
+  except Exception as e:  # pylint: disable=broad-except
+    if storage.is_access_failure(e) or str(item_dir) in str(e):  # TensorStore's name the file
+      raise
+    # Orbax's errors for a damaged JSON file do not name it ("KeyError: 'tree_metadata'").
+    raise CheckpointCorruptError(
+        f"the array metadata in {item_dir} does not read ({type(e).__name__}: {e})") from None
+
+
+def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
+  """A step's meta item: the JSON file that Orbax's JsonSave wrote."""
+  meta_file = step_dir / "meta" / "metadata"
+  try:
+    meta = json.loads(meta_file.read_text())
+  except ValueError as e:  # also bytes that are not UTF-8
+    raise CheckpointCorruptError(f"{meta_file} is not JSON ({e})") from None
+  if not isinstance(meta, dict):
+    raise CheckpointCorruptError(f"{meta_file} holds a {type(meta).__name__}, not a JSON object")
+  return meta
 
 
 def _check_against_checkpoint(item_dir: epath.Path, abstract, item: str,
@@ -179,7 +198,7 @@ def _verify(tree, expected: dict[str, int] | None, item_dir: epath.Path) -> None
 def _why(e: BaseException) -> str:
   """One line for a restore failure: its root cause (for TensorStore the one naming the file), as
   the libraries' own messages run to many lines."""
-  while (e.__cause__ or e.__context__) is not None:
+  while (e.__cause__ or (None if e.__suppress_context__ else e.__context__)) is not None:
     e = e.__cause__ or e.__context__
   first = (str(e).strip().splitlines() or [""])[0][:300]
   return f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -280,11 +299,10 @@ class Checkpointer:
                         f"(complete steps: {self.all_steps()})")
     _check_against_checkpoint(step_dir / "params", abstract_params, "params")
     _check_against_checkpoint(step_dir / "opt_state", abstract_opt_state, "opt_state")
+    meta = _read_meta(step_dir)
     out = self._manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params),
-        opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        meta=ocp.args.JsonRestore()))
-    meta = dict(out.meta)
+        opt_state=ocp.args.StandardRestore(abstract_opt_state)))
     checksums = meta.pop(CHECKSUMS, {})
     _verify(out.params, checksums.get("params"), step_dir / "params")
     _verify(out.opt_state, checksums.get("opt_state"), step_dir / "opt_state")
@@ -390,8 +408,8 @@ def restore_params(path: storage.PathLike, abstract_params, step: int | None = N
     _check_against_checkpoint(item_dir, stored, "params", stored_tree)
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(item_dir, stored)
-    meta_file = step_dir / "meta" / "metadata"
-    recorded = json.loads(meta_file.read_text()).get(CHECKSUMS, {}) if meta_file.exists() else {}
+    recorded = (_read_meta(step_dir).get(CHECKSUMS, {})
+                if (step_dir / "meta").exists() else {})
     _verify(params, recorded.get("params"), item_dir)
   except Exception as e:  # pylint: disable=broad-except
     if not _restore_failure_is_damage(e):

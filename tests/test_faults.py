@@ -106,6 +106,23 @@ def test_a_damaged_latest_step_is_skipped_for_the_one_before(tmp_path, damage, c
       restore_params(str(tmp_path), _abstract(_TREE))
 
 
+@pytest.mark.parametrize("file,content,why", [
+    ("params/_METADATA", "", "the array metadata in {step}/params does not read"),
+    ("params/_METADATA", "[]", "the array metadata in {step}/params does not read"),
+    ("meta/metadata", "", "{step}/meta/metadata is not JSON"),
+    ("meta/metadata", "[1]", "{step}/meta/metadata holds a list, not a JSON object"),
+])
+def test_a_damaged_metadata_file_is_named(tmp_path, file, content, why, caplog):
+  """Orbax's own errors for these do not name the file."""
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, _TREE, _TREE, {"step": 1})
+    ckpt.save(2, _TREE, _TREE, {"step": 2})
+  (tmp_path / "2" / file).write_text(content)
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.restore_latest(_abstract(_TREE), _abstract(_TREE))[0] == 1
+  assert why.format(step=tmp_path / "2") in caplog.text
+
+
 def test_no_step_restores_names_each_step_and_why(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
     ckpt.save(1, _TREE, _TREE, {"step": 1})
