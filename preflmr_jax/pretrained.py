@@ -15,7 +15,9 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import tempfile
+import uuid
 from typing import Any, Callable, Mapping
 
 import jax
@@ -297,7 +299,8 @@ class PretrainedPreFLMR:
   def _write_folder(self, folder: str) -> None:
     """config.json, model.safetensors and the tokenizer folders into the local `folder`."""
     hf = self.hf_config or hf_config_from_model(self.config)
-    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+    config_file = os.path.join(folder, CONFIG_FILE)
+    with open(config_file, "w") as f:
       json.dump(hf, f, indent=2, sort_keys=True)
     base = hf.get("transformer_mapping_config_base", _BERT_BASE_NAMES[0])
     if base not in _BERT_BASE_NAMES and not os.path.isabs(base):  # a folder beside config.json
@@ -306,7 +309,8 @@ class PretrainedPreFLMR:
         json.dump({"model_type": "bert", **_to_hf(self.config.mapping, _BERT_FIELDS)}, f, indent=2)
     weights = os.path.join(folder, WEIGHTS_FILE)
     save_file(self.state_dict(), weights, metadata={"format": "pt"})
-    os.chmod(weights, storage.creation_mode())  # safetensors makes it private (0600)
+    # safetensors makes its file private (0600): given the mode open() gave config.json (the umask's).
+    os.chmod(weights, stat.S_IMODE(os.stat(config_file).st_mode))
     for side, name in TOKENIZER_DIRS.items():
       tok = getattr(self, f"{side}_tokenizer")
       if tok is not None:
@@ -332,8 +336,8 @@ class PretrainedPreFLMR:
       return
     parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent)
-    os.chmod(tmp, storage.creation_mode(0o777))  # mkdtemp makes it private
+    tmp = os.path.join(parent, f".{dest.name}.{uuid.uuid4().hex}")
+    os.mkdir(tmp)  # the umask's mode (mkdtemp's folders are private)
     try:
       self._write_folder(tmp)
       if dest.exists():

@@ -228,13 +228,6 @@ def _upload(source: BinaryIO, dest: epath.Path) -> None:
   out.close()
 
 
-def creation_mode(mode: int = 0o666) -> int:
-  """`mode` less the umask in force: what open() (0o666) or mkdir() (0o777) gives what it creates."""
-  umask = os.umask(0)
-  os.umask(umask)
-  return mode & ~umask
-
-
 def write_with(p: PathLike, write: Callable[[BinaryIO], None]) -> None:
   """`write(binary file)` to `p` so that no reader finds a half-written file under its name.
 

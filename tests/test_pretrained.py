@@ -17,7 +17,7 @@ from safetensors.flax import save_file as save_flax
 from safetensors.numpy import load_file, save_file
 
 import preflmr_jax
-from preflmr_jax import conversion, image_processing, storage, tokenization
+from preflmr_jax import conversion, image_processing, tokenization
 from preflmr_jax.models import layer_stacks
 from preflmr_jax.models.model_config import PreFLMRConfig, TextConfig, VisionConfig
 from preflmr_jax.testing import torch_reference
@@ -172,7 +172,11 @@ def test_stage1_output_is_vision_tokens_only(tmp_path, oracle):
 
 def test_save_load_round_trip_is_exact(tmp_path, checkpoint):
   first = preflmr_jax.load_pretrained(checkpoint)
-  first.save_pretrained(str(tmp_path / "copy"))
+  umask = os.umask(0o027)
+  try:
+    first.save_pretrained(str(tmp_path / "copy"))
+  finally:
+    os.umask(umask)
   second = preflmr_jax.load_pretrained(str(tmp_path / "copy"))
   assert second.config == first.config
   flat = lambda m: conversion.traverse_util.flatten_dict(m.params, sep="/")
@@ -191,9 +195,11 @@ def test_save_load_round_trip_is_exact(tmp_path, checkpoint):
   assert second.document_tokenizer.get_vocab() == first.document_tokenizer.get_vocab()
   # No temporary folder left behind.
   assert sorted(os.listdir(tmp_path)) == ["copy"]
-  # Every file readable as config.json (written by open()) is: safetensors makes its own private.
+  # The umask's modes, as open() and mkdir() give: safetensors makes its file private, mkdtemp
+  # its folder.
   mode = lambda name: stat.S_IMODE(os.stat(tmp_path / "copy" / name).st_mode)
-  assert mode("model.safetensors") == mode("config.json") == storage.creation_mode()
+  assert mode("model.safetensors") == mode("config.json") == 0o640
+  assert mode("") == 0o750
 
 
 def test_trained_model_saves_in_published_layout(tmp_path, checkpoint):
