@@ -286,13 +286,6 @@ def test_batch_not_divisible_by_processes_names_the_key(model_config, tok):
     _iterator(_tiny_config(batch_size=6), model_config, tok, process_index=0, process_count=4)
 
 
-def test_bad_shape_question_prob_names_the_key(model_config, tok):
-  config = _tiny_config()
-  config.data.shape_question_prob = 1.5
-  with pytest.raises(ValueError, match=r"config\.data\.shape_question_prob"):
-    _iterator(config, model_config, tok)
-
-
 def test_truncating_doc_maxlen_names_the_key(config, tok):
   model_config = mc.PreFLMRConfig.from_dict({**config.model.to_dict(), "doc_maxlen": 5})
   with pytest.raises(ValueError, match=r"doc_maxlen"):

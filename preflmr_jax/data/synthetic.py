@@ -4,7 +4,7 @@ Classes are (colour, shape) pairs: 8 colours x 8 shapes = 64. Each class has one
 corpus, fixed and independent of the seed) that names its colour and shape among filler sentences,
 in one of several templates. A query is a PIL drawing of the class's shape in its colour (jittered)
 on a random light background at a random position and size, plus a question that names the shape
-(with probability `config.data.shape_question_prob`, default 0.9) or nothing at all, after an
+(with probability `SHAPE_QUESTION_PROB`, as in SAMPLE) or nothing at all, after an
 M2KR-style instruction ending with ":". The colour is only in the image, so retrieval needs the
 vision path; the shape is in the image and usually in the text.
 
@@ -221,10 +221,6 @@ class SyntheticIterator:
           f"needs {config.batch_size * (1 + self.num_negatives)} distinct documents per step but "
           f"the synthetic task has {NUM_CLASSES} classes")
     self.seed = require_int("seed", config.seed, 0)
-    self.shape_question_prob = float(config.data.get("shape_question_prob", SHAPE_QUESTION_PROB))
-    if not 0 <= self.shape_question_prob <= 1:
-      raise ConfigError(f"config.data.shape_question_prob={self.shape_question_prob} is not in "
-                        f"[0, 1]")
     self.process_index = process_index
     self.image_size = model_config.vision.image_size
     if tokenizer is None:
@@ -277,7 +273,7 @@ class SyntheticIterator:
       example = self.process_index * self.batch_size + row  # Index in the global batch.
       rng = np.random.default_rng([self.seed, _STREAM, step, 1, example])
       images.append(draw_image(int(class_id), rng, self.image_size))
-      question, instruction = make_question(int(class_id), rng, self.shape_question_prob)
+      question, instruction = make_question(int(class_id), rng, SHAPE_QUESTION_PROB)
       questions.append(question)
       instructions.append(instruction)
     query = self._query_tokenizer(questions, instructions)
