@@ -1,10 +1,13 @@
-"""The README and docs/ pages: every relative link and #anchor resolves, and the README fits on a
-screen or two."""
+"""The README and docs/ pages: every relative link and #anchor resolves, every `--config.KEY` that
+they (or the code's own messages) name is a config key, and the README fits on a screen or two."""
 
 import pathlib
 import re
 
+import ml_collections
 import pytest
+
+from preflmr_jax import config_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", ROOT / "launch" / "README.md", *(ROOT / "docs").glob("*.md"),
@@ -37,6 +40,37 @@ def test_every_relative_link_resolves(page):
     elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
       broken.append(target)
   assert not broken, f"{page.relative_to(ROOT)}: {broken}"
+
+
+# `--config.KEY`, and `config.KEY` quoted (not `config.json`, a checkpoint's file). In the code,
+# `config` can be another object (a model's PreFLMRConfig): only quoted names under a top-level key
+# of a config (`config.data.x`) count there.
+CONFIG_KEY = re.compile(r"(--|`)config\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+CONFIGS = ("configs/tiny.py", "configs/release.py", "configs/stage.py:3", "configs/scaling.py")
+
+
+def _has_key(config, key: str) -> bool:
+  for part in key.split("."):
+    if not (isinstance(config, ml_collections.ConfigDict) and part in config):
+      return False
+    config = config[part]
+  return True
+
+
+def test_every_config_flag_named_is_a_config_key():
+  """A renamed or removed key leaves no flag behind that would fail with "no such config key"."""
+  configs = [config_files.load_config(str(ROOT / spec)) for spec in CONFIGS]
+  sources = [*PAGES, *(ROOT / "preflmr_jax").rglob("*.py"), *(ROOT / "configs").rglob("*.py"),
+             *(ROOT / "benchmarks").glob("*.py"), *(p for p in (ROOT / "launch").rglob("*")
+                                                     if p.is_file())]
+  top = {key for config in configs for key in config}
+  named = {(m.group(2), source.relative_to(ROOT)) for source in sources
+           for m in CONFIG_KEY.finditer(source.read_text())
+           if source in PAGES or m.group(1) == "--" or m.group(2).split(".")[0] in top}
+  assert len(named) > 50  # the pattern finds them
+  unknown = sorted((key, str(where)) for key, where in named if key not in ("key", "KEY", "json")
+                   and not any(_has_key(config, key) for config in configs))
+  assert not unknown, unknown
 
 
 def test_the_readme_is_short():
