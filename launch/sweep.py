@@ -175,7 +175,9 @@ def launch(args: argparse.Namespace, extra: Sequence[str]) -> None:
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   own, extra = shell.split_command(argv)
   backend = shell.ArgumentParser(add_help=False)
-  backend.add_argument("--backend", choices=BACKENDS, default="local")
+  backend.add_argument("--backend", choices=BACKENDS, default="local",
+                       help="Where the points run. Every backend but local adds its launcher's "
+                       "flags (--backend tpu-vm --help lists them).")
   parser = shell.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[backend])
   parser.add_argument("config", help="A config file with sweep(), FILE[:ARG].")
   parser.add_argument("--workdir_root", default="",

@@ -1,8 +1,12 @@
 """The README and docs/ pages: every relative link and #anchor resolves, every `--config.KEY` that
-they (or the code's own messages) name is a config key, and the README fits on a screen or two."""
+they (or the code's own messages) name is a config key, every flag of a command line they quote is
+one its program takes, and the README fits on a screen or two."""
 
+import itertools
 import pathlib
 import re
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -71,6 +75,48 @@ def test_every_config_flag_named_is_a_config_key():
   unknown = sorted((key, str(where)) for key, where in named if key not in ("key", "KEY", "json")
                    and not any(_has_key(config, key) for config in configs))
   assert not unknown, unknown
+
+
+# A command line: the program, then its arguments up to the end of the line or of the code span
+# (backslash continuations included).
+COMMAND = re.compile(r"python3? (?:-m )?(preflmr_jax(?:\.\w+)+|launch/\w+\.py|benchmarks/\w+\.py)"
+                     r"((?:\\\n|[^\n`|;&\"'])*)")
+FLAG = re.compile(r"(?<![\w-])--([a-z][\w-]*)(?![\w.-])")  # not --config.KEY (above)
+
+
+def _quoted_commands() -> dict[tuple[str, ...], dict[str, str]]:
+  """{what to ask for help: {flag: where it is quoted}} over the pages and the code. A launcher's
+  leading words (a subcommand) and a sweep's --backend decide which flags it takes; after a lone
+  `--` come the program it launches, a command line of its own."""
+  found = {}
+  sources = [*PAGES, *(ROOT / "preflmr_jax").rglob("*.py"), *(ROOT / "launch").glob("*.py"),
+             *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "configs").rglob("*.py")]
+  for source in sources:
+    for m in COMMAND.finditer(source.read_text()):
+      args = re.split(r"\s--(?=\s|$)", m.group(2).replace("\\\n", " "))[0]
+      lead = itertools.takewhile(lambda w: not w.startswith(("-", "[")), args.split())
+      backend = re.findall(r"--backend[= ](\S+)", args)
+      absl = m.group(1).startswith("preflmr_jax")  # no positional arguments
+      key = (m.group(1), *([] if absl else lead), *(f"--backend={b}" for b in backend))
+      for flag in FLAG.findall(args):
+        found.setdefault(key, {}).setdefault(flag, str(source.relative_to(ROOT)))
+  return found
+
+
+QUOTED = _quoted_commands()
+
+
+@pytest.mark.parametrize("command", sorted(QUOTED), ids=" ".join)
+def test_every_flag_of_a_quoted_command_exists(command):
+  flags, (program, *words) = QUOTED[command], command
+  absl = program.startswith("preflmr_jax")
+  argv = [sys.executable, *(["-m"] * absl), program, *words, "--helpfull" if absl else "--help"]
+  out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  listed = set(re.findall(r"--(?:\[no\])?([a-z][\w-]*)", out.stdout))
+  unknown = {flag: where for flag, where in flags.items()
+             if flag not in listed and flag.removeprefix("no") not in listed}
+  assert not unknown, f"{' '.join(command)}: {unknown}"
 
 
 def test_the_readme_is_short():
