@@ -58,8 +58,9 @@ class PreemptionWatcher:
       self._interrupted = True
       logging.warning("Ctrl-C: checkpointing and stopping at the next step boundary (Ctrl-C "
                       "again to stop at once, without it)")
-    else:
-      logging.warning("SIGTERM received: checkpointing and stopping at the next step boundary")
+    else:  # schedulers may repeat it (SLURM's --signal, a second `kill`)
+      logging.warning("SIGTERM received: %s at the next step boundary",
+                      "already stopping" if self._stop else "checkpointing and stopping")
     if not self._stop:  # the first signal says what stopped the run (and its exit status)
       self._stop, self._signum = True, signum
 

@@ -256,7 +256,7 @@ def test_missing_checkpoints_name_the_path(tmp_path):
       restore_params(str(path), _abstract(params, mesh))
 
 
-def test_preemption_watcher_sigterm_and_restores_handler():
+def test_preemption_watcher_sigterm_and_restores_handler(caplog):
   previous = signal.getsignal(signal.SIGTERM)
   watcher = PreemptionWatcher()
   try:
@@ -267,9 +267,14 @@ def test_preemption_watcher_sigterm_and_restores_handler():
         break
       time.sleep(0.01)
     assert watcher.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
   finally:
     watcher.close()
   assert signal.getsignal(signal.SIGTERM) == previous
+  assert [r.getMessage() for r in caplog.records] == [
+      "SIGTERM received: checkpointing and stopping at the next step boundary",
+      "SIGTERM received: already stopping at the next step boundary"]
 
 
 def test_preemption_watcher_ctrl_c_once_saves_twice_stops():
