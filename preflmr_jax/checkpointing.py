@@ -99,7 +99,8 @@ class CheckpointDamagedError(UserError, RuntimeError):
 
 
 class CheckpointCorruptError(UserError, ValueError):
-  """An array reads back with other bits than were saved."""
+  """A checkpoint file reads back damaged: an array's bits differ from what was saved (checksums),
+  or its metadata does not parse."""
 
 
 def _stored_tree(item_dir: epath.Path):
@@ -107,11 +108,11 @@ def _stored_tree(item_dir: epath.Path):
   try:
     return ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
   except Exception as e:  # pylint: disable=broad-except
-    if storage.is_access_failure(e) or str(item_dir) in str(e):  # TensorStore's name the file
+    if storage.is_access_failure(e) or str(item_dir) in str(e):  # named already (a missing file)
       raise
     # Orbax's errors for a damaged JSON file do not name it ("KeyError: 'tree_metadata'").
-    raise CheckpointCorruptError(
-        f"the array metadata in {item_dir} does not read ({type(e).__name__}: {e})") from None
+    raise CheckpointCorruptError(f"the array metadata in {item_dir} does not read "
+                                 f"({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _read_meta(step_dir: epath.Path) -> dict[str, Any]:
@@ -200,8 +201,12 @@ def _why(e: BaseException) -> str:
   the libraries' own messages run to many lines."""
   while (e.__cause__ or (None if e.__suppress_context__ else e.__context__)) is not None:
     e = e.__cause__ or e.__context__
-  first = (str(e).strip().splitlines() or [""])[0][:300]
+  first = _first_line(e)
   return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def _restore_failure_is_damage(e: BaseException) -> bool:

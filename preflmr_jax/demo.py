@@ -89,7 +89,7 @@ def shape_items() -> tuple[list[Query], list[tuple[str, str]]]:
     rng = np.random.default_rng([_SHAPE_SEED, c])
     # Drawn at the sample's size and resized by the model's preprocessing, as in training.
     image = synthetic.draw_image(c, rng, sample.DEFAULT_IMAGE_SIZE)
-    question, instruction = synthetic.make_question(c, rng, synthetic.SHAPE_QUESTION_PROB)
+    question, instruction = synthetic.make_question(c, rng)
     queries.append(Query(instruction, question, image, f"a {name}", sample.passage_id(c)))
   classes = sorted(_class_id(name) for name in SHAPE_QUERIES + SHAPE_DISTRACTORS)
   return queries, [(sample.passage_id(c), synthetic.passage(c)) for c in classes]

@@ -309,7 +309,7 @@ class PretrainedPreFLMR:
         json.dump({"model_type": "bert", **_to_hf(self.config.mapping, _BERT_FIELDS)}, f, indent=2)
     weights = os.path.join(folder, WEIGHTS_FILE)
     save_file(self.state_dict(), weights, metadata={"format": "pt"})
-    # safetensors makes its file private (0600): given the mode open() gave config.json (the umask's).
+    # safetensors creates its file 0600: config.json's mode instead (open()'s, under the umask).
     os.chmod(weights, stat.S_IMODE(os.stat(config_file).st_mode))
     for side, name in TOKENIZER_DIRS.items():
       tok = getattr(self, f"{side}_tokenizer")

@@ -1,6 +1,6 @@
-"""The README and docs/ pages: every relative link and #anchor resolves, every `--config.KEY` that
-they (or the code's own messages) name is a config key, every flag of a command line they quote is
-one its program takes, and the README fits on a screen or two."""
+"""The README and docs/ pages: every relative link and #anchor resolves, every `--config.KEY` flag
+and quoted `config.KEY` that they or the code name is a config key, every flag of a command line
+that they or the code quote is one its program takes, and the README fits on a screen or two."""
 
 import itertools
 import pathlib
@@ -50,6 +50,10 @@ def test_every_relative_link_resolves(page):
 # `config` can be another object (a model's PreFLMRConfig): only quoted names under a top-level key
 # of a config (`config.data.x`) count there.
 CONFIG_KEY = re.compile(r"(--|`)config\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+# The pages, and the code's files that may quote a command or a config key.
+SOURCES = [*PAGES, *(p for folder in ("preflmr_jax", "configs", "launch", "benchmarks")
+                     for p in sorted((ROOT / folder).rglob("*"))
+                     if p.suffix in (".py", ".sh") or p.name == "Dockerfile")]
 CONFIGS = ("configs/tiny.py", "configs/release.py", "configs/stage.py:3", "configs/scaling.py")
 
 
@@ -64,11 +68,8 @@ def _has_key(config, key: str) -> bool:
 def test_every_config_flag_named_is_a_config_key():
   """A renamed or removed key leaves no flag behind that would fail with "no such config key"."""
   configs = [config_files.load_config(str(ROOT / spec)) for spec in CONFIGS]
-  sources = [*PAGES, *(ROOT / "preflmr_jax").rglob("*.py"), *(ROOT / "configs").rglob("*.py"),
-             *(ROOT / "benchmarks").glob("*.py"), *(p for p in (ROOT / "launch").rglob("*")
-                                                     if p.is_file())]
   top = {key for config in configs for key in config}
-  named = {(m.group(2), source.relative_to(ROOT)) for source in sources
+  named = {(m.group(2), source.relative_to(ROOT)) for source in SOURCES
            for m in CONFIG_KEY.finditer(source.read_text())
            if source in PAGES or m.group(1) == "--" or m.group(2).split(".")[0] in top}
   assert len(named) > 50  # the pattern finds them
@@ -84,26 +85,33 @@ COMMAND = re.compile(r"python3? (?:-m )?(preflmr_jax(?:\.\w+)+|launch/\w+\.py|be
 FLAG = re.compile(r"(?<![\w-])--([a-z][\w-]*)(?![\w.-])")  # not --config.KEY (above)
 
 
+def _commands(text: str):
+  """(program, its arguments) of each command line in `text`; after a lone `--` comes the program
+  a launcher runs, a command line of its own."""
+  for m in COMMAND.finditer(text):
+    own, *launched = re.split(r"\s--(?=\s|$)", m.group(2).replace("\\\n", " "), maxsplit=1)
+    yield m.group(1), own
+    yield from _commands(" ".join(launched))
+
+
 def _quoted_commands() -> dict[tuple[str, ...], dict[str, str]]:
-  """{what to ask for help: {flag: where it is quoted}} over the pages and the code. A launcher's
-  leading words (a subcommand) and a sweep's --backend decide which flags it takes; after a lone
-  `--` come the program it launches, a command line of its own."""
+  """{what to ask for help: {flag: where it is quoted}}. A launcher's leading words (a subcommand)
+  and a sweep's --backend decide which flags it takes."""
   found = {}
-  sources = [*PAGES, *(ROOT / "preflmr_jax").rglob("*.py"), *(ROOT / "launch").glob("*.py"),
-             *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "configs").rglob("*.py")]
-  for source in sources:
-    for m in COMMAND.finditer(source.read_text()):
-      args = re.split(r"\s--(?=\s|$)", m.group(2).replace("\\\n", " "))[0]
+  for source in SOURCES:
+    for program, args in _commands(source.read_text()):
       lead = itertools.takewhile(lambda w: not w.startswith(("-", "[")), args.split())
       backend = re.findall(r"--backend[= ](\S+)", args)
-      absl = m.group(1).startswith("preflmr_jax")  # no positional arguments
-      key = (m.group(1), *([] if absl else lead), *(f"--backend={b}" for b in backend))
+      absl = program.startswith("preflmr_jax")  # no positional arguments
+      key = (program, *([] if absl else lead), *(f"--backend={b}" for b in backend))
       for flag in FLAG.findall(args):
         found.setdefault(key, {}).setdefault(flag, str(source.relative_to(ROOT)))
   return found
 
 
 QUOTED = _quoted_commands()
+# Where a help text defines an option: absl's "  --[no]flag: ...", argparse's "  -h, --help".
+OPTION = re.compile(r"^\s+(?:-\w, )?--(?:\[no\])?([a-z][\w-]*)", re.M)
 
 
 @pytest.mark.parametrize("command", sorted(QUOTED), ids=" ".join)
@@ -113,7 +121,7 @@ def test_every_flag_of_a_quoted_command_exists(command):
   argv = [sys.executable, *(["-m"] * absl), program, *words, "--helpfull" if absl else "--help"]
   out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  listed = set(re.findall(r"--(?:\[no\])?([a-z][\w-]*)", out.stdout))
+  listed = set(OPTION.findall(out.stdout))
   unknown = {flag: where for flag, where in flags.items()
              if flag not in listed and flag.removeprefix("no") not in listed}
   assert not unknown, f"{' '.join(command)}: {unknown}"

@@ -195,8 +195,7 @@ def test_save_load_round_trip_is_exact(tmp_path, checkpoint):
   assert second.document_tokenizer.get_vocab() == first.document_tokenizer.get_vocab()
   # No temporary folder left behind.
   assert sorted(os.listdir(tmp_path)) == ["copy"]
-  # The umask's modes, as open() and mkdir() give: safetensors makes its file private, mkdtemp
-  # its folder.
+  # open()'s and mkdir()'s modes under the umask (safetensors alone would make its file 0600).
   mode = lambda name: stat.S_IMODE(os.stat(tmp_path / "copy" / name).st_mode)
   assert mode("model.safetensors") == mode("config.json") == 0o640
   assert mode("") == 0o750

@@ -81,7 +81,7 @@ def _queries(split: str, count: int, seed: int, image_size: int, images_dir: str
     for class_id in range(synthetic.NUM_CLASSES):
       rng = np.random.default_rng([seed, stream, class_id, k])
       image = synthetic.draw_image(class_id, rng, image_size)
-      question, instruction = synthetic.make_question(class_id, rng, synthetic.SHAPE_QUESTION_PROB)
+      question, instruction = synthetic.make_question(class_id, rng)
       img_path = f"{split}/{class_id:02d}_{k:02d}.png"
       image.save(os.path.join(images_dir, img_path), format="PNG")
       rows["question_id"].append(f"{TASK}_{split}_{class_id:02d}_{k:02d}")

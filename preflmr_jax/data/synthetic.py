@@ -184,11 +184,10 @@ def draw_image(class_id: int, rng: np.random.Generator, image_size: int) -> Imag
   return image
 
 
-def make_question(class_id: int, rng: np.random.Generator,
-                  shape_question_prob: float) -> tuple[str, str]:
+def make_question(class_id: int, rng: np.random.Generator) -> tuple[str, str]:
   """(question, instruction); the question names the shape or nothing, never the colour."""
   instruction = INSTRUCTIONS[rng.integers(len(INSTRUCTIONS))]
-  if rng.random() < shape_question_prob:
+  if rng.random() < SHAPE_QUESTION_PROB:
     template = SHAPE_QUESTIONS[rng.integers(len(SHAPE_QUESTIONS))]
     return template.format(s=SHAPES[class_shape(class_id)]), instruction
   return GENERIC_QUESTIONS[rng.integers(len(GENERIC_QUESTIONS))], instruction
@@ -273,7 +272,7 @@ class SyntheticIterator:
       example = self.process_index * self.batch_size + row  # Index in the global batch.
       rng = np.random.default_rng([self.seed, _STREAM, step, 1, example])
       images.append(draw_image(int(class_id), rng, self.image_size))
-      question, instruction = make_question(int(class_id), rng, SHAPE_QUESTION_PROB)
+      question, instruction = make_question(int(class_id), rng)
       questions.append(question)
       instructions.append(instruction)
     query = self._query_tokenizer(questions, instructions)
