@@ -1,11 +1,11 @@
-"""colbert-ai's PLAID (the reference implementation) on precomputed token embeddings, on CPU.
+r"""colbert-ai's PLAID (the reference implementation) on precomputed token embeddings, on CPU.
 
 Runs in its own environment (colbert-ai 0.2.22, faiss-cpu, torch CPU), as a subprocess of our
 benchmarks, so that both indexes see exactly the same embeddings:
 
   python benchmarks/colbert_plaid.py index --embeddings DIR --index DIR --nbits 2 [--kmeans-iters 4]
       [--resume]
-  python benchmarks/colbert_plaid.py search --index DIR --queries Q.npy --k 100 --ncells 2 \\
+  python benchmarks/colbert_plaid.py search --index DIR --queries Q.npy --k 100 --ncells 2 \
       --threshold 0.45 --ndocs 1024 --out results.json [--threads 2] [--query-maxlen 32]
 
 DIR holds tokens.npy [T, 128] float32/float16 (unit rows, documents concatenated in order) and

@@ -1,4 +1,4 @@
-"""A point of the paper's scaling grid: vision tower x text encoders.
+r"""A point of the paper's scaling grid: vision tower x text encoders.
 
   --config configs/scaling.py:vision=400m,text=800m
 

@@ -1,4 +1,4 @@
-"""Multi-host GPU through SLURM or plain ssh with jax.distributed's environment. `--dry-run` prints
+r"""Multi-host GPU through SLURM or plain ssh with jax.distributed's environment. `--dry-run` prints
 the exact commands (and the sbatch script) and runs nothing.
 
   python launch/gpu.py slurm --nodes 2 --gpus_per_node 8 --job tiny [--partition P] -- \

@@ -1,4 +1,4 @@
-"""Sweeps as code: a config file's `sweep(arg)` lists the points; this expands them into one
+r"""Sweeps as code: a config file's `sweep(arg)` lists the points; this expands them into one
 train -> eval job per point and launches them.
 
   python launch/sweep.py configs/scaling.py --backend tpu-vm --tpu NAME --zone ZONE \

@@ -1,4 +1,4 @@
-"""A Cloud TPU VM pod with gcloud: create it, install this checkout, run commands on every worker,
+r"""A Cloud TPU VM pod with gcloud: create it, install this checkout, run commands on every worker,
 follow a worker's log, stop the run, delete the pod. `--dry-run` prints the exact commands and runs
 nothing.
 

@@ -1,4 +1,4 @@
-"""GKE with xpk: build the image, run one command as a workload on TPU slices, follow its logs,
+r"""GKE with xpk: build the image, run one command as a workload on TPU slices, follow its logs,
 delete it. `--dry-run` prints the exact commands and runs nothing.
 
   python launch/xpk.py build  --image gcr.io/PROJECT/preflmr_jax:v1

@@ -141,6 +141,9 @@ def _flag_error(e: BaseException, argv: Sequence[str] = ()) -> str:
   innermost cause's, unescaped (ml_collections wraps a config file's error in a traceback, and a
   misspelled key in a quoted KeyError with a suggestion, without the key's path)."""
   outer = str(e).strip()
+  missing = re.match(r"flag (--\w+)=None: Flag --\w+ must have a value other than None", outer)
+  if missing:  # absl's words for a required flag left out
+    return f"{missing.group(1)} is required (--help lists the flags)"
   if outer.startswith("flag --") and "Traceback" not in outer:
     return _one_line(outer[len("flag "):])
   chain = [e]
@@ -245,6 +248,8 @@ def run(main: Callable[[list[str]], object], outputs: Sequence[str] = ()) -> Non
       for folder in created:
         if os.path.isdir(folder) and not _holds_a_file(folder):
           shutil.rmtree(folder, ignore_errors=True)
+      if isinstance(e, SystemExit) and e.code not in (0, None, exit_codes.USAGE):
+        logging.info("full log: %s", log_file)  # stopped early (preempted, interrupted)
       if isinstance(e, (user_errors.UserError, app.UsageError)):
         logging.debug("user error", exc_info=True)
         _fail(str(e))

@@ -1,4 +1,4 @@
-"""Rank a few sample passages for a few image+question queries by MaxSim: run it after training.
+r"""Rank a few sample passages for a few image+question queries by MaxSim: run it after training.
 
   python -m preflmr_jax.demo --config configs/tiny.py --checkpoint /tmp/preflmr_tiny \
       [--step N] [--workdir DIR]
@@ -222,6 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
         "passages": [{"id": pid, "text": text} for pid, text in passages],
         "scores": scores.tolist(),
         "ranking": rankings(scores).tolist()}, indent=2) + "\n")
+    logging.info("scores and rankings in %s", folder / "scores.json")
   return scores
 
 
@@ -238,8 +239,10 @@ __all__ = ["NATURAL_PASSAGES", "NATURAL_QUERIES", "Query", "SHAPE_DISTRACTORS", 
            "shape_items"]
 
 if __name__ == "__main__":
-  evaluate.define_weights_flags("A run's workdir, one step's folder or a published PreFLMR "
-                                "folder (default: random weights, or config.init_from).")
+  for holder in evaluate.define_weights_flags("A run's workdir, one step's folder or a published "
+                                              "PreFLMR folder (default: random weights, or "
+                                              "config.init_from)."):
+    flags.declare_key_flag(holder)
   flags.DEFINE_string("workdir", None, "Where to write scores.json (optional).")
   flags.mark_flag_as_required("config")
   cli.run(_main, outputs=["workdir"])

@@ -1,4 +1,4 @@
-"""The eval binary: a checkpoint -> passage corpus encoding -> exact MaxSim search -> M2KR metrics.
+r"""The eval binary: a checkpoint -> passage corpus encoding -> exact MaxSim search -> M2KR metrics.
 
   python -m preflmr_jax.evaluate --config configs/tiny.py --checkpoint WORKDIR_OR_STEP_OR_FOLDER \
       --tasks SAMPLE --split test --data_dir DIR --output OUT [--ks 1,5,10] [--batch_size 64]
@@ -101,13 +101,14 @@ def restore(config, checkpoint: str, step: Optional[int] = None,
   return Restored(model_config, params, tok, tok, checkpoint, int(step_dir.name))
 
 
-def define_weights_flags(checkpoint_help: str) -> None:
+def define_weights_flags(checkpoint_help: str) -> list[flags.FlagHolder]:
   """--config, --checkpoint and --step, as every program that reads a run's weights (this one, the
-  demo, export) takes them."""
+  demo, export) takes them. absl counts them as this module's: another program declares them its
+  key flags (`flags.declare_key_flag`) for its --help to list them."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).")
-  flags.DEFINE_string("checkpoint", None, checkpoint_help)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")
+  return [config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg])."),
+          flags.DEFINE_string("checkpoint", None, checkpoint_help),
+          flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest complete one).")]
 
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:

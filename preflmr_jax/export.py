@@ -1,4 +1,4 @@
-"""Export a trained run as a published PreFLMR folder: the HF layout that `load_pretrained`, the eval
+r"""Export a trained run as a published PreFLMR folder: the HF layout that `load_pretrained`, the eval
 binary and the official PyTorch code read.
 
   python -m preflmr_jax.export --config configs/tiny.py --checkpoint WORKDIR [--step N] \
@@ -52,8 +52,9 @@ def _main(argv):
 __all__ = ["export"]
 
 if __name__ == "__main__":
-  evaluate.define_weights_flags("A run's workdir or one step's folder (a published folder is "
-                                "re-written).")
+  for holder in evaluate.define_weights_flags("A run's workdir or one step's folder (a published "
+                                              "folder is re-written)."):
+    flags.declare_key_flag(holder)
   flags.DEFINE_string("output", None, "The published folder to write.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing published folder at --output.")
   flags.mark_flags_as_required(["config", "checkpoint", "output"])

@@ -112,10 +112,23 @@ def test_evaluating_before_training_says_train_first(tmp_path, cli):
   assert not output.exists()
 
 
-@pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_help_exits_0(cli, flag):
-  run = cli("preflmr_jax.evaluate", flag)
-  assert run.returncode == 0 and "--checkpoint" in run.stdout, run.stderr[-3000:]
+@pytest.mark.parametrize("program,flag", [("preflmr_jax.evaluate", "--help"),
+                                          ("preflmr_jax.evaluate", "-h"),
+                                          ("preflmr_jax.export", "--help"),
+                                          ("preflmr_jax.demo", "--help")])
+def test_help_exits_0_listing_the_weights_flags(cli, program, flag):
+  run = cli(program, flag)
+  assert run.returncode == 0, run.stderr[-3000:]
+  for name in ("config", "checkpoint", "step"):  # defined in evaluate.py for all three
+    assert f"\n  --{name}: " in run.stdout, run.stdout
+
+
+@pytest.mark.parametrize("program,args,flag", [("preflmr_jax.main", (TINY,), "--workdir"),
+                                               ("preflmr_jax.export", (TINY, "--checkpoint=x"),
+                                                "--output")])
+def test_a_required_flag_left_out_is_named(cli, program, args, flag):
+  line = _one_line_error(cli(program, *args))
+  assert line == f"error: {flag} is required (--help lists the flags)"
 
 
 def test_an_internal_error_keeps_its_traceback(tmp_path, cli):

@@ -110,8 +110,15 @@ def _quoted_commands() -> dict[tuple[str, ...], dict[str, str]]:
 
 
 QUOTED = _quoted_commands()
-# Where a help text defines an option: absl's "  --[no]flag: ...", argparse's "  -h, --help".
-OPTION = re.compile(r"^\s+(?:-\w, )?--(?:\[no\])?([a-z][\w-]*)", re.M)
+
+
+def _options(help_text: str, absl: bool) -> set[str]:
+  """The options a help text defines (not the flags its usage examples quote): absl's
+  "  --[no]flag: ...", argparse's "  -h, --help" under "options:"."""
+  if absl:
+    return set(re.findall(r"^\s+--(?:\[no\])?([a-z][\w-]*):", help_text, re.M))
+  return set(re.findall(r"^\s+(?:-\w, )?--([a-z][\w-]*)", help_text.partition("\noptions:\n")[2],
+                        re.M))
 
 
 @pytest.mark.parametrize("command", sorted(QUOTED), ids=" ".join)
@@ -121,7 +128,7 @@ def test_every_flag_of_a_quoted_command_exists(command):
   argv = [sys.executable, *(["-m"] * absl), program, *words, "--helpfull" if absl else "--help"]
   out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  listed = set(OPTION.findall(out.stdout))
+  listed = _options(out.stdout, absl)
   unknown = {flag: where for flag, where in flags.items()
              if flag not in listed and flag.removeprefix("no") not in listed}
   assert not unknown, f"{' '.join(command)}: {unknown}"

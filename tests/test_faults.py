@@ -266,6 +266,7 @@ def test_ctrl_c_saves_the_step_and_exits_130(tmp_path, one_device_env):
   assert f"interrupted: saved step {os.path.basename(saved)}, rerun to resume" in stderr
   assert "Traceback" not in stderr, stderr[-3000:]
   assert "leaked shared_memory" not in stderr, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1].split(" ", 1)[1].startswith("full log: "), stderr[-3000:]
 
 
 # ------------------------------------------------------------------ config values that failed late

@@ -1,4 +1,4 @@
-"""Sweep: the transformer mapping network's depth (`model.mapping.num_layers`, the checkpoints'
+r"""Sweep: the transformer mapping network's depth (`model.mapping.num_layers`, the checkpoints'
 `transformer_mapping_num_hidden_layers`) over 1, 2, 4, 6, 12 layers, everything else fixed: ViT-B/32 +
 BERT-base with the stage-1 recipe (config_defaults.stage1_sweep_config).
 

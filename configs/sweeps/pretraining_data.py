@@ -1,4 +1,4 @@
-"""Sweep: the amount of stage-1 training data, 10K / 100K / 1M queries of the mixture
+r"""Sweep: the amount of stage-1 training data, 10K / 100K / 1M queries of the mixture
 (`config.data.max_train_examples`: a fixed subset, nested across amounts for one
 `config.data.subset_seed`), everything else fixed: ViT-B/32 + BERT-base with the stage-1 recipe
 (config_defaults.stage1_sweep_config). Training length is a fixed number of epochs (EPOCHS passes

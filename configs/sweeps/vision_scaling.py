@@ -1,4 +1,4 @@
-"""Sweep: how retrieval scales with the vision tower (ViT-B/32, ViT-L/14, the ~400M SoViT shape),
+r"""Sweep: how retrieval scales with the vision tower (ViT-B/32, ViT-L/14, the ~400M SoViT shape),
 text fixed at BERT-base, stage-1 recipe (config_defaults.stage1_sweep_config).
 
   python launch/sweep.py configs/sweeps/vision_scaling.py --backend tpu-vm --tpu NAME --zone ZONE \

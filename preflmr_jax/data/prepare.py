@@ -1,6 +1,6 @@
-"""Builds M2KR tasks from the published parquet export into TFDS (array_record) datasets.
+r"""Builds M2KR tasks from the published parquet export into TFDS (array_record) datasets.
 
-  python -m preflmr_jax.data.prepare --source /data/M2KR --image_root /data/M2KR_images \\
+  python -m preflmr_jax.data.prepare --source /data/M2KR --image_root /data/M2KR_images \
       --tasks OVEN,OKVQA --data_dir /data/m2kr_tfds
 
 `--source` holds `<PREFIX>_data/` and `<PREFIX>_passages/` per task (`m2kr.TASKS`: task names

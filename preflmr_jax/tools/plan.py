@@ -1,4 +1,4 @@
-"""Compile-only memory plan: lowers and compiles the real train step from shapes alone.
+r"""Compile-only memory plan: lowers and compiles the real train step from shapes alone.
 
   python -m preflmr_jax.tools.plan --config configs/release.py:vit_l --mesh data=1,fsdp=8,tensor=1 \
       [--batch_size N] [--topology v5e:4x4 [--num_slices 2] | --topology h100:8]
