@@ -454,10 +454,13 @@ def _start_state(config, setup: StepSetup, ckpt, train_iter, workdir) -> tuple[T
   with storage.errors("--workdir", workdir):
     resume = ckpt.latest_step() is not None
   if not resume:
+    tick = time.perf_counter()
     # Loaded params pass through: no random draw to compile and throw away.
     loaded = _initial_params(config, setup.abstract_state.params)
-    state = jax.jit(setup.init_state, static_argnums=0, donate_argnums=1,
-                    out_shardings=setup.state_shardings)(config.seed, loaded)
+    state = jax.block_until_ready(jax.jit(
+        setup.init_state, static_argnums=0, donate_argnums=1,
+        out_shardings=setup.state_shardings)(config.seed, loaded))
+    logging.info("train state initialised in %.1f s", time.perf_counter() - tick)
     return state, 0
   with storage.errors("--workdir", workdir):
     start, params, opt_state, meta = ckpt.restore_latest(setup.abstract_state.params,
