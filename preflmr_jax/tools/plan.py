@@ -135,16 +135,16 @@ def _gpu_devices(kind: str, hosts: int, per_host: int):
                                       target_config=_text_proto(target)).devices
 
 
-def _memory(compiled) -> dict[str, int]:
+def _memory(compiled, platform: str) -> dict[str, int]:
   m = compiled.memory_analysis()
   fields = ("argument", "output", "temp", "generated_code", "alias")
   out = {f"{k}_bytes": int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in fields}
   # Donated (aliased) outputs reuse their argument buffers.
   out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
                         + out["generated_code_bytes"] - out["alias_bytes"])
-  # XLA's own peak estimate: meaningful on TPU; on CPU it leaves out temporaries.
+  # XLA's own peak estimate: meaningful on TPU and GPU; on CPU it leaves out temporaries.
   peak = getattr(m, "peak_memory_in_bytes", None)
-  if peak:
+  if peak and platform != "cpu":
     out["peak_bytes"] = int(peak)
   return out
 
@@ -193,7 +193,7 @@ def plan(config, mesh_config: Mapping[str, int], devices: Sequence | None = None
     compile_s = time.perf_counter() - start
     # A dump this XLA writes differently costs the counts, not the plan.
     launches = {"gpu_launches": gpu_launches.read_or_error(dump)} if gpu else {}
-  memory = _memory(compiled)
+  memory = _memory(compiled, devices[0].platform)
   check_fits_gpu(memory, devices[0], config, shape)
 
   info = train.run_info(config, setup)
