@@ -112,9 +112,8 @@ def define_weights_flags(checkpoint_help: str) -> list[flags.FlagHolder]:
 
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
-  """One row per task; the headline metric in bold."""
-  names = sorted({k for r in results.values() for k in r if "@" in k},
-                 key=lambda n: (n.split("@")[0], int(n.split("@")[1])))
+  """One row per task; the headline metric in bold; the metrics in the order of the log line."""
+  names = list(dict.fromkeys(k for r in results.values() for k in r if "@" in k))
   lines = ["| task | queries | passages | " + " | ".join(names) + " |",
            "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
   for task, r in results.items():
@@ -211,7 +210,7 @@ def main(argv):
   results = run(config, f.checkpoint, [t for t in f.tasks.split(",") if t], f.split, data_dir, f.output, ks,
                 f.batch_size, f.step, cache_dir, index)
   if jax.process_index() == 0:
-    print(markdown(results))
+    print(markdown(results), end="")
 
 
 def define_flags():

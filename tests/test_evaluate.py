@@ -63,6 +63,8 @@ def test_workdir_checkpoint_end_to_end(workdir, data_dir, tmp_path, tiny_config)
   assert r["PseudoRecall@5"] == pseudo[5]
   table = (tmp_path / "results.md").read_text()
   assert f"**{r['Recall@1']:.4f}**" in table and "| SAMPLE |" in table
+  header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+  assert header[3:] == [k for k in r if "@" in k]  # as the log line lists them
 
 
 def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path, tiny_config):
