@@ -103,14 +103,34 @@ def progress(items: Iterable[T], what: str, unit: str = "", show: bool = True,
 
 @contextlib.contextmanager
 def prints_to_log_file() -> Iterator[None]:
-  """What a library prints to stdout inside the block goes to the log file only, line by line."""
-  printed = io.StringIO()
+  """What a library prints to stdout inside the block goes to the log file only, each line as it
+  is completed (in order with the log's other lines)."""
+  lines = _LinesToLog()
   try:
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(lines):
       yield
   finally:
-    for line in printed.getvalue().splitlines():
-      logging.info("%s", line, extra=FILE_ONLY)
+    lines.write("\n" if lines.partial else "")
+
+
+class _LinesToLog(io.TextIOBase):
+  """A text stream that logs (file only) each line written to it once its end is written."""
+
+  def __init__(self):
+    super().__init__()
+    self.partial = ""
+
+  def writable(self) -> bool:
+    return True
+
+  def write(self, text: str) -> int:
+    *complete, last = (self.partial + text).splitlines(keepends=True) or [""]
+    if last.endswith(("\n", "\r")):
+      complete, last = complete + [last], ""
+    self.partial = last
+    for line in complete:
+      logging.info("%s", line.rstrip("\r\n"), extra=FILE_ONLY)
+    return len(text)
 
 
 def log_file_path(program: str) -> str:

@@ -232,7 +232,9 @@ def test_progress_off_a_terminal_is_log_lines_not_a_bar(capfd, caplog):
 def test_what_a_library_prints_goes_to_the_log_file_only(capsys, caplog):
   caplog.set_level(logging.INFO)
   with console.prints_to_log_file():
-    print("Downloading and preparing dataset\nDataset prepared.")
+    print("Downloading and preparing dataset\nDataset", end=" ")
+    assert [r.getMessage() for r in caplog.records] == ["Downloading and preparing dataset"]
+    print("prepared.", end="")  # a line's end left out: logged when the block ends
   assert capsys.readouterr().out == ""
   assert [(r.getMessage(), r.file_only) for r in caplog.records] == [
       ("Downloading and preparing dataset", True), ("Dataset prepared.", True)]
