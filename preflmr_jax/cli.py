@@ -26,6 +26,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sized
 from typing import Callable, Sequence, TypeVar
@@ -119,15 +120,18 @@ class _LinesToLog(io.TextIOBase):
   def __init__(self):
     super().__init__()
     self.partial = ""
+    self._lock = threading.Lock()  # libraries print from their threads
 
   def writable(self) -> bool:
     return True
 
   def write(self, text: str) -> int:
-    *complete, last = (self.partial + text).splitlines(keepends=True) or [""]
-    if last.endswith(("\n", "\r")):
-      complete, last = complete + [last], ""
-    self.partial = last
+    with self._lock:
+      # A last "\r" may be the first half of a "\r\n": the line ends with the next write.
+      *complete, last = (self.partial + text).splitlines(keepends=True) or [""]
+      if last.endswith("\n"):
+        complete, last = complete + [last], ""
+      self.partial = last
     for line in complete:
       logging.info("%s", line.rstrip("\r\n"), extra=FILE_ONLY)
     return len(text)
@@ -268,8 +272,9 @@ def run(main: Callable[[list[str]], object], outputs: Sequence[str] = ()) -> Non
       for folder in created:
         if os.path.isdir(folder) and not _holds_a_file(folder):
           shutil.rmtree(folder, ignore_errors=True)
-      if isinstance(e, SystemExit) and e.code not in (0, None, exit_codes.USAGE):
-        logging.info("full log: %s", log_file)  # stopped early (preempted, interrupted)
+      if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit)
+                                              and e.code != exit_codes.USAGE):
+        logging.info("full log: %s", log_file)  # also a stop (preempted, interrupted) or an exit
       if isinstance(e, (user_errors.UserError, app.UsageError)):
         logging.debug("user error", exc_info=True)
         _fail(str(e))

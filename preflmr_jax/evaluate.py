@@ -112,8 +112,11 @@ def define_weights_flags(checkpoint_help: str) -> list[flags.FlagHolder]:
 
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
-  """One row per task; the headline metric in bold; the metrics in the order of the log line."""
+  """One row per task; the headline metric in bold; the metrics grouped in the order of the log
+  line (Recall, PseudoRecall, ...), each by K."""
   names = list(dict.fromkeys(k for r in results.values() for k in r if "@" in k))
+  families = list(dict.fromkeys(n.split("@")[0] for n in names))
+  names.sort(key=lambda n: (families.index(n.split("@")[0]), int(n.split("@")[1])))
   lines = ["| task | queries | passages | " + " | ".join(names) + " |",
            "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
   for task, r in results.items():

@@ -235,6 +235,11 @@ def test_what_a_library_prints_goes_to_the_log_file_only(capsys, caplog):
     print("Downloading and preparing dataset\nDataset", end=" ")
     assert [r.getMessage() for r in caplog.records] == ["Downloading and preparing dataset"]
     print("prepared.", end="")  # a line's end left out: logged when the block ends
+    sys.stdout.write("\r")
+  with console.prints_to_log_file():
+    sys.stdout.write("10%\r20%\r")
+    sys.stdout.write("\n")  # the "\r\n" of one line, split over two writes
   assert capsys.readouterr().out == ""
   assert [(r.getMessage(), r.file_only) for r in caplog.records] == [
-      ("Downloading and preparing dataset", True), ("Dataset prepared.", True)]
+      ("Downloading and preparing dataset", True), ("Dataset prepared.", True), ("10%", True),
+      ("20%", True)]

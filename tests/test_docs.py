@@ -115,10 +115,11 @@ QUOTED = _quoted_commands()
 def _options(help_text: str, absl: bool) -> set[str]:
   """The options a help text defines (not the flags its usage examples quote): absl's
   "  --[no]flag: ...", argparse's "  -h, --help" under "options:"."""
-  if absl:
-    return set(re.findall(r"^\s+--(?:\[no\])?([a-z][\w-]*):", help_text, re.M))
-  return set(re.findall(r"^\s+(?:-\w, )?--([a-z][\w-]*)", help_text.partition("\noptions:\n")[2],
-                        re.M))
+  if absl:  # also "-v,--verbosity:"
+    return set(re.findall(r"^\s+(?:-\S,)?--(?:\[no\])?([a-z][\w-]*):", help_text, re.M))
+  # Two spaces: deeper lines are wrapped help text. Also "-n N, --nodes N".
+  return set(re.findall(r"^  (?:-\w(?: \S+)?, )?--([a-z][\w-]*)",
+                        help_text.partition("\noptions:\n")[2], re.M))
 
 
 @pytest.mark.parametrize("command", sorted(QUOTED), ids=" ".join)

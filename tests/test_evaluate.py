@@ -67,6 +67,18 @@ def test_workdir_checkpoint_end_to_end(workdir, data_dir, tmp_path, tiny_config)
   assert header[3:] == [k for k in r if "@" in k]  # as the log line lists them
 
 
+def test_the_table_groups_the_metrics_by_kind_then_k():
+  """Tasks may add their headline's K to --ks: the columns still read Recall@1, @5, @10, ..."""
+  row = lambda ks, headline: {"num_queries": 1, "num_passages": 2, "headline": headline,
+                              **{f"{m}@{k}": 0.5 for m in ("Recall", "PseudoRecall") for k in ks}}
+  table = evaluate.markdown({"A": row((1, 10), "Recall@10"), "B": row((1, 5), "PseudoRecall@5")})
+  header, _, a, b = table.splitlines()
+  assert header == ("| task | queries | passages | Recall@1 | Recall@5 | Recall@10 | "
+                    "PseudoRecall@1 | PseudoRecall@5 | PseudoRecall@10 |")
+  assert a == "| A | 1 | 2 | 0.5000 |  | **0.5000** | 0.5000 |  | 0.5000 |"
+  assert b == "| B | 1 | 2 | 0.5000 | 0.5000 |  | 0.5000 | **0.5000** |  |"
+
+
 def test_scores_equal_the_model_maxsim(workdir, data_dir, tmp_path, tiny_config):
   """Top-1 scores equal MaxSim of the encoders' outputs computed directly (no search)."""
   restored = evaluate.restore(tiny_config(), workdir)
