@@ -111,7 +111,7 @@ def prints_to_log_file() -> Iterator[None]:
     with contextlib.redirect_stdout(lines):
       yield
   finally:
-    lines.write("\n" if lines.partial else "")
+    lines.close()
 
 
 class _LinesToLog(io.TextIOBase):
@@ -119,7 +119,7 @@ class _LinesToLog(io.TextIOBase):
 
   def __init__(self):
     super().__init__()
-    self.partial = ""
+    self._partial = ""
     self._lock = threading.Lock()  # libraries print from their threads
 
   def writable(self) -> bool:
@@ -128,13 +128,19 @@ class _LinesToLog(io.TextIOBase):
   def write(self, text: str) -> int:
     with self._lock:
       # A last "\r" may be the first half of a "\r\n": the line ends with the next write.
-      *complete, last = (self.partial + text).splitlines(keepends=True) or [""]
+      *complete, last = (self._partial + text).splitlines(keepends=True) or [""]
       if last.endswith("\n"):
         complete, last = complete + [last], ""
-      self.partial = last
+      self._partial = last
     for line in complete:
       logging.info("%s", line.rstrip("\r\n"), extra=FILE_ONLY)
     return len(text)
+
+  def close(self) -> None:
+    """Logs the line left unfinished, if any."""
+    if self._partial and not self.closed:
+      self.write("\n")
+    super().close()
 
 
 def log_file_path(program: str) -> str:
